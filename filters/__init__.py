@@ -1,0 +1,1 @@
+"""Built-in mailgate filters, one module per filter, each following gateway.filterapi."""

@@ -1,0 +1,83 @@
+"""The ``rcpt`` filter: refuse unknown users (550 5.1.1) in the domains a recipient list or map
+file covers. Relay control (accepted domains, trusted networks, routing tricks) is not here: the
+core enforces it for every policy, so removing a filter can never open the relay.
+
+Settings: ``recipients`` (list of addresses, or ``@domain`` to accept a whole domain),
+``recipient_map_file`` (one address or ``@domain`` per line, Postfix map style: a first column
+key, anything after whitespace ignored, ``#`` comments), ``domains`` (extra domains this filter
+is authoritative for: recipients there must be listed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gateway.filterapi import Action, ConfigError, Filter, FilterContext, Result, Symbol, Verdict
+from gateway.replies import Reply
+from gateway.services import Services
+from gateway.settings import check_keys, opt_str, str_list
+
+UNKNOWN = Symbol("RCPT_UNKNOWN")
+KNOWN = Symbol("RCPT_KNOWN")
+
+
+def _read_map(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError("recipient_map_file", f"cannot read {path}: {e.strerror}") from None
+    keys = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            keys.append(line.split()[0])
+    return keys
+
+
+class RcptFilter(Filter):
+    name = "rcpt"
+
+    def __init__(self, addresses: frozenset[str], whole_domains: frozenset[str],
+                 domains: frozenset[str]) -> None:
+        self.addresses = addresses
+        self.whole_domains = whole_domains
+        self.domains = domains  # domains where an unlisted recipient is unknown
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], services: Services) -> RcptFilter:
+        check_keys(cfg, {"recipients", "recipient_map_file", "domains"})
+        entries = list(str_list(cfg, "recipients"))
+        map_file = opt_str(cfg, "recipient_map_file")
+        if map_file:
+            entries += _read_map(Path(map_file))
+        addresses, whole = set(), set()
+        for e in entries:
+            local, at, domain = e.lower().rpartition("@")
+            if not at or not domain:
+                raise ConfigError("recipients", f"{e!r} is not an address or @domain")
+            if local:
+                addresses.add(f"{local}@{domain}")
+            else:
+                whole.add(domain)
+        domains = {a.rpartition("@")[2] for a in addresses}
+        domains |= {d.lower() for d in str_list(cfg, "domains")}
+        return cls(frozenset(addresses), frozenset(whole), frozenset(domains - whole))
+
+    async def on_rcpt(self, ctx: FilterContext) -> Result:
+        rcpt = ctx.rcpt
+        if rcpt is None or not rcpt.domain:  # <postmaster> is always accepted
+            return Result(symbols=(KNOWN,))
+        domain = rcpt.domain_key
+        if domain in self.whole_domains:
+            return Result(symbols=(KNOWN,))
+        if domain not in self.domains:
+            return Result()
+        if f"{rcpt.local.lower()}@{domain}" in self.addresses:
+            return Result(symbols=(KNOWN,))
+        return Result(
+            symbols=(Symbol(UNKNOWN.name, (rcpt.addr,)),),
+            verdict=Verdict(Action.REJECT,
+                            Reply(550, "5.1.1", f"<{rcpt.addr}>: Recipient address rejected: "
+                                                "User unknown"), "unknown recipient"))

@@ -1,0 +1,171 @@
+"""The running gateway: loads the policy, builds the filter chain, listens, reloads on SIGHUP
+(validate first, keep the old policy on any error) and stops gracefully on SIGTERM/SIGINT
+(stop accepting, let transactions in progress finish for ``limits.shutdown_grace_s``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import ssl
+from collections import Counter
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from gateway.engine import Engine
+from gateway.errors import PolicyError
+from gateway.logs import event
+from gateway.policy.loader import load_policy
+from gateway.policy.schema import Limits, Policy
+from gateway.registry import build_chain
+from gateway.replies import Reply
+from gateway.services import Services
+
+log = logging.getLogger("mailgate")
+LISTEN_BACKLOG = 4096  # asyncio's default of 100 drops connections under load
+
+
+class ConnectionCounter:
+    """Connections in total and per client IP, checked before the greeting."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.per_ip: Counter[str] = Counter()
+
+    def admit(self, ip: str, limits: Limits) -> Reply | None:
+        if self.total >= limits.max_connections:
+            return Reply(421, "4.3.2", "Too many connections, try again later")
+        if self.per_ip[ip] >= limits.max_connections_per_ip:
+            return Reply(421, "4.7.0", "Too many connections from your address, "
+                                       "try again later")
+        self.total += 1
+        self.per_ip[ip] += 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self.total -= 1
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
+
+
+def load_engine(path: Path) -> Engine:
+    """Load and fully validate a policy (filters built); raises PolicyError."""
+    policy = load_policy(path)
+    services = Services(hostname=policy.hostname)
+    return Engine(policy, build_chain(policy, services), services)
+
+
+def make_tls_context(policy: Policy) -> ssl.SSLContext | None:
+    if not policy.tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(policy.tls.cert_file), str(policy.tls.key_file))
+    except (OSError, ssl.SSLError) as e:
+        raise PolicyError([f"{policy.source}: tls: cannot load certificate/key: {e}"]) from None
+    return ctx
+
+
+class Runtime:
+    def __init__(self, policy_path: Path) -> None:
+        self.policy_path = policy_path
+        self.engine = load_engine(policy_path)
+        self.tls_context = make_tls_context(self.engine.policy)
+        self.connections = ConnectionCounter()
+        self.sessions: set[Any] = set()
+        self.draining = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.servers: list[asyncio.Server] = []
+        self.stopped = asyncio.Event()
+        self.incoming_dir = self.engine.policy.spool.directory / "incoming"
+        self.incoming_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        from gateway.smtp.server import SmtpServer
+
+        loop = asyncio.get_running_loop()
+        for lst in self.engine.policy.listeners:
+            family = socket.AF_INET6 if ":" in lst.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((lst.host, lst.port))
+            sock.setblocking(False)
+            server = await loop.create_server(lambda: SmtpServer(self), sock=sock,
+                                              backlog=LISTEN_BACKLOG)
+            self.servers.append(server)
+            host, port = sock.getsockname()[:2]
+            event(log, "listening", address=f"{host}:{port}", policy=str(self.policy_path),
+                  filters=[f.name for f in self.engine.pipeline.chain],
+                  tls=self.tls_context is not None)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGTERM, lambda: self.background(self.stop()))
+        loop.add_signal_handler(signal.SIGINT, lambda: self.background(self.stop()))
+
+    def reload(self) -> None:
+        """SIGHUP: validate the policy file again; switch only if it is entirely valid."""
+        try:
+            engine = load_engine(self.policy_path)
+            tls = make_tls_context(engine.policy)
+        except PolicyError as e:
+            event(log, "reload-failed", level=logging.ERROR, policy=str(self.policy_path),
+                  errors=list(e.problems), kept="previous policy")
+            return
+        old = self.engine.policy
+        if engine.policy.listeners != old.listeners:
+            log.warning("reload: listener changes need a restart; keeping %s",
+                        [f"{x.host}:{x.port}" for x in old.listeners])
+        self.engine, self.tls_context = engine, tls
+        event(log, "reloaded", policy=str(self.policy_path),
+              filters=[f.name for f in engine.pipeline.chain])
+
+    async def stop(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        event(log, "stopping", sessions=len(self.sessions))
+        for server in self.servers:
+            server.close()
+        for s in list(self.sessions):
+            if s.idle and s.txn is None:
+                self.background(s.close_with(Reply(421, "4.3.2", "Service shutting down"),
+                                             "shutdown"))
+        grace = self.engine.policy.limits.shutdown_grace_s
+        try:
+            async with asyncio.timeout(grace):
+                while self.sessions:
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            log.warning("shutdown: %d sessions still open after %ss, closing them",
+                        len(self.sessions), grace)
+            for s in list(self.sessions):
+                if s.transport is not None:
+                    s.transport.close()
+        self.stopped.set()
+
+    async def run_forever(self) -> None:
+        await self.start()
+        await self.stopped.wait()
+        event(log, "stopped")
+
+
+def run(policy_path: Path) -> int:
+    async def main() -> int:
+        try:
+            runtime = Runtime(policy_path)
+        except PolicyError as e:
+            for p in e.problems:
+                log.error("%s", p)
+            return 2
+        await runtime.run_forever()
+        return 0
+
+    return asyncio.run(main())

@@ -1,0 +1,95 @@
+"""Build the message that leaves the gateway: the trace headers mailgate prepends (Received:,
+X-Spam-*), the filters' header edits and the subject rewrite, applied once, streaming the body
+from the spool file."""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from gateway.filterapi import Action, AddHeader, Edit, RemoveHeader
+from gateway.message import Header, Message
+
+MAX_HEADER_LINE = 78
+
+
+def fold(name: str, value: str) -> bytes:
+    """``Name: value`` folded at whitespace to keep lines short, CRLF-terminated."""
+    words = value.split(" ")
+    lines: list[str] = []
+    cur = f"{name}:"
+    for w in words:
+        if len(cur) + 1 + len(w) > MAX_HEADER_LINE and cur.strip() not in (f"{name}:", ""):
+            lines.append(cur)
+            cur = "\t" + w
+        else:
+            cur = f"{cur} {w}" if cur else w
+    lines.append(cur)
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class TraceInfo:
+    hostname: str
+    qid: str
+    client_ip: str
+    helo: str | None
+    protocol: str  # ESMTP, ESMTPS, SMTP, UTF8SMTPS ... (RFC 3848)
+    rcpt: str | None  # "for <addr>" only when there is exactly one recipient
+
+
+def received_header(t: TraceInfo, now: float | None = None) -> bytes:
+    helo = t.helo or "unknown"
+    ip = f"IPv6:{t.client_ip}" if ":" in t.client_ip else t.client_ip
+    parts = [f"from {helo} ([{ip}])", f"by {t.hostname} (mailgate)", f"with {t.protocol}",
+             f"id {t.qid}"]
+    if t.rcpt:
+        parts.append(f"for <{t.rcpt}>")
+    date = email.utils.formatdate(now, localtime=False, usegmt=True)
+    return fold("Received", " ".join(parts) + f"; {date}")
+
+
+def _sanitize(value: str) -> str:
+    return re.sub(r"[\r\n]+", " ", value)
+
+
+def build_headers(message: Message, prepend: Iterable[tuple[str, str]], edits: Iterable[Edit],
+                  *, action: Action, subject_tag: str) -> bytes:
+    """The new header block (prepended trace headers first, then the edited originals)."""
+    out: list[bytes] = [fold(n, _sanitize(v)) for n, v in prepend]
+    removes = [e for e in edits if isinstance(e, RemoveHeader)]
+    adds = [e for e in edits if isinstance(e, AddHeader)]
+    out.extend(fold(e.name, _sanitize(e.value)) for e in adds)
+    tagged = False
+    for h in message.headers:
+        if any(_removes(r, h) for r in removes):
+            continue
+        if action is Action.REWRITE_SUBJECT and not tagged and h.name.lower() == "subject":
+            tagged = True
+            if not h.value.startswith(subject_tag):
+                out.append(fold("Subject", f"{subject_tag} {h.value}"))
+                continue
+        out.append(h.raw)
+    if action is Action.REWRITE_SUBJECT and not tagged:
+        out.append(fold("Subject", subject_tag))
+    return b"".join(out)
+
+
+def _removes(r: RemoveHeader, h: Header) -> bool:
+    if h.name.lower() != r.name.lower():
+        return False
+    return r.value_prefix is None or h.value.startswith(r.value_prefix)
+
+
+def message_chunks(message: Message, new_headers: bytes, block: int = 256 * 1024
+                   ) -> Iterator[bytes]:
+    """The outgoing message: edited header block, the blank line, then the original body."""
+    yield new_headers
+    with message.path.open("rb") as f:
+        f.seek(message.body_offset)
+        if message.header_bytes.endswith(b"\r\n\r\n") or message.header_bytes == b"\r\n":
+            yield b"\r\n"
+        while chunk := f.read(block):
+            yield chunk

@@ -1,0 +1,319 @@
+"""The policy side of an SMTP session: runs each stage's filters, decides, talks to the relay and
+writes the per-message log line. The SMTP front end (gateway/smtp/server.py) owns the protocol;
+it asks the engine what to answer. One Engine exists per loaded policy; a reload makes a new one
+for new connections while old sessions finish on the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway import quarantine
+from gateway.decide import Decision, Scorecard, decide
+from gateway.edits import TraceInfo, build_headers, message_chunks, received_header
+from gateway.filterapi import Action, Client, FilterContext, Stage
+from gateway.logs import event
+from gateway.message import Message
+from gateway.pipeline import FilterOutcome, Pipeline
+from gateway.policy.schema import Policy, PolicyClass
+from gateway.registry import LoadedFilter
+from gateway.relay.proxy import ProxyRelay
+from gateway.relay.transport import Transport, transport_for
+from gateway.replies import Reply
+from gateway.services import Services
+from gateway.smtp.address import Address
+
+log = logging.getLogger("mailgate.message")
+
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
+SPLIT_CLASS = Reply(452, "4.5.3", "Recipient needs a separate transaction (different policy), "
+                                  "send it again")
+SPLIT_TRANSPORT = Reply(452, "4.5.3", "Recipient needs a separate transaction (different "
+                                      "destination), send it again")
+
+
+@dataclass
+class SessionState:
+    """What the engine keeps about one connection."""
+
+    sid: str
+    client_ip: str
+    client_port: int
+    trusted: bool
+    helo: str | None = None
+    esmtp: bool = False
+    tls: bool = False
+    outcomes: list[FilterOutcome] = field(default_factory=list)  # connect + helo stages
+    delayed: Decision | None = None  # a HELO-stage refusal, given at MAIL
+    transactions: int = 0
+    accepted: int = 0
+    refused: int = 0
+
+    def client(self) -> Client:
+        return Client(self.client_ip, self.client_port, self.helo, self.tls, self.trusted)
+
+
+@dataclass
+class Transaction:
+    qid: str
+    sender: Address
+    mail_params: list[str]
+    utf8: bool = False
+    rcpts: list[Address] = field(default_factory=list)
+    rcpt_refused: int = 0
+    cls: PolicyClass | None = None
+    transport: Transport | None = None
+    relay: ProxyRelay | None = None
+    scorecard: Scorecard = field(default_factory=Scorecard)
+    started: float = field(default_factory=time.monotonic)
+    size: int = 0
+    decision: Decision | None = None
+
+
+class Engine:
+    def __init__(self, policy: Policy, chain: Iterable[LoadedFilter], services: Services) -> None:
+        self.policy = policy
+        self.pipeline = Pipeline(chain)
+        self.services = services
+        self.helo_name = policy.relay.helo_name or policy.hostname
+
+    # -- contexts -------------------------------------------------------------------------
+    def _ctx(self, stage: Stage, state: SessionState, txn: Transaction | None, **kw: object
+             ) -> FilterContext:
+        outcomes = state.outcomes + (txn.scorecard.outcomes if txn else [])
+        results = {o.name: o.result for o in outcomes}
+        base = FilterContext(stage=stage, qid=txn.qid if txn else state.sid,
+                             client=state.client(), results=results)
+        if txn is not None:
+            base = dataclasses.replace(
+                base, sender=txn.sender, recipients=tuple(txn.rcpts),
+                sender_params=_params_dict(txn.mail_params),
+                policy_class=(txn.cls or self.policy.default_class).name)
+        return dataclasses.replace(base, **kw) if kw else base
+
+    def _symbols(self, state: SessionState, txn: Transaction | None,
+                 extra: Iterable[FilterOutcome] = ()) -> list[FilterOutcome]:
+        return [*state.outcomes, *(txn.scorecard.outcomes if txn else []), *extra]
+
+    # -- stages ---------------------------------------------------------------------------
+    async def on_connect(self, state: SessionState) -> Reply | None:
+        """None to greet normally, or the refusal to greet with (554)."""
+        out = await self.pipeline.run_stage(Stage.CONNECT, self._ctx(Stage.CONNECT, state, None))
+        state.outcomes.extend(out.values())
+        d = self._early(state, None, out.values(), Stage.CONNECT)
+        if d is not None:
+            self._log_refusal(state, Stage.CONNECT, d)
+            assert d.reply is not None
+            return d.reply.with_qid(state.sid)
+        return None
+
+    async def on_helo(self, state: SessionState) -> None:
+        state.outcomes = [o for o in state.outcomes if o.stage is Stage.CONNECT]
+        state.delayed = None
+        out = await self.pipeline.run_stage(Stage.HELO, self._ctx(Stage.HELO, state, None))
+        state.outcomes.extend(out.values())
+        state.delayed = self._early(state, None, out.values(), Stage.HELO)
+
+    async def on_mail(self, state: SessionState, txn: Transaction) -> Reply:
+        state.transactions += 1
+        if state.delayed is not None:
+            txn.decision = state.delayed
+            assert state.delayed.reply is not None
+            return state.delayed.reply.with_qid(txn.qid)
+        out = await self.pipeline.run_stage(Stage.MAIL, self._ctx(Stage.MAIL, state, txn))
+        txn.scorecard.add(out.values())
+        d = self._early(state, txn, out.values(), Stage.MAIL)
+        if d is not None:
+            txn.decision = d
+            assert d.reply is not None
+            return d.reply.with_qid(txn.qid)
+        return Reply(250, "2.1.0", "Sender ok")
+
+    async def on_rcpt(self, state: SessionState, txn: Transaction, rcpt: Address,
+                      params: list[str]) -> Reply:
+        reply = await self._rcpt(state, txn, rcpt, params)
+        if not reply.is_ok:
+            txn.rcpt_refused += 1
+            if reply.code >= 500 or reply.status == "4.5.3":
+                return reply
+            return reply if reply.text.endswith(")") else reply.with_qid(txn.qid)
+        return reply
+
+    async def _rcpt(self, state: SessionState, txn: Transaction, rcpt: Address,
+                    params: list[str]) -> Reply:
+        p = self.policy
+        local = not rcpt.domain or p.is_local_domain(rcpt.domain_key)
+        if not state.trusted:
+            tricks = rcpt.routing_tricks
+            if tricks:
+                return Reply(550, "5.7.1", f"Relay access denied: {', '.join(tricks)} "
+                                           f"not accepted ({txn.qid})")
+            if not local:
+                return RELAY_DENIED.with_qid(txn.qid)
+        if len(txn.rcpts) >= p.limits.max_recipients:
+            return TOO_MANY_RCPTS
+        cls = self.policy.class_for_domain(rcpt.domain_key) if rcpt.domain else \
+            (txn.cls or p.default_class)
+        if txn.cls is not None and cls.name != txn.cls.name:
+            return SPLIT_CLASS
+        transport = transport_for(rcpt.domain_key, p.relay.downstream, p.relay.transport)
+        if txn.transport is not None and transport != txn.transport:
+            return SPLIT_TRANSPORT
+        out = await self.pipeline.run_stage(
+            Stage.RCPT, self._ctx(Stage.RCPT, state, txn, rcpt=rcpt, policy_class=cls.name),
+            skip=cls.skip_filters)
+        d = self._early(state, txn, out.values(), Stage.RCPT, cls)
+        if d is not None:
+            assert d.reply is not None
+            return d.reply.with_qid(txn.qid)
+        if txn.relay is None:
+            txn.relay = ProxyRelay(transport, p.relay, self.helo_name, txn.qid)
+        reply = await txn.relay.add_rcpt(txn.sender, txn.mail_params, rcpt, params)
+        if reply.is_ok:
+            txn.rcpts.append(rcpt)
+            txn.cls, txn.transport = cls, transport
+            txn.scorecard.add(out.values())
+            return Reply(250, "2.1.5", "Recipient ok")
+        return reply
+
+    def _early(self, state: SessionState, txn: Transaction | None,
+               stage_out: Iterable[FilterOutcome], stage: Stage,
+               cls: PolicyClass | None = None) -> Decision | None:
+        cls = cls or (txn.cls if txn and txn.cls else self.policy.default_class)
+        stage_out = list(stage_out)
+        syms = [s for o in self._symbols(state, txn, stage_out) for s in o.result.symbols]
+        return decide(syms, stage_out, cls, stage, 0.0)
+
+    async def on_data(self, state: SessionState, txn: Transaction, spool: Path, size: int
+                      ) -> Reply:
+        """End of DATA: run the message stage, decide, act; returns the final reply."""
+        txn.size = size
+        cls = txn.cls or self.policy.default_class
+        message = await asyncio.to_thread(Message.from_spool, spool, size)
+        out = await self.pipeline.run_stage(
+            Stage.MESSAGE, self._ctx(Stage.MESSAGE, state, txn, message=message),
+            skip=cls.skip_filters)
+        txn.scorecard.add(out.values())
+        all_out = self._symbols(state, txn)
+        card = Scorecard(all_out)
+        score = card.score(cls)
+        d = decide(card.symbols(cls), all_out, cls, Stage.MESSAGE, score)
+        assert d is not None
+        txn.decision = d
+        relay = txn.relay
+        assert relay is not None
+        if d.action.refuses:
+            await relay.abort()
+            relay.last_result = "not relayed"
+            assert d.reply is not None
+            return d.reply.with_qid(txn.qid)
+        if d.action is Action.DISCARD:
+            await relay.abort()
+            relay.last_result = "discarded"
+            return Reply(250, "2.0.0", f"Ok: queued as {txn.qid}")
+        headers = build_headers(message, self._prepend(state, txn, card, cls, d), card.edits(),
+                                action=d.action, subject_tag=self.policy.headers.subject_tag)
+        if d.action is Action.QUARANTINE:
+            await relay.abort()
+            return await self._quarantine(state, txn, message, headers, card, cls)
+        return await relay.deliver(lambda rcpt: self._with_envelope(
+            txn, rcpt, message_chunks(message, headers)))
+
+    def _with_envelope(self, txn: Transaction, rcpt: Address | None, chunks: Iterable[bytes]
+                       ) -> Iterable[bytes]:
+        if rcpt is None:  # an SMTP/LMTP downstream gets the envelope in the protocol
+            return chunks
+        head = (f"Return-Path: <{txn.sender.addr}>\r\n"
+                f"Delivered-To: {rcpt.addr}\r\n").encode("utf-8")
+        return _chain(head, chunks)
+
+    def _prepend(self, state: SessionState, txn: Transaction, card: Scorecard,
+                 cls: PolicyClass, d: Decision) -> list[tuple[str, str]]:
+        h = self.policy.headers
+        out: list[tuple[str, str]] = []
+        if h.received:
+            proto = ("UTF8SMTP" if txn.utf8 else "ESMTP" if state.esmtp else "SMTP") + \
+                ("S" if state.tls else "")
+            raw = received_header(TraceInfo(self.policy.hostname, txn.qid, state.client_ip,
+                                            state.helo, proto,
+                                            txn.rcpts[0].addr if len(txn.rcpts) == 1 else None))
+            name, _, value = raw.decode("utf-8").partition(":")
+            out.append((name, " ".join(value.split())))
+        if h.spam_headers:
+            pre = h.spam_header_prefix
+            t = cls.thresholds
+            reject_at = t.add_header if t.add_header is not None else t.reject
+            flagged = d.action in (Action.ADD_HEADER, Action.REWRITE_SUBJECT, Action.QUARANTINE)
+            syms = ",".join(s.name for s in card.symbols(cls))
+            required = f"{reject_at:g}" if reject_at is not None else "-"
+            out.append((f"{pre}Status", f"{'Yes' if flagged else 'No'}, score={d.score:g} "
+                                        f"required={required} action={d.action.value}"))
+            out.append((f"{pre}Score", f"{d.score:g}"))
+            if syms:
+                out.append((f"{pre}Symbols", syms))
+        return out
+
+    async def _quarantine(self, state: SessionState, txn: Transaction, message: Message,
+                          headers: bytes, card: Scorecard, cls: PolicyClass) -> Reply:
+        assert txn.decision is not None and txn.relay is not None
+        meta = {"sender": txn.sender.addr, "recipients": [r.addr for r in txn.rcpts],
+                "client": state.client_ip, "helo": state.helo, "score": txn.decision.score,
+                "by": txn.decision.by, "class": cls.name,
+                "symbols": {s.name: {"score": s.score, "options": list(s.options)}
+                            for s in card.symbols(cls)}}
+        try:
+            path = await asyncio.to_thread(quarantine.store, self.policy.quarantine.directory,
+                                           txn.qid, message_chunks(message, headers), meta)
+        except OSError as e:
+            log.error("quarantine write failed (qid %s): %s", txn.qid, e)
+            txn.relay.last_result = f"quarantine failed: {e}"
+            return Reply(451, "4.3.0", f"Temporary local problem, try again later ({txn.qid})")
+        txn.relay.last_result = f"quarantined {path}"
+        return Reply(250, "2.0.0", f"Ok: queued as {txn.qid}")
+
+    # -- logging --------------------------------------------------------------------------
+    def log_transaction(self, state: SessionState, txn: Transaction, reply: Reply | None,
+                        outcome: str) -> None:
+        """The one structured line per message (every transaction that got past MAIL)."""
+        cls = txn.cls or self.policy.default_class
+        card = Scorecard(self._symbols(state, txn))
+        d = txn.decision
+        syms = [f"{s.name}({s.score:g})" + (f"[{'|'.join(s.options)[:80]}]" if s.options else "")
+                for s in card.symbols(cls)]
+        if reply is not None and reply.is_ok and d is not None:
+            state.accepted += 1
+        elif outcome != "aborted":
+            state.refused += 1
+        event(log, "message", qid=txn.qid, sid=state.sid, client=state.client_ip,
+              helo=state.helo, sender=txn.sender.addr or "<>",
+              rcpts=[r.addr for r in txn.rcpts], rcpt_refused=txn.rcpt_refused,
+              size=txn.size, score=card.score(cls), action=d.action.value if d else outcome,
+              by=d.by if d else outcome, policy_class=cls.name, symbols=syms,
+              stage_ms=card.stage_ms(), filter_errors=card.errors() or None,
+              relay=txn.relay.last_result if txn.relay else "not relayed",
+              reply=reply.render().replace("\r\n", " | ") if reply else None,
+              ms=round((time.monotonic() - txn.started) * 1000, 1))
+
+    def _log_refusal(self, state: SessionState, stage: Stage, d: Decision) -> None:
+        event(log, "refused", sid=state.sid, client=state.client_ip, stage=stage.value,
+              by=d.by, reply=d.reply.render() if d.reply else None)
+
+
+def _chain(head: bytes, rest: Iterable[bytes]) -> Iterable[bytes]:
+    yield head
+    yield from rest
+
+
+def _params_dict(params: list[str]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for p in params:
+        k, eq, v = p.partition("=")
+        out[k.upper()] = v if eq else None
+    return out

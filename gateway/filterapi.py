@@ -1,0 +1,176 @@
+"""The filter contract: stages, symbols, edits, verdicts, results and the context a filter sees.
+
+A filter implements only the hooks it needs (``async def on_rcpt(self, ctx) -> Result``) and
+returns a frozen :class:`Result`. Filters report (symbols), the policy decides; a filter sets a
+``verdict`` only for hard facts (an unknown recipient, a virus). Filters never touch the socket
+and never mutate the message: they return :class:`AddHeader` / :class:`RemoveHeader` edits that
+the core applies once, when the message is relayed.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from gateway.replies import Reply
+
+if TYPE_CHECKING:
+    from gateway.message import Message
+    from gateway.services import Services
+    from gateway.smtp.address import Address
+
+
+class Stage(enum.Enum):
+    CONNECT = "connect"
+    HELO = "helo"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    MESSAGE = "message"
+
+    @property
+    def order(self) -> int:
+        return _STAGE_ORDER[self]
+
+    @property
+    def hook(self) -> str:
+        return f"on_{self.value}"
+
+
+_STAGE_ORDER = {s: i for i, s in enumerate(Stage)}
+
+
+class Action(enum.Enum):
+    """What happens to a message. Declared from mildest to most severe."""
+
+    ACCEPT = "accept"
+    ADD_HEADER = "add_header"
+    REWRITE_SUBJECT = "rewrite_subject"
+    QUARANTINE = "quarantine"
+    DISCARD = "discard"
+    TEMPFAIL = "tempfail"
+    REJECT = "reject"
+
+    @property
+    def severity(self) -> int:
+        return _ACTION_ORDER[self]
+
+    @property
+    def refuses(self) -> bool:
+        """True for the actions that answer the client with 4xx/5xx."""
+        return self in (Action.TEMPFAIL, Action.REJECT)
+
+
+_ACTION_ORDER = {a: i for i, a in enumerate(Action)}
+
+
+@dataclass(frozen=True, slots=True)
+class Symbol:
+    """A named finding, e.g. ``Symbol("SPF_FAIL", ("-all",))``; the policy gives it a score."""
+
+    name: str
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AddHeader:
+    name: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveHeader:
+    """Remove every header ``name`` (case-insensitive); with ``value_prefix``, only those whose
+    value starts with it (e.g. forged Authentication-Results carrying our authserv-id)."""
+
+    name: str
+    value_prefix: str | None = None
+
+
+Edit = AddHeader | RemoveHeader
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A hard decision from a filter. ``reply`` is optional: the core picks a standard one."""
+
+    action: Action
+    reply: Reply | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    symbols: tuple[Symbol, ...] = ()
+    edits: tuple[Edit, ...] = ()
+    verdict: Verdict | None = None
+    data: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, MappingProxyType):
+            object.__setattr__(self, "data", MappingProxyType(dict(self.data)))
+
+
+EMPTY = Result()
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """The connected client as the filters see it."""
+
+    ip: str
+    port: int
+    helo: str | None = None
+    tls: bool = False
+    trusted: bool = False  # inside policy.trusted_networks
+
+
+@dataclass(frozen=True, slots=True)
+class FilterContext:
+    """Everything a filter may look at, as an immutable snapshot for one hook call."""
+
+    stage: Stage
+    qid: str
+    client: Client
+    sender: Address | None = None
+    sender_params: Mapping[str, str | None] = field(default_factory=dict)
+    recipients: tuple[Address, ...] = ()  # recipients accepted so far
+    rcpt: Address | None = None  # the recipient being checked (rcpt stage)
+    message: Message | None = None  # message stage only
+    results: Mapping[str, Result] = field(default_factory=dict)  # earlier filters, by name
+    policy_class: str = "default"
+
+
+class Filter:
+    """Base class for filters (optional: any class with ``from_config`` and hooks works).
+
+    Subclasses set ``name`` and may set ``requires``; they implement any of ``on_connect``,
+    ``on_helo``, ``on_mail``, ``on_rcpt``, ``on_message``. Each hook takes a
+    :class:`FilterContext` and returns a :class:`Result`.
+    """
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], services: Services) -> Filter:
+        if cfg:
+            key = next(iter(cfg))
+            raise ConfigError(key, "unknown setting")
+        return cls()
+
+
+class ConfigError(Exception):
+    """Raised by ``from_config`` for a bad setting; the loader adds the file and key path."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def hooks_of(obj: object) -> tuple[Stage, ...]:
+    """The stages an object implements a hook for."""
+    return tuple(s for s in Stage if callable(getattr(obj, s.hook, None)))

@@ -1,0 +1,77 @@
+"""Logging set-up and the structured event lines: one per message, one per connection.
+
+``event(logger, name, **fields)`` logs a line whose fields are rendered as JSON
+(``--log-format json``) or as readable ``key=value`` pairs (the default on a terminal).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+EVENT_ATTR = "mailgate_fields"
+
+
+def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
+    logger.log(level, name, extra={EVENT_ATTR: fields})
+
+
+def _kv_value(v: Any) -> str:
+    if isinstance(v, dict):
+        v = ",".join(f"{k}:{_kv_value(x)}" for k, x in v.items())
+    elif isinstance(v, list | tuple):
+        v = ",".join(_kv_value(x) for x in v)
+    elif v is None:
+        return "-"
+    s = str(v)
+    if not s or any(c in s for c in ' "=\\') or not s.isprintable():
+        return json.dumps(s)
+    return s
+
+
+def _ts(record: logging.LogRecord) -> str:
+    t = time.gmtime(record.created)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z"
+
+
+class KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, EVENT_ATTR, None)
+        head = f"{_ts(record)} {record.levelname.lower()} {record.name}"
+        if fields is not None:
+            body = " ".join(f"{k}={_kv_value(v)}" for k, v in fields.items())
+            line = f"{head} {record.getMessage()} {body}"
+        else:
+            line = f"{head} {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"ts": _ts(record), "level": record.levelname.lower(),
+                               "logger": record.name}
+        fields = getattr(record, EVENT_ATTR, None)
+        if fields is not None:
+            out["event"] = record.getMessage()
+            out.update(fields)
+        else:
+            out["msg"] = record.getMessage()
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def setup_logging(fmt: str = "kv", level: str = "info") -> None:
+    """Log to stderr as key=value lines (``kv``, readable on a terminal) or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiosmtpd logs every command at INFO; our own lines say what matters.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)

@@ -1,0 +1,113 @@
+"""A received message as the filters see it: parsed headers and a readable body, backed by
+the spool file that DATA streamed into (the message is never held in memory whole)."""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage
+from pathlib import Path
+from typing import BinaryIO, cast
+
+MAX_HEADER_BYTES = 1024 * 1024  # headers beyond this are treated as body for parsing
+
+
+@dataclass(frozen=True)
+class Header:
+    name: str
+    value: str  # unfolded, undecoded (raw text with RFC 2047 words as sent)
+    raw: bytes  # the header exactly as received, folding and CRLF included
+
+
+def split_headers(header_block: bytes) -> list[Header]:
+    """Split a CRLF header block into headers, keeping each one's raw bytes."""
+    out: list[Header] = []
+    lines = header_block.split(b"\r\n")
+    current: list[bytes] = []
+
+    def flush() -> None:
+        if not current:
+            return
+        raw = b"\r\n".join(current) + b"\r\n"
+        name, _, value = raw.partition(b":")
+        text = value.decode("utf-8", "surrogateescape")
+        out.append(Header(name.decode("ascii", "replace").strip(),
+                          " ".join(text.split()), raw))
+        current.clear()
+
+    for line in lines:
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t") and current:
+            current.append(line)
+        else:
+            flush()
+            current.append(line)
+    flush()
+    return out
+
+
+@dataclass(frozen=True)
+class Message:
+    """A spooled message: ``path`` holds the CRLF-clean, unstuffed message bytes."""
+
+    path: Path
+    size: int
+    header_bytes: bytes  # the header block including the blank line that ends it (if any)
+    headers: tuple[Header, ...]
+
+    @classmethod
+    def from_spool(cls, path: Path, size: int) -> Message:
+        with path.open("rb") as f:
+            head = f.read(min(size, MAX_HEADER_BYTES))
+        end = head.find(b"\r\n\r\n")
+        if head.startswith(b"\r\n"):
+            block = b"\r\n"
+        elif end >= 0:
+            block = head[: end + 4]
+        elif len(head) == size:  # headers only, no body
+            block = head
+        else:  # no end of headers within the cap: keep whole lines only
+            cut = head.rfind(b"\r\n")
+            block = head[: cut + 2] if cut >= 0 else b""
+        return cls(path, size, block, tuple(split_headers(block)))
+
+    @property
+    def body_offset(self) -> int:
+        return len(self.header_bytes)
+
+    def get_all(self, name: str) -> list[str]:
+        n = name.lower()
+        return [h.value for h in self.headers if h.name.lower() == n]
+
+    def get(self, name: str) -> str | None:
+        values = self.get_all(name)
+        return values[0] if values else None
+
+    def open_body(self) -> BinaryIO:
+        f = self.path.open("rb")
+        f.seek(self.body_offset)
+        return f
+
+    def read_body(self, max_bytes: int) -> bytes:
+        with self.open_body() as f:
+            return f.read(max_bytes)
+
+    def iter_bytes(self, block: int = 256 * 1024) -> Iterator[bytes]:
+        with self.path.open("rb") as f:
+            while chunk := f.read(block):
+                yield chunk
+
+    def parsed_headers(self) -> EmailMessage:
+        """The header block parsed by the stdlib (RFC 2047 decoding, address parsing)."""
+        parser = email.parser.BytesParser(policy=email.policy.default)
+        return cast(EmailMessage, parser.parsebytes(self.header_bytes, headersonly=True))
+
+    def parse(self, max_bytes: int = 10 * 1024 * 1024) -> EmailMessage:
+        """The whole message parsed as MIME (up to ``max_bytes``; filters cap their work)."""
+        with self.path.open("rb") as f:
+            data = f.read(max_bytes)
+        parser = email.parser.BytesParser(policy=email.policy.default)
+        return cast(EmailMessage, parser.parsebytes(data))

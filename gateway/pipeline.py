@@ -1,0 +1,116 @@
+"""Run one stage's filters: concurrently, each under its own timeout, ordered by ``requires``,
+with each filter's ``on_error`` applied when it raises or times out.
+
+A failing filter never fails open by accident: the outcome always carries a ``<NAME>_ERROR``
+symbol, and ``on_error`` turns it into a verdict (``tempfail``, ``reject``, ``quarantine``) or
+lets the message ``continue``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from gateway.filterapi import Action, FilterContext, Result, Stage, Symbol, Verdict
+from gateway.registry import LoadedFilter
+from gateway.replies import Reply
+
+log = logging.getLogger("mailgate.pipeline")
+
+ERROR_VERDICTS = {
+    "tempfail": Verdict(Action.TEMPFAIL, Reply(451, "4.3.0", "Temporary local problem, "
+                                                             "try again later"), "filter error"),
+    "reject": Verdict(Action.REJECT, Reply(554, "5.7.0", "Message refused"), "filter error"),
+    "quarantine": Verdict(Action.QUARANTINE, None, "filter error"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FilterOutcome:
+    name: str
+    stage: Stage
+    result: Result
+    elapsed_ms: float
+    error: str | None = None  # "timeout" or "ExcType: message"; details are in the log
+
+
+class Pipeline:
+    def __init__(self, chain: Iterable[LoadedFilter]) -> None:
+        self.chain = tuple(chain)
+        self._by_stage = {s: tuple(f for f in self.chain if s in f.stages) for s in Stage}
+
+    def has_stage(self, stage: Stage) -> bool:
+        return bool(self._by_stage[stage])
+
+    async def run_stage(self, stage: Stage, ctx: FilterContext,
+                        skip: frozenset[str] = frozenset()) -> dict[str, FilterOutcome]:
+        """Run the stage; returns outcomes by filter name (in chain order)."""
+        todo = [f for f in self._by_stage[stage] if f.name not in skip]
+        if not todo:
+            return {}
+        results = dict(ctx.results)
+        tasks: dict[str, asyncio.Task[FilterOutcome]] = {}
+        names_here = {f.name for f in todo}
+
+        async def run(f: LoadedFilter) -> FilterOutcome:
+            waits = [tasks[r] for r in f.requires if r in names_here and r in tasks]
+            if waits:
+                for done in await asyncio.gather(*waits):
+                    results[done.name] = done.result
+            fctx = dataclasses.replace(ctx, stage=stage, results=dict(results))
+            return await self._call(f, stage, fctx)
+
+        # Create tasks in dependency order so a dependent can find its requirements' tasks.
+        for f in _ordered(todo):
+            tasks[f.name] = asyncio.create_task(run(f), name=f"filter:{f.name}:{stage.value}")
+        outcomes = await asyncio.gather(*tasks.values())
+        by_name = {o.name: o for o in outcomes}
+        return {f.name: by_name[f.name] for f in todo}
+
+    async def _call(self, f: LoadedFilter, stage: Stage, ctx: FilterContext) -> FilterOutcome:
+        start = time.perf_counter()
+        hook = getattr(f.instance, stage.hook)
+        error: str | None = None
+        try:
+            async with asyncio.timeout(f.timeout_s):
+                result = await hook(ctx)
+            if not isinstance(result, Result):
+                raise TypeError(f"{stage.hook} returned {type(result).__name__}, not Result")
+        except TimeoutError:
+            error = "timeout"
+            log.warning("filter %s timed out after %.1fs at %s (qid %s)", f.name, f.timeout_s,
+                        stage.value, ctx.qid)
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            log.error("filter %s failed at %s (qid %s): %s", f.name, stage.value, ctx.qid,
+                      error, exc_info=True)
+        elapsed = (time.perf_counter() - start) * 1000
+        if error is not None:
+            kind = "timeout" if error == "timeout" else "error"
+            result = Result(symbols=(Symbol(f"{f.name.upper()}_ERROR", (kind,)),),
+                            verdict=ERROR_VERDICTS.get(f.on_error))
+        return FilterOutcome(f.name, stage, result, elapsed, error)
+
+
+def _ordered(chain: list[LoadedFilter]) -> list[LoadedFilter]:
+    """Topological order by ``requires`` (cycles are refused at load time)."""
+    by_name = {f.name: f for f in chain}
+    out: list[LoadedFilter] = []
+    seen: set[str] = set()
+
+    def visit(f: LoadedFilter) -> None:
+        if f.name in seen:
+            return
+        seen.add(f.name)
+        for r in f.requires:
+            if r in by_name:
+                visit(by_name[r])
+        out.append(f)
+
+    for f in chain:
+        visit(f)
+    return out

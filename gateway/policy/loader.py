@@ -1,0 +1,421 @@
+"""Load a policy file (TOML, or YAML with the same schema) and validate it into a
+:class:`~gateway.policy.schema.Policy`.
+
+Every problem is collected, each naming the file, the key path and the reason
+(``policies/strict.toml: limits.max_recipients: must be an integer >= 1``), and raised together as
+one :class:`~gateway.errors.PolicyError`. Unknown keys are errors: a typo must not silently
+fall back to a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import PolicyError
+from gateway.filterapi import Action, Stage
+from gateway.policy.schema import (
+    FilterSpec,
+    HeadersConfig,
+    Limits,
+    Listener,
+    Network,
+    Policy,
+    PolicyClass,
+    QuarantineConfig,
+    RelayConfig,
+    Rule,
+    SpoolConfig,
+    Thresholds,
+    TlsConfig,
+)
+from gateway.relay.transport import Transport, parse_transport
+from gateway.replies import Reply
+
+TOP_KEYS = {"server", "tls", "limits", "relay", "domains", "headers", "spool", "quarantine",
+            "plugins",
+            "filters", "scores", "actions", "rules", "classes"}
+FILTER_KEYS = {"name", "module", "timeout_s", "on_error", "enabled"}
+ON_ERROR = ("tempfail", "continue", "reject", "quarantine")
+SYMBOL_RE = re.compile(r"^[A-Z0-9_]+$")
+DOMAIN_RE = re.compile(r"^\.?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+REPLY_RE = re.compile(r"^([45]\d\d) ([45]\.\d{1,3}\.\d{1,3}) (\S.*)$")
+
+
+class Checker:
+    """Collects problems with their key paths while reading a nested mapping."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[str] = []
+
+    def error(self, path: str, reason: str) -> None:
+        self.problems.append(f"{self.source}: {path}: {reason}")
+
+    def table(self, data: Any, path: str, allowed: set[str] | None) -> dict[str, Any]:
+        if data is None:
+            return {}
+        if not isinstance(data, Mapping):
+            self.error(path, "must be a table")
+            return {}
+        if allowed is not None:
+            for key in data:
+                if key not in allowed:
+                    self.error(f"{path}.{key}" if path else str(key), "unknown key")
+        return dict(data)
+
+    def number(self, data: Mapping[str, Any], key: str, path: str, default: float, *,
+               minimum: float | None = None, exclusive: bool = False,
+               integer: bool = False) -> Any:
+        if key not in data:
+            return default
+        v = data[key]
+        kind = "an integer" if integer else "a number"
+        ok = isinstance(v, int) if integer else isinstance(v, int | float)
+        if isinstance(v, bool) or not ok:
+            self.error(f"{path}.{key}", f"must be {kind}, got {v!r}")
+            return default
+        if minimum is not None and (v <= minimum if exclusive else v < minimum):
+            self.error(f"{path}.{key}", f"must be {kind} {'>' if exclusive else '>='} {minimum:g}")
+            return default
+        return v
+
+    def boolean(self, data: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+        v = data.get(key, default)
+        if not isinstance(v, bool):
+            self.error(f"{path}.{key}", f"must be true or false, got {v!r}")
+            return default
+        return v
+
+    def string(self, data: Mapping[str, Any], key: str, path: str, default: Any,
+               choices: tuple[str, ...] | None = None) -> Any:
+        if key not in data:
+            return default
+        v = data[key]
+        if not isinstance(v, str) or not v:
+            self.error(f"{path}.{key}", f"must be a non-empty string, got {v!r}")
+            return default
+        if choices and v not in choices:
+            self.error(f"{path}.{key}", f"must be one of {', '.join(choices)}; got {v!r}")
+            return default
+        return v
+
+    def strings(self, data: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
+        v = data.get(key, [])
+        if isinstance(v, str) or not isinstance(v, list) or not all(
+                isinstance(x, str) for x in v):
+            self.error(f"{path}.{key}", "must be a list of strings")
+            return ()
+        return tuple(v)
+
+    def convert(self, path: str, value: Any, fn: Callable[[Any], Any]) -> Any:
+        try:
+            return fn(value)
+        except (ValueError, TypeError) as e:
+            self.error(path, str(e))
+            return None
+
+
+def read_policy_data(path: Path) -> dict[str, Any]:
+    """Parse the file by its extension; syntax errors become a PolicyError naming the file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise PolicyError([f"{path}: cannot read: {e.strerror or e}"]) from None
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(raw.decode("utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise PolicyError([f"{path}: YAML syntax: {e}"]) from None
+    else:
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise PolicyError([f"{path}: TOML syntax: {e}"]) from None
+    if not isinstance(data, dict):
+        raise PolicyError([f"{path}: the top level must be a table"])
+    return data
+
+
+def load_policy(path: str | Path) -> Policy:
+    path = Path(path)
+    return parse_policy(read_policy_data(path), str(path))
+
+
+def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
+    c = Checker(source)
+    top = c.table(data, "", TOP_KEYS)
+
+    server = c.table(top.get("server"), "server", {"hostname", "listen"})
+    hostname = c.string(server, "hostname", "server", "mailgate.localdomain")
+    listeners = tuple(
+        x for x in (c.convert(f"server.listen[{i}]", s, _listener)
+                    for i, s in enumerate(c.strings(server, "listen", "server")
+                                          if "listen" in server else ("127.0.0.1:2525",)))
+        if x is not None)
+    if "listen" in server and not listeners and not c.problems:
+        c.error("server.listen", "needs at least one address")
+
+    tls_t = c.table(top.get("tls"), "tls", {"cert_file", "key_file"})
+    cert = c.string(tls_t, "cert_file", "tls", None)
+    key = c.string(tls_t, "key_file", "tls", None)
+    if bool(cert) != bool(key):
+        c.error("tls", "cert_file and key_file go together")
+    for k, v in (("cert_file", cert), ("key_file", key)):
+        if v and not Path(v).is_file():
+            c.error(f"tls.{k}", f"no such file: {v}")
+    tls = TlsConfig(Path(cert) if cert else None, Path(key) if key else None)
+
+    limits = _limits(c, top.get("limits"))
+    relay = _relay(c, top.get("relay"))
+
+    domains = c.table(top.get("domains"), "domains", {"accepted", "trusted_networks"})
+    accepted = []
+    for i, d in enumerate(c.strings(domains, "accepted", "domains")):
+        d = d.lower().rstrip(".")
+        if not DOMAIN_RE.match(d):
+            c.error(f"domains.accepted[{i}]", f"not a domain name: {d!r}")
+        accepted.append(d)
+    trusted: list[Network] = []
+    for i, n in enumerate(c.strings(domains, "trusted_networks", "domains")):
+        net = c.convert(f"domains.trusted_networks[{i}]", n,
+                        lambda s: ipaddress.ip_network(s, strict=False))
+        if net is not None:
+            trusted.append(net)
+
+    hdr = c.table(top.get("headers"), "headers",
+                  {f.name for f in fields(HeadersConfig)})
+    headers = HeadersConfig(
+        received=c.boolean(hdr, "received", "headers", True),
+        spam_headers=c.boolean(hdr, "spam_headers", "headers", True),
+        spam_header_prefix=c.string(hdr, "spam_header_prefix", "headers", "X-Spam-"),
+        subject_tag=c.string(hdr, "subject_tag", "headers", "[SPAM]"),
+    )
+    sp = c.table(top.get("spool"), "spool", {"directory"})
+    spool = SpoolConfig(Path(c.string(sp, "directory", "spool", "spool")))
+    q = c.table(top.get("quarantine"), "quarantine", {"directory"})
+    quarantine = QuarantineConfig(Path(c.string(q, "directory", "quarantine", "quarantine")))
+    plugins = c.table(top.get("plugins"), "plugins", {"dirs"})
+    plugin_dirs = tuple(Path(p) for p in c.strings(plugins, "dirs", "plugins"))
+    for i, p in enumerate(plugin_dirs):
+        if not p.is_dir():
+            c.error(f"plugins.dirs[{i}]", f"no such directory: {p}")
+
+    filters = _filters(c, top.get("filters"))
+    names = {f.name for f in filters}
+    scores = _scores(c, top.get("scores"), "scores")
+    thresholds = _thresholds(c, top.get("actions"), "actions", Thresholds())
+    rules = _rules(c, top.get("rules"), "rules")
+    default_class = PolicyClass("default", (), scores, thresholds, rules, frozenset())
+    classes = _classes(c, top.get("classes"), default_class, names, set(accepted))
+
+    if c.problems:
+        raise PolicyError(c.problems)
+    return Policy(
+        source=source, hostname=hostname, listeners=listeners, tls=tls, limits=limits,
+        relay=relay, accepted_domains=frozenset(accepted), trusted_networks=tuple(trusted),
+        headers=headers, spool=spool, quarantine=quarantine, filters=filters, plugin_dirs=plugin_dirs,
+        default_class=default_class, classes=classes,
+    )
+
+
+def _listener(text: str) -> Listener:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"must be host:port (port 0 picks a free port), got {text!r}")
+    ipaddress.ip_address(host) if host[0].isdigit() or ":" in host else None
+    return Listener(host, int(port))
+
+
+def _limits(c: Checker, data: Any) -> Limits:
+    t = c.table(data, "limits", {f.name for f in fields(Limits)})
+    d = Limits()
+    values: dict[str, Any] = {}
+    for f in fields(Limits):
+        default = getattr(d, f.name)
+        if f.name == "bare_lf":
+            values[f.name] = c.string(t, "bare_lf", "limits", default, ("reject", "normalize"))
+        elif isinstance(default, int):
+            values[f.name] = c.number(t, f.name, "limits", default, minimum=1, integer=True)
+        else:
+            values[f.name] = float(c.number(t, f.name, "limits", default, minimum=0,
+                                            exclusive=True))
+    if values["max_line_bytes"] < 80:
+        c.error("limits.max_line_bytes", "must be an integer >= 80 (RFC 5321 requires 1000)")
+    if values["max_command_line_bytes"] < 512:
+        c.error("limits.max_command_line_bytes", "must be an integer >= 512 (RFC 5321 4.5.3.1.4)")
+    return Limits(**values)
+
+
+def _transport(c: Checker, path: str, text: Any) -> Transport | None:
+    return c.convert(path, text, parse_transport)
+
+
+def _relay(c: Checker, data: Any) -> RelayConfig:
+    t = c.table(data, "relay", {"mode", "downstream", "transport", "connect_timeout_s",
+                                "command_timeout_s", "data_timeout_s", "helo_name"})
+    d = RelayConfig()
+    mode = c.string(t, "mode", "relay", "proxy", ("proxy",))
+    downstream = d.downstream
+    if "downstream" in t:
+        downstream = _transport(c, "relay.downstream", t["downstream"]) or d.downstream
+    by_domain: dict[str, Transport] = {}
+    for dom, spec in c.table(t.get("transport"), "relay.transport", None).items():
+        tr = _transport(c, f"relay.transport.{dom}", spec)
+        if not DOMAIN_RE.match(dom.lower()):
+            c.error(f"relay.transport.{dom}", "key must be a domain (or .domain for subdomains)")
+        if tr is not None:
+            by_domain[dom.lower()] = tr
+    return RelayConfig(
+        mode=mode, downstream=downstream, transport=by_domain,
+        connect_timeout_s=c.number(t, "connect_timeout_s", "relay", d.connect_timeout_s,
+                                   minimum=0, exclusive=True),
+        command_timeout_s=c.number(t, "command_timeout_s", "relay", d.command_timeout_s,
+                                   minimum=0, exclusive=True),
+        data_timeout_s=c.number(t, "data_timeout_s", "relay", d.data_timeout_s,
+                                minimum=0, exclusive=True),
+        helo_name=c.string(t, "helo_name", "relay", None),
+    )
+
+
+def _filters(c: Checker, data: Any) -> tuple[FilterSpec, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        c.error("filters", "must be an array of tables ([[filters]])")
+        return ()
+    out: list[FilterSpec] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(data):
+        if not isinstance(entry, Mapping):
+            c.error(f"filters[{i}]", "must be a table")
+            continue
+        name = entry.get("name")
+        if not isinstance(name, str) or not re.match(r"^[a-z][a-z0-9_]*$", name):
+            c.error(f"filters[{i}].name", "must be a lowercase identifier like 'rcpt'")
+            continue
+        path = f"filters.{name}"
+        if name in seen:
+            c.error(path, "appears twice in the chain")
+        seen.add(name)
+        module = c.string(entry, "module", path, None)
+        if module is not None and not re.match(r"^[\w.]+:\w+$", module):
+            c.error(f"{path}.module", f"must be 'package.module:Class', got {module!r}")
+        out.append(FilterSpec(
+            name=name, module=module,
+            timeout_s=float(c.number(entry, "timeout_s", path, 10.0, minimum=0, exclusive=True)),
+            on_error=c.string(entry, "on_error", path, "tempfail", ON_ERROR),
+            enabled=c.boolean(entry, "enabled", path, True),
+            settings={k: v for k, v in entry.items() if k not in FILTER_KEYS},
+        ))
+    return tuple(out)
+
+
+def _scores(c: Checker, data: Any, path: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for sym, v in c.table(data, path, None).items():
+        if not SYMBOL_RE.match(sym):
+            c.error(f"{path}.{sym}", "symbol names are UPPER_CASE letters, digits and _")
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            c.error(f"{path}.{sym}", f"must be a number, got {v!r}")
+            continue
+        out[sym] = float(v)
+    return out
+
+
+def _thresholds(c: Checker, data: Any, path: str, base: Thresholds) -> Thresholds:
+    t = c.table(data, path, {f.name for f in fields(Thresholds)})
+    values: dict[str, float | None] = {}
+    for f in fields(Thresholds):
+        v = t.get(f.name, getattr(base, f.name))
+        if v is False:
+            v = None
+        elif v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+            c.error(f"{path}.{f.name}", f"must be a score, or false to turn it off; got {v!r}")
+            v = getattr(base, f.name)
+        values[f.name] = None if v is None else float(v)
+    return Thresholds(**values)
+
+
+def parse_reply(text: str) -> Reply:
+    m = REPLY_RE.match(text)
+    if not m:
+        raise ValueError(f"must look like '550 5.7.1 text', got {text!r}")
+    code, status, msg = int(m.group(1)), m.group(2), m.group(3)
+    if status[0] != str(code)[0]:
+        raise ValueError(f"enhanced status {status} does not match code {code}")
+    return Reply(code, status, msg)
+
+
+def _rules(c: Checker, data: Any, path: str) -> tuple[Rule, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        c.error(path, "must be an array of tables ([[rules]])")
+        return ()
+    out: list[Rule] = []
+    actions = tuple(a.value for a in Action)
+    stages = tuple(s.value for s in Stage)
+    for i, entry in enumerate(data):
+        rp = f"{path}[{i}]"
+        t = c.table(entry, rp, {"name", "action", "stage", "if_any", "if_all", "unless_any",
+                                "reply"})
+        name = c.string(t, "name", rp, f"rule{i + 1}")
+        rp = f"{path}.{name}"
+        if "action" not in t:
+            c.error(f"{rp}.action", "is required")
+        action = Action(c.string(t, "action", rp, "accept", actions))
+        stage = Stage(c.string(t, "stage", rp, "message", stages))
+        lists = {k: c.strings(t, k, rp) for k in ("if_any", "if_all", "unless_any")}
+        if not lists["if_any"] and not lists["if_all"]:
+            c.error(rp, "needs if_any or if_all")
+        for k, syms in lists.items():
+            for s in syms:
+                if not SYMBOL_RE.match(s):
+                    c.error(f"{rp}.{k}", f"not a symbol name: {s!r}")
+        reply = c.string(t, "reply", rp, None)
+        if reply is not None:
+            r = c.convert(f"{rp}.reply", reply, parse_reply)
+            if r is not None and action not in (Action.REJECT, Action.TEMPFAIL):
+                c.error(f"{rp}.reply", "only reject and tempfail rules carry a reply")
+            elif r is not None and (r.code >= 500) != (action is Action.REJECT):
+                c.error(f"{rp}.reply", f"a {action.value} rule needs a "
+                        f"{'5xx' if action is Action.REJECT else '4xx'} reply")
+        if stage is not Stage.MESSAGE and not action.refuses and action is not Action.ACCEPT:
+            c.error(f"{rp}.stage", f"{action.value} can only happen at the message stage")
+        out.append(Rule(name=name, action=action, stage=stage, reply=reply, **lists))
+    return tuple(out)
+
+
+def _classes(c: Checker, data: Any, default: PolicyClass, filter_names: set[str],
+             accepted: set[str]) -> tuple[PolicyClass, ...]:
+    out: list[PolicyClass] = []
+    claimed: dict[str, str] = {}
+    for name, entry in c.table(data, "classes", None).items():
+        p = f"classes.{name}"
+        t = c.table(entry, p, {"domains", "scores", "actions", "rules", "skip_filters"})
+        doms = tuple(d.lower().rstrip(".") for d in c.strings(t, "domains", p))
+        if not doms:
+            c.error(f"{p}.domains", "needs at least one recipient domain")
+        for d in doms:
+            if d in claimed:
+                c.error(f"{p}.domains", f"{d} is already in class {claimed[d]}")
+            claimed[d] = name
+            if d not in accepted:
+                c.error(f"{p}.domains", f"{d} is not in domains.accepted")
+        skips = frozenset(c.strings(t, "skip_filters", p))
+        for s in sorted(skips - filter_names):
+            c.error(f"{p}.skip_filters", f"no filter named {s!r} in the chain")
+        scores = {**default.scores, **_scores(c, t.get("scores"), f"{p}.scores")}
+        thresholds = _thresholds(c, t.get("actions"), f"{p}.actions", default.thresholds)
+        rules = _rules(c, t.get("rules"), f"{p}.rules") + default.rules
+        out.append(PolicyClass(name, doms, scores, thresholds, rules, skips))
+    return tuple(out)

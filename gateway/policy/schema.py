@@ -1,0 +1,189 @@
+"""The policy model: typed, frozen value objects that a validated policy file becomes.
+
+Only :mod:`gateway.policy.loader` builds these; everything else reads them. Units are in the
+names (``timeout_s``, ``max_message_bytes``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gateway.filterapi import Action, Stage
+from gateway.relay.transport import Transport
+
+OnError = Literal["tempfail", "continue", "reject", "quarantine"]
+BareLf = Literal["reject", "normalize"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_connections: int = 1000
+    max_connections_per_ip: int = 20
+    max_command_line_bytes: int = 2048
+    max_line_bytes: int = 1000  # a text line in DATA, CRLF included (RFC 5321 4.5.3.1.6)
+    max_message_bytes: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    max_invalid_commands: int = 10
+    max_transactions_per_connection: int = 100
+    idle_timeout_s: float = 300.0  # waiting for the next command (RFC 5321 4.5.3.2.7)
+    command_timeout_s: float = 120.0  # handling one command, filters included
+    data_block_timeout_s: float = 180.0  # waiting for the next block of DATA (4.5.3.2.6)
+    data_timeout_s: float = 1800.0  # the whole DATA transfer
+    bare_lf: BareLf = "reject"
+    shutdown_grace_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    mode: Literal["proxy"] = "proxy"
+    downstream: Transport = Transport("maildir", path=Path("Maildir"))
+    transport: Mapping[str, Transport] = field(default_factory=dict)  # rcpt domain -> transport
+    connect_timeout_s: float = 30.0
+    command_timeout_s: float = 300.0
+    data_timeout_s: float = 600.0
+    helo_name: str | None = None  # defaults to server.hostname
+
+
+@dataclass(frozen=True, slots=True)
+class HeadersConfig:
+    received: bool = True  # prepend Received: naming the gateway and the qid
+    spam_headers: bool = True  # X-Spam-Score / X-Spam-Status / X-Spam-Symbols
+    spam_header_prefix: str = "X-Spam-"
+    subject_tag: str = "[SPAM]"  # used by the rewrite_subject action
+
+
+@dataclass(frozen=True, slots=True)
+class FilterSpec:
+    """One entry of the ordered filter chain."""
+
+    name: str
+    module: str | None  # "pkg.mod:Class"; None = built-in/plugin/entry point by name
+    timeout_s: float
+    on_error: OnError
+    settings: Mapping[str, Any]
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    action: Action
+    stage: Stage = Stage.MESSAGE  # the earliest stage the rule may fire at
+    if_any: tuple[str, ...] = ()
+    if_all: tuple[str, ...] = ()
+    unless_any: tuple[str, ...] = ()
+    reply: str | None = None  # "550 5.7.1 text" (reject/tempfail only)
+
+    def matches(self, symbols: frozenset[str]) -> bool:
+        if self.if_any and not any(s in symbols for s in self.if_any):
+            return False
+        if self.if_all and not all(s in symbols for s in self.if_all):
+            return False
+        return not any(s in symbols for s in self.unless_any)
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """Score at or above which each action applies; None = never by score."""
+
+    add_header: float | None = 5.0
+    rewrite_subject: float | None = None
+    quarantine: float | None = None
+    tempfail: float | None = None
+    reject: float | None = 15.0
+
+    def action_for(self, score: float) -> tuple[Action, float | None]:
+        best, at = Action.ACCEPT, None
+        for action in (Action.ADD_HEADER, Action.REWRITE_SUBJECT, Action.QUARANTINE,
+                       Action.TEMPFAIL, Action.REJECT):
+            limit = getattr(self, action.value)
+            if limit is not None and score >= limit:
+                best, at = action, limit
+        return best, at
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyClass:
+    """A set of recipient domains with their own scores, thresholds, rules and filter skips."""
+
+    name: str
+    domains: tuple[str, ...]
+    scores: Mapping[str, float]
+    thresholds: Thresholds
+    rules: tuple[Rule, ...]
+    skip_filters: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    directory: Path = Path("spool")  # DATA streams into spool/incoming while it arrives
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineConfig:
+    directory: Path = Path("quarantine")
+
+
+@dataclass(frozen=True)
+class Policy:
+    source: str  # the file it came from
+    hostname: str
+    listeners: tuple[Listener, ...]
+    tls: TlsConfig
+    limits: Limits
+    relay: RelayConfig
+    accepted_domains: frozenset[str]
+    trusted_networks: tuple[Network, ...]
+    headers: HeadersConfig
+    spool: SpoolConfig
+    quarantine: QuarantineConfig
+    filters: tuple[FilterSpec, ...]
+    plugin_dirs: tuple[Path, ...]
+    default_class: PolicyClass
+    classes: tuple[PolicyClass, ...] = ()
+
+    def class_for_domain(self, domain: str) -> PolicyClass:
+        d = domain.lower()
+        for cls in self.classes:
+            if d in cls.domains:
+                return cls
+        return self.default_class
+
+    def class_named(self, name: str) -> PolicyClass:
+        for cls in self.classes:
+            if cls.name == name:
+                return cls
+        return self.default_class
+
+    def is_trusted(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.trusted_networks)
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain.lower() in self.accepted_domains

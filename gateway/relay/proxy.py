@@ -1,0 +1,172 @@
+"""Proxy-mode relay (Postfix ``smtpd_proxy_filter`` semantics): one downstream transaction in
+lockstep with the client's. RCPT is forwarded as it arrives (the downstream's per-recipient
+answer goes back to the client), the message after the message stage; the client gets 250 only
+when the downstream said 250. A downstream that is down, slow or drops the connection gives
+``451 4.4.x`` — never a 250 for mail that was not delivered.
+
+For ``maildir:`` the "downstream" is a local Maildir: each recipient's copy is fsync'd before the
+250.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from gateway.errors import RelayError
+from gateway.policy.schema import RelayConfig
+from gateway.relay import maildir
+from gateway.relay.client import DownstreamClient
+from gateway.relay.transport import Transport
+from gateway.replies import Reply
+from gateway.smtp.address import Address
+
+log = logging.getLogger("mailgate.relay")
+
+DOWNSTREAM_DOWN = Reply(451, "4.4.1", "Downstream server unavailable, try again later")
+DOWNSTREAM_LOST = Reply(451, "4.4.2", "Downstream connection lost, try again later")
+LOCAL_WRITE_FAILED = Reply(451, "4.3.0", "Local delivery failed, try again later")
+NO_SMTPUTF8 = Reply(553, "5.6.7", "Downstream does not support SMTPUTF8")
+
+
+def _temp(e: RelayError) -> Reply:
+    return DOWNSTREAM_DOWN if e.status == "4.4.1" else DOWNSTREAM_LOST
+
+
+@dataclass
+class ProxyRelay:
+    """One transaction's downstream side. Not reusable across transactions."""
+
+    transport: Transport
+    cfg: RelayConfig
+    helo_name: str
+    qid: str
+    client: DownstreamClient | None = None
+    mail_reply: Reply | None = None
+    accepted: list[Address] = field(default_factory=list)
+    last_result: str = "not relayed"
+
+    async def _open(self, sender: Address, mail_params: list[str]) -> Reply:
+        t = self.transport
+        kw = dict(lmtp=t.kind == "lmtp", helo_name=self.helo_name,
+                  connect_timeout_s=self.cfg.connect_timeout_s,
+                  command_timeout_s=self.cfg.command_timeout_s,
+                  data_timeout_s=self.cfg.data_timeout_s)
+        try:
+            if t.path is not None:
+                self.client = await DownstreamClient.connect_unix(str(t.path), **kw)
+            else:
+                self.client = await DownstreamClient.connect(t.host, t.port, **kw)
+        except RelayError as e:
+            log.warning("downstream %s: %s (qid %s)", t, e, self.qid)
+            self.last_result = f"connect failed: {e}"
+            return DOWNSTREAM_DOWN if not e.permanent else Reply(e.code, e.status, e.text)
+        params: list[str] = []
+        ext = self.client.extensions
+        for p in mail_params:
+            key = p.split("=", 1)[0].upper()
+            if key == "SMTPUTF8" and "SMTPUTF8" not in ext:
+                await self.abort()
+                return NO_SMTPUTF8
+            if key == "BODY" and "8BITMIME" not in ext:
+                continue
+            if key in ("SIZE", "BODY", "SMTPUTF8") and (key != "SIZE" or "SIZE" in ext):
+                params.append(p)
+        try:
+            reply = await self.client.mail(sender.addr, params)
+        except RelayError as e:
+            self.client = None
+            self.last_result = f"MAIL failed: {e}"
+            return _temp(e)
+        if not reply.is_ok:
+            self.last_result = f"MAIL {reply.code} {reply.status}"
+            self.mail_reply = reply
+        return reply
+
+    async def add_rcpt(self, sender: Address, mail_params: list[str], rcpt: Address,
+                       rcpt_params: list[str]) -> Reply:
+        """Forward one recipient; returns the answer for the client."""
+        if self.transport.kind == "maildir":
+            self.accepted.append(rcpt)
+            return Reply(250, "2.1.5", "Recipient ok")
+        if self.mail_reply is not None:
+            return self.mail_reply
+        if self.client is None:
+            reply = await self._open(sender, mail_params)
+            if not reply.is_ok:
+                return reply
+        assert self.client is not None
+        try:
+            reply = await self.client.rcpt(rcpt.addr, [])
+        except RelayError as e:
+            self.client = None
+            self.last_result = f"RCPT failed: {e}"
+            return _temp(e)
+        if reply.is_ok:
+            self.accepted.append(rcpt)
+        return reply
+
+    async def deliver(self, chunks_for: Callable[[Address | None], Iterable[bytes]]) -> Reply:
+        """Send the message; ``chunks_for(rcpt)`` gives the bytes (per recipient for Maildir,
+        called with None for one SMTP/LMTP transaction)."""
+        if self.transport.kind == "maildir":
+            return await self._deliver_maildir(chunks_for)
+        if self.client is None or not self.accepted:
+            self.last_result = "no downstream transaction"
+            return DOWNSTREAM_LOST
+        try:
+            replies = await self.client.data(chunks_for(None), accepted_rcpts=len(self.accepted))
+        except RelayError as e:
+            self.client = None
+            self.last_result = f"DATA failed: {e}"
+            log.warning("downstream %s during DATA: %s (qid %s)", self.transport, e, self.qid)
+            return _temp(e)
+        await self.close()
+        return self._combine(replies)
+
+    def _combine(self, replies: list[Reply]) -> Reply:
+        self.last_result = "; ".join(f"{r.code} {r.status} {r.text}"[:200] for r in replies)
+        if all(r.is_ok for r in replies):
+            return Reply(250, "2.0.0", f"Ok: queued as {self.qid}")
+        if len(replies) == 1 or all(r.is_perm for r in replies):
+            return replies[0]
+        # LMTP with mixed answers: the client can only get one reply. A 250 would lose the
+        # failed copies; a 4xx makes the client retry (a duplicate for the delivered ones).
+        log.warning("downstream gave mixed per-recipient replies (qid %s): %s", self.qid,
+                    self.last_result)
+        return Reply(451, "4.3.0", "Not delivered to every recipient, try again later")
+
+    async def _deliver_maildir(self, chunks_for: Callable[[Address | None], Iterable[bytes]]
+                               ) -> Reply:
+        root = self.transport.path
+        assert root is not None
+        try:
+            async with asyncio.timeout(self.cfg.data_timeout_s):
+                for rcpt in self.accepted:
+                    dest = root.expanduser()
+                    path = await asyncio.to_thread(maildir.deliver, dest, chunks_for(rcpt),
+                                                   self.qid)
+                    log.debug("delivered %s to %s (qid %s)", rcpt.addr, path, self.qid)
+        except (OSError, TimeoutError) as e:
+            log.error("maildir %s: %s (qid %s)", root, e, self.qid)
+            self.last_result = f"maildir failed: {e}"
+            return LOCAL_WRITE_FAILED.with_qid(self.qid)
+        self.last_result = f"maildir {root}: {len(self.accepted)} delivered"
+        return Reply(250, "2.0.0", f"Ok: queued as {self.qid}")
+
+    async def close(self) -> None:
+        if self.client is not None:
+            client, self.client = self.client, None
+            await client.quit()
+
+    async def abort(self) -> None:
+        """The client gave up, or the policy refused the message: drop the downstream side."""
+        if self.client is not None:
+            client, self.client = self.client, None
+            try:
+                await client.rset()
+            except RelayError:
+                pass
+            await client.quit()

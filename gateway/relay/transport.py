@@ -1,0 +1,75 @@
+"""Downstream transport addresses: parse ``smtp://host:port``, ``lmtp://host:port``,
+``lmtp:unix:/path`` and ``maildir:PATH`` into a value, and pick one per recipient domain."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Kind = Literal["smtp", "lmtp", "maildir"]
+
+
+@dataclass(frozen=True, slots=True)
+class Transport:
+    kind: Kind
+    host: str = ""
+    port: int = 0
+    path: Path | None = None  # maildir directory, or the unix socket for lmtp:unix:
+
+    def __str__(self) -> str:
+        if self.kind == "maildir":
+            return f"maildir:{self.path}"
+        if self.path is not None:
+            return f"{self.kind}:unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.kind}://{host}:{self.port}"
+
+
+def parse_transport(text: str) -> Transport:
+    """Parse a transport string; raises ValueError with a reason an admin can act on."""
+    if not isinstance(text, str) or not text:
+        raise ValueError("must be a string like smtp://host:port, lmtp://host:port or maildir:DIR")
+    if text.startswith("maildir:"):
+        path = text[len("maildir:"):]
+        if not path:
+            raise ValueError("maildir: needs a directory")
+        return Transport("maildir", path=Path(path))
+    if text.startswith("lmtp:unix:"):
+        path = text[len("lmtp:unix:"):]
+        if not path:
+            raise ValueError("lmtp:unix: needs a socket path")
+        return Transport("lmtp", path=Path(path))
+    for kind in ("smtp", "lmtp"):
+        prefix = f"{kind}://"
+        if text.startswith(prefix):
+            rest = text[len(prefix):].rstrip("/")
+            if rest.startswith("["):
+                host, sep, port_s = rest[1:].partition("]:")
+                if not sep:
+                    raise ValueError("IPv6 host needs the form [addr]:port")
+            else:
+                host, sep, port_s = rest.rpartition(":")
+                if not sep:
+                    raise ValueError(f"{kind}:// needs host:port")
+            if not host:
+                raise ValueError("missing host")
+            if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+                raise ValueError(f"bad port {port_s!r}")
+            return Transport(kind, host=host, port=int(port_s))  # type: ignore[arg-type]
+    raise ValueError("must start with smtp://, lmtp://, lmtp:unix: or maildir:")
+
+
+def transport_for(domain: str, default: Transport, by_domain: Mapping[str, Transport]) -> Transport:
+    """The transport for a recipient domain: exact match, then parent domains (``.example.test``
+    entries match subdomains), then the default."""
+    d = domain.lower()
+    if d in by_domain:
+        return by_domain[d]
+    labels = d.split(".")
+    for i in range(1, len(labels)):
+        key = "." + ".".join(labels[i:])
+        if key in by_domain:
+            return by_domain[key]
+    return default

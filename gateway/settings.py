@@ -1,0 +1,36 @@
+"""Typed readers for a filter's own settings: each raises ConfigError naming the key, so the
+policy loader can report ``file: filters.NAME.KEY: reason``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from gateway.filterapi import ConfigError
+
+
+def check_keys(cfg: Mapping[str, Any], allowed: set[str]) -> None:
+    for key in cfg:
+        if key not in allowed:
+            raise ConfigError(key, f"unknown setting (known: {', '.join(sorted(allowed))})")
+
+
+def str_list(cfg: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    v = cfg.get(key, [])
+    if isinstance(v, str) or not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ConfigError(key, "must be a list of strings")
+    return tuple(v)
+
+
+def opt_str(cfg: Mapping[str, Any], key: str) -> str | None:
+    v = cfg.get(key)
+    if v is not None and (not isinstance(v, str) or not v):
+        raise ConfigError(key, "must be a non-empty string")
+    return v
+
+
+def boolean(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
+    v = cfg.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(key, "must be true or false")
+    return v

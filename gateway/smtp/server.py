@@ -1,0 +1,475 @@
+"""The hardened SMTP front end: an aiosmtpd ``SMTP`` subclass that owns the protocol.
+
+aiosmtpd provides the connection plumbing and the STARTTLS transport switch (which discards
+plaintext pipelined after STARTTLS). This class replaces its command loop and command handlers
+to close aiosmtpd 1.4.6's gaps: every reply carries an enhanced status code; exception text never
+reaches the client (``451 4.3.0 ... (qid)``, the detail goes to the log); DATA is read in blocks
+straight into a spool file, ends only at CRLF.CRLF and refuses (or normalizes) bare CR/LF; each
+wait has its own deadline (idle, per command, per DATA block, whole DATA); every limit is a
+policy setting. Policy decisions are the engine's (gateway/engine.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import SMTP, TLSSetupException
+from aiosmtpd.smtp import sslproto  # type: ignore[attr-defined]
+
+from gateway import replies as R
+from gateway.engine import SessionState, Transaction
+from gateway.logs import event
+from gateway.qid import new_qid, new_session_id
+from gateway.replies import Reply
+from gateway.smtp.address import AddressError, parse_mail_from, parse_rcpt_to
+from gateway.smtp.datareader import DataEOF, DataStatus, DataTimeout, read_data
+
+if TYPE_CHECKING:
+    from gateway.app import Runtime
+
+log = logging.getLogger("mailgate.smtp")
+MAX_SESSION_S = 3600.0  # hard cap on one connection's life, whatever it does
+READ_BUFFER_BYTES = 256 * 1024
+CLIENT_ERROR_CODES = {500, 501, 502, 503, 504, 555}
+
+Handler = Callable[[str], Awaitable[None]]
+
+
+class _NoHooks:
+    """aiosmtpd wants a handler object; all behaviour lives in SmtpServer."""
+
+
+class SmtpServer(SMTP):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.engine = runtime.engine  # fixed for the connection's life (reloads: new ones)
+        self.policy = self.engine.policy
+        self.limits = self.policy.limits
+        self.line_length_limit = READ_BUFFER_BYTES  # StreamReader buffer; lengths checked here
+        super().__init__(_NoHooks(), hostname=self.policy.hostname,
+                         tls_context=runtime.tls_context,
+                         data_size_limit=self.limits.max_message_bytes, enable_SMTPUTF8=True,
+                         timeout=MAX_SESSION_S, loop=asyncio.get_running_loop())
+        self.state: SessionState | None = None
+        self.txn: Transaction | None = None
+        self.idle = False
+        self.closing = False
+        self.invalid = 0
+        self.commands = 0
+        self.refused_greeting = False
+        self.end_reason = "eof"
+        self.started = time.monotonic()
+        self._handlers: dict[str, Handler] = {
+            "HELO": self.cmd_helo, "EHLO": self.cmd_ehlo, "MAIL": self.cmd_mail,
+            "RCPT": self.cmd_rcpt, "DATA": self.cmd_data, "RSET": self.cmd_rset,
+            "NOOP": self.cmd_noop, "QUIT": self.cmd_quit, "VRFY": self.cmd_vrfy,
+            "EXPN": self.cmd_not_implemented, "HELP": self.cmd_help,
+            "STARTTLS": self.cmd_starttls, "AUTH": self.cmd_not_implemented,
+            "BDAT": self.cmd_not_implemented, "ETRN": self.cmd_not_implemented,
+            "TURN": self.cmd_not_implemented,
+        }
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the session on EOF, dropping commands still buffered; instead let
+        # the reader see EOF after the buffered commands, and answer them first.
+        if self._reader is not None:
+            self._reader.feed_eof()
+        return False if self.session is not None and self.session.ssl is not None else True
+
+    async def push(self, status: Any) -> None:
+        data = status.encode("utf-8") if isinstance(status, str) else status
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._writer.write(data + b"\r\n")
+        async with asyncio.timeout(self.limits.idle_timeout_s):
+            await self._writer.drain()
+
+    async def reply(self, reply: Reply) -> None:
+        await self.push(reply.render())
+        if reply.code in CLIENT_ERROR_CODES:
+            self.invalid += 1
+            if self.invalid >= self.limits.max_invalid_commands:
+                await self.close_with(Reply(421, "4.7.0", "Too many errors, closing connection"),
+                                      "too-many-errors")
+
+    async def close_with(self, reply: Reply, reason: str) -> None:
+        if not self.closing:
+            self.closing = True
+            self.end_reason = reason
+            with contextlib.suppress(Exception):
+                await self.push(reply.render())
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- the session --------------------------------------------------------------------------
+    async def _handle_client(self) -> None:
+        peer = self.session.peer if self.session else None
+        ip, port = (peer[0], peer[1]) if isinstance(peer, tuple) else ("unknown", 0)
+        st = self.state = SessionState(new_session_id(), ip, port, self.policy.is_trusted(ip))
+        conns = self.runtime.connections
+        admitted = conns.admit(ip, self.limits)
+        self.runtime.sessions.add(self)
+        try:
+            if admitted is not None:
+                await self.close_with(admitted, "connection-limit")
+                return
+            async with asyncio.timeout(self.limits.command_timeout_s):
+                refusal = await self.engine.on_connect(st)
+            if refusal is not None:
+                self.refused_greeting = True
+                await self.push(refusal.render())
+            else:
+                await self.push(f"220 {self.hostname} ESMTP mailgate")
+            while self.transport is not None and not self.closing:
+                if self.runtime.draining and self.txn is None:
+                    await self.close_with(R.SHUTDOWN, "shutdown")
+                    break
+                line = await self._read_command()
+                if line is None:
+                    break
+                await self._dispatch(line)
+        except asyncio.CancelledError:
+            self.end_reason = "lost" if self.end_reason == "eof" else self.end_reason
+            raise
+        except (ConnectionError, TLSSetupException) as e:
+            self.end_reason = f"lost: {type(e).__name__}"
+        except Exception:
+            qid = self.txn.qid if self.txn else st.sid
+            log.exception("internal error in session %s (qid %s)", st.sid, qid)
+            await self.close_with(R.INTERNAL.with_qid(qid), "internal-error")
+        finally:
+            if admitted is None:
+                conns.release(ip)
+            self.runtime.sessions.discard(self)
+            self._end_transaction(None, "aborted")
+            if self.transport is not None:
+                self.transport.close()
+            event(log, "connection", sid=st.sid, client=ip, port=port, helo=st.helo,
+                  tls=st.tls, transactions=st.transactions, accepted=st.accepted,
+                  refused=st.refused, commands=self.commands, invalid=self.invalid,
+                  end=self.end_reason, ms=round((time.monotonic() - self.started) * 1000, 1))
+
+    async def _read_command(self) -> bytes | None:
+        self.idle = True
+        try:
+            async with asyncio.timeout(self.limits.idle_timeout_s):
+                try:
+                    line = await self._reader.readuntil(b"\n")
+                except asyncio.LimitOverrunError:
+                    await self._discard_long_line()
+                    return b""  # marks "too long"
+        except asyncio.IncompleteReadError:
+            return None
+        except TimeoutError:
+            await self.close_with(R.TIMEOUT, "idle-timeout")
+            return None
+        finally:
+            self.idle = False
+        if len(line) > self.limits.max_command_line_bytes:
+            return b""
+        return line
+
+    async def _discard_long_line(self) -> None:
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as e:
+                await self._reader.readexactly(e.consumed)
+
+    async def _dispatch(self, raw: bytes) -> None:
+        self.commands += 1
+        if raw == b"":
+            await self.reply(R.LINE_TOO_LONG)
+            return
+        line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+        if b"\r" in line or b"\0" in line:
+            await self.reply(Reply(500, "5.5.2", "Syntax error: CR or NUL in command"))
+            return
+        verb_b, _, arg_b = line.partition(b" ")
+        try:
+            verb = verb_b.decode("ascii").upper()
+        except UnicodeDecodeError:
+            await self.reply(R.SYNTAX)
+            return
+        arg = arg_b.decode("utf-8", "surrogateescape").strip()
+        if self.refused_greeting and verb != "QUIT":
+            await self.reply(Reply(503, "5.5.1", "Service refused, only QUIT is accepted"))
+            return
+        handler = self._handlers.get(verb)
+        if handler is None:
+            await self.reply(R.SYNTAX)
+            return
+        if verb == "DATA":  # DATA has its own deadlines (blocks, whole transfer, relay)
+            await handler(arg)
+            return
+        try:
+            async with asyncio.timeout(self.limits.command_timeout_s):
+                await handler(arg)
+        except TimeoutError:
+            qid = self.txn.qid if self.txn else (self.state.sid if self.state else "-")
+            log.error("command %s exceeded command_timeout_s=%s (qid %s)", verb,
+                      self.limits.command_timeout_s, qid)
+            await self.close_with(Reply(421, "4.4.2", f"Timeout processing command ({qid})"),
+                                  "command-timeout")
+
+    # -- commands ------------------------------------------------------------------------------
+    async def cmd_helo(self, arg: str) -> None:
+        await self._hello(arg, esmtp=False)
+
+    async def cmd_ehlo(self, arg: str) -> None:
+        await self._hello(arg, esmtp=True)
+
+    async def _hello(self, arg: str, *, esmtp: bool) -> None:
+        st = self.state
+        assert st is not None
+        if not arg or " " in arg or any(ord(c) < 33 or ord(c) == 127 for c in arg):
+            await self.reply(Reply(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} "
+                                                 "hostname"))
+            return
+        self._end_transaction(None, "aborted")
+        st.helo, st.esmtp = arg, esmtp
+        await self.engine.on_helo(st)
+        if not esmtp:
+            await self.push(f"250 {self.hostname}")
+            return
+        lines = [self.hostname, "PIPELINING", f"SIZE {self.limits.max_message_bytes}",
+                 "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+        if self.tls_context is not None and not st.tls:
+            lines.append("STARTTLS")
+        await self.push("\r\n".join(f"250-{x}" for x in lines[:-1]) + f"\r\n250 {lines[-1]}")
+
+    async def cmd_mail(self, arg: str) -> None:
+        st = self.state
+        assert st is not None
+        if st.helo is None:
+            await self.reply(Reply(503, "5.5.1", "Send HELO/EHLO first"))
+            return
+        if self.txn is not None:
+            await self.reply(Reply(503, "5.5.1", "Nested MAIL command"))
+            return
+        if st.transactions >= self.limits.max_transactions_per_connection:
+            await self.close_with(Reply(421, "4.7.0", "Too many transactions, reconnect"),
+                                  "too-many-transactions")
+            return
+        if self.runtime.draining:
+            await self.close_with(R.SHUTDOWN, "shutdown")
+            return
+        try:
+            if not arg.upper().startswith("FROM:"):
+                raise AddressError(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
+            path = parse_mail_from(arg, smtputf8_enabled=st.esmtp)
+        except AddressError as e:
+            await self.reply(e.reply)
+            return
+        params, problem = self._mail_params(path.params, st.esmtp)
+        if problem is not None:
+            await self.reply(problem)
+            return
+        txn = Transaction(new_qid(), path.address, params,
+                          utf8=any(p.upper() == "SMTPUTF8" for p in params))
+        reply = await self.engine.on_mail(st, txn)
+        if reply.is_ok:
+            self.txn = txn
+        else:
+            self.engine.log_transaction(st, txn, reply, "refused")
+        await self.reply(reply)
+
+    def _mail_params(self, params: Any, esmtp: bool) -> tuple[list[str], Reply | None]:
+        out: list[str] = []
+        for key, value in params:
+            k = key.upper()
+            if not esmtp:
+                return out, Reply(501, "5.5.4", "Parameters need EHLO")
+            if k == "SIZE":
+                if value is None or not value.isdigit():
+                    return out, Reply(501, "5.5.4", "Bad SIZE parameter")
+                if int(value) > self.limits.max_message_bytes:
+                    return out, Reply(552, "5.3.4", "Message size exceeds fixed limit of "
+                                                    f"{self.limits.max_message_bytes} bytes")
+                out.append(f"SIZE={value}")
+            elif k == "BODY":
+                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                    return out, Reply(555, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+                out.append(f"BODY={value.upper() if value else ''}")
+            elif k == "SMTPUTF8":
+                if value is not None:
+                    return out, Reply(501, "5.5.4", "SMTPUTF8 takes no value")
+                out.append("SMTPUTF8")
+            else:
+                return out, Reply(555, "5.5.4", f"Unsupported MAIL parameter {k}")
+        return out, None
+
+    async def cmd_rcpt(self, arg: str) -> None:
+        st, txn = self.state, self.txn
+        assert st is not None
+        if txn is None:
+            await self.reply(Reply(503, "5.5.1", "Need MAIL command"))
+            return
+        try:
+            if not arg.upper().startswith("TO:"):
+                raise AddressError(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
+            path = parse_rcpt_to(arg, smtputf8_ok=txn.utf8)
+        except AddressError as e:
+            await self.reply(e.reply)
+            return
+        if path.params:
+            k = path.params[0][0].upper()
+            await self.reply(Reply(555, "5.5.4", f"Unsupported RCPT parameter {k}"))
+            return
+        await self.reply(await self.engine.on_rcpt(st, txn, path.address, []))
+
+    async def cmd_data(self, arg: str) -> None:
+        st, txn = self.state, self.txn
+        assert st is not None
+        if arg:
+            await self.reply(Reply(501, "5.5.4", "Syntax: DATA"))
+            return
+        if txn is None:
+            await self.reply(Reply(503, "5.5.1", "Need MAIL command"))
+            return
+        if not txn.rcpts:
+            await self.reply(Reply(554, "5.5.1", "No valid recipients"))
+            return
+        spool = self.runtime.incoming_dir / f"{txn.qid}.tmp"
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            loop = asyncio.get_running_loop()
+            with _open_spool(spool) as f:
+                outcome = await read_data(
+                    self._reader, f.write, max_message_bytes=self.limits.max_message_bytes,
+                    max_line_bytes=self.limits.max_line_bytes - 2,
+                    bare_newline=self.limits.bare_lf,
+                    idle_timeout_s=self.limits.data_block_timeout_s,
+                    deadline=loop.time() + self.limits.data_timeout_s)
+            reply = self._data_problem(outcome.status)
+            if reply is not None:
+                reply = reply.with_qid(txn.qid)
+                txn.size = outcome.size
+                self._end_transaction(reply, "refused")
+                await self.reply(reply)
+                return
+            try:
+                budget = self.limits.command_timeout_s + self.policy.relay.data_timeout_s
+                async with asyncio.timeout(budget):
+                    reply = await self.engine.on_data(st, txn, spool, outcome.size)
+            except TimeoutError:
+                log.error("end-of-data processing timed out (qid %s)", txn.qid)
+                reply = Reply(451, "4.4.2", f"Timeout processing message ({txn.qid})")
+            except Exception:
+                log.exception("internal error at end of data (qid %s)", txn.qid)
+                reply = R.INTERNAL.with_qid(txn.qid)
+            self._end_transaction(reply, "done")
+            await self.reply(reply)
+        except DataTimeout:
+            self._end_transaction(None, "timeout")
+            await self.close_with(Reply(421, "4.4.2", f"Timeout during DATA ({txn.qid})"),
+                                  "data-timeout")
+        except DataEOF:
+            self._end_transaction(None, "aborted")
+            self.end_reason = "eof-in-data"
+        finally:
+            spool.unlink(missing_ok=True)
+
+    def _data_problem(self, status: DataStatus) -> Reply | None:
+        if status is DataStatus.OK:
+            return None
+        if status is DataStatus.TOO_BIG:
+            return Reply(552, "5.3.4", "Message size exceeds fixed limit of "
+                                       f"{self.limits.max_message_bytes} bytes")
+        if status is DataStatus.LINE_TOO_LONG:
+            return Reply(500, "5.6.0", f"Line too long (limit {self.limits.max_line_bytes} "
+                                       "bytes with CRLF, RFC 5321 4.5.3.1.6)")
+        return Reply(550, "5.6.0", "Message contains bare CR or LF (RFC 5321 2.3.8), "
+                                   "not accepted")
+
+    def _end_transaction(self, reply: Reply | None, outcome: str) -> None:
+        txn, self.txn = self.txn, None
+        if txn is None or self.state is None:
+            return
+        self.engine.log_transaction(self.state, txn, reply, outcome)
+        if txn.relay is not None and txn.relay.client is not None:
+            self.runtime.background(txn.relay.abort())
+
+    async def cmd_rset(self, arg: str) -> None:
+        if arg:
+            await self.reply(Reply(501, "5.5.4", "Syntax: RSET"))
+            return
+        self._end_transaction(None, "aborted")
+        await self.reply(R.OK)
+
+    async def cmd_noop(self, arg: str) -> None:
+        await self.reply(R.OK)
+
+    async def cmd_quit(self, arg: str) -> None:
+        self.end_reason = "quit"
+        await self.close_with(R.BYE, "quit")
+
+    async def cmd_vrfy(self, arg: str) -> None:
+        if not arg:
+            await self.reply(Reply(501, "5.5.4", "Syntax: VRFY address"))
+            return
+        await self.reply(Reply(252, "2.5.0", "Cannot VRFY user, but will try RCPT"))
+
+    async def cmd_help(self, arg: str) -> None:
+        await self.reply(Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP "
+                                             "QUIT VRFY STARTTLS; see RFC 5321"))
+
+    async def cmd_not_implemented(self, arg: str) -> None:
+        await self.reply(R.NOT_IMPLEMENTED)
+
+    async def cmd_starttls(self, arg: str) -> None:
+        st = self.state
+        assert st is not None
+        if arg:
+            await self.reply(Reply(501, "5.5.4", "Syntax: STARTTLS"))
+            return
+        if self.tls_context is None:
+            await self.reply(Reply(502, "5.5.1", "STARTTLS not available"))
+            return
+        if st.tls:
+            await self.reply(Reply(503, "5.5.1", "TLS already active"))
+            return
+        await self.push("220 2.0.0 Ready to start TLS")
+        waiter = self.loop.create_future()
+        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, self.tls_context, waiter,
+                                                  server_side=True)
+        self._original_transport = self.transport
+        assert self._original_transport is not None
+        self._original_transport.set_protocol(self._tls_protocol)
+        self.transport = self._tls_protocol._app_transport
+        self._tls_protocol.connection_made(self._original_transport)
+        try:
+            async with asyncio.timeout(self.limits.idle_timeout_s):
+                await waiter
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            raise TLSSetupException() from error
+        # RFC 3207 4.2: forget everything learnt before TLS. Plaintext that was pipelined after
+        # STARTTLS was dropped by aiosmtpd's connection_made (reader buffer cleared).
+        self._end_transaction(None, "aborted")
+        st.tls, st.helo, st.esmtp = True, None, False
+
+
+class _open_spool:
+    """A spool file for DATA, created exclusively with mode 0600, written in large buffers."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> Any:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.f = os.fdopen(fd, "wb", buffering=READ_BUFFER_BYTES)
+        return self.f
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
