@@ -93,6 +93,7 @@ class Runtime:
         from gateway.smtp.server import SmtpServer
 
         loop = asyncio.get_running_loop()
+        bound: list[str] = []
         for lst in self.engine.policy.listeners:
             family = socket.AF_INET6 if ":" in lst.host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -103,12 +104,15 @@ class Runtime:
                                               backlog=LISTEN_BACKLOG)
             self.servers.append(server)
             host, port = sock.getsockname()[:2]
-            event(log, "listening", address=f"{host}:{port}", policy=str(self.policy_path),
-                  filters=[f.name for f in self.engine.pipeline.chain],
-                  tls=self.tls_context is not None)
+            bound.append(f"{host}:{port}")
+        # Handlers first: "listening" tells supervisors (and tests) that signals are safe now.
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGTERM, lambda: self.background(self.stop()))
         loop.add_signal_handler(signal.SIGINT, lambda: self.background(self.stop()))
+        for address in bound:
+            event(log, "listening", address=address, policy=str(self.policy_path),
+                  filters=[f.name for f in self.engine.pipeline.chain],
+                  tls=self.tls_context is not None)
 
     def reload(self) -> None:
         """SIGHUP: validate the policy file again; switch only if it is entirely valid."""

@@ -63,11 +63,16 @@ class Checker:
         if not isinstance(data, Mapping):
             self.error(path, "must be a table")
             return {}
-        if allowed is not None:
-            for key in data:
-                if key not in allowed:
-                    self.error(f"{path}.{key}" if path else str(key), "unknown key")
-        return dict(data)
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            where = f"{path}.{key}" if path else str(key)
+            if not isinstance(key, str):  # YAML allows 1:, true:, null: as keys
+                self.error(where, f"keys must be strings, got {key!r}")
+            elif allowed is not None and key not in allowed:
+                self.error(where, "unknown key")
+            else:
+                out[key] = value
+        return out
 
     def number(self, data: Mapping[str, Any], key: str, path: str, default: float, *,
                minimum: float | None = None, exclusive: bool = False,

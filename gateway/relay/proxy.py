@@ -115,16 +115,18 @@ class ProxyRelay:
             return await self._deliver_maildir(chunks_for)
         if self.client is None or not self.accepted:
             self.last_result = "no downstream transaction"
-            return DOWNSTREAM_LOST
+            return DOWNSTREAM_LOST.with_qid(self.qid)
         try:
             replies = await self.client.data(chunks_for(None), accepted_rcpts=len(self.accepted))
         except RelayError as e:
             self.client = None
             self.last_result = f"DATA failed: {e}"
             log.warning("downstream %s during DATA: %s (qid %s)", self.transport, e, self.qid)
-            return _temp(e)
+            return _temp(e).with_qid(self.qid)
         await self.close()
-        return self._combine(replies)
+        reply = self._combine(replies)
+        # Like every refusal mailgate gives, a passed-back downstream refusal ends with the qid.
+        return reply if reply.is_ok else reply.with_qid(self.qid)
 
     def _combine(self, replies: list[Reply]) -> Reply:
         self.last_result = "; ".join(f"{r.code} {r.status} {r.text}"[:200] for r in replies)

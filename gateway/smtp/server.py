@@ -336,8 +336,11 @@ class SmtpServer(SMTP):
         if txn is None:
             await self.reply(Reply(503, "5.5.1", "Need MAIL command"))
             return
-        if not txn.rcpts:
-            await self.reply(Reply(554, "5.5.1", "No valid recipients"))
+        if not txn.rcpts:  # RFC 5321 3.3 allows 503 or 554 for both cases
+            if txn.rcpt_refused:
+                await self.reply(Reply(554, "5.5.1", "No valid recipients"))
+            else:
+                await self.reply(Reply(503, "5.5.1", "Need RCPT command"))
             return
         spool = self.runtime.incoming_dir / f"{txn.qid}.tmp"
         try:

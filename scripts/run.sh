@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install mailgate into ./.venv (first run only) and start it on the shipped default policy:
+# SMTP on 127.0.0.1:2525, mail for example.test delivered into ./Maildir.
+# Usage: bash scripts/run.sh [mailgate run options, e.g. --policy FILE --log-format json]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/mailgate ]; then
+    "$PY" -m venv .venv
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e .
+fi
+exec .venv/bin/mailgate run "$@"

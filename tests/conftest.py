@@ -1,0 +1,27 @@
+"""Shared pytest fixtures: a factory for real gateway processes on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.gateway import GatewayProcess
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path) -> Iterator[Any]:
+    """``gateway_factory(policy_dict_or_toml, **kw)`` starts a gateway in its own work dir and
+    stops it at the end of the test."""
+    started: list[GatewayProcess] = []
+
+    def make(policy: dict[str, Any] | str, *, start: bool = True, **kw: Any) -> GatewayProcess:
+        gw = GatewayProcess(tmp_path / f"gw{len(started)}", policy, **kw)
+        started.append(gw)
+        return gw.start() if start else gw
+
+    yield make
+    for gw in started:
+        gw.stop()
