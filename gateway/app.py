@@ -77,12 +77,18 @@ class Runtime:
         self.tls_context = make_tls_context(self.engine.policy)
         self.connections = ConnectionCounter()
         self.sessions: set[Any] = set()
+        self.no_sessions = asyncio.Event()  # set whenever the last session ends
         self.draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.servers: list[asyncio.Server] = []
         self.stopped = asyncio.Event()
         self.incoming_dir = self.engine.policy.spool.directory / "incoming"
         self.incoming_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def session_ended(self, session: Any) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            self.no_sessions.set()
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -145,8 +151,9 @@ class Runtime:
         grace = self.engine.policy.limits.shutdown_grace_s
         try:
             async with asyncio.timeout(grace):
-                while self.sessions:
-                    await asyncio.sleep(0.05)
+                if self.sessions:
+                    self.no_sessions.clear()
+                    await self.no_sessions.wait()
         except TimeoutError:
             log.warning("shutdown: %d sessions still open after %ss, closing them",
                         len(self.sessions), grace)

@@ -48,11 +48,11 @@ def check_policy(path: Path) -> int:
             print(p, file=sys.stderr)
         print(f"{path}: {len(e.problems)} problem(s)", file=sys.stderr)
         return 1
-    p = engine.policy
+    pol = engine.policy
     print(f"{path}: ok")
-    print(f"  listen: {', '.join(f'{x.host}:{x.port}' for x in p.listeners)}")
-    print(f"  relay: {p.relay.mode} -> {p.relay.downstream}")
-    print(f"  accepted domains: {', '.join(sorted(p.accepted_domains)) or '(none)'}")
+    print(f"  listen: {', '.join(f'{x.host}:{x.port}' for x in pol.listeners)}")
+    print(f"  relay: {pol.relay.mode} -> {pol.relay.downstream}")
+    print(f"  accepted domains: {', '.join(sorted(pol.accepted_domains)) or '(none)'}")
     for f in engine.pipeline.chain:
         print(f"  filter {f.name}: {', '.join(s.value for s in f.stages)} "
               f"(timeout {f.timeout_s:g}s, on_error {f.on_error}; {f.origin})")

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gateway import quarantine
 from gateway.decide import Decision, Scorecard, decide
@@ -68,6 +69,8 @@ class Transaction:
     utf8: bool = False
     rcpts: list[Address] = field(default_factory=list)
     rcpt_refused: int = 0
+    rcpt_refusal: tuple[str, Reply] | None = None  # (by, reply) of the last refused RCPT
+    refused_outcomes: list[FilterOutcome] = field(default_factory=list)  # its filters' outcomes
     cls: PolicyClass | None = None
     transport: Transport | None = None
     relay: ProxyRelay | None = None
@@ -85,7 +88,7 @@ class Engine:
         self.helo_name = policy.relay.helo_name or policy.hostname
 
     # -- contexts -------------------------------------------------------------------------
-    def _ctx(self, stage: Stage, state: SessionState, txn: Transaction | None, **kw: object
+    def _ctx(self, stage: Stage, state: SessionState, txn: Transaction | None, **kw: Any
              ) -> FilterContext:
         outcomes = state.outcomes + (txn.scorecard.outcomes if txn else [])
         results = {o.name: o.result for o in outcomes}
@@ -109,9 +112,12 @@ class Engine:
         state.outcomes.extend(out.values())
         d = self._early(state, None, out.values(), Stage.CONNECT)
         if d is not None:
-            self._log_refusal(state, Stage.CONNECT, d)
             assert d.reply is not None
-            return d.reply.with_qid(state.sid)
+            # RFC 5321 3.1, 4.3.2: in place of the 220 greeting only 554 (then wait for QUIT)
+            # or 421 (then close) may be sent, whatever reply the verdict or rule carried.
+            reply = Reply(554 if d.reply.is_perm else 421, d.reply.status, d.reply.text)
+            self._log_refusal(state, Stage.CONNECT, dataclasses.replace(d, reply=reply))
+            return reply.with_qid(state.sid)
         return None
 
     async def on_helo(self, state: SessionState) -> None:
@@ -138,41 +144,44 @@ class Engine:
 
     async def on_rcpt(self, state: SessionState, txn: Transaction, rcpt: Address,
                       params: list[str]) -> Reply:
-        reply = await self._rcpt(state, txn, rcpt, params)
+        txn.refused_outcomes = []
+        reply, by = await self._rcpt(state, txn, rcpt, params)
         if not reply.is_ok:
             txn.rcpt_refused += 1
-            if reply.code >= 500 or reply.status == "4.5.3":
-                return reply
-            return reply if reply.text.endswith(")") else reply.with_qid(txn.qid)
+            if not reply.text.endswith(f"({txn.qid})"):  # every refusal ends with the qid
+                reply = reply.with_qid(txn.qid)
+            txn.rcpt_refusal = (by, reply)
         return reply
 
     async def _rcpt(self, state: SessionState, txn: Transaction, rcpt: Address,
-                    params: list[str]) -> Reply:
+                    params: list[str]) -> tuple[Reply, str]:
+        """The reply for one recipient, and (for a refusal) what chose it, for the log."""
         p = self.policy
         local = not rcpt.domain or p.is_local_domain(rcpt.domain_key)
         if not state.trusted:
             tricks = rcpt.routing_tricks
             if tricks:
                 return Reply(550, "5.7.1", f"Relay access denied: {', '.join(tricks)} "
-                                           f"not accepted ({txn.qid})")
+                                           f"not accepted ({txn.qid})"), "relay-denied"
             if not local:
-                return RELAY_DENIED.with_qid(txn.qid)
+                return RELAY_DENIED.with_qid(txn.qid), "relay-denied"
         if len(txn.rcpts) >= p.limits.max_recipients:
-            return TOO_MANY_RCPTS
+            return TOO_MANY_RCPTS, "limit:max_recipients"
         cls = self.policy.class_for_domain(rcpt.domain_key) if rcpt.domain else \
             (txn.cls or p.default_class)
         if txn.cls is not None and cls.name != txn.cls.name:
-            return SPLIT_CLASS
+            return SPLIT_CLASS, "split:class"
         transport = transport_for(rcpt.domain_key, p.relay.downstream, p.relay.transport)
         if txn.transport is not None and transport != txn.transport:
-            return SPLIT_TRANSPORT
+            return SPLIT_TRANSPORT, "split:transport"
         out = await self.pipeline.run_stage(
             Stage.RCPT, self._ctx(Stage.RCPT, state, txn, rcpt=rcpt, policy_class=cls.name),
             skip=cls.skip_filters)
         d = self._early(state, txn, out.values(), Stage.RCPT, cls)
         if d is not None:
             assert d.reply is not None
-            return d.reply.with_qid(txn.qid)
+            txn.refused_outcomes = list(out.values())
+            return d.reply.with_qid(txn.qid), d.by
         if txn.relay is None:
             txn.relay = ProxyRelay(transport, p.relay, self.helo_name, txn.qid)
         reply = await txn.relay.add_rcpt(txn.sender, txn.mail_params, rcpt, params)
@@ -180,8 +189,8 @@ class Engine:
             txn.rcpts.append(rcpt)
             txn.cls, txn.transport = cls, transport
             txn.scorecard.add(out.values())
-            return Reply(250, "2.1.5", "Recipient ok")
-        return reply
+            return Reply(250, "2.1.5", "Recipient ok"), ""
+        return reply, "downstream"
 
     def _early(self, state: SessionState, txn: Transaction | None,
                stage_out: Iterable[FilterOutcome], stage: Stage,
@@ -231,7 +240,7 @@ class Engine:
         if rcpt is None:  # an SMTP/LMTP downstream gets the envelope in the protocol
             return chunks
         head = (f"Return-Path: <{txn.sender.addr}>\r\n"
-                f"Delivered-To: {rcpt.addr}\r\n").encode("utf-8")
+                f"Delivered-To: {rcpt.addr}\r\n").encode()
         return _chain(head, chunks)
 
     def _prepend(self, state: SessionState, txn: Transaction, card: Scorecard,
@@ -283,19 +292,27 @@ class Engine:
                         outcome: str) -> None:
         """The one structured line per message (every transaction that got past MAIL)."""
         cls = txn.cls or self.policy.default_class
-        card = Scorecard(self._symbols(state, txn))
         d = txn.decision
+        extra: list[FilterOutcome] = []
+        action, by = (d.action.value, d.by) if d else (outcome, outcome)
+        if d is None and reply is None and not txn.rcpts and txn.rcpt_refusal is not None:
+            # Every recipient was refused and the client gave up: the transaction was refused
+            # at RCPT; log it as such (what refused it, the reply, the symbols behind it).
+            by, reply = txn.rcpt_refusal
+            action = (Action.REJECT if reply.is_perm else Action.TEMPFAIL).value
+            extra = txn.refused_outcomes
+        card = Scorecard(self._symbols(state, txn, extra))
         syms = [f"{s.name}({s.score:g})" + (f"[{'|'.join(s.options)[:80]}]" if s.options else "")
                 for s in card.symbols(cls)]
         if reply is not None and reply.is_ok and d is not None:
             state.accepted += 1
-        elif outcome != "aborted":
+        elif outcome != "aborted" or reply is not None:
             state.refused += 1
         event(log, "message", qid=txn.qid, sid=state.sid, client=state.client_ip,
               helo=state.helo, sender=txn.sender.addr or "<>",
               rcpts=[r.addr for r in txn.rcpts], rcpt_refused=txn.rcpt_refused,
-              size=txn.size, score=card.score(cls), action=d.action.value if d else outcome,
-              by=d.by if d else outcome, policy_class=cls.name, symbols=syms,
+              size=txn.size, score=card.score(cls), action=action, by=by,
+              policy_class=cls.name, symbols=syms,
               stage_ms=card.stage_ms(), filter_errors=card.errors() or None,
               relay=txn.relay.last_result if txn.relay else "not relayed",
               reply=reply.render().replace("\r\n", " | ") if reply else None,

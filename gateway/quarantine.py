@@ -20,7 +20,7 @@ def store(directory: Path, qid: str, chunks: Iterable[bytes], meta: dict[str, An
     record_dir.mkdir(parents=True, exist_ok=True)
     tmp = record_dir / f".{qid}.json.tmp"
     with tmp.open("w", encoding="utf-8") as f:
-        json.dump({**meta, "qid": qid, "file": str(path)}, f, indent=1, default=str)
+        json.dump({**meta, "qid": qid, "file": str(path.resolve())}, f, indent=1, default=str)
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, record_dir / f"{qid}.json")

@@ -50,15 +50,18 @@ class ProxyRelay:
 
     async def _open(self, sender: Address, mail_params: list[str]) -> Reply:
         t = self.transport
-        kw = dict(lmtp=t.kind == "lmtp", helo_name=self.helo_name,
-                  connect_timeout_s=self.cfg.connect_timeout_s,
-                  command_timeout_s=self.cfg.command_timeout_s,
-                  data_timeout_s=self.cfg.data_timeout_s)
+        lmtp, cfg = t.kind == "lmtp", self.cfg
         try:
             if t.path is not None:
-                self.client = await DownstreamClient.connect_unix(str(t.path), **kw)
+                self.client = await DownstreamClient.connect_unix(
+                    str(t.path), lmtp=lmtp, helo_name=self.helo_name,
+                    connect_timeout_s=cfg.connect_timeout_s,
+                    command_timeout_s=cfg.command_timeout_s, data_timeout_s=cfg.data_timeout_s)
             else:
-                self.client = await DownstreamClient.connect(t.host, t.port, **kw)
+                self.client = await DownstreamClient.connect(
+                    t.host, t.port, lmtp=lmtp, helo_name=self.helo_name,
+                    connect_timeout_s=cfg.connect_timeout_s,
+                    command_timeout_s=cfg.command_timeout_s, data_timeout_s=cfg.data_timeout_s)
         except RelayError as e:
             log.warning("downstream %s: %s (qid %s)", t, e, self.qid)
             self.last_result = f"connect failed: {e}"

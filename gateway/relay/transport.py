@@ -57,7 +57,7 @@ def parse_transport(text: str) -> Transport:
                 raise ValueError("missing host")
             if not port_s.isdigit() or not 0 < int(port_s) < 65536:
                 raise ValueError(f"bad port {port_s!r}")
-            return Transport(kind, host=host, port=int(port_s))  # type: ignore[arg-type]
+            return Transport(kind, host=host, port=int(port_s))
     raise ValueError("must start with smtp://, lmtp://, lmtp:unix: or maildir:")
 
 

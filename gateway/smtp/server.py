@@ -20,8 +20,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import SMTP, TLSSetupException
-from aiosmtpd.smtp import sslproto  # type: ignore[attr-defined]
+from aiosmtpd.smtp import SMTP, TLSSetupException, sslproto
 
 from gateway import replies as R
 from gateway.engine import SessionState, Transaction
@@ -123,6 +122,9 @@ class SmtpServer(SMTP):
                 return
             async with asyncio.timeout(self.limits.command_timeout_s):
                 refusal = await self.engine.on_connect(st)
+            if refusal is not None and refusal.code == 421:
+                await self.close_with(refusal, "refused")
+                return
             if refusal is not None:
                 self.refused_greeting = True
                 await self.push(refusal.render())
@@ -148,7 +150,7 @@ class SmtpServer(SMTP):
         finally:
             if admitted is None:
                 conns.release(ip)
-            self.runtime.sessions.discard(self)
+            self.runtime.session_ended(self)
             self._end_transaction(None, "aborted")
             if self.transport is not None:
                 self.transport.close()

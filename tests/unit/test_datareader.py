@@ -190,8 +190,8 @@ def test_normal_message_and_pipelined_commands_stay_readable() -> None:
         loop = asyncio.get_running_loop()
         outcome = await read_data(reader, sink.extend, max_message_bytes=10**6,
                                   idle_timeout_s=1, deadline=loop.time() + 5)
-        first = await reader.readuntil(b"\n")
-        second = await reader.readuntil(b"\n")
+        first = await asyncio.wait_for(reader.readuntil(b"\n"), 1)
+        second = await asyncio.wait_for(reader.readuntil(b"\n"), 1)
         return outcome, bytes(sink), first, second
 
     outcome, content, first, second = arun(main())
@@ -429,11 +429,11 @@ def test_unread_puts_bytes_in_front_of_the_streamreader_buffer() -> None:
         reader = asyncio.StreamReader()
         reader.feed_data(b"C\r\nD\r\n")
         _unread(reader, b"A\r\nB")
-        assert await reader.readuntil(b"\n") == b"A\r\n"
-        assert await reader.readuntil(b"\n") == b"BC\r\n"
+        assert await asyncio.wait_for(reader.readuntil(b"\n"), 1) == b"A\r\n"
+        assert await asyncio.wait_for(reader.readuntil(b"\n"), 1) == b"BC\r\n"
         reader.feed_eof()
         _unread(reader, b"Z")
-        assert await reader.read() == b"ZD\r\n"
+        assert await asyncio.wait_for(reader.read(), 1) == b"ZD\r\n"
 
     arun(main())
 
@@ -594,7 +594,7 @@ def test_deadline_already_passed() -> None:
         with pytest.raises(DataTimeout):
             await read_data(reader, lambda _: None, max_message_bytes=1000,
                             idle_timeout_s=1, deadline=loop.time() - 1)
-        assert await reader.read() == b".\r\n"  # nothing was consumed
+        assert await asyncio.wait_for(reader.read(100), 1) == b".\r\n"  # nothing consumed
 
     arun(main())
 
@@ -670,6 +670,30 @@ def test_random_messages_match_the_reference_model() -> None:
         return compared
 
     assert arun(main()) > 3000
+
+
+def test_large_messages_with_cuts_near_block_edges_match_the_reference_model() -> None:
+    rng = random.Random(7)
+    tokens = [b"text " * 10, b"\r\n", b"\r\n.", b"\r\n..", b"\r", b"\n", b"."]
+    weights = [40, 30, 3, 2, 1, 1, 2]
+
+    async def main() -> None:
+        for i in range(6):
+            parts = rng.choices(tokens, weights, k=9000)
+            if i % 2 == 0:  # half of them free of bare CR/LF, so that OK outputs get compared
+                parts = [x for x in parts if x not in (b"\r", b"\n")]
+            body = b"x" + b"".join(parts)
+            while REAL_END in body:  # keep the real end of data at the end
+                body = body.replace(REAL_END, b"\r\n..\r\n")
+            wire = body + REAL_END + NEXT
+            edges = range(BLOCK_SIZE, len(wire), BLOCK_SIZE)
+            cuts = [e + d for e in edges for d in (rng.randrange(-5, 6),)]
+            for mode in MODES:
+                r = await run_on(wire, cuts=cuts, mode=mode)
+                check(r, wire, mode=mode)
+                assert r.leftover == NEXT
+
+    arun(main())
 
 
 def test_reference_model_sanity() -> None:
