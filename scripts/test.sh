@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 need_pkgs=()
 command -v swaks >/dev/null 2>&1 || need_pkgs+=(swaks)
 [ -x /usr/sbin/postfix ] || need_pkgs+=(postfix)
+command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)   # test certificates for STARTTLS
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "test.sh: missing Debian packages (${need_pkgs[*]}); run as root or install them" >&2
