@@ -8,15 +8,7 @@ import socket
 import time
 
 from tests.support.gateway import base_policy
-
-
-def _read_reply(f) -> str:
-    lines = []
-    while True:
-        line = f.readline().decode()
-        lines.append(line)
-        if len(line) < 4 or line[3] != "-":
-            return "".join(lines)
+from tests.support.smtpclient import RawSmtpClient
 
 
 def _rss_kib(pid: int, key: str = "VmRSS") -> int:
@@ -29,37 +21,33 @@ def _rss_kib(pid: int, key: str = "VmRSS") -> int:
 
 def test_sigterm_finishes_transactions_and_closes_idle_sessions(gateway_factory):
     gw = gateway_factory(base_policy(limits={"shutdown_grace_s": 10}))
-    idle = socket.create_connection(gw.address, timeout=10)
-    idle_f = idle.makefile("rb")
-    assert _read_reply(idle_f).startswith("220 ")
-    busy = socket.create_connection(gw.address, timeout=10)
-    f = busy.makefile("rb")
-    assert _read_reply(f).startswith("220 ")
-    for cmd in (b"EHLO c.test", b"MAIL FROM:<a@sender.test>", b"RCPT TO:<bob@example.test>",
-                b"DATA"):
-        busy.sendall(cmd + b"\r\n")
-        _read_reply(f)
-    busy.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+    with RawSmtpClient(gw.address) as idle, RawSmtpClient(gw.address) as busy:
+        assert idle.greeting.startswith("220 ")
+        assert busy.greeting.startswith("220 ")
+        for cmd in (b"EHLO c.test", b"MAIL FROM:<a@sender.test>", b"RCPT TO:<bob@example.test>",
+                    b"DATA"):
+            busy.cmd(cmd)
+        busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
 
-    gw.signal(signal.SIGTERM)
-    gw.wait_for(lambda e: e.get("event") == "stopping")
-    # the idle session is told, and closed
-    assert _read_reply(idle_f).startswith("421 4.3.2")
-    assert idle_f.read() == b""
-    # new connections are refused once the listener is closed
-    time.sleep(0.2)
-    try:
-        socket.create_connection(gw.address, timeout=2).close()
-        refused = False
-    except OSError:
-        refused = True
-    assert refused
-    # the transaction in flight completes and is delivered
-    busy.sendall(b"second half\r\n.\r\n")
-    reply = _read_reply(f)
-    assert reply.startswith("250 2.0.0 Ok: queued as"), reply
-    busy.sendall(b"QUIT\r\n")
-    assert gw.proc is not None and gw.proc.wait(10) == 0
+        gw.signal(signal.SIGTERM)
+        gw.wait_for(lambda e: e.get("event") == "stopping")
+        # the idle session is told, and closed
+        assert idle.reply().startswith("421 4.3.2")
+        assert idle.rest() == []
+        # new connections are refused once the listener is closed
+        time.sleep(0.2)
+        try:
+            socket.create_connection(gw.address, timeout=2).close()
+            refused = False
+        except OSError:
+            refused = True
+        assert refused
+        # the transaction in flight completes and is delivered
+        busy.send(b"second half\r\n.\r\n")
+        reply = busy.reply()
+        assert reply.startswith("250 2.0.0 Ok: queued as"), reply
+        busy.send(b"QUIT\r\n")
+        assert gw.proc is not None and gw.proc.wait(10) == 0
     [msg] = gw.maildir_messages()
     assert msg.endswith(b"first half\r\nsecond half\r\n")
 

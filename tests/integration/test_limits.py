@@ -8,7 +8,6 @@ serving afterwards.
 from __future__ import annotations
 
 import re
-import socket
 import textwrap
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.support.gateway import GatewayProcess, base_policy
+from tests.support.smtpclient import RawSmtpClient
 
 SENDER = "bob@sender.test"
 RCPT = "alice@example.test"
@@ -25,79 +25,23 @@ BODY = (b"From: bob@sender.test\r\nTo: alice@example.test\r\nSubject: limits\r\n
 QID_RE = re.compile(r"\(([0-9A-Z]{16})\)$")
 
 
-class Client:
-    """A raw SMTP client socket: send exact bytes, read replies line by line."""
-
-    def __init__(self, address: tuple[str, int], *, source: str | None = None,
-                 timeout: float = 10.0, greet: bool = True) -> None:
-        self.sock = socket.create_connection(
-            address, timeout, source_address=(source, 0) if source else None)
-        self.sock.settimeout(timeout)
-        self.buf = b""
-        self.greeting = self.reply() if greet else []
-
-    def send(self, data: bytes | str) -> None:
-        self.sock.sendall(data.encode() if isinstance(data, str) else data)
-
-    def _line(self) -> str:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(f"connection closed; unparsed {self.buf!r}")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line.decode("utf-8")
-
-    def reply(self) -> list[str]:
-        lines = [self._line()]
-        while lines[-1][3:4] == "-":
-            lines.append(self._line())
-        return lines
-
-    def cmd(self, line: str) -> str:
-        """Send one command, return the last line of its reply."""
-        self.send(line + "\r\n")
-        return self.reply()[-1]
-
-    def closed(self, timeout: float = 3.0) -> bool:
-        """True when the server closes the connection within ``timeout`` (nothing more sent)."""
-        self.sock.settimeout(timeout)
-        try:
-            extra = self.sock.recv(65536)
-        except TimeoutError:
-            return False
-        except ConnectionResetError:
-            return True
-        assert not extra and not self.buf, f"unexpected data before close: {extra!r}"
-        return True
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def start_transaction(c: Client, rcpts: tuple[str, ...] = (RCPT,)) -> None:
-    assert c.cmd("EHLO client.test").startswith("250 ")
+def start_transaction(c: RawSmtpClient, rcpts: tuple[str, ...] = (RCPT,)) -> None:
+    assert c.cmd("EHLO client.test").split("\n")[-1].startswith("250 ")
     assert c.cmd(f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Sender ok"
     for r in rcpts:
         assert c.cmd(f"RCPT TO:<{r}>") == "250 2.1.5 Recipient ok"
 
 
-def send_message(c: Client, body: bytes = BODY) -> str:
+def send_message(c: RawSmtpClient, body: bytes = BODY) -> str:
     """DATA + body + final dot; returns the final reply line."""
     assert c.cmd("DATA").startswith("354 ")
     c.send(body + b".\r\n")
-    return c.reply()[-1]
+    return c.reply_lines()[-1]
 
 
 def deliver_one(gw: GatewayProcess) -> str:
     """A complete, accepted transaction on a new connection: the gateway still serves."""
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         start_transaction(c)
         final = send_message(c)
         assert final.startswith("250 2.0.0 Ok: queued as "), final
@@ -124,18 +68,18 @@ def connection_events(gw: GatewayProcess, n: int) -> list[dict[str, Any]]:
 
 def test_max_connections(gateway_factory):
     gw = gateway_factory(limits_policy(max_connections=2, max_connections_per_ip=10))
-    c1, c2 = Client(gw.address), Client(gw.address)
+    c1, c2 = RawSmtpClient(gw.address), RawSmtpClient(gw.address)
     try:
-        assert c1.greeting[-1].startswith("220 mx.gateway.test ")
-        assert c2.greeting[-1].startswith("220 mx.gateway.test ")
-        with Client(gw.address, source="127.0.0.3", greet=False) as c3:
-            assert c3.reply() == ["421 4.3.2 Too many connections, try again later"]
+        assert c1.greeting.startswith("220 mx.gateway.test ")
+        assert c2.greeting.startswith("220 mx.gateway.test ")
+        with RawSmtpClient(gw.address, source="127.0.0.3", greet=False) as c3:
+            assert c3.reply() == "421 4.3.2 Too many connections, try again later"
             assert c3.closed()
         assert c2.cmd("NOOP") == "250 2.0.0 Ok"  # the admitted ones are unaffected
         c1.close()
         connection_events(gw, 2)  # c3 refused, c1 ended: its slot is free again
-        with Client(gw.address) as c4:
-            assert c4.greeting[-1].startswith("220 ")
+        with RawSmtpClient(gw.address) as c4:
+            assert c4.greeting.startswith("220 ")
             assert c4.cmd("QUIT") == "221 2.0.0 Bye"
         assert c2.cmd("QUIT") == "221 2.0.0 Bye"
     finally:
@@ -148,22 +92,23 @@ def test_max_connections(gateway_factory):
 
 def test_max_connections_per_ip(gateway_factory):
     gw = gateway_factory(limits_policy(max_connections=10, max_connections_per_ip=2))
-    a1, a2 = Client(gw.address, source="127.0.0.2"), Client(gw.address, source="127.0.0.2")
+    a1 = RawSmtpClient(gw.address, source="127.0.0.2")
+    a2 = RawSmtpClient(gw.address, source="127.0.0.2")
     try:
-        with Client(gw.address, source="127.0.0.2", greet=False) as a3:
-            assert a3.reply() == ["421 4.7.0 Too many connections from your address, "
-                                  "try again later"]
+        with RawSmtpClient(gw.address, source="127.0.0.2", greet=False) as a3:
+            assert a3.reply() == ("421 4.7.0 Too many connections from your address, "
+                                  "try again later")
             assert a3.closed()
         # Another address has its own allowance.
-        with Client(gw.address, source="127.0.0.3") as b1, \
-                Client(gw.address, source="127.0.0.3") as b2:
-            assert b1.greeting[-1].startswith("220 ") and b2.greeting[-1].startswith("220 ")
+        with RawSmtpClient(gw.address, source="127.0.0.3") as b1, \
+                RawSmtpClient(gw.address, source="127.0.0.3") as b2:
+            assert b1.greeting.startswith("220 ") and b2.greeting.startswith("220 ")
             assert b2.cmd("NOOP") == "250 2.0.0 Ok"
         assert a2.cmd("QUIT") == "221 2.0.0 Bye"
         assert a2.closed()
         connection_events(gw, 4)
-        with Client(gw.address, source="127.0.0.2") as a4:
-            assert a4.greeting[-1].startswith("220 ")
+        with RawSmtpClient(gw.address, source="127.0.0.2") as a4:
+            assert a4.greeting.startswith("220 ")
             assert a4.cmd("NOOP") == "250 2.0.0 Ok"
         assert a1.cmd("NOOP") == "250 2.0.0 Ok"
     finally:
@@ -177,7 +122,7 @@ def test_max_connections_per_ip(gateway_factory):
 
 def test_max_command_line_bytes(gateway_factory):
     gw = gateway_factory(limits_policy(max_command_line_bytes=1024, max_invalid_commands=10))
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         assert c.cmd("NOOP " + "x" * 593) == "250 2.0.0 Ok"  # 600 bytes with CRLF
         assert c.cmd("NOOP " + "x" * 1017) == "250 2.0.0 Ok"  # exactly 1024 with CRLF
         assert c.cmd("NOOP " + "x" * 1018) == "500 5.5.6 Line too long"  # 1025
@@ -189,7 +134,7 @@ def test_max_command_line_bytes(gateway_factory):
             c.sock.recv(1)
         c.sock.settimeout(5)
         c.send(b"\r\n")
-        assert c.reply() == ["500 5.5.6 Line too long"]
+        assert c.reply() == "500 5.5.6 Line too long"
         # The session goes on, and so does the next transaction.
         start_transaction(c)
         assert send_message(c).startswith("250 2.0.0 Ok: queued as ")
@@ -208,7 +153,7 @@ def test_max_command_line_bytes(gateway_factory):
 ], ids=["998", "998-dot-stuffed", "999", "5000"])
 def test_max_line_bytes_in_data(gateway_factory, line, ok):
     gw = gateway_factory(limits_policy(max_line_bytes=1000))
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         start_transaction(c)
         final = send_message(c, BODY + line + b"\r\nend\r\n")
         if ok:
@@ -229,9 +174,9 @@ def test_max_line_bytes_in_data(gateway_factory, line, ok):
 
 def test_max_message_bytes_size_parameter(gateway_factory):
     gw = gateway_factory(limits_policy(max_message_bytes=10000))
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         c.send("EHLO client.test\r\n")
-        assert "250-SIZE 10000" in c.reply()
+        assert "250-SIZE 10000" in c.reply_lines()
         assert c.cmd(f"MAIL FROM:<{SENDER}> SIZE=10001") == \
             "552 5.3.4 Message size exceeds fixed limit of 10000 bytes"
         assert c.cmd(f"MAIL FROM:<{SENDER}> SIZE=99999999999999999999") == \
@@ -260,7 +205,7 @@ def _body_of_size(n: int) -> bytes:
 
 def test_max_message_bytes_exact_boundary(gateway_factory):
     gw = gateway_factory(limits_policy(max_message_bytes=10000))
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         start_transaction(c)
         assert send_message(c, _body_of_size(10000)).startswith("250 2.0.0 ")
         assert c.cmd(f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Sender ok"
@@ -275,7 +220,7 @@ def test_max_message_bytes_exact_boundary(gateway_factory):
 def test_max_message_bytes_real_size_without_size_parameter(gateway_factory):
     gw = gateway_factory(limits_policy(max_message_bytes=100_000))
     big = 40 << 20  # 40 MiB streamed at a gateway that takes 100 kB
-    with Client(gw.address, timeout=30) as c:
+    with RawSmtpClient(gw.address, timeout=30) as c:
         start_transaction(c)
         before = rss_kib(gw)
         assert c.cmd("DATA").startswith("354 ")
@@ -287,7 +232,7 @@ def test_max_message_bytes_real_size_without_size_parameter(gateway_factory):
             c.send(block)
             sent += len(block)
         c.send(b".\r\n")
-        final = c.reply()[-1]
+        final = c.reply_lines()[-1]
         assert re.fullmatch(r"552 5\.3\.4 Message size exceeds fixed limit of 100000 bytes "
                             r"\(([0-9A-Z]{16})\)", final), final
         qid = QID_RE.search(final).group(1)
@@ -309,7 +254,7 @@ def test_max_message_bytes_real_size_without_size_parameter(gateway_factory):
 def test_max_recipients(gateway_factory):
     gw = gateway_factory(limits_policy(max_recipients=3))
     rcpts = [f"u{i}@example.test" for i in range(1, 5)]
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         start_transaction(c, tuple(rcpts[:3]))
         assert re.fullmatch(r"452 4\.5\.3 Too many recipients \([0-9A-Z]{16}\)",
                             c.cmd(f"RCPT TO:<{rcpts[3]}>"))
@@ -329,13 +274,14 @@ def test_max_recipients(gateway_factory):
 
 def test_max_invalid_commands(gateway_factory):
     gw = gateway_factory(limits_policy(max_invalid_commands=3))
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         assert c.cmd("FOO") == "500 5.5.2 Syntax error, command unrecognized"
-        assert c.cmd("EHLO client.test").startswith("250 ")  # a good command in between
+        # a good command in between
+        assert c.cmd("EHLO client.test").split("\n")[-1].startswith("250 ")
         assert c.cmd("MAIL TO:<x@y.test>") == "501 5.5.4 Syntax: MAIL FROM:<address>"
         c.send("BAR\r\n")
-        assert c.reply() == ["500 5.5.2 Syntax error, command unrecognized"]
-        assert c.reply() == ["421 4.7.0 Too many errors, closing connection"]
+        assert c.reply() == "500 5.5.2 Syntax error, command unrecognized"
+        assert c.reply() == "421 4.7.0 Too many errors, closing connection"
         assert c.closed()
     ev = connection_events(gw, 1)[0]
     assert ev["end"] == "too-many-errors" and ev["invalid"] == 3
@@ -344,13 +290,13 @@ def test_max_invalid_commands(gateway_factory):
 
 def test_max_transactions_per_connection(gateway_factory):
     gw = gateway_factory(limits_policy(max_transactions_per_connection=2))
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         start_transaction(c)
         assert send_message(c).startswith("250 2.0.0 ")
         assert c.cmd(f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Sender ok"
         assert c.cmd("RSET") == "250 2.0.0 Ok"  # an abandoned transaction counts too
         c.send(f"MAIL FROM:<{SENDER}>\r\n")
-        assert c.reply() == ["421 4.7.0 Too many transactions, reconnect"]
+        assert c.reply() == "421 4.7.0 Too many transactions, reconnect"
         assert c.closed()
     ev = connection_events(gw, 1)[0]
     assert ev["end"] == "too-many-transactions" and ev["transactions"] == 2
@@ -363,11 +309,11 @@ def test_max_transactions_per_connection(gateway_factory):
 @pytest.mark.parametrize("after_ehlo", [False, True])
 def test_idle_timeout(gateway_factory, after_ehlo):
     gw = gateway_factory(limits_policy(idle_timeout_s=1))
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         if after_ehlo:
-            assert c.cmd("EHLO client.test").startswith("250 ")
+            assert c.cmd("EHLO client.test").split("\n")[-1].startswith("250 ")
         t0 = time.monotonic()
-        assert c.reply() == ["421 4.4.2 Timeout, closing connection"]
+        assert c.reply() == "421 4.4.2 Timeout, closing connection"
         waited = time.monotonic() - t0
         assert c.closed()
     assert 0.8 <= waited <= 3.0, waited
@@ -412,11 +358,11 @@ def slow_policy(tmp_path: Path, *, delay_s: float, timeout_s: float, on_error: s
 def test_command_timeout_with_slow_filter(gateway_factory, tmp_path):
     gw = gateway_factory(slow_policy(tmp_path, delay_s=4, timeout_s=10, on_error="tempfail",
                                      command_timeout_s=1))
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         start_transaction(c, ())
         t0 = time.monotonic()
         c.send(f"RCPT TO:<{RCPT}>\r\n")
-        [line] = c.reply()
+        [line] = c.reply_lines()
         waited = time.monotonic() - t0
         assert c.closed()
     m = re.fullmatch(r"421 4\.4\.2 Timeout processing command \(([0-9A-Z]{16})\)", line)
@@ -432,7 +378,7 @@ def test_command_timeout_with_slow_filter(gateway_factory, tmp_path):
 def test_filter_timeout_tempfail(gateway_factory, tmp_path):
     gw = gateway_factory(slow_policy(tmp_path, delay_s=3, timeout_s=0.3, on_error="tempfail",
                                      command_timeout_s=10))
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         start_transaction(c, ())
         t0 = time.monotonic()
         line = c.cmd(f"RCPT TO:<{RCPT}>")
@@ -447,7 +393,7 @@ def test_filter_timeout_tempfail(gateway_factory, tmp_path):
 def test_filter_timeout_continue(gateway_factory, tmp_path):
     gw = gateway_factory(slow_policy(tmp_path, delay_s=3, timeout_s=0.3, on_error="continue",
                                      command_timeout_s=10))
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         start_transaction(c)  # 250 despite the filter's timeout
         final = send_message(c)
         assert final.startswith("250 2.0.0 Ok: queued as ")
@@ -460,12 +406,12 @@ def test_filter_timeout_continue(gateway_factory, tmp_path):
 
 def test_data_block_timeout(gateway_factory):
     gw = gateway_factory(limits_policy(data_block_timeout_s=1, data_timeout_s=30))
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         start_transaction(c)
         assert c.cmd("DATA").startswith("354 ")
         c.send(BODY[:40])  # part of the header, then silence
         t0 = time.monotonic()
-        [line] = c.reply()
+        [line] = c.reply_lines()
         waited = time.monotonic() - t0
         assert c.closed()
     m = re.fullmatch(r"421 4\.4\.2 Timeout during DATA \(([0-9A-Z]{16})\)", line)
@@ -480,7 +426,7 @@ def test_data_block_timeout(gateway_factory):
 
 def test_data_timeout_total_budget(gateway_factory):
     gw = gateway_factory(limits_policy(data_block_timeout_s=1, data_timeout_s=2))
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         start_transaction(c)
         assert c.cmd("DATA").startswith("354 ")
         t0 = time.monotonic()
@@ -499,7 +445,7 @@ def test_data_timeout_total_budget(gateway_factory):
         waited = time.monotonic() - t0
         c.buf = got
         c.sock.settimeout(3)
-        [line] = c.reply()
+        [line] = c.reply_lines()
         assert c.closed()
     m = re.fullmatch(r"421 4\.4\.2 Timeout during DATA \(([0-9A-Z]{16})\)", line)
     assert m, line

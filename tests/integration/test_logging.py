@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from typing import Any
 
 import pytest
 
 from tests.support.gateway import GatewayProcess, base_policy, parse_kv_line
+from tests.support.smtpclient import RawSmtpClient
 
 SENDER = "bob@sender.test"
 ALICE = "alice@example.test"
@@ -27,29 +27,10 @@ MESSAGE_FIELDS = {"qid", "client", "helo", "sender", "rcpts", "size", "score", "
 CONNECTION_FIELDS = {"sid", "client", "transactions", "accepted", "refused", "end"}
 
 
-class Client:
-    def __init__(self, address: tuple[str, int]) -> None:
-        self.sock = socket.create_connection(address, 10)
-        self.buf = b""
-        assert self.reply().startswith("220 ")
-
-    def reply(self) -> str:
-        while True:
-            while b"\r\n" not in self.buf:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise EOFError(self.buf)
-                self.buf += chunk
-            line, self.buf = self.buf.split(b"\r\n", 1)
-            if line[3:4] != b"-":
-                return line.decode()
-
-    def cmd(self, line: str | bytes) -> str:
-        self.sock.sendall((line.encode() if isinstance(line, str) else line) + b"\r\n")
-        return self.reply()
-
-    def close(self) -> None:
-        self.sock.close()
+def connect(gw: GatewayProcess) -> RawSmtpClient:
+    c = RawSmtpClient(gw.address)
+    assert c.greeting.startswith("220 ")
+    return c
 
 
 def qid_of(reply: str) -> str:
@@ -67,9 +48,9 @@ def logging_policy() -> dict[str, Any]:
 
 def session(gw: GatewayProcess, sender: str = SENDER) -> dict[str, str]:
     """One connection with four transactions; returns the qid of each by name."""
-    c = Client(gw.address)
+    c = connect(gw)
     qids: dict[str, str] = {}
-    assert c.cmd("EHLO client.test").startswith("250 ")
+    assert c.cmd("EHLO client.test").split("\n")[-1].startswith("250 ")
     # 1. accepted, two recipients
     assert c.cmd(f"MAIL FROM:<{sender}>") == "250 2.1.0 Sender ok"
     assert c.cmd(f"RCPT TO:<{ALICE}>") == "250 2.1.5 Recipient ok"
@@ -174,8 +155,8 @@ def test_json_message_and_connection_events(gateway_factory):
 
 def test_json_connection_without_transactions(gateway_factory):
     gw = gateway_factory(logging_policy())
-    c = Client(gw.address)
-    assert c.cmd("EHLO quiet.test").startswith("250 ")
+    c = connect(gw)
+    assert c.cmd("EHLO quiet.test").split("\n")[-1].startswith("250 ")
     c.close()  # EOF, no QUIT
     conn = gw.wait_for(lambda e: e.get("event") == "connection")
     assert conn["end"] == "eof" and conn["helo"] == "quiet.test"
@@ -186,7 +167,7 @@ def test_json_connection_without_transactions(gateway_factory):
 
 def test_aborted_transaction_is_logged_once(gateway_factory):
     gw = gateway_factory(logging_policy())
-    c = Client(gw.address)
+    c = connect(gw)
     c.cmd("EHLO client.test")
     assert c.cmd(f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Sender ok"
     assert c.cmd(f"RCPT TO:<{ALICE}>") == "250 2.1.5 Recipient ok"
@@ -234,7 +215,7 @@ def test_kv_lines_are_readable_with_the_same_fields(gateway_factory):
 @pytest.mark.parametrize("fmt", ["json", "kv"])
 def test_qid_in_reply_log_and_received_header(gateway_factory, fmt):
     gw = gateway_factory(logging_policy(), log_format=fmt)
-    c = Client(gw.address)
+    c = connect(gw)
     c.cmd("EHLO client.test")
     finals = []
     for _ in range(3):

@@ -21,6 +21,7 @@ import pytest
 
 from tests.support.gateway import GatewayProcess, base_policy
 from tests.support.sink import Sink
+from tests.support.smtpclient import RawSmtpClient
 
 SENDER = "bob@sender.test"
 ALICE = "alice@example.test"
@@ -32,67 +33,15 @@ QUEUED = re.compile(r"^250 2\.0\.0 Ok: queued as ([0-9A-Z]{16})$")
 TEMPFAIL = re.compile(r"^451 4\.3\.0 [^\r\n]* \(([0-9A-Z]{16})\)$")
 
 
-class Client:
-    """A raw SMTP client socket: send exact bytes, read replies line by line."""
-
-    def __init__(self, address: tuple[str, int], timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(address, timeout)
-        self.buf = b""
-        self.received = bytearray()  # everything the server ever sent
-        self.greeting = self.reply()
-
-    def send(self, data: bytes | str) -> None:
-        self.sock.sendall(data.encode() if isinstance(data, str) else data)
-
-    def _fill(self) -> bool:
-        chunk = self.sock.recv(65536)
-        self.received += chunk
-        self.buf += chunk
-        return bool(chunk)
-
-    def _line(self) -> str:
-        while b"\r\n" not in self.buf:
-            if not self._fill():
-                raise EOFError(f"connection closed; unparsed {self.buf!r}")
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line.decode("utf-8")
-
-    def reply(self) -> list[str]:
-        lines = [self._line()]
-        while lines[-1][3:4] == "-":
-            lines.append(self._line())
-        return lines
-
-    def cmd(self, line: str | bytes) -> str:
-        """Send one command, return the last line of its reply."""
-        self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
-        return self.reply()[-1]
-
-    def read_to_eof(self) -> bytes:
-        while self._fill():
-            pass
-        rest, self.buf = self.buf, b""
-        return rest
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def policy(**sections: Any) -> dict[str, Any]:
     p = base_policy(**sections)
     p["filters"][0] = {"name": "rcpt", "recipients": [ALICE, CAROL, "jø@example.test"]}
     return p
 
 
-def hello(c: Client) -> list[str]:
+def hello(c: RawSmtpClient) -> list[str]:
     c.send("EHLO client.test\r\n")
-    lines = c.reply()
+    lines = c.reply_lines()
     assert lines[-1].startswith("250 ")
     return lines
 
@@ -142,17 +91,17 @@ def test_every_reply_has_an_enhanced_status_code(gateway_factory):
         (b"QUIT", "221", False),
     ]
     seen: list[tuple[bytes, list[str]]] = []
-    with Client(gw.address) as c:
-        assert c.greeting == ["220 mx.gateway.test ESMTP mailgate"]
+    with RawSmtpClient(gw.address) as c:
+        assert c.greeting == "220 mx.gateway.test ESMTP mailgate"
         for command, code, exempt in script:
             c.send(command + b"\r\n")
-            lines = c.reply()
+            lines = c.reply_lines()
             seen.append((command[:40], lines))
             assert all(x[:3] == code for x in lines), (command[:60], lines)
             if not exempt:
                 bad = [x for x in lines if not ENHANCED.match(x)]
                 assert not bad, (command[:60], bad)
-        assert c.read_to_eof() == b""
+        assert c.rest() == []
     assert len(gw.maildir_messages()) == 1
     assert gw.wait_for(lambda e: e.get("event") == "connection")["end"] == "quit"
 
@@ -160,12 +109,12 @@ def test_every_reply_has_an_enhanced_status_code(gateway_factory):
 def test_refusals_carry_enhanced_codes_too(gateway_factory):
     """The replies given while refusing a connection or closing one also carry status codes."""
     gw = gateway_factory(policy(limits={"max_connections_per_ip": 1, "idle_timeout_s": 1}))
-    with Client(gw.address) as c1:
+    with RawSmtpClient(gw.address) as c1:
         refused = socket.create_connection(gw.address, 5)
         data = refused.recv(1000)
         refused.close()
         assert ENHANCED.match(data.decode()), data
-        assert ENHANCED.match(c1.reply()[0])  # 421 4.4.2 idle timeout
+        assert ENHANCED.match(c1.reply_lines()[0])  # 421 4.4.2 idle timeout
 
 
 # -- sequencing ----------------------------------------------------------------------------------
@@ -192,27 +141,27 @@ def test_refusals_carry_enhanced_codes_too(gateway_factory):
 ], ids=lambda v: v if isinstance(v, str) else "+".join(x.split()[0] for x in v))
 def test_command_replies(gateway_factory, commands, expected):
     gw = gateway_factory(policy())
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         for command in commands[:-1]:
             c.cmd(command)
         assert c.cmd(commands[-1]) == expected
         if expected.startswith("221"):
-            assert c.read_to_eof() == b""
+            assert c.rest() == []
         else:  # still serving the session
             assert c.cmd("NOOP") == "250 2.0.0 Ok"
 
 
 def test_help(gateway_factory):
     gw = gateway_factory(policy())
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         c.send("HELP\r\n")
-        [line] = c.reply()
+        [line] = c.reply_lines()
     assert line.startswith("214 2.0.0 ")
 
 
 def test_rset_ends_the_transaction(gateway_factory):
     gw = gateway_factory(policy())
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         hello(c)
         assert c.cmd(f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Sender ok"
         assert c.cmd(f"RCPT TO:<{ALICE}>") == "250 2.1.5 Recipient ok"
@@ -228,7 +177,7 @@ def test_mail_parameters_reach_the_downstream(gateway_factory):
     with Sink() as sink:
         gw = gateway_factory(policy(relay={"downstream": f"smtp://127.0.0.1:{sink.port}"}))
         body = BODY.replace(b"hello", "héllo wörld".encode())
-        with Client(gw.address) as c:
+        with RawSmtpClient(gw.address) as c:
             hello(c)
             assert c.cmd(f"MAIL FROM:<{SENDER}> SIZE={len(body)} BODY=8BITMIME") == \
                 "250 2.1.0 Sender ok"
@@ -251,7 +200,7 @@ def test_mail_parameters_reach_the_downstream(gateway_factory):
 ])
 def test_bad_mail_parameters(gateway_factory, params, expected):
     gw = gateway_factory(policy())
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         hello(c)
         assert c.cmd(f"MAIL FROM:<{SENDER}> {params}") == expected
         assert c.cmd(f"RCPT TO:<{ALICE}>") == "503 5.5.1 Need MAIL command"  # no transaction
@@ -261,7 +210,7 @@ def test_bad_mail_parameters(gateway_factory, params, expected):
 @pytest.mark.parametrize("params", ["SIZE=100", "BODY=8BITMIME"])
 def test_mail_parameters_need_ehlo(gateway_factory, params):
     gw = gateway_factory(policy())
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         assert c.cmd("HELO client.test") == "250 mx.gateway.test"
         assert c.cmd(f"MAIL FROM:<{SENDER}> {params}") == "501 5.5.4 Parameters need EHLO"
         assert c.cmd(f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Sender ok"
@@ -272,7 +221,7 @@ def test_mail_parameters_need_ehlo(gateway_factory, params):
 def test_smtputf8_delivered_to_a_sink_that_offers_it(gateway_factory):
     with Sink() as sink:
         gw = gateway_factory(policy(relay={"downstream": f"smtp://127.0.0.1:{sink.port}"}))
-        with Client(gw.address) as c:
+        with RawSmtpClient(gw.address) as c:
             assert "250-SMTPUTF8" in hello(c)
             assert c.cmd("MAIL FROM:<bø@sender.test> SMTPUTF8") == "250 2.1.0 Sender ok"
             assert c.cmd("RCPT TO:<jø@example.test>") == "250 2.1.5 Recipient ok"
@@ -288,7 +237,7 @@ def test_smtputf8_delivered_to_a_sink_that_offers_it(gateway_factory):
 
 def test_utf8_address_without_smtputf8_parameter(gateway_factory):
     gw = gateway_factory(policy())
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         hello(c)
         assert c.cmd("MAIL FROM:<bø@sender.test>") == \
             "550 5.6.7 Non-ASCII addresses not permitted for that sender"
@@ -300,7 +249,7 @@ def test_utf8_address_without_smtputf8_parameter(gateway_factory):
 def test_smtputf8_to_a_downstream_without_it_is_refused(gateway_factory):
     with Sink(ehlo_extensions=("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES")) as sink:
         gw = gateway_factory(policy(relay={"downstream": f"smtp://127.0.0.1:{sink.port}"}))
-        with Client(gw.address) as c:
+        with RawSmtpClient(gw.address) as c:
             hello(c)
             assert c.cmd("MAIL FROM:<bø@sender.test> SMTPUTF8") == "250 2.1.0 Sender ok"
             reply = c.cmd("RCPT TO:<jø@example.test>")
@@ -312,22 +261,22 @@ def test_smtputf8_to_a_downstream_without_it_is_refused(gateway_factory):
 
 def test_pipelined_commands_get_replies_in_order(gateway_factory):
     gw = gateway_factory(policy())
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         assert "250-PIPELINING" in hello(c)
         c.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{ALICE}>\r\nRCPT TO:<nobody@example.test>\r\n"
                f"RCPT TO:<{CAROL}>\r\nDATA\r\n")
-        assert c.reply() == ["250 2.1.0 Sender ok"]
-        assert c.reply() == ["250 2.1.5 Recipient ok"]
-        [unknown] = c.reply()
+        assert c.reply() == "250 2.1.0 Sender ok"
+        assert c.reply() == "250 2.1.5 Recipient ok"
+        [unknown] = c.reply_lines()
         assert unknown.startswith("550 5.1.1 <nobody@example.test>: Recipient address rejected")
-        assert c.reply() == ["250 2.1.5 Recipient ok"]
-        assert c.reply()[0].startswith("354 ")
+        assert c.reply() == "250 2.1.5 Recipient ok"
+        assert c.reply_lines()[0].startswith("354 ")
         c.send(BODY + b".\r\nNOOP\r\nMAIL FROM:<>\r\nQUIT\r\n")
-        assert QUEUED.match(c.reply()[0])
-        assert c.reply() == ["250 2.0.0 Ok"]
-        assert c.reply() == ["250 2.1.0 Sender ok"]
-        assert c.reply() == ["221 2.0.0 Bye"]
-        assert c.read_to_eof() == b""
+        assert QUEUED.match(c.reply_lines()[0])
+        assert c.reply() == "250 2.0.0 Ok"
+        assert c.reply() == "250 2.1.0 Sender ok"
+        assert c.reply() == "221 2.0.0 Bye"
+        assert c.rest() == []
     delivered = gw.maildir_messages()
     assert len(delivered) == 2
     assert all(m.endswith(b"\r\n\r\nhello\r\n") for m in delivered)
@@ -336,14 +285,12 @@ def test_pipelined_commands_get_replies_in_order(gateway_factory):
 @pytest.mark.parametrize("quit_", [True, False], ids=["with-quit", "without-quit"])
 def test_half_close_still_gets_every_reply(gateway_factory, quit_):
     gw = gateway_factory(policy())
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         c.send(f"EHLO client.test\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n"
                .encode() + BODY + b".\r\nNOOP\r\n" + (b"QUIT\r\n" if quit_ else b""))
         c.sock.shutdown(socket.SHUT_WR)
-        rest = c.read_to_eof().decode()
-    lines = rest.split("\r\n")
-    assert lines[-1] == ""
-    finals = [x for x in lines[:-1] if x[3:4] == " "]
+        replies = c.rest()  # every reply up to EOF; EOFError if the last one is cut short
+    finals = [r.split("\n")[-1] for r in replies]  # the last line of each reply
     assert finals[0] == "250 ENHANCEDSTATUSCODES"  # the end of the EHLO reply
     assert finals[1:4] == ["250 2.1.0 Sender ok", "250 2.1.5 Recipient ok",
                            "354 End data with <CR><LF>.<CR><LF>"]
@@ -404,7 +351,7 @@ def boom_gateway(gateway_factory: Any, tmp_path: Path, stage: str, on_error: str
     return gateway_factory(p)
 
 
-def transact(c: Client) -> list[str]:
+def transact(c: RawSmtpClient) -> list[str]:
     """EHLO, MAIL, RCPT and (if RCPT got 250) DATA; the replies to MAIL, RCPT, end of data."""
     hello(c)
     out = [c.cmd(f"MAIL FROM:<{SENDER}>"), c.cmd(f"RCPT TO:<{ALICE}>")]
@@ -421,11 +368,11 @@ def transact(c: Client) -> list[str]:
 def test_filter_exception_text_never_reaches_the_client(gateway_factory, tmp_path, stage,
                                                         on_error):
     gw = boom_gateway(gateway_factory, tmp_path, stage, on_error)
-    with Client(gw.address) as c:
+    with RawSmtpClient(gw.address) as c:
         replies = transact(c)
         assert c.cmd("NOOP") == "250 2.0.0 Ok"  # the session survives
         assert c.cmd("QUIT") == "221 2.0.0 Bye"
-        c.read_to_eof()
+        c.rest()
         received = bytes(c.received)
     assert SECRET.encode() not in received
     final = replies[-1]

@@ -17,7 +17,6 @@ then the 221: never a reply to the smuggled MAIL/RCPT/DATA.
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ import pytest
 from tests.support.gateway import GatewayProcess, base_policy
 from tests.support.postfix import PostfixInstance, postfix_available, postfix_unavailable_reason
 from tests.support.sink import Sink
+from tests.support.smtpclient import RawSmtpClient
 
 SENDER = "sender@origin.test"
 RCPT = "alice@example.test"
@@ -70,58 +70,9 @@ def _body(token: str) -> bytes:
             f"\r\n..leading dot {token}\r\nhello").encode()
 
 
-# -- a tiny raw SMTP client ---------------------------------------------------------------------
-
-class Raw:
-    """Raw socket client: send bytes, read whole (multi-line) replies."""
-
-    def __init__(self, address: tuple[str, int], timeout: float = 10) -> None:
-        self.sock = socket.create_connection(address, timeout=timeout)
-        self.buf = b""
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def reply(self) -> str:
-        """One complete reply (all lines, joined with \\n); AssertionError on EOF."""
-        lines: list[bytes] = []
-        while True:
-            while b"\r\n" not in self.buf:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise AssertionError(f"EOF while reading a reply; got {lines!r} {self.buf!r}")
-                self.buf += chunk
-            line, self.buf = self.buf.split(b"\r\n", 1)
-            lines.append(line)
-            if len(line) < 4 or line[3:4] != b"-":
-                return b"\n".join(lines).decode()
-
-    def cmd(self, line: str) -> str:
-        self.send(line.encode() + b"\r\n")
-        return self.reply()
-
-    def rest(self) -> list[str]:
-        """Every remaining reply up to EOF."""
-        out: list[str] = []
-        while True:
-            try:
-                chunk = self.sock.recv(65536)
-            except ConnectionResetError:
-                chunk = b""
-            if not chunk:
-                break
-            self.buf += chunk
-        while self.buf:
-            out.append(self.reply())
-        return out
-
-
-def _open_transaction(gw: GatewayProcess) -> Raw:
-    c = Raw(gw.address)
-    assert c.reply().startswith("220 ")
+def _open_transaction(gw: GatewayProcess) -> RawSmtpClient:
+    c = RawSmtpClient(gw.address)
+    assert c.greeting.startswith("220 ")
     assert c.cmd("EHLO client.origin.test").startswith("250-")
     assert c.cmd(f"MAIL FROM:<{SENDER}>").startswith("250 2.1.0")
     assert c.cmd(f"RCPT TO:<{RCPT}>").startswith("250 2.1.5")
@@ -134,7 +85,7 @@ def _smuggle(gw: GatewayProcess, variant: bytes, token: str) -> list[str]:
     c = _open_transaction(gw)
     try:
         c.send(_body(token) + variant + SPOOF + TERM + b"QUIT\r\n")
-        return c.rest()
+        return c.rest(reset_ok=True)
     finally:
         c.close()
 
@@ -305,7 +256,7 @@ def test_commands_pipelined_after_the_real_terminator_are_executed(gateway_facto
     c.send(b"Subject: pipe 2\r\n\r\nsecond\r\n.\r\nQUIT\r\n")
     second = c.reply()
     assert second.startswith("250 2.0.0 Ok: queued as "), second
-    [bye] = c.rest()
+    [bye] = c.rest(reset_ok=True)
     assert bye.startswith("221 2.0.0")
     c.close()
     msgs = sink.wait_for(2)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import smtplib
-import socket
 import ssl
 import subprocess
 import time
@@ -19,6 +18,7 @@ import pytest
 
 from tests.support.gateway import GatewayProcess, base_policy
 from tests.support.sink import Sink
+from tests.support.smtpclient import RawSmtpClient
 
 OPENSSL = shutil.which("openssl")
 SWAKS = shutil.which("swaks")
@@ -64,62 +64,15 @@ def _client_context() -> ssl.SSLContext:
     return ctx
 
 
-class Raw:
-    """A raw client on a plain socket that can be upgraded to TLS in place."""
-
-    def __init__(self, address: tuple[str, int], timeout: float = 10) -> None:
-        self.sock: socket.socket = socket.create_connection(address, timeout=timeout)
-        self.buf = b""
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _recv(self) -> bytes:
-        try:
-            return self.sock.recv(65536)
-        except (ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
-            return b""
-
-    def reply(self) -> str:
-        lines: list[bytes] = []
-        while True:
-            while b"\r\n" not in self.buf:
-                chunk = self._recv()
-                if not chunk:
-                    raise AssertionError(f"EOF while reading a reply; got {lines!r} {self.buf!r}")
-                self.buf += chunk
-            line, self.buf = self.buf.split(b"\r\n", 1)
-            lines.append(line)
-            if len(line) < 4 or line[3:4] != b"-":
-                return b"\n".join(lines).decode()
-
-    def cmd(self, line: str) -> str:
-        self.send(line.encode() + b"\r\n")
-        return self.reply()
-
-    def rest(self) -> list[str]:
-        """Every remaining reply up to EOF."""
-        while chunk := self._recv():
-            self.buf += chunk
-        out = []
-        while self.buf:
-            out.append(self.reply())
-        return out
-
-    def starttls(self) -> None:
-        """Handshake on the socket; nothing may be buffered (the server must not have sent
-        anything after its 220)."""
-        assert self.buf == b"", self.buf
-        self.sock = _client_context().wrap_socket(self.sock, server_hostname="mx.gateway.test")
-
-
-def _greeted(gw: GatewayProcess) -> Raw:
-    c = Raw(gw.address)
-    assert c.reply().startswith("220 ")
+def _greeted(gw: GatewayProcess) -> RawSmtpClient:
+    c = RawSmtpClient(gw.address)
+    assert c.greeting.startswith("220 ")
     return c
+
+
+def _starttls(c: RawSmtpClient) -> None:
+    """The handshake, after the 220; asserts nothing was buffered after the 220."""
+    c.starttls(_client_context(), server_hostname="mx.gateway.test")
 
 
 def _connection_event(gw: GatewayProcess, **match: Any) -> dict[str, Any]:
@@ -134,7 +87,7 @@ def test_ehlo_advertises_starttls_only_before_tls(gw):
     before = c.cmd("EHLO client.test").split("\n")
     assert "250-STARTTLS" in before or "250 STARTTLS" in before, before
     assert c.cmd("STARTTLS") == "220 2.0.0 Ready to start TLS"
-    c.starttls()
+    _starttls(c)
     after = c.cmd("EHLO client.test").split("\n")
     assert after[0] == "250-mx.gateway.test"
     assert not [x for x in after if "STARTTLS" in x], after
@@ -201,7 +154,7 @@ def test_second_starttls_inside_tls_is_refused(gw):
     c = _greeted(gw)
     c.cmd("EHLO client.test")
     assert c.cmd("STARTTLS").startswith("220 ")
-    c.starttls()
+    _starttls(c)
     assert c.cmd("STARTTLS") == "503 5.5.1 TLS already active"
     c.cmd("EHLO client.test")
     assert c.cmd("STARTTLS") == "503 5.5.1 TLS already active"
@@ -216,7 +169,7 @@ def test_state_is_reset_by_starttls(gw, sink):
     assert c.cmd("MAIL FROM:<before@sender.test>").startswith("250 2.1.0")
     assert c.cmd(f"RCPT TO:<{RCPT}>").startswith("250 2.1.5")
     assert c.cmd("STARTTLS").startswith("220 ")
-    c.starttls()
+    _starttls(c)
     assert c.cmd("MAIL FROM:<after@sender.test>") == "503 5.5.1 Send HELO/EHLO first"
     assert c.cmd("EHLO client.test").startswith("250-")
     assert c.cmd(f"RCPT TO:<{RCPT}>") == "503 5.5.1 Need MAIL command"
@@ -256,11 +209,11 @@ def test_plaintext_pipelined_after_starttls_is_discarded(gw, sink, injected):
     c.cmd("EHLO client.test")
     c.send(b"STARTTLS\r\n" + injected)  # one plaintext write
     assert c.reply() == "220 2.0.0 Ready to start TLS"
-    c.starttls()  # also asserts no other plaintext reply arrived after the 220
+    _starttls(c)  # also asserts no other plaintext reply arrived after the 220
     # inside TLS, pipelined: if the injected EHLO/MAIL had run, these replies would differ
     c.send(f"MAIL FROM:<real@sender.test>\r\nEHLO client.test\r\n"
            f"RCPT TO:<{RCPT}>\r\nQUIT\r\n".encode())
-    replies = c.rest()
+    replies = c.rest(reset_ok=True)
     c.close()
     assert len(replies) == 4, replies  # only the four commands sent inside TLS got replies
     assert replies[0] == "503 5.5.1 Send HELO/EHLO first"
@@ -280,14 +233,14 @@ def test_injection_inside_the_data_of_the_tls_session_is_not_replayed(gw, sink):
     c.cmd("EHLO client.test")
     c.send(b"STARTTLS\r\nMAIL FROM:<inject@evil.test>\r\nRCPT TO:<victim@example.test>\r\n")
     assert c.reply().startswith("220 ")
-    c.starttls()
+    _starttls(c)
     c.cmd("EHLO client.test")
     assert c.cmd("MAIL FROM:<real@sender.test>").startswith("250 2.1.0")
     assert c.cmd(f"RCPT TO:<{RCPT}>").startswith("250 2.1.5")
     assert c.cmd("DATA").startswith("354 ")
     assert c.cmd("Subject: t\r\n\r\nbody\r\n.").startswith("250 2.0.0 ")
     c.send(b"QUIT\r\n")
-    assert [r[:3] for r in c.rest()] == ["221"]
+    assert [r[:3] for r in c.rest(reset_ok=True)] == ["221"]
     c.close()
     [msg] = sink.wait_for(1)
     assert msg.rcpts == (RCPT,) and msg.mail_from == "real@sender.test"
@@ -296,27 +249,13 @@ def test_injection_inside_the_data_of_the_tls_session_is_not_replayed(gw, sink):
 
 # -- broken handshakes ---------------------------------------------------------------------------------
 
-def _closed_within(c: Raw, seconds: float) -> bytes:
-    """Read until the server closes; fail if that takes longer than ``seconds``."""
-    c.sock.settimeout(seconds)
-    got = b""
-    try:
-        while chunk := c.sock.recv(4096):
-            got += chunk
-    except ConnectionResetError:
-        pass
-    except TimeoutError:
-        raise AssertionError(f"connection still open after {seconds}s; got {got!r}") from None
-    return got
-
-
 def test_garbage_instead_of_client_hello_closes_only_that_connection(gw, sink):
     c = _greeted(gw)
     c.cmd("EHLO client.test")
     assert c.cmd("STARTTLS").startswith("220 ")
     start = time.monotonic()
     c.send(b"MAIL FROM:<plain@evil.test>\r\nthis is not a TLS ClientHello\r\n" * 4)
-    got = _closed_within(c, 4)  # idle_timeout_s is 5: it is the garbage that closes it
+    got = c.until_closed(4)  # idle_timeout_s is 5: it is the garbage that closes it
     c.close()
     assert time.monotonic() - start < 4
     assert not got.startswith((b"2", b"5", b"4")), got  # a TLS alert at most, no SMTP reply
@@ -337,7 +276,7 @@ def test_silent_client_after_starttls_times_out(gateway_factory, sink, cert):
     c.cmd("EHLO client.test")
     assert c.cmd("STARTTLS").startswith("220 ")
     start = time.monotonic()
-    assert _closed_within(c, 4) == b""  # never a plaintext reply
+    assert c.until_closed(4) == b""  # never a plaintext reply
     c.close()
     assert 0.8 < time.monotonic() - start < 4
     assert _connection_event(gw)["tls"] is False
