@@ -84,6 +84,17 @@ class Runtime:
         self.stopped = asyncio.Event()
         self.incoming_dir = self.engine.policy.spool.directory / "incoming"
         self.incoming_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._purge_incoming()
+
+    def _purge_incoming(self) -> None:
+        """Half-received messages from a previous run (crash, kill -9): nothing in incoming/
+        was ever acknowledged, so they can go."""
+        stale = list(self.incoming_dir.glob("*.tmp"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            log.warning("removed %d unacknowledged partial message(s) from %s", len(stale),
+                        self.incoming_dir)
 
     def session_ended(self, session: Any) -> None:
         self.sessions.discard(session)
@@ -133,6 +144,9 @@ class Runtime:
         if engine.policy.listeners != old.listeners:
             log.warning("reload: listener changes need a restart; keeping %s",
                         [f"{x.host}:{x.port}" for x in old.listeners])
+        if engine.policy.spool != old.spool:
+            log.warning("reload: spool.directory changes need a restart; keeping %s",
+                        old.spool.directory)
         self.engine, self.tls_context = engine, tls
         event(log, "reloaded", policy=str(self.policy_path),
               filters=[f.name for f in engine.pipeline.chain])

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 from gateway.filterapi import Action, Edit, Stage, Symbol, Verdict
 from gateway.pipeline import FilterOutcome
-from gateway.policy.loader import parse_reply
 from gateway.policy.schema import PolicyClass
 from gateway.replies import Reply
 
@@ -50,10 +49,6 @@ class Scorecard:
 
     def add(self, outcomes: Iterable[FilterOutcome]) -> None:
         self.outcomes.extend(outcomes)
-
-    @property
-    def results(self) -> dict[str, object]:
-        return {o.name: o.result for o in self.outcomes}
 
     def symbols(self, cls: PolicyClass) -> list[ScoredSymbol]:
         seen: dict[str, ScoredSymbol] = {}
@@ -112,8 +107,8 @@ def decide(symbols: Iterable[Symbol | ScoredSymbol], verdict_outcomes: Iterable[
             continue
         if not final and not rule.action.refuses:
             continue
-        custom = parse_reply(rule.reply) if rule.reply else None
-        return Decision(rule.action, score, f"rule:{rule.name}", reply_for(rule.action, custom))
+        return Decision(rule.action, score, f"rule:{rule.name}",
+                        reply_for(rule.action, rule.reply))
     if not final:
         return None
     action, at = cls.thresholds.action_for(score)

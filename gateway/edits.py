@@ -78,7 +78,8 @@ def build_headers(message: Message, prepend: Iterable[tuple[str, str]], edits: I
 
 
 def _removes(r: RemoveHeader, h: Header) -> bool:
-    if h.name.lower() != r.name.lower():
+    name = h.name.lower()
+    if not (name.startswith(r.name.lower()) if r.name_prefix else name == r.name.lower()):
         return False
     return r.value_prefix is None or h.value.startswith(r.value_prefix)
 

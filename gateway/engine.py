@@ -18,21 +18,21 @@ from typing import Any
 from gateway import quarantine
 from gateway.decide import Decision, Scorecard, decide
 from gateway.edits import TraceInfo, build_headers, message_chunks, received_header
-from gateway.filterapi import Action, Client, FilterContext, Stage
+from gateway.filterapi import Action, Client, FilterContext, RemoveHeader, Stage
 from gateway.logs import event
 from gateway.message import Message
 from gateway.pipeline import FilterOutcome, Pipeline
 from gateway.policy.schema import Policy, PolicyClass
 from gateway.registry import LoadedFilter
 from gateway.relay.proxy import ProxyRelay
-from gateway.relay.transport import Transport, transport_for
+from gateway.relay.transport import transport_for
 from gateway.replies import Reply
 from gateway.services import Services
 from gateway.smtp.address import Address
 
 log = logging.getLogger("mailgate.message")
 
-RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+RELAY_DENIED = Reply(550, "5.7.1", "Relay access denied")
 TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
 SPLIT_CLASS = Reply(452, "4.5.3", "Recipient needs a separate transaction (different policy), "
                                   "send it again")
@@ -72,7 +72,6 @@ class Transaction:
     rcpt_refusal: tuple[str, Reply] | None = None  # (by, reply) of the last refused RCPT
     refused_outcomes: list[FilterOutcome] = field(default_factory=list)  # its filters' outcomes
     cls: PolicyClass | None = None
-    transport: Transport | None = None
     relay: ProxyRelay | None = None
     scorecard: Scorecard = field(default_factory=Scorecard)
     started: float = field(default_factory=time.monotonic)
@@ -86,6 +85,17 @@ class Engine:
         self.pipeline = Pipeline(chain)
         self.services = services
         self.helo_name = policy.relay.helo_name or policy.hostname
+
+    def command_budget_s(self, verb: str) -> float:
+        """The deadline for handling one command: ``limits.command_timeout_s`` for our own
+        work, plus the relay's own step timeouts where the command waits on the downstream
+        (so a slow downstream yields the relay's 451 4.4.x, not a session timeout)."""
+        own, r = self.policy.limits.command_timeout_s, self.policy.relay
+        if verb == "RCPT":  # may connect, greet, EHLO, MAIL and RCPT downstream
+            return own + r.connect_timeout_s + 3 * r.command_timeout_s
+        if verb == "DATA":  # end of data: the message stage, then the whole transfer
+            return own + r.data_timeout_s
+        return own
 
     # -- contexts -------------------------------------------------------------------------
     def _ctx(self, stage: Stage, state: SessionState, txn: Transaction | None, **kw: Any
@@ -172,7 +182,8 @@ class Engine:
         if txn.cls is not None and cls.name != txn.cls.name:
             return SPLIT_CLASS, "split:class"
         transport = transport_for(rcpt.domain_key, p.relay.downstream, p.relay.transport)
-        if txn.transport is not None and transport != txn.transport:
+        current = txn.relay.transport if txn.relay is not None else None
+        if current is not None and transport != current:
             return SPLIT_TRANSPORT, "split:transport"
         out = await self.pipeline.run_stage(
             Stage.RCPT, self._ctx(Stage.RCPT, state, txn, rcpt=rcpt, policy_class=cls.name),
@@ -187,7 +198,7 @@ class Engine:
         reply = await txn.relay.add_rcpt(txn.sender, txn.mail_params, rcpt, params)
         if reply.is_ok:
             txn.rcpts.append(rcpt)
-            txn.cls, txn.transport = cls, transport
+            txn.cls = cls
             txn.scorecard.add(out.values())
             return Reply(250, "2.1.5", "Recipient ok"), ""
         return reply, "downstream"
@@ -227,8 +238,12 @@ class Engine:
             await relay.abort()
             relay.last_result = "discarded"
             return Reply(250, "2.0.0", f"Ok: queued as {txn.qid}")
-        headers = build_headers(message, self._prepend(state, txn, card, cls, d), card.edits(),
-                                action=d.action, subject_tag=self.policy.headers.subject_tag)
+        h = self.policy.headers
+        edits = card.edits()
+        if h.spam_headers:  # headers like ours from outside are forged: drop them
+            edits.insert(0, RemoveHeader(h.spam_header_prefix, name_prefix=True))
+        headers = build_headers(message, self._prepend(state, txn, card, cls, d), edits,
+                                action=d.action, subject_tag=h.subject_tag)
         if d.action is Action.QUARANTINE:
             await relay.abort()
             return await self._quarantine(state, txn, message, headers, card, cls)
@@ -258,10 +273,10 @@ class Engine:
         if h.spam_headers:
             pre = h.spam_header_prefix
             t = cls.thresholds
-            reject_at = t.add_header if t.add_header is not None else t.reject
+            required_at = t.add_header if t.add_header is not None else t.reject
             flagged = d.action in (Action.ADD_HEADER, Action.REWRITE_SUBJECT, Action.QUARANTINE)
             syms = ",".join(s.name for s in card.symbols(cls))
-            required = f"{reject_at:g}" if reject_at is not None else "-"
+            required = f"{required_at:g}" if required_at is not None else "-"
             out.append((f"{pre}Status", f"{'Yes' if flagged else 'No'}, score={d.score:g} "
                                         f"required={required} action={d.action.value}"))
             out.append((f"{pre}Score", f"{d.score:g}"))

@@ -27,10 +27,6 @@ class FilterLoadError(MailgateError):
     """A filter (built-in, module path, plugin directory or entry point) could not be loaded."""
 
 
-class MessageTooBig(MailgateError):
-    """The message exceeds ``limits.max_message_bytes``."""
-
-
 class RelayError(MailgateError):
     """Talking to the downstream failed. ``permanent`` distinguishes 5xx from 4xx/transport."""
 

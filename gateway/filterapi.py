@@ -10,6 +10,7 @@ the core applies once, when the message is relayed.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -74,19 +75,28 @@ class Symbol:
     options: tuple[str, ...] = ()
 
 
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 ftext
+
+
 @dataclass(frozen=True, slots=True)
 class AddHeader:
     name: str
     value: str
 
+    def __post_init__(self) -> None:
+        if not _FIELD_NAME.fullmatch(self.name):
+            raise ValueError(f"not a header field name: {self.name!r}")
+
 
 @dataclass(frozen=True, slots=True)
 class RemoveHeader:
     """Remove every header ``name`` (case-insensitive); with ``value_prefix``, only those whose
-    value starts with it (e.g. forged Authentication-Results carrying our authserv-id)."""
+    value starts with it (e.g. forged Authentication-Results carrying our authserv-id); with
+    ``name_prefix``, every header whose name starts with ``name`` (e.g. ``X-Spam-``)."""
 
     name: str
     value_prefix: str | None = None
+    name_prefix: bool = False
 
 
 Edit = AddHeader | RemoveHeader

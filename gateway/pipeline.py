@@ -24,7 +24,7 @@ log = logging.getLogger("mailgate.pipeline")
 ERROR_VERDICTS = {
     "tempfail": Verdict(Action.TEMPFAIL, Reply(451, "4.3.0", "Temporary local problem, "
                                                              "try again later"), "filter error"),
-    "reject": Verdict(Action.REJECT, Reply(554, "5.7.0", "Message refused"), "filter error"),
+    "reject": Verdict(Action.REJECT, Reply(550, "5.7.0", "Message refused"), "filter error"),
     "quarantine": Verdict(Action.QUARANTINE, None, "filter error"),
 }
 
@@ -42,9 +42,6 @@ class Pipeline:
     def __init__(self, chain: Iterable[LoadedFilter]) -> None:
         self.chain = tuple(chain)
         self._by_stage = {s: tuple(f for f in self.chain if s in f.stages) for s in Stage}
-
-    def has_stage(self, stage: Stage) -> bool:
-        return bool(self._by_stage[stage])
 
     async def run_stage(self, stage: Stage, ctx: FilterContext,
                         skip: frozenset[str] = frozenset()) -> dict[str, FilterOutcome]:

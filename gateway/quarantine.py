@@ -24,4 +24,9 @@ def store(directory: Path, qid: str, chunks: Iterable[bytes], meta: dict[str, An
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, record_dir / f"{qid}.json")
+    fd = os.open(record_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return path

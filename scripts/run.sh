@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/mailgate ]; then
+    if ! "$PY" -c "import ensurepip, venv" 2>/dev/null; then
+        echo "run.sh: $PY cannot make a virtualenv; install it first: apt-get install python3-venv" >&2
+        exit 1
+    fi
     "$PY" -m venv .venv
     .venv/bin/python -m pip install -q --disable-pip-version-check -e .
 fi

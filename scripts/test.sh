@@ -10,6 +10,8 @@ need_pkgs=()
 command -v swaks >/dev/null 2>&1 || need_pkgs+=(swaks)
 [ -x /usr/sbin/postfix ] || need_pkgs+=(postfix)
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)   # test certificates for STARTTLS
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -c "import ensurepip, venv" 2>/dev/null || need_pkgs+=(python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "test.sh: missing Debian packages (${need_pkgs[*]}); run as root or install them" >&2
@@ -22,7 +24,6 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
 fi
 
-PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi

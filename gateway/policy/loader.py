@@ -185,7 +185,7 @@ def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
     accepted = []
     for i, d in enumerate(c.strings(domains, "accepted", "domains")):
         d = d.lower().rstrip(".")
-        if not DOMAIN_RE.match(d):
+        if not DOMAIN_RE.match(d) or d.startswith("."):
             c.error(f"domains.accepted[{i}]", f"not a domain name: {d!r}")
         accepted.append(d)
     trusted: list[Network] = []
@@ -386,9 +386,10 @@ def _rules(c: Checker, data: Any, path: str) -> tuple[Rule, ...]:
             for s in syms:
                 if not SYMBOL_RE.match(s):
                     c.error(f"{rp}.{k}", f"not a symbol name: {s!r}")
-        reply = c.string(t, "reply", rp, None)
-        if reply is not None:
-            r = c.convert(f"{rp}.reply", reply, parse_reply)
+        reply_text = c.string(t, "reply", rp, None)
+        reply = None
+        if reply_text is not None:
+            reply = r = c.convert(f"{rp}.reply", reply_text, parse_reply)
             if r is not None and action not in (Action.REJECT, Action.TEMPFAIL):
                 c.error(f"{rp}.reply", "only reject and tempfail rules carry a reply")
             elif r is not None and (r.code >= 500) != (action is Action.REJECT):

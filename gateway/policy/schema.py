@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from gateway.filterapi import Action, Stage
 from gateway.relay.transport import Transport
+from gateway.replies import Reply
 
 OnError = Literal["tempfail", "continue", "reject", "quarantine"]
 BareLf = Literal["reject", "normalize"]
@@ -46,12 +47,14 @@ class Limits:
     max_recipients: int = 100
     max_invalid_commands: int = 10
     max_transactions_per_connection: int = 100
+    max_refused_recipients: int = 50  # unknown users, relay denied...: then 421 and close
     idle_timeout_s: float = 300.0  # waiting for the next command (RFC 5321 4.5.3.2.7)
     command_timeout_s: float = 120.0  # handling one command, filters included
     data_block_timeout_s: float = 180.0  # waiting for the next block of DATA (4.5.3.2.6)
     data_timeout_s: float = 1800.0  # the whole DATA transfer
     bare_lf: BareLf = "reject"
     shutdown_grace_s: float = 30.0
+    max_session_s: float = 3600.0  # a connection's whole life, whatever it does
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +63,7 @@ class RelayConfig:
     downstream: Transport = Transport("maildir", path=Path("Maildir"))
     transport: Mapping[str, Transport] = field(default_factory=dict)  # rcpt domain -> transport
     connect_timeout_s: float = 30.0
-    command_timeout_s: float = 300.0
+    command_timeout_s: float = 60.0  # each downstream reply (lockstep: the client waits)
     data_timeout_s: float = 600.0
     helo_name: str | None = None  # defaults to server.hostname
 
@@ -93,7 +96,7 @@ class Rule:
     if_any: tuple[str, ...] = ()
     if_all: tuple[str, ...] = ()
     unless_any: tuple[str, ...] = ()
-    reply: str | None = None  # "550 5.7.1 text" (reject/tempfail only)
+    reply: Reply | None = None  # from "550 5.7.1 text" (reject/tempfail only)
 
     def matches(self, symbols: frozenset[str]) -> bool:
         if self.if_any and not any(s in symbols for s in self.if_any):

@@ -35,6 +35,12 @@ def _temp(e: RelayError) -> Reply:
     return DOWNSTREAM_DOWN if e.status == "4.4.1" else DOWNSTREAM_LOST
 
 
+def _closing(reply: Reply) -> bool:
+    """A 421 closes the downstream connection; the client's own session goes on, so it must
+    not see a 421 (RFC 5321 3.8): it gets 451 4.4.2 instead."""
+    return reply.code == 421
+
+
 @dataclass
 class ProxyRelay:
     """One transaction's downstream side. Not reusable across transactions."""
@@ -83,6 +89,11 @@ class ProxyRelay:
             self.client = None
             self.last_result = f"MAIL failed: {e}"
             return _temp(e)
+        if _closing(reply):
+            self.client = None
+            self.last_result = f"MAIL {reply.code} {reply.status} (downstream closed)"
+            self.mail_reply = DOWNSTREAM_LOST
+            return DOWNSTREAM_LOST
         if not reply.is_ok:
             self.last_result = f"MAIL {reply.code} {reply.status}"
             self.mail_reply = reply
@@ -107,6 +118,10 @@ class ProxyRelay:
             self.client = None
             self.last_result = f"RCPT failed: {e}"
             return _temp(e)
+        if _closing(reply):
+            self.client = None
+            self.last_result = f"RCPT {reply.code} {reply.status} (downstream closed)"
+            return DOWNSTREAM_LOST
         if reply.is_ok:
             self.accepted.append(rcpt)
         return reply
@@ -126,7 +141,9 @@ class ProxyRelay:
             self.last_result = f"DATA failed: {e}"
             log.warning("downstream %s during DATA: %s (qid %s)", self.transport, e, self.qid)
             return _temp(e).with_qid(self.qid)
-        await self.close()
+        if any(_closing(r) for r in replies):
+            self.client = None
+            replies = [DOWNSTREAM_LOST if _closing(r) else r for r in replies]
         reply = self._combine(replies)
         # Like every refusal mailgate gives, a passed-back downstream refusal ends with the qid.
         return reply if reply.is_ok else reply.with_qid(self.qid)

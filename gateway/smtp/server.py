@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -34,8 +35,9 @@ if TYPE_CHECKING:
     from gateway.app import Runtime
 
 log = logging.getLogger("mailgate.smtp")
-MAX_SESSION_S = 3600.0  # hard cap on one connection's life, whatever it does
-READ_BUFFER_BYTES = 256 * 1024
+READ_BUFFER_BYTES = 64 * 1024  # per connection; the reader pauses the socket at twice this
+SIZE_RE = re.compile(r"[0-9]{1,20}")
+HELO_RE = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no space (RFC 5321 4.1.1.1)
 CLIENT_ERROR_CODES = {500, 501, 502, 503, 504, 555}
 
 Handler = Callable[[str], Awaitable[None]]
@@ -55,12 +57,14 @@ class SmtpServer(SMTP):
         super().__init__(_NoHooks(), hostname=self.policy.hostname,
                          tls_context=runtime.tls_context,
                          data_size_limit=self.limits.max_message_bytes, enable_SMTPUTF8=True,
-                         timeout=MAX_SESSION_S, loop=asyncio.get_running_loop())
+                         timeout=self.limits.max_session_s,
+                         loop=asyncio.get_running_loop())
         self.state: SessionState | None = None
         self.txn: Transaction | None = None
         self.idle = False
         self.closing = False
         self.invalid = 0
+        self.refused_rcpts = 0
         self.commands = 0
         self.refused_greeting = False
         self.end_reason = "eof"
@@ -83,6 +87,12 @@ class SmtpServer(SMTP):
             self._reader.feed_eof()
         return False if self.session is not None and self.session.ssl is not None else True
 
+    def _timeout_cb(self) -> None:
+        # aiosmtpd's timer, armed once per connection: limits.max_session_s
+        sid = self.state.sid if self.state else "-"
+        self.runtime.background(self.close_with(
+            Reply(421, "4.4.2", f"Session too long, closing connection ({sid})"), "max-session"))
+
     async def push(self, status: Any) -> None:
         data = status.encode("utf-8") if isinstance(status, str) else status
         if self.transport is None or self.transport.is_closing():
@@ -100,6 +110,13 @@ class SmtpServer(SMTP):
                                       "too-many-errors")
 
     async def close_with(self, reply: Reply, reason: str) -> None:
+        """Say ``reply`` (a session-level 421, ending with the session ID) and close."""
+        sid = self.state.sid if self.state else None
+        if sid and reply.code >= 400 and not reply.text.endswith(")"):
+            reply = reply.with_qid(sid)
+        await self._close_with(reply, reason)
+
+    async def _close_with(self, reply: Reply, reason: str) -> None:
         if not self.closing:
             self.closing = True
             self.end_reason = reason
@@ -214,12 +231,11 @@ class SmtpServer(SMTP):
             await handler(arg)
             return
         try:
-            async with asyncio.timeout(self.limits.command_timeout_s):
+            async with asyncio.timeout(budget := self.engine.command_budget_s(verb)):
                 await handler(arg)
         except TimeoutError:
             qid = self.txn.qid if self.txn else (self.state.sid if self.state else "-")
-            log.error("command %s exceeded command_timeout_s=%s (qid %s)", verb,
-                      self.limits.command_timeout_s, qid)
+            log.error("command %s exceeded its %ss budget (qid %s)", verb, budget, qid)
             await self.close_with(Reply(421, "4.4.2", f"Timeout processing command ({qid})"),
                                   "command-timeout")
 
@@ -233,7 +249,7 @@ class SmtpServer(SMTP):
     async def _hello(self, arg: str, *, esmtp: bool) -> None:
         st = self.state
         assert st is not None
-        if not arg or " " in arg or any(ord(c) < 33 or ord(c) == 127 for c in arg):
+        if not HELO_RE.fullmatch(arg):
             await self.reply(Reply(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} "
                                                  "hostname"))
             return
@@ -272,11 +288,12 @@ class SmtpServer(SMTP):
         except AddressError as e:
             await self.reply(e.reply)
             return
-        params, problem = self._mail_params(path.params, st.esmtp)
+        qid = new_qid()
+        params, problem = self._mail_params(path.params, st.esmtp, qid)
         if problem is not None:
             await self.reply(problem)
             return
-        txn = Transaction(new_qid(), path.address, params,
+        txn = Transaction(qid, path.address, params,
                           utf8=any(p.upper() == "SMTPUTF8" for p in params))
         reply = await self.engine.on_mail(st, txn)
         if reply.is_ok:
@@ -285,18 +302,20 @@ class SmtpServer(SMTP):
             self.engine.log_transaction(st, txn, reply, "refused")
         await self.reply(reply)
 
-    def _mail_params(self, params: Any, esmtp: bool) -> tuple[list[str], Reply | None]:
+    def _mail_params(self, params: Any, esmtp: bool, qid: str
+                     ) -> tuple[list[str], Reply | None]:
         out: list[str] = []
         for key, value in params:
             k = key.upper()
             if not esmtp:
                 return out, Reply(501, "5.5.4", "Parameters need EHLO")
             if k == "SIZE":
-                if value is None or not value.isdigit():
+                if value is None or not SIZE_RE.fullmatch(value):
                     return out, Reply(501, "5.5.4", "Bad SIZE parameter")
                 if int(value) > self.limits.max_message_bytes:
                     return out, Reply(552, "5.3.4", "Message size exceeds fixed limit of "
-                                                    f"{self.limits.max_message_bytes} bytes")
+                                                    f"{self.limits.max_message_bytes} bytes "
+                                                    f"({qid})")
                 out.append(f"SIZE={value}")
             elif k == "BODY":
                 if (value or "").upper() not in ("7BIT", "8BITMIME"):
@@ -327,7 +346,13 @@ class SmtpServer(SMTP):
             k = path.params[0][0].upper()
             await self.reply(Reply(555, "5.5.4", f"Unsupported RCPT parameter {k}"))
             return
-        await self.reply(await self.engine.on_rcpt(st, txn, path.address, []))
+        reply = await self.engine.on_rcpt(st, txn, path.address, [])
+        await self.reply(reply)
+        if not reply.is_ok and reply.status != "4.5.3":  # a class/transport split is no fault
+            self.refused_rcpts += 1
+            if self.refused_rcpts >= self.limits.max_refused_recipients:
+                await self.close_with(Reply(421, "4.7.0", "Too many refused recipients, closing "
+                                                          "connection"), "too-many-refused-rcpts")
 
     async def cmd_data(self, arg: str) -> None:
         st, txn = self.state, self.txn
@@ -363,7 +388,7 @@ class SmtpServer(SMTP):
                 await self.reply(reply)
                 return
             try:
-                budget = self.limits.command_timeout_s + self.policy.relay.data_timeout_s
+                budget = self.engine.command_budget_s("DATA")
                 async with asyncio.timeout(budget):
                     reply = await self.engine.on_data(st, txn, spool, outcome.size)
             except TimeoutError:
@@ -401,8 +426,10 @@ class SmtpServer(SMTP):
         if txn is None or self.state is None:
             return
         self.engine.log_transaction(self.state, txn, reply, outcome)
-        if txn.relay is not None and txn.relay.client is not None:
-            self.runtime.background(txn.relay.abort())
+        relay = txn.relay
+        if relay is not None and relay.client is not None:  # after our reply, not before it
+            done = outcome == "done" and reply is not None and reply.is_ok
+            self.runtime.background(relay.close() if done else relay.abort())
 
     async def cmd_rset(self, arg: str) -> None:
         if arg:

@@ -76,7 +76,7 @@ def session(gw: GatewayProcess, sender: str = SENDER) -> dict[str, str]:
     # 4. relay denied, then the client quits in the middle of the transaction
     assert c.cmd(f"MAIL FROM:<{sender}>") == "250 2.1.0 Sender ok"
     reply = c.cmd("RCPT TO:<someone@elsewhere.test>")
-    assert re.fullmatch(rf"554 5\.7\.1 Relay access denied \({QID}\)", reply), reply
+    assert re.fullmatch(rf"550 5\.7\.1 Relay access denied \({QID}\)", reply), reply
     qids["relay"] = qid_of(reply)
     assert c.cmd("QUIT") == "221 2.0.0 Bye"
     c.close()
@@ -119,7 +119,7 @@ def check_session_events(gw: GatewayProcess, qids: dict[str, str], sender: str
 
     rel = by["relay"]
     assert rel["action"] == "reject" and rel["by"] == "relay-denied"
-    assert rel["reply"] == f"554 5.7.1 Relay access denied ({qids['relay']})"
+    assert rel["reply"] == f"550 5.7.1 Relay access denied ({qids['relay']})"
     return messages, conn
 
 

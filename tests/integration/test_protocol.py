@@ -70,7 +70,7 @@ def test_every_reply_has_an_enhanced_status_code(gateway_factory):
         (b"MAIL FROM:<a@sender.test>", "503", False),
         (b"DATA", "503", False),
         (b"RCPT TO:<nobody@example.test>", "550", False),
-        (b"RCPT TO:<someone@elsewhere.test>", "554", False),
+        (b"RCPT TO:<someone@elsewhere.test>", "550", False),
         (b"RCPT TO:<alice@example.test> NOTIFY=NEVER", "555", False),
         (b"RCPT TO:alice", "501", False),
         (b"RCPT TO:<alice@example.test>", "250", False),
@@ -384,7 +384,7 @@ def test_filter_exception_text_never_reaches_the_client(gateway_factory, tmp_pat
         assert "BOOM_ERROR(0)[error]" in ev["symbols"]
     else:
         if on_error == "reject":
-            m = re.match(r"^554 5\.7\.0 Message refused \(([0-9A-Z]{16})\)$", final)
+            m = re.match(r"^550 5\.7\.0 Message refused \(([0-9A-Z]{16})\)$", final)
         else:
             m = TEMPFAIL.match(final)
         assert m, final

@@ -17,6 +17,7 @@ from gateway.policy.loader import load_policy, parse_policy
 from gateway.policy.schema import Limits, Listener, RelayConfig, Rule, Thresholds
 from gateway.registry import build_chain
 from gateway.relay.transport import Transport
+from gateway.replies import Reply
 from gateway.services import Services
 
 SRC = "policies/test.toml"
@@ -120,7 +121,7 @@ def test_values_are_read_and_typed():
     assert (t.reject, t.add_header, t.quarantine) == (10.0, None, 7.5)
     r1, r2 = p.default_class.rules
     assert r1 == Rule("no-from", Action.REJECT, Stage.MESSAGE, ("HEADERS_MISSING_FROM",),
-                      reply="550 5.7.1 No From header")
+                      reply=Reply(550, "5.7.1", "No From header"))
     assert r2 == Rule("rule2", Action.TEMPFAIL, Stage.RCPT, (), ("A", "B"), ("C",))
 
 
