@@ -60,9 +60,12 @@ def parse_kv_line(line: str) -> dict[str, Any] | None:
 class GatewayProcess:
     def __init__(self, workdir: Path, policy: dict[str, Any] | str, *,
                  env: dict[str, str] | None = None, name: str = "policy.toml",
-                 log_format: str = "json") -> None:
+                 log_format: str = "json", argv: list[str] | None = None) -> None:
         self.workdir = workdir
         self.log_format = log_format  # "json" or "kv"; events() parses either
+        # argv: the whole command line to run (cwd = workdir) instead of
+        # ``python -m gateway run --policy <name>``; it must log in ``log_format``.
+        self.argv = argv
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.policy_path = workdir / name
         self.write_policy(policy)
@@ -75,16 +78,18 @@ class GatewayProcess:
     def write_policy(self, policy: dict[str, Any] | str) -> None:
         text = policy if isinstance(policy, str) else toml.dumps(policy)
         tmp = self.policy_path.with_suffix(".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)  # name may be e.g. policies/default.toml
         tmp.write_text(text)
         os.replace(tmp, self.policy_path)
 
     def start(self, timeout_s: float = 15) -> GatewayProcess:
         env = {**os.environ, "PYTHONPATH": str(REPO), **self.env}
         self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--policy", str(self.policy_path),
-             "--log-format", self.log_format, "--log-level", "info"],
-            cwd=self.workdir, env=env, stdout=self._log, stderr=self._log)
+        argv = self.argv or [sys.executable, "-m", "gateway", "run", "--policy",
+                             str(self.policy_path), "--log-format", self.log_format,
+                             "--log-level", "info"]
+        self.proc = subprocess.Popen(argv, cwd=self.workdir, env=env, stdout=self._log,
+                                     stderr=self._log)
         ev = self.wait_for(lambda e: e.get("event") == "listening", timeout_s)
         self.port = int(ev["address"].rsplit(":", 1)[1])
         return self
