@@ -48,3 +48,7 @@ class RelayPermError(RelayError):
     """Downstream answered 5xx."""
 
     permanent = True
+
+
+class SpoolError(MailgateError):
+    """The spool could not store, find, lock or move a message (the SMTP side answers 451)."""

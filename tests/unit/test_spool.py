@@ -35,7 +35,7 @@ from gateway.spool import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-AREAS = ("active", "deferred", "hold")
+AREAS = spool_mod.QUEUE_AREAS
 
 
 def payload(qid: str, n: int) -> bytes:
@@ -109,8 +109,8 @@ def test_every_field_round_trips_through_the_spool(tmp_path: Path) -> None:
     raw = json.loads((tmp_path / "active" / f"{qid}.json").read_text("ascii"))
     assert raw["format"] == spool_mod.FORMAT_VERSION
     assert raw["prepend"] == "WC1TcGFtLVNjb3JlOiAzLjUNClgtUmF3OiD/AA0K"
-    with spool.open_data(qid) as f:
-        assert f.read() == payload(qid, 64)
+    with spool.open_data(qid) as data:
+        assert data.read() == payload(qid, 64)
 
 
 def test_decision_is_normalised_and_read_only() -> None:
@@ -283,9 +283,12 @@ def test_remove_deletes_metadata_before_data(tmp_path: Path,
     qid = committed(spool, 3).qid
     order: list[str] = []
     real_unlink = os.unlink
-    monkeypatch.setattr(spool_mod.os, "unlink",
-                        lambda p, *a, **k: (order.append(os.path.relpath(p, tmp_path)),
-                                            real_unlink(p, *a, **k)))
+
+    def unlink(path: Any, *args: Any, **kw: Any) -> None:
+        order.append(os.path.relpath(path, tmp_path))
+        real_unlink(path, *args, **kw)
+
+    monkeypatch.setattr(spool_mod.os, "unlink", unlink)
     with spool.claim(qid):
         spool.remove(qid)
     assert order == [f"active/{qid}.json", f"data/{qid}"]
@@ -402,14 +405,16 @@ def test_recover_leaves_what_live_processes_lock(tmp_path: Path) -> None:
     (tmp_path / "data" / committing).write_bytes(b"x")  # as commit() leaves it mid-way
     fd = os.open(tmp_path / "data" / committing, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)
+    rewriting = tmp_path / "active" / f"{in_flight.qid}.json.tmp"  # update() in progress
+    rewriting.write_text("{")
     receiving, path = stage(spool, b"DATA still arriving")
     fd2 = os.open(path, os.O_RDONLY)
     fcntl.flock(fd2, fcntl.LOCK_EX)
     try:
         with spool.claim(in_flight.qid):
             report = other.recover()
-            assert report.busy == 3 and report.requeued == 0 and report.orphans_removed == 0
-            assert where(tmp_path, in_flight.qid) == ["active"]
+            assert report.busy == 4 and report.requeued == 0 and report.orphans_removed == 0
+            assert where(tmp_path, in_flight.qid) == ["active"] and rewriting.exists()
             assert (tmp_path / "data" / committing).exists() and path.exists()
     finally:
         os.close(fd)
@@ -418,6 +423,31 @@ def test_recover_leaves_what_live_processes_lock(tmp_path: Path) -> None:
     assert (report.requeued, report.orphans_removed, report.incoming_removed) == (1, 1, 0)
     assert path.exists() and where(tmp_path, in_flight.qid) == ["deferred"]
     assert other.recover().incoming_removed == 1 and not path.exists()
+
+
+def test_a_claim_never_holds_the_lock_of_a_removed_message(tmp_path: Path) -> None:
+    owner, other = Spool(tmp_path), Spool(tmp_path)
+    qid = committed(owner, 4).qid
+    outcome: list[object] = []
+
+    def waiter() -> None:
+        try:
+            with other.claim(qid, wait=True) as (area, _):
+                outcome.append(area)
+        except SpoolError as e:
+            outcome.append(type(e))
+
+    with owner.claim(qid):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.1)  # the waiter has opened the old data/<qid> and blocks in flock
+        owner.remove(qid)
+        _, path = stage(owner, payload(qid, 4), qid)  # the same name again, a new inode
+        owner.commit(entry_for(qid, 4), path)
+    thread.join(5)
+    assert outcome == [SpoolMissing]  # not ownership of a dead inode beside a live one
+    with other.claim(qid) as (area, _):
+        assert area == "active"
 
 
 # -- processes ----------------------------------------------------------------------------------
@@ -531,6 +561,7 @@ def test_kill_9_during_commits_loses_nothing_acknowledged(tmp_path: Path) -> Non
     root = tmp_path / "q"
     spool = Spool(root)
     reported: set[str] = set()
+    cleaned: Counter[str] = Counter()
     for run in range(20):
         child = python(COMMITTER, str(root), str(rnd.randrange(1 << 30)))
         assert child.stdout is not None and child.stdout.readline() == "ready\n"
@@ -542,6 +573,8 @@ def test_kill_9_during_commits_loses_nothing_acknowledged(tmp_path: Path) -> Non
 
         report = spool.recover()
         assert report.corrupt == 0 and report.busy == 0, (seed, run, report.problems)
+        cleaned.update(incoming=report.incoming_removed, orphans=report.orphans_removed,
+                       temps=report.temps_removed, requeued=report.requeued)
         queued = {e.qid: e for area in AREAS for e in spool.entries(area)}
         assert reported <= set(queued), f"seed {seed}: lost {reported - set(queued)}"
         for qid, entry in queued.items():
@@ -553,6 +586,9 @@ def test_kill_9_during_commits_loses_nothing_acknowledged(tmp_path: Path) -> Non
         assert not list(root.rglob("*.tmp")), seed
         assert list(spool.entries("active")) == []
     assert len(reported) >= 20, f"seed {seed}: too few commits to mean anything"
+    # the kills did land inside commits (half-received data or a committed-but-unreported one)
+    assert cleaned["incoming"] + cleaned["orphans"] + cleaned["temps"] > 0, (seed, cleaned)
+    print(f"seed {seed}: {len(reported)} reported commits, recovery cleaned {dict(cleaned)}")
 
 
 def test_commit_timing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -1,0 +1,654 @@
+"""The durable queue on disk: commit accepted messages, claim them across processes, move them
+between areas, and bring the spool back to a consistent state after a crash. Blocking by design:
+callers on the event loop use ``asyncio.to_thread``.
+
+Layout under the root (directories 0700, files 0600)::
+
+    incoming/<qid>.tmp      DATA while it streams in; never acknowledged
+    data/<qid>              the message bytes as received, one file per queued message
+    active/<qid>.json       metadata: ready for delivery now
+    deferred/<qid>.json     metadata: waiting for ``next_attempt``
+    hold/<qid>.json         metadata: quarantined or held by an operator; never due
+    corrupt/                unreadable files moved aside, each with a ``.reason``; never deleted
+    <area>/<qid>.json.tmp   a metadata write in progress
+
+Commit (``commit``): fsync the data, rename it to ``data/<qid>``, fsync ``data/``; write the
+metadata to ``<area>/<qid>.json.tmp``, fsync it, rename it to ``<area>/<qid>.json``, fsync the
+area. The metadata's appearance is the commit point, its removal (``remove``) the completion
+point. So after a crash, data without metadata was never acknowledged or is already delivered
+(deleted); metadata without data is damage, never a crash state (moved to ``corrupt/``).
+
+Locking (``claim``): ``flock(LOCK_EX)`` on ``data/<qid>``, an inode that lives exactly as long as
+the message is queued and is never rewritten or renamed while the metadata moves between areas
+or is atomically replaced (a lock on the metadata file would be lost by each rewrite). Having
+locked, the owner checks that the path still names the locked inode, then reads the metadata.
+``update``/``move``/``remove`` require a claim held through this ``Spool`` object. ``commit``
+holds the same lock on the data inode from before its rename until the metadata is durable, and
+``recover`` takes it before touching a message, so recovery never races a commit, a delivery or
+another worker. The kernel drops the lock when its holder dies (kill -9 included). Locks belong
+to open file descriptions: do not fork while holding a claim.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import itertools
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, BinaryIO, Literal, cast
+
+from gateway.errors import SpoolError
+from gateway.logs import event
+from gateway.qid import ALPHABET
+
+log = logging.getLogger("mailgate.spool")
+
+FORMAT_VERSION = 1
+FREE_SPACE_FACTOR = 1.5  # MAIL gets 452 4.3.1 below this many times max_message_bytes free
+Area = Literal["active", "deferred", "hold"]
+QUEUE_AREAS: tuple[Area, ...] = ("active", "deferred", "hold")
+_PRECEDENCE: tuple[Area, ...] = ("hold", "deferred", "active")  # which copy wins a duplicate
+RecipientState = Literal["pending", "delivered", "failed"]
+_STATES = ("pending", "delivered", "failed")
+_QID_CHARS = frozenset(ALPHABET)
+_META, _TMP = ".json", ".tmp"
+
+
+class SpoolMissing(SpoolError):
+    """No such message in the queue (never committed, or already removed)."""
+
+
+class SpoolBusy(SpoolError):
+    """Another process (or another claim in this one) owns the message."""
+
+
+class SpoolCorrupt(SpoolError):
+    """A metadata file cannot be parsed or does not match its name or data."""
+
+
+def is_qid(name: str) -> bool:
+    return len(name) == 16 and all(c in _QID_CHARS for c in name)
+
+
+def min_free_bytes(max_message_bytes: int) -> int:
+    """The default free-space threshold for accepting MAIL."""
+    return int(max_message_bytes * FREE_SPACE_FACTOR)
+
+
+def _check_qid(qid: str) -> str:
+    if not is_qid(qid):
+        raise SpoolError(f"not a queue ID: {qid!r}")
+    return qid
+
+
+def _check_area(area: str) -> Area:
+    if area not in QUEUE_AREAS:
+        raise SpoolError(f"not a queue area: {area!r}")
+    return cast(Area, area)
+
+
+def _freeze(value: Any) -> Any:
+    """JSON-shaped data, read-only: dicts become mapping proxies, lists become tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({str(k): _freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipient:
+    addr: str
+    notify: frozenset[str] | None = None  # DSN NOTIFY=; None when the client gave none
+    orcpt: str | None = None  # DSN ORCPT=, as given (addr-type;xtext)
+    state: RecipientState = "pending"
+    last_reply: str | None = None
+    attempts: int = 0
+
+    def __post_init__(self) -> None:
+        if self.state not in _STATES:
+            raise ValueError(f"recipient state {self.state!r}")
+        if self.attempts < 0:
+            raise ValueError("recipient attempts < 0")
+
+    def to_obj(self) -> dict[str, Any]:
+        return {**vars(self), "notify": None if self.notify is None else sorted(self.notify)}
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> Recipient:
+        notify = _opt(obj, "notify", list)
+        if notify is not None and not all(isinstance(n, str) for n in notify):
+            raise ValueError("notify: not a list of strings")
+        return cls(addr=_req(obj, "addr", str),
+                   notify=None if notify is None else frozenset(notify),
+                   orcpt=_opt(obj, "orcpt", str), state=_req(obj, "state", str),
+                   last_reply=_opt(obj, "last_reply", str), attempts=_req(obj, "attempts", int))
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueueEntry:
+    """Everything the queue keeps about one message besides its bytes (``data/<qid>``)."""
+
+    qid: str
+    sender: str  # "" is the null reverse-path
+    mail_params: tuple[str, ...] = ()  # MAIL FROM ESMTP parameters, as received
+    envid: str | None = None  # DSN ENVID=
+    ret: str | None = None  # DSN RET= (FULL / HDRS)
+    recipients: tuple[Recipient, ...]
+    arrival: float
+    size: int  # bytes in data/<qid>
+    prepend: bytes = b""  # header lines (CRLF-terminated) to put before the data when relaying
+    decision: Mapping[str, Any] = field(default_factory=dict)  # action, score, by, symbols...
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str | None = None
+    client_ip: str = ""
+    helo: str = ""
+
+    def __post_init__(self) -> None:
+        if not is_qid(self.qid):
+            raise ValueError(f"not a queue ID: {self.qid!r}")
+        if not self.recipients:
+            raise ValueError("a queue entry needs at least one recipient")
+        if self.size < 0 or self.attempts < 0:
+            raise ValueError("size and attempts must be >= 0")
+        # Normalised through JSON now, so a loaded entry equals the one committed, and a value
+        # JSON cannot hold fails here rather than at commit time.
+        decision = json.loads(json.dumps(self.decision, default=_thaw))
+        object.__setattr__(self, "decision", _freeze(decision))
+        object.__setattr__(self, "mail_params", tuple(self.mail_params))
+        object.__setattr__(self, "recipients", tuple(self.recipients))
+
+    @property
+    def pending(self) -> tuple[Recipient, ...]:
+        return tuple(r for r in self.recipients if r.state == "pending")
+
+    @property
+    def done(self) -> bool:
+        """No recipient left to try: the message can be removed (after any DSN)."""
+        return not self.pending
+
+    def with_recipient_results(
+            self, results: Mapping[str, tuple[RecipientState, str | None]]) -> QueueEntry:
+        """Record one delivery attempt's outcome per address: ``{addr: (state, reply)}``.
+        ``"pending"`` means a temporary failure. Each listed pending recipient gets one more
+        attempt counted; naming an unknown or already final recipient is a ValueError."""
+        pending = {r.addr for r in self.pending}
+        for addr in results:
+            if addr not in pending:
+                raise ValueError(f"{addr!r} is not a pending recipient of {self.qid}")
+        out = []
+        for r in self.recipients:
+            if r.state == "pending" and r.addr in results:
+                state, reply = results[r.addr]
+                r = replace(r, state=state, last_reply=reply, attempts=r.attempts + 1)
+            out.append(r)
+        return replace(self, recipients=tuple(out))
+
+    def with_retry(self, next_attempt: float, error: str | None) -> QueueEntry:
+        """One more attempt made; try again at ``next_attempt``."""
+        return replace(self, attempts=self.attempts + 1, next_attempt=next_attempt,
+                       last_error=error)
+
+    def to_json(self) -> str:
+        """One JSON object: the fields, ``format``, and ``prepend`` in base64."""
+        obj = {"format": FORMAT_VERSION, **{k: getattr(self, k) for k in _PLAIN},
+               "mail_params": self.mail_params,
+               "recipients": [r.to_obj() for r in self.recipients],
+               "prepend": base64.b64encode(self.prepend).decode("ascii")}
+        return json.dumps(obj, default=_thaw, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> QueueEntry:
+        """Parse strictly; any problem is a SpoolCorrupt naming it."""
+        try:
+            obj = json.loads(text)
+            if (version := _req(obj, "format", int)) != FORMAT_VERSION:
+                raise ValueError(f"unsupported format version {version}")
+            params = _req(obj, "mail_params", list)
+            if not all(isinstance(p, str) for p in params):
+                raise ValueError("mail_params: not a list of strings")
+            plain = {k: (_opt if optional else _req)(obj, k, kind)
+                     for k, (kind, optional) in _PLAIN.items()}
+            return cls(**plain, mail_params=tuple(params),
+                       recipients=tuple(map(Recipient.from_obj, _req(obj, "recipients", list))),
+                       prepend=base64.b64decode(_req(obj, "prepend", str), validate=True))
+        except (ValueError, TypeError, KeyError, RecursionError) as e:  # binascii.Error too
+            raise SpoolCorrupt(f"{type(e).__name__}: {e}") from None
+
+
+# QueueEntry fields stored as plain JSON values: name -> (JSON type, may be null)
+_PLAIN: dict[str, tuple[type, bool]] = {
+    "qid": (str, False), "sender": (str, False), "envid": (str, True), "ret": (str, True),
+    "arrival": (float, False), "size": (int, False), "decision": (dict, False),
+    "attempts": (int, False), "next_attempt": (float, False), "last_error": (str, True),
+    "client_ip": (str, False), "helo": (str, False)}
+
+
+def _req(obj: Any, key: str, kind: type) -> Any:
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected an object, got {type(obj).__name__}")
+    value = obj[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{key}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _opt(obj: Any, key: str, kind: type) -> Any:
+    return None if isinstance(obj, dict) and obj.get(key) is None else _req(obj, key, kind)
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    incoming_removed: int = 0  # half-received DATA files
+    temps_removed: int = 0  # half-written metadata rewrites
+    requeued: int = 0  # active/ entries (in flight when we stopped) moved to deferred/
+    corrupt: int = 0  # files moved to corrupt/
+    orphans_removed: int = 0  # data without metadata: never acknowledged, or delivered
+    busy: int = 0  # skipped: locked by a live process
+    queued: int = 0  # valid entries left in active/deferred/hold
+    problems: tuple[str, ...] = ()  # one "path: reason" per file moved to corrupt/
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _lock_file(path: Path, *, block: bool) -> int:
+    """Open ``path`` and flock it exclusively; returns the fd. FileNotFoundError when the path is
+    gone (or now names another inode), BlockingIOError when locked and ``block`` is false."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        held, now = os.fstat(fd), os.stat(path)
+        if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
+            raise FileNotFoundError(path)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _free_name(directory: Path, name: str) -> Path:
+    path, n = directory / name, 0
+    while os.path.lexists(path):
+        n += 1
+        path = directory / f"{name}.{n}"
+    return path
+
+
+class Spool:
+    """One spool directory; safe to share between threads and processes (see the module doc)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for sub in ("incoming", *QUEUE_AREAS, "corrupt", "data"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._held: set[str] = set()
+        self._held_lock = threading.Lock()
+
+    # -- paths ------------------------------------------------------------------------------
+    def incoming_path(self, qid: str) -> Path:
+        """Where DATA for ``qid`` streams in before ``commit``."""
+        return self.root / "incoming" / f"{_check_qid(qid)}{_TMP}"
+
+    def _data(self, qid: str) -> Path:
+        return self.root / "data" / _check_qid(qid)
+
+    def _meta(self, area: Area, qid: str) -> Path:
+        return self.root / area / f"{_check_qid(qid)}{_META}"
+
+    def _find(self, qid: str) -> Area | None:
+        for area in QUEUE_AREAS:
+            if os.path.lexists(self._meta(area, qid)):
+                return area
+        return None
+
+    # -- commit -----------------------------------------------------------------------------
+    def commit(self, entry: QueueEntry, data_path: Path, area: Area = "active") -> None:
+        """Make ``data_path`` (renamed, so on the spool's filesystem) and ``entry`` durable in
+        ``area``. When this returns the caller may answer 250; any failure is a SpoolError and
+        leaves nothing of the message queued."""
+        qid, area = entry.qid, _check_area(area)
+        final = self._data(qid)
+        try:
+            fd = _lock_file(Path(data_path), block=True)
+        except OSError as e:
+            raise SpoolError(f"commit {qid}: cannot open {data_path}: {e}") from e
+        renamed = False
+        try:
+            size = os.fstat(fd).st_size
+            if size != entry.size:
+                raise SpoolError(f"commit {qid}: {data_path} holds {size} bytes, "
+                                 f"entry says {entry.size}")
+            if self._find(qid) is not None or os.path.lexists(final):
+                raise SpoolError(f"commit {qid}: already queued")
+            os.fsync(fd)
+            os.rename(data_path, final)
+            renamed = True
+            _fsync_dir(final.parent)
+            self._write_meta(entry, area)
+        except BaseException as e:
+            if renamed:  # we checked that no metadata existed: whatever is there is ours
+                self._meta(area, qid).unlink(missing_ok=True)
+                final.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise SpoolError(f"commit {qid}: {e}") from e
+            raise
+        finally:
+            os.close(fd)
+
+    def _write_meta(self, entry: QueueEntry, area: Area) -> None:
+        final = self._meta(area, entry.qid)
+        tmp = final.with_name(final.name + _TMP)
+        payload = entry.to_json().encode("ascii")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(final.parent)
+
+    # -- reading ----------------------------------------------------------------------------
+    def _read(self, area: Area, qid: str) -> QueueEntry:
+        with open(self._meta(area, qid), "rb") as f:
+            entry = QueueEntry.from_json(f.read())
+        if entry.qid != qid:
+            raise SpoolCorrupt(f"{area}/{qid}{_META} holds qid {entry.qid}")
+        return entry
+
+    def load(self, qid: str) -> tuple[Area, QueueEntry]:
+        """The message's area and metadata. SpoolMissing if not queued, SpoolCorrupt if
+        unreadable."""
+        for _ in range(3):  # an unclaimed reader may race a move between areas
+            area = self._find(qid)
+            if area is None:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                return area, self._read(area, qid)
+        raise SpoolMissing(f"{qid}: not queued")
+
+    def _scan(self, *areas: Area) -> Iterator[QueueEntry]:
+        """Entries in qid (= arrival) order; temp files skipped, unreadable ones logged and
+        skipped (``recover`` moves them to corrupt/)."""
+        names = sorted((n[:-len(_META)], area) for area in areas
+                       for n in os.listdir(self.root / _check_area(area)) if n.endswith(_META))
+        for qid, area in names:
+            try:
+                yield self._read(area, _check_qid(qid))
+            except FileNotFoundError:
+                continue
+            except SpoolError as e:
+                log.warning("spool: skipping unreadable %s/%s%s: %s", area, qid, _META, e)
+
+    def entries(self, area: Area) -> Iterator[QueueEntry]:
+        """The entries in ``area``, oldest first."""
+        return self._scan(area)
+
+    def due(self, now: float, limit: int) -> list[str]:
+        """Up to ``limit`` qids from active/ and deferred/ whose ``next_attempt`` <= ``now``,
+        oldest (by arrival, i.e. qid order) first. Reads each candidate's metadata."""
+        due = (e.qid for e in self._scan("active", "deferred") if e.next_attempt <= now)
+        return list(itertools.islice(due, max(limit, 0)))
+
+    def open_data(self, qid: str) -> BinaryIO:
+        """The message bytes (without ``prepend``)."""
+        try:
+            return open(self._data(qid), "rb")
+        except FileNotFoundError:
+            raise SpoolMissing(f"{qid}: no data") from None
+
+    # -- ownership and changes --------------------------------------------------------------
+    @contextlib.contextmanager
+    def claim(self, qid: str, *, wait: bool = False) -> Iterator[tuple[Area, QueueEntry]]:
+        """Own ``qid`` exclusively (across processes) for the ``with`` block; yields its area and
+        metadata as read under the lock. SpoolBusy if another owner holds it (or, with ``wait``,
+        blocks until released), SpoolMissing if it is no longer queued."""
+        _check_qid(qid)
+        with self._held_lock:
+            if qid in self._held:
+                raise SpoolBusy(f"{qid}: already claimed in this process")
+            self._held.add(qid)
+        try:
+            try:
+                fd = _lock_file(self._data(qid), block=wait)
+            except FileNotFoundError:
+                raise SpoolMissing(f"{qid}: not queued") from None
+            except BlockingIOError:
+                raise SpoolBusy(f"{qid}: claimed by another process") from None
+            try:
+                yield self.load(qid)
+            finally:
+                os.close(fd)
+        finally:
+            with self._held_lock:
+                self._held.discard(qid)
+
+    def _require_claim(self, qid: str) -> None:
+        with self._held_lock:
+            if _check_qid(qid) not in self._held:
+                raise SpoolError(f"{qid}: change without a claim")
+
+    def update(self, entry: QueueEntry, area: Area) -> None:
+        """Atomically rewrite the metadata of a claimed message where it is (``area``)."""
+        self._require_claim(entry.qid)
+        if not os.path.lexists(self._meta(_check_area(area), entry.qid)):
+            raise SpoolMissing(f"{entry.qid}: not in {area}/")
+        self._write_meta(entry, area)
+
+    def move(self, qid: str, src: Area, dst: Area) -> None:
+        """Move a claimed message's metadata from ``src`` to ``dst`` (rename, both dirs fsync'd)."""
+        self._require_claim(qid)
+        source, target = self._meta(_check_area(src), qid), self._meta(_check_area(dst), qid)
+        if src == dst:
+            return
+        if os.path.lexists(target):
+            raise SpoolError(f"{qid}: already in {dst}/")
+        try:
+            os.rename(source, target)
+        except FileNotFoundError:
+            raise SpoolMissing(f"{qid}: not in {src}/") from None
+        _fsync_dir(target.parent)
+        _fsync_dir(source.parent)
+
+    def remove(self, qid: str) -> None:
+        """Delete a claimed, finished message. Metadata first: a crash in between leaves data
+        without metadata, which ``recover`` rightly deletes (the message is done). The other
+        order would leave metadata without data, indistinguishable from damage, which recovery
+        must treat as corrupt. The area is fsync'd so a power cut does not resurrect the
+        message (a redelivery); the data's unlink needs no fsync (an orphan is cleaned up)."""
+        self._require_claim(qid)
+        area = self._find(qid)
+        if area is None:
+            raise SpoolMissing(f"{qid}: not queued")
+        self._meta(area, qid).unlink()
+        _fsync_dir(self.root / area)
+        self._data(qid).unlink(missing_ok=True)
+
+    # -- free space -------------------------------------------------------------------------
+    def free_bytes(self) -> int:
+        """Bytes available to this (unprivileged) process on the spool's filesystem."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def has_room(self, min_free_bytes: int) -> bool:
+        """False when MAIL should get 452 4.3.1 (see ``min_free_bytes``)."""
+        return self.free_bytes() >= min_free_bytes
+
+    # -- recovery ---------------------------------------------------------------------------
+    def recover(self, now: float | None = None, *,
+                incoming_min_age_s: float = 0.0) -> RecoveryReport:
+        """Startup: make the spool consistent (see the module doc). Safe beside live workers and
+        committers (it skips what they lock); ``incoming_min_age_s`` spares DATA files that a
+        live receiver in another process may still be writing (0 at single-process start)."""
+        now = time.time() if now is None else now
+        counts: Counter[str] = Counter()
+        problems: list[str] = []
+        self._recover_incoming(incoming_min_age_s, counts)
+        for area in _PRECEDENCE:
+            for name in sorted(os.listdir(self.root / area)):
+                try:
+                    self._recover_meta(area, name, now, counts, problems)
+                except FileNotFoundError:  # moved or removed by a live process meanwhile
+                    continue
+        for name in sorted(os.listdir(self.root / "data")):
+            with contextlib.suppress(FileNotFoundError):
+                self._recover_data(name, counts, problems)
+        report = RecoveryReport(
+            incoming_removed=counts["incoming"], temps_removed=counts["temps"],
+            requeued=counts["requeued"], corrupt=len(problems),
+            orphans_removed=counts["orphans"], busy=counts["busy"], queued=counts["queued"],
+            problems=tuple(problems))
+        event(log, "spool-recovered", root=str(self.root),
+              **{k: v for k, v in vars(report).items() if k != "problems"})
+        return report
+
+    def _recover_incoming(self, min_age_s: float, counts: Counter[str]) -> None:
+        older_than = time.time() - min_age_s
+        for path in sorted((self.root / "incoming").iterdir()):
+            try:  # commit holds this lock while it renames the file into data/
+                if not path.is_file() or (min_age_s > 0 and path.stat().st_mtime > older_than):
+                    continue
+                fd = _lock_file(path, block=False)
+            except BlockingIOError:
+                counts["busy"] += 1
+                continue
+            except FileNotFoundError:
+                continue
+            try:
+                path.unlink()
+                counts["incoming"] += 1
+            finally:
+                os.close(fd)
+
+    def _lock_qid(self, qid: str, counts: Counter[str]) -> int | None:
+        """The message lock's fd; -1 if there is no data file; None if busy (counted)."""
+        try:
+            return _lock_file(self._data(qid), block=False)
+        except FileNotFoundError:
+            return -1
+        except BlockingIOError:
+            counts["busy"] += 1
+            return None
+
+    def _recover_meta(self, area: Area, name: str, now: float, counts: Counter[str],
+                      problems: list[str]) -> None:
+        path = self.root / area / name
+        if name.endswith(_TMP):  # a killed write, unless its writer still holds the lock
+            qid = name[:-len(_META + _TMP)]
+            fd = self._lock_qid(qid, counts) if is_qid(qid) else -1
+            if fd is None:
+                return
+            try:
+                path.unlink()
+                counts["temps"] += 1
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+            return
+        qid = name[:-len(_META)] if name.endswith(_META) else ""
+        if not is_qid(qid) or not path.is_file():
+            self._to_corrupt(path, None, "unexpected file in a queue area", problems)
+            return
+        fd = self._lock_qid(qid, counts)
+        if fd is None:
+            return
+        if fd < 0:  # commit writes the data first: this is damage, not a crash state
+            self._to_corrupt(path, None, "metadata without data", problems)
+            return
+        try:
+            winner = next((a for a in _PRECEDENCE if os.path.lexists(self._meta(a, qid))), area)
+            if winner != area:
+                self._to_corrupt(path, None, f"duplicate of {winner}/{name}", problems)
+                return
+            try:
+                entry = self._read(area, qid)
+                size = os.fstat(fd).st_size
+                if size != entry.size:
+                    raise SpoolCorrupt(f"data has {size} bytes, metadata says {entry.size}")
+            except SpoolCorrupt as e:
+                self._to_corrupt(path, qid, str(e), problems)
+                return
+            if area == "active":  # was (or might have been) in flight: retry it now
+                self._write_meta(replace(entry, next_attempt=now), area)
+                os.rename(path, self._meta("deferred", qid))
+                _fsync_dir(self.root / "deferred")
+                _fsync_dir(self.root / area)
+                counts["requeued"] += 1
+            counts["queued"] += 1
+        finally:
+            os.close(fd)
+
+    def _recover_data(self, name: str, counts: Counter[str], problems: list[str]) -> None:
+        path = self.root / "data" / name
+        if not is_qid(name) or not path.is_file():
+            self._to_corrupt(path, None, "unexpected file in data/", problems)
+            return
+        if self._find(name) is not None:
+            return
+        fd = self._lock_qid(name, counts)
+        if fd is None or fd < 0:
+            return  # a commit in progress, or gone meanwhile
+        try:
+            if self._find(name) is None:  # still none under the lock: never acked, or done
+                path.unlink()
+                counts["orphans"] += 1
+        finally:
+            os.close(fd)
+
+    def _to_corrupt(self, path: Path, qid: str | None, reason: str,
+                    problems: list[str]) -> None:
+        """Move ``path`` (and ``data/<qid>`` when given) to corrupt/, with a .reason file."""
+        corrupt = self.root / "corrupt"
+        target = _free_name(corrupt, path.name)
+        note = {"time": time.time(), "from": str(path.relative_to(self.root)), "reason": reason}
+        data_target = None
+        if qid is not None and os.path.lexists(self._data(qid)):
+            data_target = _free_name(corrupt, f"{qid}.data")
+            note["data"] = data_target.name
+        reason_path = _free_name(corrupt, target.name + ".reason")
+        fd = os.open(reason_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(note) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if data_target is not None and qid is not None:  # data first: data/ never keeps it
+            os.rename(self._data(qid), data_target)
+        os.rename(path, target)
+        _fsync_dir(corrupt)
+        _fsync_dir(self.root / "data")
+        _fsync_dir(path.parent)
+        problems.append(f"{note['from']}: {reason}")
+        event(log, "spool-corrupt", level=logging.ERROR, file=note["from"], reason=reason,
+              moved_to=str(target.relative_to(self.root)), data=note.get("data"))
