@@ -21,18 +21,19 @@ from typing import Any
 
 import pytest
 
+from gateway import queue_entry
 from gateway import spool as spool_mod
 from gateway.errors import MailgateError, SpoolError
 from gateway.qid import new_qid
-from gateway.spool import (
+from gateway.queue_entry import (
     QueueEntry,
     Recipient,
-    Spool,
     SpoolBusy,
     SpoolCorrupt,
     SpoolMissing,
     min_free_bytes,
 )
+from gateway.spool import Spool
 
 REPO = Path(__file__).resolve().parents[2]
 AREAS = spool_mod.QUEUE_AREAS
@@ -107,7 +108,7 @@ def test_every_field_round_trips_through_the_spool(tmp_path: Path) -> None:
     for f in dataclasses.fields(QueueEntry):
         assert getattr(loaded, f.name) == getattr(entry, f.name), f.name
     raw = json.loads((tmp_path / "active" / f"{qid}.json").read_text("ascii"))
-    assert raw["format"] == spool_mod.FORMAT_VERSION
+    assert raw["format"] == queue_entry.FORMAT_VERSION
     assert raw["prepend"] == "WC1TcGFtLVNjb3JlOiAzLjUNClgtUmF3OiD/AA0K"
     with spool.open_data(qid) as data:
         assert data.read() == payload(qid, 64)
@@ -499,7 +500,8 @@ def test_claim_is_exclusive_across_processes_and_dies_with_its_holder(tmp_path: 
 WORKER = """
 import os, sys, time
 from pathlib import Path
-from gateway.spool import Spool, SpoolBusy, SpoolMissing
+from gateway.queue_entry import SpoolBusy, SpoolMissing
+from gateway.spool import Spool
 spool, log, go = Spool(Path(sys.argv[1])), sys.argv[2], Path(sys.argv[3])
 while not go.exists():
     time.sleep(0.001)
