@@ -539,7 +539,8 @@ COMMITTER = """
 import random, sys, time
 from pathlib import Path
 from gateway.qid import new_qid
-from gateway.spool import QueueEntry, Recipient, Spool
+from gateway.queue_entry import QueueEntry, Recipient
+from gateway.spool import Spool
 spool, rnd = Spool(Path(sys.argv[1])), random.Random(int(sys.argv[2]))
 print("ready", flush=True)
 while True:
