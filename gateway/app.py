@@ -19,9 +19,11 @@ from gateway.errors import PolicyError
 from gateway.logs import event
 from gateway.policy.loader import load_policy
 from gateway.policy.schema import Limits, Policy
+from gateway.qmgr import QueueManager
 from gateway.registry import build_chain
 from gateway.replies import Reply
 from gateway.services import Services
+from gateway.spool import Spool
 
 log = logging.getLogger("mailgate")
 LISTEN_BACKLOG = 4096  # asyncio's default of 100 drops connections under load
@@ -73,7 +75,11 @@ def make_tls_context(policy: Policy) -> ssl.SSLContext | None:
 class Runtime:
     def __init__(self, policy_path: Path) -> None:
         self.policy_path = policy_path
-        self.engine = load_engine(policy_path)
+        engine = load_engine(policy_path)  # fully validated before anything touches the disk
+        self.spool = Spool(engine.policy.spool.directory)
+        self.qmgr = QueueManager(self.spool, engine.policy)
+        engine.attach_queue(self.spool, self.qmgr.kick)
+        self.engine = engine
         self.tls_context = make_tls_context(self.engine.policy)
         self.connections = ConnectionCounter()
         self.sessions: set[Any] = set()
@@ -82,19 +88,14 @@ class Runtime:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.servers: list[asyncio.Server] = []
         self.stopped = asyncio.Event()
-        self.incoming_dir = self.engine.policy.spool.directory / "incoming"
-        self.incoming_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._purge_incoming()
-
-    def _purge_incoming(self) -> None:
-        """Half-received messages from a previous run (crash, kill -9): nothing in incoming/
-        was ever acknowledged, so they can go."""
-        stale = list(self.incoming_dir.glob("*.tmp"))
-        for path in stale:
-            path.unlink(missing_ok=True)
-        if stale:
-            log.warning("removed %d unacknowledged partial message(s) from %s", len(stale),
-                        self.incoming_dir)
+        self.incoming_dir = self.spool.root / "incoming"
+        # After a crash: partial DATA files go, in-flight deliveries are retried, unreadable
+        # queue files are moved to corrupt/ (never dropped silently).
+        report = self.spool.recover()
+        event(log, "spool-recovered", directory=str(self.spool.root),
+              incoming_removed=report.incoming_removed, requeued=report.requeued,
+              corrupt=report.corrupt, orphans_removed=report.orphans_removed,
+              queued=report.queued)
 
     def session_ended(self, session: Any) -> None:
         self.sessions.discard(session)
@@ -110,6 +111,7 @@ class Runtime:
         from gateway.smtp.server import SmtpServer
 
         loop = asyncio.get_running_loop()
+        self.background(self.qmgr.run())
         bound: list[str] = []
         for lst in self.engine.policy.listeners:
             family = socket.AF_INET6 if ":" in lst.host else socket.AF_INET
@@ -147,7 +149,9 @@ class Runtime:
         if engine.policy.spool != old.spool:
             log.warning("reload: spool.directory changes need a restart; keeping %s",
                         old.spool.directory)
+        engine.attach_queue(self.spool, self.qmgr.kick)
         self.engine, self.tls_context = engine, tls
+        self.qmgr.policy = engine.policy
         event(log, "reloaded", policy=str(self.policy_path),
               filters=[f.name for f in engine.pipeline.chain])
 
@@ -174,6 +178,7 @@ class Runtime:
             for s in list(self.sessions):
                 if s.transport is not None:
                     s.transport.close()
+        await self.qmgr.stop(grace)
         self.stopped.set()
 
     async def run_forever(self) -> None:

@@ -10,7 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,17 +18,21 @@ from typing import Any
 from gateway import quarantine
 from gateway.decide import Decision, Scorecard, decide
 from gateway.edits import TraceInfo, build_headers, message_chunks, received_header
+from gateway.errors import SpoolError
 from gateway.filterapi import Action, Client, FilterContext, RemoveHeader, Stage
 from gateway.logs import event
 from gateway.message import Message
 from gateway.pipeline import FilterOutcome, Pipeline
 from gateway.policy.schema import Policy, PolicyClass
+from gateway.queue_entry import QueueEntry, min_free_bytes
+from gateway.queue_entry import Recipient as QRecipient
 from gateway.registry import LoadedFilter
 from gateway.relay.proxy import ProxyRelay
 from gateway.relay.transport import transport_for
 from gateway.replies import Reply
 from gateway.services import Services
 from gateway.smtp.address import Address
+from gateway.spool import Spool
 
 log = logging.getLogger("mailgate.message")
 
@@ -77,14 +81,24 @@ class Transaction:
     started: float = field(default_factory=time.monotonic)
     size: int = 0
     decision: Decision | None = None
+    queued: str | None = None  # queue mode: what became of the message ("queued", ...)
 
 
 class Engine:
-    def __init__(self, policy: Policy, chain: Iterable[LoadedFilter], services: Services) -> None:
+    def __init__(self, policy: Policy, chain: Iterable[LoadedFilter], services: Services
+                 ) -> None:
         self.policy = policy
         self.pipeline = Pipeline(chain)
         self.services = services
         self.helo_name = policy.relay.helo_name or policy.hostname
+        self.spool: Spool | None = None  # queue mode commits here (attach_queue)
+        self.on_commit: Callable[[], None] | None = None
+        self.queue_mode = policy.relay.mode == "queue"
+        self.min_free_bytes = min_free_bytes(policy.limits.max_message_bytes)
+
+    def attach_queue(self, spool: Spool, on_commit: Callable[[], None]) -> None:
+        """Give the engine the spool it commits to and what to call after each commit."""
+        self.spool, self.on_commit = spool, on_commit
 
     def command_budget_s(self, verb: str) -> float:
         """The deadline for handling one command: ``limits.command_timeout_s`` for our own
@@ -143,6 +157,11 @@ class Engine:
             txn.decision = state.delayed
             assert state.delayed.reply is not None
             return state.delayed.reply.with_qid(txn.qid)
+        if self.queue_mode and self.spool is not None and not await asyncio.to_thread(
+                self.spool.has_room, self.min_free_bytes):
+            log.error("spool %s: less than %d bytes free, refusing mail", self.spool.root,
+                      self.min_free_bytes)
+            return Reply(452, "4.3.1", f"Insufficient system storage ({txn.qid})")
         out = await self.pipeline.run_stage(Stage.MAIL, self._ctx(Stage.MAIL, state, txn))
         txn.scorecard.add(out.values())
         d = self._early(state, txn, out.values(), Stage.MAIL)
@@ -193,6 +212,11 @@ class Engine:
             assert d.reply is not None
             txn.refused_outcomes = list(out.values())
             return d.reply.with_qid(txn.qid), d.by
+        if self.queue_mode:  # store and forward: the queue manager routes each recipient
+            txn.rcpts.append(rcpt)
+            txn.cls = cls
+            txn.scorecard.add(out.values())
+            return Reply(250, "2.1.5", "Recipient ok"), ""
         if txn.relay is None:
             txn.relay = ProxyRelay(transport, p.relay, self.helo_name, txn.qid)
         reply = await txn.relay.add_rcpt(txn.sender, txn.mail_params, rcpt, params)
@@ -227,6 +251,8 @@ class Engine:
         d = decide(card.symbols(cls), all_out, cls, Stage.MESSAGE, score)
         assert d is not None
         txn.decision = d
+        if self.queue_mode:
+            return await self._queue(state, txn, message, card, cls, d)
         relay = txn.relay
         assert relay is not None
         if d.action.refuses:
@@ -238,17 +264,58 @@ class Engine:
             await relay.abort()
             relay.last_result = "discarded"
             return Reply(250, "2.0.0", f"Ok: queued as {txn.qid}")
-        h = self.policy.headers
-        edits = card.edits()
-        if h.spam_headers:  # headers like ours from outside are forged: drop them
-            edits.insert(0, RemoveHeader(h.spam_header_prefix, name_prefix=True))
-        headers = build_headers(message, self._prepend(state, txn, card, cls, d), edits,
-                                action=d.action, subject_tag=h.subject_tag)
+        headers = self._headers(state, txn, message, card, cls, d)
         if d.action is Action.QUARANTINE:
             await relay.abort()
             return await self._quarantine(state, txn, message, headers, card, cls)
         return await relay.deliver(lambda rcpt: self._with_envelope(
             txn, rcpt, message_chunks(message, headers)))
+
+    async def _queue(self, state: SessionState, txn: Transaction, message: Message,
+                     card: Scorecard, cls: PolicyClass, d: Decision) -> Reply:
+        """Queue mode: the answer is ours. Accepted mail is committed durably (fsync) to the
+        spool before the 250; the queue manager delivers it."""
+        if d.action.refuses:
+            txn.queued = "not queued"
+            assert d.reply is not None
+            return d.reply.with_qid(txn.qid)
+        if d.action is Action.DISCARD:
+            txn.queued = "discarded"
+            return Reply(250, "2.0.0", f"Ok: queued as {txn.qid}")
+        headers = self._headers(state, txn, message, card, cls, d)
+        if d.action is Action.QUARANTINE:
+            return await self._quarantine(state, txn, message, headers, card, cls)
+        assert self.spool is not None
+        path = self.spool.incoming_path(txn.qid).with_suffix(".final")
+        try:
+            size = await asyncio.to_thread(_write, path, message_chunks(message, headers))
+            entry = QueueEntry(
+                qid=txn.qid, sender=txn.sender.addr, mail_params=tuple(txn.mail_params),
+                recipients=tuple(QRecipient(addr=r.addr) for r in txn.rcpts),
+                arrival=time.time(), size=size, client_ip=state.client_ip,
+                helo=state.helo or "", next_attempt=0.0,
+                decision={"action": d.action.value, "score": d.score, "by": d.by,
+                          "class": cls.name,
+                          "symbols": [s.name for s in card.symbols(cls)]})
+            await asyncio.to_thread(self.spool.commit, entry, path)
+        except (OSError, SpoolError) as e:
+            path.unlink(missing_ok=True)
+            log.error("queue commit failed (qid %s): %s", txn.qid, e)
+            txn.queued = f"commit failed: {e}"
+            return Reply(451, "4.3.0", f"Temporary local problem, try again later ({txn.qid})")
+        txn.queued = "queued"
+        if self.on_commit is not None:
+            self.on_commit()
+        return Reply(250, "2.0.0", f"Ok: queued as {txn.qid}")
+
+    def _headers(self, state: SessionState, txn: Transaction, message: Message,
+                 card: Scorecard, cls: PolicyClass, d: Decision) -> bytes:
+        h = self.policy.headers
+        edits = card.edits()
+        if h.spam_headers:  # headers like ours from outside are forged: drop them
+            edits.insert(0, RemoveHeader(h.spam_header_prefix, name_prefix=True))
+        return build_headers(message, self._prepend(state, txn, card, cls, d), edits,
+                             action=d.action, subject_tag=h.subject_tag)
 
     def _with_envelope(self, txn: Transaction, rcpt: Address | None, chunks: Iterable[bytes]
                        ) -> Iterable[bytes]:
@@ -286,7 +353,7 @@ class Engine:
 
     async def _quarantine(self, state: SessionState, txn: Transaction, message: Message,
                           headers: bytes, card: Scorecard, cls: PolicyClass) -> Reply:
-        assert txn.decision is not None and txn.relay is not None
+        assert txn.decision is not None
         meta = {"sender": txn.sender.addr, "recipients": [r.addr for r in txn.rcpts],
                 "client": state.client_ip, "helo": state.helo, "score": txn.decision.score,
                 "by": txn.decision.by, "class": cls.name,
@@ -297,9 +364,9 @@ class Engine:
                                            txn.qid, message_chunks(message, headers), meta)
         except OSError as e:
             log.error("quarantine write failed (qid %s): %s", txn.qid, e)
-            txn.relay.last_result = f"quarantine failed: {e}"
+            txn.queued = f"quarantine failed: {e}"
             return Reply(451, "4.3.0", f"Temporary local problem, try again later ({txn.qid})")
-        txn.relay.last_result = f"quarantined {path}"
+        txn.queued = f"quarantined {path}"
         return Reply(250, "2.0.0", f"Ok: queued as {txn.qid}")
 
     # -- logging --------------------------------------------------------------------------
@@ -329,13 +396,23 @@ class Engine:
               size=txn.size, score=card.score(cls), action=action, by=by,
               policy_class=cls.name, symbols=syms,
               stage_ms=card.stage_ms(), filter_errors=card.errors() or None,
-              relay=txn.relay.last_result if txn.relay else "not relayed",
+              relay=txn.queued or (txn.relay.last_result if txn.relay else "not relayed"),
               reply=reply.render().replace("\r\n", " | ") if reply else None,
               ms=round((time.monotonic() - txn.started) * 1000, 1))
 
     def _log_refusal(self, state: SessionState, stage: Stage, d: Decision) -> None:
         event(log, "refused", sid=state.sid, client=state.client_ip, stage=stage.value,
               by=d.by, reply=d.reply.render() if d.reply else None)
+
+
+def _write(path: Path, chunks: Iterator[bytes]) -> int:
+    """Write the outgoing message for the queue; returns its size (commit fsyncs it)."""
+    size = 0
+    with path.open("xb", buffering=256 * 1024) as f:
+        for chunk in chunks:
+            f.write(chunk)
+            size += len(chunk)
+    return size
 
 
 def _chain(head: bytes, rest: Iterable[bytes]) -> Iterable[bytes]:

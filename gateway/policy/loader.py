@@ -28,6 +28,7 @@ from gateway.policy.schema import (
     Policy,
     PolicyClass,
     QuarantineConfig,
+    QueueConfig,
     RelayConfig,
     Rule,
     SpoolConfig,
@@ -37,7 +38,8 @@ from gateway.policy.schema import (
 from gateway.relay.transport import Transport, parse_transport
 from gateway.replies import Reply
 
-TOP_KEYS = {"server", "tls", "limits", "relay", "domains", "headers", "spool", "quarantine",
+TOP_KEYS = {"server", "tls", "limits", "relay", "domains", "headers", "spool", "queue",
+            "quarantine",
             "plugins",
             "filters", "scores", "actions", "rules", "classes"}
 FILTER_KEYS = {"name", "module", "timeout_s", "on_error", "enabled"}
@@ -203,6 +205,7 @@ def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
         spam_header_prefix=c.string(hdr, "spam_header_prefix", "headers", "X-Spam-"),
         subject_tag=c.string(hdr, "subject_tag", "headers", "[SPAM]"),
     )
+    queue = _queue(c, top.get("queue"))
     sp = c.table(top.get("spool"), "spool", {"directory"})
     spool = SpoolConfig(Path(c.string(sp, "directory", "spool", "spool")))
     q = c.table(top.get("quarantine"), "quarantine", {"directory"})
@@ -226,7 +229,7 @@ def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
     return Policy(
         source=source, hostname=hostname, listeners=listeners, tls=tls, limits=limits,
         relay=relay, accepted_domains=frozenset(accepted), trusted_networks=tuple(trusted),
-        headers=headers, spool=spool, quarantine=quarantine, filters=filters, plugin_dirs=plugin_dirs,
+        headers=headers, spool=spool, queue=queue, quarantine=quarantine, filters=filters, plugin_dirs=plugin_dirs,
         default_class=default_class, classes=classes,
     )
 
@@ -260,6 +263,23 @@ def _limits(c: Checker, data: Any) -> Limits:
     return Limits(**values)
 
 
+def _queue(c: Checker, data: Any) -> QueueConfig:
+    t = c.table(data, "queue", {f.name for f in fields(QueueConfig)})
+    d = QueueConfig()
+    def num(key: str, integer: bool = False) -> Any:
+        v = c.number(t, key, "queue", getattr(d, key), minimum=0, exclusive=True,
+                     integer=integer)
+        return v if integer else float(v)
+
+    q = QueueConfig(min_backoff_s=num("min_backoff_s"), max_backoff_s=num("max_backoff_s"),
+                    max_lifetime_s=num("max_lifetime_s"),
+                    max_active=num("max_active", integer=True),
+                    scan_interval_s=num("scan_interval_s"))
+    if q.max_backoff_s < q.min_backoff_s:
+        c.error("queue.max_backoff_s", "must be >= queue.min_backoff_s")
+    return q
+
+
 def _transport(c: Checker, path: str, text: Any) -> Transport | None:
     return c.convert(path, text, parse_transport)
 
@@ -268,7 +288,7 @@ def _relay(c: Checker, data: Any) -> RelayConfig:
     t = c.table(data, "relay", {"mode", "downstream", "transport", "connect_timeout_s",
                                 "command_timeout_s", "data_timeout_s", "helo_name"})
     d = RelayConfig()
-    mode = c.string(t, "mode", "relay", "proxy", ("proxy",))
+    mode = c.string(t, "mode", "relay", "proxy", ("proxy", "queue"))
     downstream = d.downstream
     if "downstream" in t:
         downstream = _transport(c, "relay.downstream", t["downstream"]) or d.downstream

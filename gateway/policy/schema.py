@@ -59,7 +59,7 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class RelayConfig:
-    mode: Literal["proxy"] = "proxy"
+    mode: Literal["proxy", "queue"] = "proxy"
     downstream: Transport = Transport("maildir", path=Path("Maildir"))
     transport: Mapping[str, Transport] = field(default_factory=dict)  # rcpt domain -> transport
     connect_timeout_s: float = 30.0
@@ -139,6 +139,17 @@ class PolicyClass:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueConfig:
+    """Store-and-forward delivery (relay.mode = "queue"): retries and lifetime."""
+
+    min_backoff_s: float = 300.0
+    max_backoff_s: float = 4000.0
+    max_lifetime_s: float = 5 * 86400.0
+    max_active: int = 100  # deliveries in flight at once
+    scan_interval_s: float = 5.0  # how often due retries are looked for
+
+
+@dataclass(frozen=True, slots=True)
 class SpoolConfig:
     directory: Path = Path("spool")  # DATA streams into spool/incoming while it arrives
 
@@ -160,6 +171,7 @@ class Policy:
     trusted_networks: tuple[Network, ...]
     headers: HeadersConfig
     spool: SpoolConfig
+    queue: QueueConfig
     quarantine: QuarantineConfig
     filters: tuple[FilterSpec, ...]
     plugin_dirs: tuple[Path, ...]

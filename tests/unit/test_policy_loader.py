@@ -173,7 +173,7 @@ def test_values_are_read_and_typed():
     ({"scores": {"A": "high"}}, "scores.A: must be a number, got 'high'"),
     ({"actions": {"reject": "high"}},
      "actions.reject: must be a score, or false to turn it off; got 'high'"),
-    ({"relay": {"mode": "queue"}}, "relay.mode: must be one of proxy; got 'queue'"),
+    ({"relay": {"mode": "fifo"}}, "relay.mode: must be one of proxy, queue; got 'fifo'"),
     # numbers <= 0 for *_s keys (and < 1 for counts)
     ({"limits": {"idle_timeout_s": 0}}, "limits.idle_timeout_s: must be a number > 0"),
     ({"limits": {"data_timeout_s": -1.5}}, "limits.data_timeout_s: must be a number > 0"),

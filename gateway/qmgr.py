@@ -1,0 +1,260 @@
+"""The queue manager: delivers what the spool holds. It picks due messages (new ones at once,
+deferred ones when their retry time comes), claims each one so no other worker touches it, sends
+its pending recipients through their transports, records every recipient's outcome, and then
+removes the message (all recipients final), defers it with capped exponential backoff, or
+bounces the failures with a DSN (RFC 3464) to the sender — never to the null sender.
+
+Fresh mail and retries share one bounded active set; retries are picked only when due, so a
+large deferred queue does not slow fresh mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Iterable, Iterator
+
+from gateway import dsn
+from gateway.errors import RelayError
+from gateway.logs import event
+from gateway.policy.schema import Policy, QueueConfig
+from gateway.qid import new_qid
+from gateway.queue_entry import QueueEntry, Recipient, RecipientState, SpoolBusy, SpoolMissing
+from gateway.relay import maildir
+from gateway.relay.client import DownstreamClient
+from gateway.relay.transport import Transport, transport_for
+from gateway.spool import Spool
+
+log = logging.getLogger("mailgate.qmgr")
+Results = dict[str, tuple[RecipientState, str | None]]
+
+
+def backoff_s(attempts: int, q: QueueConfig) -> float:
+    """Delay before attempt ``attempts + 1``: min, 2x min, 4x min ... capped at max."""
+    return min(q.max_backoff_s, q.min_backoff_s * (2 ** max(0, attempts - 1)))
+
+
+def _domain(addr: str) -> str:
+    return addr.rpartition("@")[2].lower()
+
+
+class QueueManager:
+    def __init__(self, spool: Spool, policy: Policy) -> None:
+        self.spool = spool
+        self.policy = policy  # replaced on reload
+        self.wakeup = asyncio.Event()
+        self.busy: set[str] = set()
+        self._slots = asyncio.Semaphore(policy.queue.max_active)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    def kick(self) -> None:
+        """A message was committed (or flushed): look now rather than at the next scan."""
+        self.wakeup.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            try:
+                due = await asyncio.to_thread(self.spool.due, time.time(), self.policy.queue.max_active * 2)
+            except Exception:
+                log.exception("queue scan failed")
+                due = []
+            for qid in due:
+                if qid in self.busy or self._stopping:
+                    continue
+                await self._slots.acquire()
+                self.busy.add(qid)
+                task = asyncio.create_task(self._attempt(qid), name=f"deliver:{qid}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            self.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.policy.queue.scan_interval_s):
+                    await self.wakeup.wait()
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop picking new work; let attempts in flight finish for ``grace_s`` (the rest are
+        cancelled: their messages stay queued and are retried after a restart)."""
+        self._stopping = True
+        self.wakeup.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
+            for t in pending:
+                t.cancel()
+
+    async def _attempt(self, qid: str) -> None:
+        try:
+            claim = self.spool.claim(qid)
+            try:
+                area, entry = await asyncio.to_thread(claim.__enter__)
+            except (SpoolBusy, SpoolMissing):
+                return
+            try:
+                if area != "hold":
+                    await self._deliver(area, entry)
+            finally:
+                await asyncio.to_thread(claim.__exit__, None, None, None)
+        except Exception:
+            log.exception("delivery attempt failed (qid %s)", qid)
+        finally:
+            self.busy.discard(qid)
+            self._slots.release()
+
+    async def _deliver(self, area: str, entry: QueueEntry) -> None:
+        relay = self.policy.relay
+        groups: dict[Transport, list[Recipient]] = {}
+        for r in entry.pending:
+            t = transport_for(_domain(r.addr), relay.downstream, relay.transport)
+            groups.setdefault(t, []).append(r)
+        results: Results = {}
+        errors: list[str] = []
+        for transport, rcpts in groups.items():
+            got, error = await self._send(entry, transport, rcpts)
+            results.update(got)
+            if error:
+                errors.append(f"{transport}: {error}")
+        entry = entry.with_recipient_results(results)
+        now = time.time()
+        expired = now - entry.arrival >= self.policy.queue.max_lifetime_s
+        if expired and entry.pending:
+            entry = entry.with_recipient_results(
+                {r.addr: ("failed", f"451 4.4.7 delivery time expired (last: "
+                                    f"{r.last_reply or 'no answer'})"[:300])
+                 for r in entry.pending})
+        if entry.done:
+            await self._bounce(entry, now)
+            await asyncio.to_thread(self.spool.remove, entry.qid)
+            self._log(entry, "done", now, errors)
+            return
+        entry = entry.with_retry(now + backoff_s(entry.attempts + 1, self.policy.queue),
+                                 "; ".join(errors)[:500] or None)
+        await asyncio.to_thread(self.spool.update, entry, area)  # type: ignore[arg-type]
+        if area == "active":
+            await asyncio.to_thread(self.spool.move, entry.qid, "active", "deferred")
+        self._log(entry, "deferred", now, errors)
+
+    async def _send(self, entry: QueueEntry, t: Transport, rcpts: list[Recipient]
+                    ) -> tuple[Results, str | None]:
+        """One delivery attempt to one transport. Temporary trouble leaves recipients pending."""
+        if t.kind == "maildir":
+            return await self._send_maildir(entry, t, rcpts)
+        r = self.policy.relay
+        helo = r.helo_name or self.policy.hostname
+        out: Results = {}
+        client: DownstreamClient | None = None
+        try:
+            if t.path is not None:
+                client = await DownstreamClient.connect_unix(
+                    str(t.path), lmtp=t.kind == "lmtp", helo_name=helo,
+                    connect_timeout_s=r.connect_timeout_s,
+                    command_timeout_s=r.command_timeout_s, data_timeout_s=r.data_timeout_s)
+            else:
+                client = await DownstreamClient.connect(
+                    t.host, t.port, lmtp=t.kind == "lmtp", helo_name=helo,
+                    connect_timeout_s=r.connect_timeout_s,
+                    command_timeout_s=r.command_timeout_s, data_timeout_s=r.data_timeout_s)
+            params = [p for p in entry.mail_params
+                      if p.split("=")[0].upper() in client.extensions
+                      or (p.upper().startswith("BODY=") and "8BITMIME" in client.extensions)]
+            reply = await client.mail(entry.sender, params)
+            if not reply.is_ok:
+                state: RecipientState = "failed" if reply.is_perm else "pending"
+                return {x.addr: (state, _text(reply)) for x in rcpts}, None
+            accepted: list[Recipient] = []
+            for x in rcpts:
+                reply = await client.rcpt(x.addr)
+                if reply.is_ok:
+                    accepted.append(x)
+                else:
+                    out[x.addr] = ("failed" if reply.is_perm else "pending", _text(reply))
+            if accepted:
+                with await asyncio.to_thread(self.spool.open_data, entry.qid) as f:
+                    replies = await client.data(_read(f), accepted_rcpts=len(accepted))
+                if len(replies) == 1 and len(accepted) > 1:
+                    replies = replies * len(accepted)
+                for x, reply in zip(accepted, replies, strict=False):
+                    out[x.addr] = ("delivered" if reply.is_ok else
+                                   "failed" if reply.is_perm else "pending", _text(reply))
+            return out, None
+        except RelayError as e:
+            for x in rcpts:
+                out.setdefault(x.addr, ("failed" if e.permanent else "pending",
+                                        f"{e.code} {e.status} {e.text or e}"[:300]))
+            return out, str(e)
+        finally:
+            if client is not None:
+                await client.quit()
+
+    async def _send_maildir(self, entry: QueueEntry, t: Transport, rcpts: list[Recipient]
+                            ) -> tuple[Results, str | None]:
+        assert t.path is not None
+        out: Results = {}
+        error = None
+        for x in rcpts:
+            head = (f"Return-Path: <{entry.sender}>\r\nDelivered-To: {x.addr}\r\n").encode()
+            try:
+                with await asyncio.to_thread(self.spool.open_data, entry.qid) as f:
+                    await asyncio.to_thread(maildir.deliver, t.path, _chain(head, _read(f)),
+                                            entry.qid)
+                out[x.addr] = ("delivered", f"maildir {t.path}")
+            except OSError as e:
+                error = f"maildir {t.path}: {e}"
+                out[x.addr] = ("pending", error)
+        return out, error
+
+    async def _bounce(self, entry: QueueEntry, now: float) -> None:
+        failed = [r for r in entry.recipients if r.state == "failed"
+                  and dsn.wants_dsn(entry.sender, r.notify, "failed")]
+        if not failed:
+            return
+        statuses = [dsn.RecipientStatus(
+            recipient=r.addr, action="failed", status=_status_of(r.last_reply),
+            original_recipient=r.orcpt, diagnostic=f"smtp; {r.last_reply}" if r.last_reply
+            else None, last_attempt=now) for r in failed]
+        req = dsn.DsnRequest(qid=entry.qid, sender=entry.sender, arrival=entry.arrival,
+                             envid=entry.envid, ret=entry.ret,  # type: ignore[arg-type]
+                             reporting_mta=self.policy.hostname,
+                             received_from_mta=entry.helo or None)
+        with await asyncio.to_thread(self.spool.open_data, entry.qid) as f:
+            data = await asyncio.to_thread(dsn.build_dsn, req, statuses, f, now=now)
+        qid = new_qid()
+        path = self.spool.incoming_path(qid)
+        await asyncio.to_thread(path.write_bytes, data)
+        bounce = QueueEntry(qid=qid, sender="", recipients=(Recipient(addr=entry.sender),),
+                            arrival=now, size=len(data), next_attempt=now,
+                            decision={"action": "dsn", "for": entry.qid})
+        await asyncio.to_thread(self.spool.commit, bounce, path)
+        event(log, "dsn", qid=qid, original=entry.qid, to=entry.sender,
+              failed=[r.addr for r in failed])
+        self.kick()
+
+    def _log(self, entry: QueueEntry, outcome: str, now: float, errors: list[str]) -> None:
+        event(log, "delivery", qid=entry.qid, outcome=outcome, attempts=entry.attempts,
+              sender=entry.sender or "<>",
+              rcpts={r.addr: f"{r.state}: {r.last_reply or ''}"[:160] for r in entry.recipients},
+              next_attempt=round(entry.next_attempt - now, 1) if outcome == "deferred" else None,
+              errors=errors or None)
+
+
+def _text(reply: object) -> str:
+    code, status, text = (getattr(reply, k) for k in ("code", "status", "text"))
+    return f"{code} {status} {text}".strip()[:300]
+
+
+def _status_of(last_reply: str | None) -> str:
+    """The RFC 3463 status in a recorded reply ("550 5.1.1 ..."), for the DSN."""
+    m = re.search(r"\b([45]\.\d{1,3}\.\d{1,3})\b", last_reply or "")
+    return m.group(1) if m else "5.0.0"
+
+
+def _read(f: object, block: int = 256 * 1024) -> Iterator[bytes]:
+    while chunk := f.read(block):  # type: ignore[attr-defined]
+        yield chunk
+
+
+def _chain(head: bytes, rest: Iterable[bytes]) -> Iterator[bytes]:
+    yield head
+    yield from rest
