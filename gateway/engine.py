@@ -31,6 +31,7 @@ from gateway.relay.proxy import ProxyRelay
 from gateway.relay.transport import transport_for
 from gateway.replies import Reply
 from gateway.services import Services
+from gateway.smtp import dsnparams
 from gateway.smtp.address import Address
 from gateway.spool import Spool
 
@@ -69,9 +70,12 @@ class SessionState:
 class Transaction:
     qid: str
     sender: Address
-    mail_params: list[str]
+    mail_params: list[str]  # SIZE, BODY, SMTPUTF8 as sent
     utf8: bool = False
+    ret: str | None = None  # RFC 3461 RET (FULL/HDRS)
+    envid: str | None = None  # RFC 3461 ENVID, decoded
     rcpts: list[Address] = field(default_factory=list)
+    dsn: dict[str, tuple[frozenset[str] | None, str | None]] = field(default_factory=dict)
     rcpt_refused: int = 0
     rcpt_refusal: tuple[str, Reply] | None = None  # (by, reply) of the last refused RCPT
     refused_outcomes: list[FilterOutcome] = field(default_factory=list)  # its filters' outcomes
@@ -172,9 +176,10 @@ class Engine:
         return Reply(250, "2.1.0", "Sender ok")
 
     async def on_rcpt(self, state: SessionState, txn: Transaction, rcpt: Address,
-                      params: list[str]) -> Reply:
+                      notify: frozenset[str] | None = None, orcpt: str | None = None) -> Reply:
+        """``notify``/``orcpt``: the recipient's RFC 3461 NOTIFY and (decoded) ORCPT."""
         txn.refused_outcomes = []
-        reply, by = await self._rcpt(state, txn, rcpt, params)
+        reply, by = await self._rcpt(state, txn, rcpt, notify, orcpt)
         if not reply.is_ok:
             txn.rcpt_refused += 1
             if not reply.text.endswith(f"({txn.qid})"):  # every refusal ends with the qid
@@ -183,7 +188,7 @@ class Engine:
         return reply
 
     async def _rcpt(self, state: SessionState, txn: Transaction, rcpt: Address,
-                    params: list[str]) -> tuple[Reply, str]:
+                    notify: frozenset[str] | None, orcpt: str | None) -> tuple[Reply, str]:
         """The reply for one recipient, and (for a refusal) what chose it, for the log."""
         p = self.policy
         local = not rcpt.domain or p.is_local_domain(rcpt.domain_key)
@@ -214,12 +219,15 @@ class Engine:
             return d.reply.with_qid(txn.qid), d.by
         if self.queue_mode:  # store and forward: the queue manager routes each recipient
             txn.rcpts.append(rcpt)
+            txn.dsn[rcpt.addr] = (notify, orcpt)
             txn.cls = cls
             txn.scorecard.add(out.values())
             return Reply(250, "2.1.5", "Recipient ok"), ""
         if txn.relay is None:
             txn.relay = ProxyRelay(transport, p.relay, self.helo_name, txn.qid)
-        reply = await txn.relay.add_rcpt(txn.sender, txn.mail_params, rcpt, params)
+        reply = await txn.relay.add_rcpt(
+            txn.sender, txn.mail_params + dsnparams.mail_dsn_params(txn.ret, txn.envid), rcpt,
+            dsnparams.rcpt_dsn_params(notify, orcpt))
         if reply.is_ok:
             txn.rcpts.append(rcpt)
             txn.cls = cls
@@ -291,7 +299,9 @@ class Engine:
             size = await asyncio.to_thread(_write, path, message_chunks(message, headers))
             entry = QueueEntry(
                 qid=txn.qid, sender=txn.sender.addr, mail_params=tuple(txn.mail_params),
-                recipients=tuple(QRecipient(addr=r.addr) for r in txn.rcpts),
+                envid=txn.envid, ret=txn.ret,
+                recipients=tuple(QRecipient(addr=r.addr, notify=txn.dsn[r.addr][0],
+                                            orcpt=txn.dsn[r.addr][1]) for r in txn.rcpts),
                 arrival=time.time(), size=size, client_ip=state.client_ip,
                 helo=state.helo or "", next_attempt=0.0,
                 decision={"action": d.action.value, "score": d.score, "by": d.by,

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from gateway import dsn
-from gateway.errors import RelayError
+from gateway.errors import RelayError, SpoolError
 from gateway.logs import event
 from gateway.policy.schema import Policy, QueueConfig
 from gateway.qid import new_qid
@@ -26,6 +26,7 @@ from gateway.queue_entry import QueueEntry, Recipient, RecipientState, SpoolBusy
 from gateway.relay import maildir
 from gateway.relay.client import DownstreamClient
 from gateway.relay.transport import Transport, transport_for
+from gateway.smtp import dsnparams
 from gateway.spool import Spool
 
 log = logging.getLogger("mailgate.qmgr")
@@ -125,12 +126,18 @@ class QueueManager:
                                     f"{r.last_reply or 'no answer'})"[:300])
                  for r in entry.pending})
         if entry.done:
-            await self._bounce(entry, now)
-            await asyncio.to_thread(self.spool.remove, entry.qid)
-            self._log(entry, "done", now, errors)
-            return
+            try:
+                note = await self._bounce(entry, now)
+            except (OSError, SpoolError) as e:  # e.g. a full spool: keep the outcomes (no
+                # second copy for the delivered recipients) and retry only the DSN later
+                log.error("DSN for %s not queued: %s", entry.qid, e)
+                errors.append(f"DSN not queued: {e}")
+            else:
+                await asyncio.to_thread(self.spool.remove, entry.qid)
+                self._log(entry, "done", now, errors, dsn_note=note)
+                return
         entry = entry.with_retry(now + backoff_s(entry.attempts + 1, self.policy.queue),
-                                 "; ".join(errors)[:500] or None)
+                                 _last_error(entry, errors))
         await asyncio.to_thread(self.spool.update, entry, area)  # type: ignore[arg-type]
         if area == "active":
             await asyncio.to_thread(self.spool.move, entry.qid, "active", "deferred")
@@ -156,16 +163,20 @@ class QueueManager:
                     t.host, t.port, lmtp=t.kind == "lmtp", helo_name=helo,
                     connect_timeout_s=r.connect_timeout_s,
                     command_timeout_s=r.command_timeout_s, data_timeout_s=r.data_timeout_s)
+            ext = client.extensions
             params = [p for p in entry.mail_params
-                      if p.split("=")[0].upper() in client.extensions
-                      or (p.upper().startswith("BODY=") and "8BITMIME" in client.extensions)]
+                      if p.split("=")[0].upper() in ext
+                      or (p.upper().startswith("BODY=") and "8BITMIME" in ext)]
+            if "DSN" in ext:  # the downstream takes over the DSN duty for what it accepts
+                params += dsnparams.mail_dsn_params(entry.ret, entry.envid)
             reply = await client.mail(entry.sender, params)
             if not reply.is_ok:
                 state: RecipientState = "failed" if reply.is_perm else "pending"
                 return {x.addr: (state, _text(reply)) for x in rcpts}, None
             accepted: list[Recipient] = []
             for x in rcpts:
-                reply = await client.rcpt(x.addr)
+                reply = await client.rcpt(
+                    x.addr, dsnparams.rcpt_dsn_params(x.notify, x.orcpt) if "DSN" in ext else [])
                 if reply.is_ok:
                     accepted.append(x)
                 else:
@@ -205,11 +216,15 @@ class QueueManager:
                 out[x.addr] = ("pending", error)
         return out, error
 
-    async def _bounce(self, entry: QueueEntry, now: float) -> None:
+    async def _bounce(self, entry: QueueEntry, now: float) -> str | None:
+        """Queue the DSN for the failed recipients that want one; returns its qid, or why none
+        was sent (None when nothing failed). OSError/SpoolError: try again later."""
         failed = [r for r in entry.recipients if r.state == "failed"
                   and dsn.wants_dsn(entry.sender, r.notify, "failed")]
         if not failed:
-            return
+            if not any(r.state == "failed" for r in entry.recipients):
+                return None
+            return "not sent: null sender" if not entry.sender else "not sent: NOTIFY"
         statuses = [dsn.RecipientStatus(
             recipient=r.addr, action="failed", status=_status_of(r.last_reply),
             original_recipient=r.orcpt, diagnostic=f"smtp; {r.last_reply}" if r.last_reply
@@ -218,25 +233,42 @@ class QueueManager:
                              envid=entry.envid, ret=entry.ret,  # type: ignore[arg-type]
                              reporting_mta=self.policy.hostname,
                              received_from_mta=entry.helo or None)
-        with await asyncio.to_thread(self.spool.open_data, entry.qid) as f:
-            data = await asyncio.to_thread(dsn.build_dsn, req, statuses, f, now=now)
+        try:
+            with await asyncio.to_thread(self.spool.open_data, entry.qid) as f:
+                data = await asyncio.to_thread(dsn.build_dsn, req, statuses, f, now=now)
+        except dsn.DsnError as e:  # cannot be built, now or later: say so, do not retry
+            log.error("DSN for %s cannot be built: %s", entry.qid, e)
+            return f"not sent: {e}"
         qid = new_qid()
         path = self.spool.incoming_path(qid)
-        await asyncio.to_thread(path.write_bytes, data)
         bounce = QueueEntry(qid=qid, sender="", recipients=(Recipient(addr=entry.sender),),
                             arrival=now, size=len(data), next_attempt=now,
                             decision={"action": "dsn", "for": entry.qid})
-        await asyncio.to_thread(self.spool.commit, bounce, path)
+        try:
+            await asyncio.to_thread(path.write_bytes, data)
+            await asyncio.to_thread(self.spool.commit, bounce, path)
+        finally:
+            path.unlink(missing_ok=True)  # renamed away by a successful commit
         event(log, "dsn", qid=qid, original=entry.qid, to=entry.sender,
               failed=[r.addr for r in failed])
         self.kick()
+        return qid
 
-    def _log(self, entry: QueueEntry, outcome: str, now: float, errors: list[str]) -> None:
+    def _log(self, entry: QueueEntry, outcome: str, now: float, errors: list[str],
+             dsn_note: str | None = None) -> None:
         event(log, "delivery", qid=entry.qid, outcome=outcome, attempts=entry.attempts,
               sender=entry.sender or "<>",
               rcpts={r.addr: f"{r.state}: {r.last_reply or ''}"[:160] for r in entry.recipients},
               next_attempt=round(entry.next_attempt - now, 1) if outcome == "deferred" else None,
-              errors=errors or None)
+              errors=errors or None, dsn=dsn_note)
+
+
+def _last_error(entry: QueueEntry, errors: list[str]) -> str | None:
+    """Why the message is deferred: the transport errors, else (a 4xx reply, no error raised)
+    the replies of the recipients still pending."""
+    text = "; ".join(errors) or "; ".join(f"<{r.addr}>: {r.last_reply}" for r in entry.pending
+                                          if r.last_reply)
+    return text[:500] or None
 
 
 def _text(reply: object) -> str:

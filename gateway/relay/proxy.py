@@ -83,6 +83,8 @@ class ProxyRelay:
                 continue
             if key in ("SIZE", "BODY", "SMTPUTF8") and (key != "SIZE" or "SIZE" in ext):
                 params.append(p)
+            elif key in ("RET", "ENVID") and "DSN" in ext:
+                params.append(p)
         try:
             reply = await self.client.mail(sender.addr, params)
         except RelayError as e:
@@ -113,7 +115,8 @@ class ProxyRelay:
                 return reply
         assert self.client is not None
         try:
-            reply = await self.client.rcpt(rcpt.addr, [])
+            reply = await self.client.rcpt(
+                rcpt.addr, rcpt_params if "DSN" in self.client.extensions else [])
         except RelayError as e:
             self.client = None
             self.last_result = f"RCPT failed: {e}"

@@ -28,6 +28,7 @@ from gateway.engine import SessionState, Transaction
 from gateway.logs import event
 from gateway.qid import new_qid, new_session_id
 from gateway.replies import Reply
+from gateway.smtp import dsnparams
 from gateway.smtp.address import AddressError, parse_mail_from, parse_rcpt_to
 from gateway.smtp.datareader import DataEOF, DataStatus, DataTimeout, read_data
 
@@ -260,7 +261,7 @@ class SmtpServer(SMTP):
             await self.push(f"250 {self.hostname}")
             return
         lines = [self.hostname, "PIPELINING", f"SIZE {self.limits.max_message_bytes}",
-                 "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+                 "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN"]
         if self.tls_context is not None and not st.tls:
             lines.append("STARTTLS")
         await self.push("\r\n".join(f"250-{x}" for x in lines[:-1]) + f"\r\n250 {lines[-1]}")
@@ -293,7 +294,11 @@ class SmtpServer(SMTP):
         if problem is not None:
             await self.reply(problem)
             return
-        txn = Transaction(qid, path.address, params,
+        ret = next((p[4:] for p in params if p.startswith("RET=")), None)
+        envid = next((p[6:] for p in params if p.startswith("ENVID=")), None)
+        txn = Transaction(qid, path.address,
+                          [p for p in params if not p.startswith(("RET=", "ENVID="))],
+                          ret=ret, envid=envid,
                           utf8=any(p.upper() == "SMTPUTF8" for p in params))
         reply = await self.engine.on_mail(st, txn)
         if reply.is_ok:
@@ -325,6 +330,16 @@ class SmtpServer(SMTP):
                 if value is not None:
                     return out, Reply(501, "5.5.4", "SMTPUTF8 takes no value")
                 out.append("SMTPUTF8")
+            elif k == "RET":
+                ret = dsnparams.check_ret(value)
+                if isinstance(ret, Reply):
+                    return out, ret
+                out.append(f"RET={ret}")
+            elif k == "ENVID":
+                envid = dsnparams.check_envid(value)
+                if isinstance(envid, Reply):
+                    return out, envid
+                out.append(f"ENVID={envid}")  # decoded; encoded again for a downstream
             else:
                 return out, Reply(555, "5.5.4", f"Unsupported MAIL parameter {k}")
         return out, None
@@ -342,11 +357,21 @@ class SmtpServer(SMTP):
         except AddressError as e:
             await self.reply(e.reply)
             return
-        if path.params:
-            k = path.params[0][0].upper()
-            await self.reply(Reply(555, "5.5.4", f"Unsupported RCPT parameter {k}"))
-            return
-        reply = await self.engine.on_rcpt(st, txn, path.address, [])
+        notify: frozenset[str] | None = None
+        orcpt: str | None = None
+        for key, value in path.params:
+            k = key.upper()
+            checked: object
+            if k == "NOTIFY":
+                checked = notify = dsnparams.check_notify(value)  # type: ignore[assignment]
+            elif k == "ORCPT":
+                checked = orcpt = dsnparams.check_orcpt(value)  # type: ignore[assignment]
+            else:
+                checked = Reply(555, "5.5.4", f"Unsupported RCPT parameter {k}")
+            if isinstance(checked, Reply):
+                await self.reply(checked)
+                return
+        reply = await self.engine.on_rcpt(st, txn, path.address, notify, orcpt)
         await self.reply(reply)
         if not reply.is_ok and reply.status != "4.5.3":  # a class/transport split is no fault
             self.refused_rcpts += 1
