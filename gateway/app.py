@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -73,8 +74,13 @@ def make_tls_context(policy: Policy) -> ssl.SSLContext | None:
 
 
 class Runtime:
-    def __init__(self, policy_path: Path) -> None:
+    def __init__(self, policy_path: Path, sockets: list[socket.socket] | None = None, *,
+                 recover: bool = True, worker: int = 0) -> None:
+        """``sockets``: listening sockets bound by a supervisor (several workers share them);
+        ``recover``: run the spool recovery (once per start, before any worker delivers)."""
         self.policy_path = policy_path
+        self.worker = worker
+        self._sockets = sockets
         engine = load_engine(policy_path)  # fully validated before anything touches the disk
         self.spool = Spool(engine.policy.spool.directory)
         self.qmgr = QueueManager(self.spool, engine.policy)
@@ -89,13 +95,8 @@ class Runtime:
         self.servers: list[asyncio.Server] = []
         self.stopped = asyncio.Event()
         self.incoming_dir = self.spool.root / "incoming"
-        # After a crash: partial DATA files go, in-flight deliveries are retried, unreadable
-        # queue files are moved to corrupt/ (never dropped silently).
-        report = self.spool.recover()
-        event(log, "spool-recovered", directory=str(self.spool.root),
-              incoming_removed=report.incoming_removed, requeued=report.requeued,
-              corrupt=report.corrupt, orphans_removed=report.orphans_removed,
-              queued=report.queued)
+        if recover:
+            recover_spool(self.spool)
 
     def session_ended(self, session: Any) -> None:
         self.sessions.discard(session)
@@ -113,12 +114,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         self.background(self.qmgr.run())
         bound: list[str] = []
-        for lst in self.engine.policy.listeners:
-            family = socket.AF_INET6 if ":" in lst.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((lst.host, lst.port))
-            sock.setblocking(False)
+        for sock in self._sockets or bind_listeners(self.engine.policy):
             server = await loop.create_server(lambda: SmtpServer(self), sock=sock,
                                               backlog=LISTEN_BACKLOG)
             self.servers.append(server)
@@ -129,7 +125,8 @@ class Runtime:
         loop.add_signal_handler(signal.SIGTERM, lambda: self.background(self.stop()))
         loop.add_signal_handler(signal.SIGINT, lambda: self.background(self.stop()))
         for address in bound:
-            event(log, "listening", address=address, policy=str(self.policy_path),
+            event(log, "listening", address=address, worker=self.worker,
+                  policy=str(self.policy_path),
                   filters=[f.name for f in self.engine.pipeline.chain],
                   tls=self.tls_context is not None)
 
@@ -167,8 +164,10 @@ class Runtime:
                 self.background(s.close_with(Reply(421, "4.3.2", "Service shutting down"),
                                              "shutdown"))
         grace = self.engine.policy.limits.shutdown_grace_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace  # one grace period for sessions and deliveries together
         try:
-            async with asyncio.timeout(grace):
+            async with asyncio.timeout_at(deadline):
                 if self.sessions:
                     self.no_sessions.clear()
                     await self.no_sessions.wait()
@@ -178,7 +177,7 @@ class Runtime:
             for s in list(self.sessions):
                 if s.transport is not None:
                     s.transport.close()
-        await self.qmgr.stop(grace)
+        await self.qmgr.stop(max(0.0, deadline - loop.time()))
         self.stopped.set()
 
     async def run_forever(self) -> None:
@@ -187,15 +186,55 @@ class Runtime:
         event(log, "stopped")
 
 
-def run(policy_path: Path) -> int:
-    async def main() -> int:
-        try:
-            runtime = Runtime(policy_path)
-        except PolicyError as e:
-            for p in e.problems:
-                log.error("%s", p)
-            return 2
-        await runtime.run_forever()
-        return 0
+def recover_spool(spool: Spool) -> None:
+    """After a crash: partial DATA files go, in-flight deliveries are retried, unreadable queue
+    files are moved to corrupt/ (never dropped silently)."""
+    report = spool.recover()
+    event(log, "spool-recovered", directory=str(spool.root),
+          incoming_removed=report.incoming_removed, requeued=report.requeued,
+          corrupt=report.corrupt, orphans_removed=report.orphans_removed, queued=report.queued)
 
-    return asyncio.run(main())
+
+def bind_listeners(policy: Policy) -> list[socket.socket]:
+    out = []
+    for lst in policy.listeners:
+        family = socket.AF_INET6 if ":" in lst.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((lst.host, lst.port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+        out.append(sock)
+    return out
+
+
+async def serve(policy_path: Path, sockets: list[socket.socket] | None = None, *,
+                recover: bool = True, worker: int = 0) -> int:
+    try:
+        runtime = Runtime(policy_path, sockets, recover=recover, worker=worker)
+    except PolicyError as e:
+        for p in e.problems:
+            log.error("%s", p)
+        return 2
+    await runtime.run_forever()
+    return 0
+
+
+def run(policy_path: Path) -> int:
+    """Start the gateway: in this process (``server.workers = 1``), or as a supervisor of N
+    worker processes sharing the listening sockets and the spool."""
+    try:
+        policy = load_engine(policy_path).policy
+    except PolicyError as e:
+        for p in e.problems:
+            log.error("%s", p)
+        return 2
+    workers = policy.workers or os.cpu_count() or 1
+    if workers == 1:
+        return asyncio.run(serve(policy_path))
+    from gateway.workers import supervise
+
+    sockets = bind_listeners(policy)
+    recover_spool(Spool(policy.spool.directory))
+    return supervise(workers, lambda i: asyncio.run(
+        serve(policy_path, sockets, recover=False, worker=i)))

@@ -160,7 +160,8 @@ def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
     c = Checker(source)
     top = c.table(data, "", TOP_KEYS)
 
-    server = c.table(top.get("server"), "server", {"hostname", "listen"})
+    server = c.table(top.get("server"), "server", {"hostname", "listen", "workers"})
+    workers = c.number(server, "workers", "server", 0, minimum=0, integer=True)
     hostname = c.string(server, "hostname", "server", "mailgate.localdomain")
     listeners = tuple(
         x for x in (c.convert(f"server.listen[{i}]", s, _listener)
@@ -227,7 +228,7 @@ def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
     if c.problems:
         raise PolicyError(c.problems)
     return Policy(
-        source=source, hostname=hostname, listeners=listeners, tls=tls, limits=limits,
+        source=source, hostname=hostname, workers=workers, listeners=listeners, tls=tls, limits=limits,
         relay=relay, accepted_domains=frozenset(accepted), trusted_networks=tuple(trusted),
         headers=headers, spool=spool, queue=queue, quarantine=quarantine, filters=filters, plugin_dirs=plugin_dirs,
         default_class=default_class, classes=classes,

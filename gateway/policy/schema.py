@@ -163,6 +163,7 @@ class QuarantineConfig:
 class Policy:
     source: str  # the file it came from
     hostname: str
+    workers: int  # SMTP+delivery processes; 0 = one per CPU
     listeners: tuple[Listener, ...]
     tls: TlsConfig
     limits: Limits

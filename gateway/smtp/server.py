@@ -172,7 +172,8 @@ class SmtpServer(SMTP):
             self._end_transaction(None, "aborted")
             if self.transport is not None:
                 self.transport.close()
-            event(log, "connection", sid=st.sid, client=ip, port=port, helo=st.helo,
+            event(log, "connection", sid=st.sid, worker=self.runtime.worker, client=ip, port=port,
+                  helo=st.helo,
                   tls=st.tls, transactions=st.transactions, accepted=st.accepted,
                   refused=st.refused, commands=self.commands, invalid=self.invalid,
                   end=self.end_reason, ms=round((time.monotonic() - self.started) * 1000, 1))

@@ -24,7 +24,7 @@ def base_policy(downstream: str = "maildir:Maildir", **sections: Any) -> dict[st
     """A test policy: listen on a free port, accept example.test, deliver to ``downstream``.
     Keyword arguments replace or extend top-level sections (dicts are merged one level)."""
     policy: dict[str, Any] = {
-        "server": {"hostname": "mx.gateway.test", "listen": ["127.0.0.1:0"]},
+        "server": {"hostname": "mx.gateway.test", "listen": ["127.0.0.1:0"], "workers": 1},
         "domains": {"accepted": ["example.test"]},
         "relay": {"mode": "proxy", "downstream": downstream, "connect_timeout_s": 5,
                   "command_timeout_s": 10, "data_timeout_s": 20},

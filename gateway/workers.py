@@ -1,0 +1,80 @@
+"""Several worker processes: the supervisor forks N workers that share the listening sockets
+(the kernel spreads connections over them) and the spool (claims keep deliveries exclusive). It
+forwards SIGTERM/SIGINT/SIGHUP to them, restarts a worker that dies unexpectedly, and exits when
+all have stopped. A worker whose supervisor dies (kill -9) gets SIGTERM and drains."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+from gateway.logs import event
+
+log = logging.getLogger("mailgate.workers")
+PR_SET_PDEATHSIG = 1
+RESTART_PAUSE_S = 1.0
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):  # Linux only; elsewhere workers outlive a kill -9
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _spawn(worker: int, main: Callable[[int], int]) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        _die_with_parent()
+        code = main(worker)
+    except BaseException:
+        log.exception("worker %d crashed", worker)
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def supervise(n: int, main: Callable[[int], int]) -> int:
+    children: dict[int, int] = {}
+    stopping = False
+
+    def forward(sig: int, _frame: object) -> None:
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for i in range(n):
+        children[_spawn(i, main)] = i
+    event(log, "workers", count=n, pids=sorted(children))
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        worker = children.pop(pid, None)
+        if worker is None:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if not stopping:
+            event(log, "worker-died", level=logging.ERROR, worker=worker, pid=pid, code=code)
+            time.sleep(RESTART_PAUSE_S)
+            if not stopping:
+                new = _spawn(worker, main)
+                children[new] = worker
+                event(log, "worker-restarted", worker=worker, pid=new)
+    event(log, "stopped", workers=n)
+    return 0

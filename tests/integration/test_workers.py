@@ -1,0 +1,63 @@
+"""Several worker processes share the listening socket and the spool: every message is
+delivered exactly once, SIGTERM stops them all, a worker that dies is replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from tests.support.gateway import base_policy
+from tests.support.sink import Sink
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is not alive
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_two_workers_deliver_everything_exactly_once_and_stop_together(gateway_factory):
+    with Sink() as sink:
+        gw = gateway_factory(base_policy(f"smtp://127.0.0.1:{sink.port}",
+                                         server={"workers": 2}, relay={"mode": "queue"},
+                                         queue={"scan_interval_s": 0.2}))
+        ev = gw.wait_for(lambda e: e.get("event") == "workers")
+        pids = ev["pids"]
+        assert len(pids) == 2
+        gw.wait_for(lambda e: e.get("event") == "listening" and e.get("worker") == 1)
+
+        def send(i: int) -> str:
+            with smtplib.SMTP(*gw.address, timeout=20) as s:
+                s.sendmail("a@sender.test", ["alice@example.test"],
+                           f"Subject: n{i}\r\nX-N: {i}\r\n\r\nbody {i}\r\n".encode())
+                return "ok"
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(send, range(60))) == ["ok"] * 60
+        msgs = sink.wait_for(60, 30)
+        time.sleep(1.0)  # a duplicate would show up here
+        numbers = sorted(int(m.data.split(b"X-N: ")[1].split(b"\r\n")[0])
+                         for m in sink.messages)
+        assert numbers == list(range(60)), f"{len(msgs)} messages, {len(sink.messages)} at sink"
+        workers_seen = {e["worker"] for e in gw.events("connection")}
+        assert workers_seen <= {0, 1}
+
+        # a worker that dies is replaced, and the replacement serves
+        os.kill(pids[0], signal.SIGKILL)
+        died = gw.wait_for(lambda e: e.get("event") == "worker-died" and e.get("pid") == pids[0])
+        assert died["worker"] == 0
+        new = gw.wait_for(lambda e: e.get("event") == "worker-restarted")["pid"]
+        assert _alive(new)
+        for i in range(60, 70):
+            send(i)
+        sink.wait_for(70, 20)
+
+        assert gw.stop() == 0
+        for pid in (new, pids[1]):
+            assert not _alive(pid)
