@@ -148,7 +148,7 @@ class Runtime:
                         old.spool.directory)
         engine.attach_queue(self.spool, self.qmgr.kick)
         self.engine, self.tls_context = engine, tls
-        self.qmgr.policy = engine.policy
+        self.background(self.qmgr.reconfigure(engine.policy))
         event(log, "reloaded", policy=str(self.policy_path),
               filters=[f.name for f in engine.pipeline.chain])
 

@@ -25,6 +25,7 @@ from gateway.qid import new_qid
 from gateway.queue_entry import QueueEntry, Recipient, RecipientState, SpoolBusy, SpoolMissing
 from gateway.relay import maildir
 from gateway.relay.client import DownstreamClient
+from gateway.relay.pool import DownstreamPool
 from gateway.relay.transport import Transport, transport_for
 from gateway.smtp import dsnparams
 from gateway.spool import Spool
@@ -45,12 +46,25 @@ def _domain(addr: str) -> str:
 class QueueManager:
     def __init__(self, spool: Spool, policy: Policy) -> None:
         self.spool = spool
-        self.policy = policy  # replaced on reload
+        self.policy = policy
+        self.pool = self._new_pool(policy)
         self.wakeup = asyncio.Event()
         self.busy: set[str] = set()
         self._slots = asyncio.Semaphore(policy.queue.max_active)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+
+    @staticmethod
+    def _new_pool(policy: Policy) -> DownstreamPool:
+        q = policy.queue
+        return DownstreamPool(policy.relay, policy.relay.helo_name or policy.hostname,
+                              max_per_destination=q.max_per_destination,
+                              idle_s=q.connection_reuse_s)
+
+    async def reconfigure(self, policy: Policy) -> None:
+        """A reload: new routes and settings for the next attempts."""
+        old, self.policy, self.pool = self.pool, policy, self._new_pool(policy)
+        await old.close()
 
     def kick(self) -> None:
         """A message was committed (or flushed): look now rather than at the next scan."""
@@ -85,6 +99,7 @@ class QueueManager:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
             for t in pending:
                 t.cancel()
+        await self.pool.close()
 
     async def _attempt(self, qid: str) -> None:
         try:
@@ -94,7 +109,9 @@ class QueueManager:
             except (SpoolBusy, SpoolMissing):
                 return
             try:
-                if area != "hold":
+                # Not "hold", and still due: the scan's view may be stale (an attempt here or
+                # in another worker may have deferred it since), and backoff must hold.
+                if area != "hold" and entry.next_attempt <= time.time():
                     await self._deliver(area, entry)
             finally:
                 await asyncio.to_thread(claim.__exit__, None, None, None)
@@ -148,56 +165,46 @@ class QueueManager:
         """One delivery attempt to one transport. Temporary trouble leaves recipients pending."""
         if t.kind == "maildir":
             return await self._send_maildir(entry, t, rcpts)
-        r = self.policy.relay
-        helo = r.helo_name or self.policy.hostname
         out: Results = {}
-        client: DownstreamClient | None = None
         try:
-            if t.path is not None:
-                client = await DownstreamClient.connect_unix(
-                    str(t.path), lmtp=t.kind == "lmtp", helo_name=helo,
-                    connect_timeout_s=r.connect_timeout_s,
-                    command_timeout_s=r.command_timeout_s, data_timeout_s=r.data_timeout_s)
-            else:
-                client = await DownstreamClient.connect(
-                    t.host, t.port, lmtp=t.kind == "lmtp", helo_name=helo,
-                    connect_timeout_s=r.connect_timeout_s,
-                    command_timeout_s=r.command_timeout_s, data_timeout_s=r.data_timeout_s)
-            ext = client.extensions
-            params = [p for p in entry.mail_params
-                      if p.split("=")[0].upper() in ext
-                      or (p.upper().startswith("BODY=") and "8BITMIME" in ext)]
-            if "DSN" in ext:  # the downstream takes over the DSN duty for what it accepts
-                params += dsnparams.mail_dsn_params(entry.ret, entry.envid)
-            reply = await client.mail(entry.sender, params)
-            if not reply.is_ok:
-                state: RecipientState = "failed" if reply.is_perm else "pending"
-                return {x.addr: (state, _text(reply)) for x in rcpts}, None
-            accepted: list[Recipient] = []
-            for x in rcpts:
-                reply = await client.rcpt(
-                    x.addr, dsnparams.rcpt_dsn_params(x.notify, x.orcpt) if "DSN" in ext else [])
-                if reply.is_ok:
-                    accepted.append(x)
-                else:
-                    out[x.addr] = ("failed" if reply.is_perm else "pending", _text(reply))
-            if accepted:
-                with await asyncio.to_thread(self.spool.open_data, entry.qid) as f:
-                    replies = await client.data(_read(f), accepted_rcpts=len(accepted))
-                if len(replies) == 1 and len(accepted) > 1:
-                    replies = replies * len(accepted)
-                for x, reply in zip(accepted, replies, strict=False):
-                    out[x.addr] = ("delivered" if reply.is_ok else
-                                   "failed" if reply.is_perm else "pending", _text(reply))
-            return out, None
+            async with self.pool.session(t) as client:
+                return await self._transaction(client, entry, rcpts, out)
         except RelayError as e:
             for x in rcpts:
                 out.setdefault(x.addr, ("failed" if e.permanent else "pending",
                                         f"{e.code} {e.status} {e.text or e}"[:300]))
             return out, str(e)
-        finally:
-            if client is not None:
-                await client.quit()
+
+    async def _transaction(self, client: DownstreamClient, entry: QueueEntry,
+                           rcpts: list[Recipient], out: Results) -> tuple[Results, str | None]:
+        """MAIL, RCPTs, DATA on a connected client; a 4xx/5xx reply is a result, not an error."""
+        ext = client.extensions
+        params = [p for p in entry.mail_params
+                  if p.split("=")[0].upper() in ext
+                  or (p.upper().startswith("BODY=") and "8BITMIME" in ext)]
+        if "DSN" in ext:  # the downstream takes over the DSN duty for what it accepts
+            params += dsnparams.mail_dsn_params(entry.ret, entry.envid)
+        reply = await client.mail(entry.sender, params)
+        if not reply.is_ok:
+            state: RecipientState = "failed" if reply.is_perm else "pending"
+            return {x.addr: (state, _text(reply)) for x in rcpts}, None
+        accepted: list[Recipient] = []
+        for x in rcpts:
+            reply = await client.rcpt(
+                x.addr, dsnparams.rcpt_dsn_params(x.notify, x.orcpt) if "DSN" in ext else [])
+            if reply.is_ok:
+                accepted.append(x)
+            else:
+                out[x.addr] = ("failed" if reply.is_perm else "pending", _text(reply))
+        if accepted:
+            with await asyncio.to_thread(self.spool.open_data, entry.qid) as f:
+                replies = await client.data(_read(f), accepted_rcpts=len(accepted))
+            if len(replies) == 1 and len(accepted) > 1:
+                replies = replies * len(accepted)
+            for x, reply in zip(accepted, replies, strict=False):
+                out[x.addr] = ("delivered" if reply.is_ok else
+                               "failed" if reply.is_perm else "pending", _text(reply))
+        return out, None
 
     async def _send_maildir(self, entry: QueueEntry, t: Transport, rcpts: list[Recipient]
                             ) -> tuple[Results, str | None]:

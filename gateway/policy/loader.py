@@ -275,6 +275,9 @@ def _queue(c: Checker, data: Any) -> QueueConfig:
     q = QueueConfig(min_backoff_s=num("min_backoff_s"), max_backoff_s=num("max_backoff_s"),
                     max_lifetime_s=num("max_lifetime_s"),
                     max_active=num("max_active", integer=True),
+                    max_per_destination=num("max_per_destination", integer=True),
+                    connection_reuse_s=float(c.number(t, "connection_reuse_s", "queue",
+                                                      d.connection_reuse_s, minimum=0)),
                     scan_interval_s=num("scan_interval_s"))
     if q.max_backoff_s < q.min_backoff_s:
         c.error("queue.max_backoff_s", "must be >= queue.min_backoff_s")

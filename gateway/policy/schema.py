@@ -146,6 +146,8 @@ class QueueConfig:
     max_backoff_s: float = 4000.0
     max_lifetime_s: float = 5 * 86400.0
     max_active: int = 100  # deliveries in flight at once
+    max_per_destination: int = 20  # connections at once to one transport
+    connection_reuse_s: float = 5.0  # keep an idle downstream connection this long (0 = never)
     scan_interval_s: float = 5.0  # how often due retries are looked for
 
 

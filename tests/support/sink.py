@@ -99,6 +99,11 @@ class SinkServer:
     def connections(self) -> int:
         return len(self.transcripts)
 
+    @property
+    def open_connections(self) -> int:
+        """Connections being served right now."""
+        return len(self._tasks)
+
     async def start(self, host: str = "127.0.0.1", port: int = 0,
                     unix_path: str | None = None) -> None:
         if unix_path is not None:
@@ -338,7 +343,8 @@ class Sink:
                  replies: Mapping[str, str | Reply] | None = None, drop_after_data: bool = False,
                  delay_s: float = 0.0, delay_on: Collection[str] | None = None,
                  ehlo_extensions: Sequence[str] = DEFAULT_EXTENSIONS,
-                 host: str = "127.0.0.1", unix_path: str | None = None) -> None:
+                 host: str = "127.0.0.1", port: int = 0,
+                 unix_path: str | None = None) -> None:
         self.behaviour = Behaviour(
             lmtp=lmtp, greeting=greeting.render() if isinstance(greeting, Reply) else greeting,
             replies=_normalise_replies(replies or {}), drop_after_data=drop_after_data,
@@ -346,6 +352,7 @@ class Sink:
             delay_on=None if delay_on is None else frozenset(c.upper() for c in delay_on),
             ehlo_extensions=tuple(ehlo_extensions))
         self.host = host
+        self._port = port  # 0: any free port (see ``port`` once started)
         self.unix_path = unix_path
         self._cond = threading.Condition()
         self._server = SinkServer(self.behaviour, on_message=self._notify)
@@ -385,7 +392,7 @@ class Sink:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        await self._server.start(self.host, 0, self.unix_path)
+        await self._server.start(self.host, self._port, self.unix_path)
         self._ready.set()
         await self._stop.wait()  # the sink's lifetime: no deadline
         await self._server.stop()
@@ -414,6 +421,10 @@ class Sink:
     @property
     def connections(self) -> int:
         return self._server.connections
+
+    @property
+    def open_connections(self) -> int:
+        return self._server.open_connections
 
     def wait_for(self, n: int, timeout_s: float = 5.0) -> list[Message]:
         """Block until at least ``n`` messages were received; AssertionError on timeout."""

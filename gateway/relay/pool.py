@@ -1,0 +1,103 @@
+"""Downstream connections for the queue manager: at most ``max_per_destination`` at once per
+transport, and connections reused between messages (RSET, then the next MAIL) for a short idle
+time instead of a new TCP + greeting + EHLO for every message."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from gateway.errors import RelayError
+from gateway.policy.schema import RelayConfig
+from gateway.relay.client import DownstreamClient
+from gateway.relay.transport import Transport
+
+PROBE_AFTER_S = 1.0  # an idle connection older than this is checked with RSET before reuse
+
+
+@dataclass
+class _Idle:
+    client: DownstreamClient
+    since: float = field(default_factory=time.monotonic)
+
+
+class DownstreamPool:
+    def __init__(self, relay: RelayConfig, helo_name: str, *, max_per_destination: int,
+                 idle_s: float) -> None:
+        self.relay = relay
+        self.helo_name = helo_name
+        self.max_per_destination = max_per_destination
+        self.idle_s = idle_s
+        self._sems: dict[Transport, asyncio.Semaphore] = {}
+        self._idle: dict[Transport, list[_Idle]] = {}
+        self.opened = 0  # connections made (for logs and tests)
+        self.reused = 0
+
+    @contextlib.asynccontextmanager
+    async def session(self, t: Transport) -> AsyncIterator[DownstreamClient]:
+        """A connected client for one transaction; give it back by leaving the block normally
+        (it is RSET and kept for reuse) — an exception closes it."""
+        sem = self._sems.setdefault(t, asyncio.Semaphore(self.max_per_destination))
+        async with sem:
+            client = await self._reuse(t) or await self._connect(t)
+            try:
+                yield client
+            except BaseException:
+                client.close()
+                raise
+            await self._release(t, client)
+
+    async def _reuse(self, t: Transport) -> DownstreamClient | None:
+        idle = self._idle.get(t, [])
+        while idle:
+            item = idle.pop()
+            age = time.monotonic() - item.since
+            if item.client.closed or age > self.idle_s:
+                await item.client.quit()
+                continue
+            if age > PROBE_AFTER_S:  # the peer may have dropped it meanwhile: ask first
+                try:
+                    if not (await item.client.rset()).is_ok:
+                        raise RelayError("RSET refused")
+                except RelayError:
+                    item.client.close()
+                    continue
+            self.reused += 1
+            return item.client
+        return None
+
+    async def _release(self, t: Transport, client: DownstreamClient) -> None:
+        if client.closed or self.idle_s <= 0:
+            await client.quit()
+            return
+        try:
+            reply = await client.rset()
+        except RelayError:
+            return
+        if not reply.is_ok:
+            await client.quit()
+            return
+        self._idle.setdefault(t, []).append(_Idle(client))
+
+    async def _connect(self, t: Transport) -> DownstreamClient:
+        r = self.relay
+        kw = dict(lmtp=t.kind == "lmtp", helo_name=self.helo_name)
+        self.opened += 1
+        if t.path is not None:
+            return await DownstreamClient.connect_unix(
+                str(t.path), connect_timeout_s=r.connect_timeout_s,
+                command_timeout_s=r.command_timeout_s, data_timeout_s=r.data_timeout_s,
+                **kw)  # type: ignore[arg-type]
+        return await DownstreamClient.connect(
+            t.host, t.port, connect_timeout_s=r.connect_timeout_s,
+            command_timeout_s=r.command_timeout_s, data_timeout_s=r.data_timeout_s,
+            **kw)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        for items in self._idle.values():
+            for item in items:
+                await item.client.quit()
+        self._idle.clear()

@@ -1,0 +1,61 @@
+"""The queue manager's delivery side: downstream connections are reused between messages and
+limited per destination."""
+
+from __future__ import annotations
+
+import smtplib
+import threading
+import time
+
+from tests.support.gateway import base_policy
+from tests.support.sink import Sink
+
+
+def _send(gw, n: int, start: int = 0) -> None:
+    with smtplib.SMTP(*gw.address, timeout=20) as s:
+        for i in range(start, start + n):
+            s.sendmail("a@sender.test", ["alice@example.test"],
+                       f"Subject: m{i}\r\n\r\nbody {i}\r\n".encode())
+
+
+def test_connections_are_reused_between_messages(gateway_factory):
+    with Sink() as sink:
+        gw = gateway_factory(base_policy(f"smtp://127.0.0.1:{sink.port}", relay={"mode": "queue"},
+                                         queue={"scan_interval_s": 0.2,
+                                                "connection_reuse_s": 5}))
+        for i in range(10):  # one at a time: each is delivered before the next arrives
+            _send(gw, 1, i)
+            sink.wait_for(i + 1, 10)
+        assert len(sink.messages) == 10
+        assert sink.connections == 1, f"{sink.connections} downstream connections for 10 messages"
+        # RSET between transactions, never a second EHLO on the same connection
+        assert sum(1 for c in sink.commands if c.upper().startswith("EHLO")) == 1
+
+
+def test_no_reuse_when_turned_off(gateway_factory):
+    with Sink() as sink:
+        gw = gateway_factory(base_policy(f"smtp://127.0.0.1:{sink.port}", relay={"mode": "queue"},
+                                         queue={"scan_interval_s": 0.2,
+                                                "connection_reuse_s": 0}))
+        for i in range(3):
+            _send(gw, 1, i)
+            sink.wait_for(i + 1, 10)
+        assert sink.connections == 3
+
+
+def test_per_destination_concurrency_is_capped(gateway_factory):
+    with Sink(delay_s=0.3, delay_on={"DATA_END"}) as sink:
+        gw = gateway_factory(base_policy(f"smtp://127.0.0.1:{sink.port}", relay={"mode": "queue"},
+                                         queue={"scan_interval_s": 0.2, "max_per_destination": 2,
+                                                "connection_reuse_s": 0}))
+        threads = [threading.Thread(target=_send, args=(gw, 2, 10 * k)) for k in range(4)]
+        for t in threads:
+            t.start()
+        peak, deadline = 0, time.monotonic() + 20
+        while len(sink.messages) < 8 and time.monotonic() < deadline:
+            peak = max(peak, sink.open_connections)
+            time.sleep(0.02)
+        for t in threads:
+            t.join()
+        assert len(sink.messages) == 8
+        assert 1 <= peak <= 2, f"{peak} connections at once to one destination"
