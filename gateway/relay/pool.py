@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from gateway.errors import RelayError
 from gateway.policy.schema import RelayConfig
 from gateway.relay.client import DownstreamClient
+from gateway.relay.connect import connect_transport
 from gateway.relay.transport import Transport
 
 PROBE_AFTER_S = 1.0  # an idle connection older than this is checked with RSET before reuse
@@ -58,6 +59,9 @@ class DownstreamPool:
             if item.client.closed or age > self.idle_s:
                 await item.client.quit()
                 continue
+            if item.client.peer_closed:  # it hung up while idle (e.g. restarted): no probe needed
+                item.client.close()
+                continue
             if age > PROBE_AFTER_S:  # the peer may have dropped it meanwhile: ask first
                 try:
                     if not (await item.client.rset()).is_ok:
@@ -83,18 +87,8 @@ class DownstreamPool:
         self._idle.setdefault(t, []).append(_Idle(client))
 
     async def _connect(self, t: Transport) -> DownstreamClient:
-        r = self.relay
-        kw = dict(lmtp=t.kind == "lmtp", helo_name=self.helo_name)
         self.opened += 1
-        if t.path is not None:
-            return await DownstreamClient.connect_unix(
-                str(t.path), connect_timeout_s=r.connect_timeout_s,
-                command_timeout_s=r.command_timeout_s, data_timeout_s=r.data_timeout_s,
-                **kw)  # type: ignore[arg-type]
-        return await DownstreamClient.connect(
-            t.host, t.port, connect_timeout_s=r.connect_timeout_s,
-            command_timeout_s=r.command_timeout_s, data_timeout_s=r.data_timeout_s,
-            **kw)  # type: ignore[arg-type]
+        return await connect_transport(t, self.relay, self.helo_name)
 
     async def close(self) -> None:
         for items in self._idle.values():

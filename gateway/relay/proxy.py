@@ -19,6 +19,7 @@ from gateway.errors import RelayError
 from gateway.policy.schema import RelayConfig
 from gateway.relay import maildir
 from gateway.relay.client import DownstreamClient
+from gateway.relay.connect import connect_transport
 from gateway.relay.transport import Transport
 from gateway.replies import Reply
 from gateway.smtp.address import Address
@@ -56,18 +57,8 @@ class ProxyRelay:
 
     async def _open(self, sender: Address, mail_params: list[str]) -> Reply:
         t = self.transport
-        lmtp, cfg = t.kind == "lmtp", self.cfg
         try:
-            if t.path is not None:
-                self.client = await DownstreamClient.connect_unix(
-                    str(t.path), lmtp=lmtp, helo_name=self.helo_name,
-                    connect_timeout_s=cfg.connect_timeout_s,
-                    command_timeout_s=cfg.command_timeout_s, data_timeout_s=cfg.data_timeout_s)
-            else:
-                self.client = await DownstreamClient.connect(
-                    t.host, t.port, lmtp=lmtp, helo_name=self.helo_name,
-                    connect_timeout_s=cfg.connect_timeout_s,
-                    command_timeout_s=cfg.command_timeout_s, data_timeout_s=cfg.data_timeout_s)
+            self.client = await connect_transport(t, self.cfg, self.helo_name)
         except RelayError as e:
             log.warning("downstream %s: %s (qid %s)", t, e, self.qid)
             self.last_result = f"connect failed: {e}"

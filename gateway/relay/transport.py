@@ -1,5 +1,6 @@
 """Downstream transport addresses: parse ``smtp://host:port``, ``lmtp://host:port``,
-``lmtp:unix:/path`` and ``maildir:PATH`` into a value, and pick one per recipient domain."""
+``lmtp:unix:/path`` and ``maildir:PATH`` into a value, and pick one per recipient domain.
+``smtp://a:25,b:25`` names several hosts, tried in order (failover)."""
 
 from __future__ import annotations
 
@@ -17,14 +18,19 @@ class Transport:
     host: str = ""
     port: int = 0
     path: Path | None = None  # maildir directory, or the unix socket for lmtp:unix:
+    alternates: tuple[tuple[str, int], ...] = ()  # further hosts, tried in order on failure
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        return ((self.host, self.port), *self.alternates)
 
     def __str__(self) -> str:
         if self.kind == "maildir":
             return f"maildir:{self.path}"
         if self.path is not None:
             return f"{self.kind}:unix:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.kind}://{host}:{self.port}"
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.endpoints)
+        return f"{self.kind}://{hosts}"
 
 
 def parse_transport(text: str) -> Transport:
@@ -44,21 +50,27 @@ def parse_transport(text: str) -> Transport:
     for kind in ("smtp", "lmtp"):
         prefix = f"{kind}://"
         if text.startswith(prefix):
-            rest = text[len(prefix):].rstrip("/")
-            if rest.startswith("["):
-                host, sep, port_s = rest[1:].partition("]:")
-                if not sep:
-                    raise ValueError("IPv6 host needs the form [addr]:port")
-            else:
-                host, sep, port_s = rest.rpartition(":")
-                if not sep:
-                    raise ValueError(f"{kind}:// needs host:port")
-            if not host:
-                raise ValueError("missing host")
-            if not port_s.isdigit() or not 0 < int(port_s) < 65536:
-                raise ValueError(f"bad port {port_s!r}")
-            return Transport(kind, host=host, port=int(port_s))
+            hosts = [_endpoint(kind, part) for part in text[len(prefix):].rstrip("/").split(",")]
+            (host, port), rest = hosts[0], tuple(hosts[1:])
+            return Transport(kind, host=host, port=port, alternates=rest)
     raise ValueError("must start with smtp://, lmtp://, lmtp:unix: or maildir:")
+
+
+def _endpoint(kind: str, rest: str) -> tuple[str, int]:
+    rest = rest.strip()
+    if rest.startswith("["):
+        host, sep, port_s = rest[1:].partition("]:")
+        if not sep:
+            raise ValueError("IPv6 host needs the form [addr]:port")
+    else:
+        host, sep, port_s = rest.rpartition(":")
+        if not sep:
+            raise ValueError(f"{kind}:// needs host:port")
+    if not host:
+        raise ValueError("missing host")
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ValueError(f"bad port {port_s!r}")
+    return host, int(port_s)
 
 
 def transport_for(domain: str, default: Transport, by_domain: Mapping[str, Transport]) -> Transport:

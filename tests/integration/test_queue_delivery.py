@@ -1,11 +1,14 @@
-"""The queue manager's delivery side: downstream connections are reused between messages and
-limited per destination."""
+"""Delivery to the downstream: connections reused between messages and limited per destination
+(queue mode), failover across several downstream hosts (both modes)."""
 
 from __future__ import annotations
 
 import smtplib
+import socket
 import threading
 import time
+
+import pytest
 
 from tests.support.gateway import base_policy
 from tests.support.sink import Sink
@@ -59,3 +62,22 @@ def test_per_destination_concurrency_is_capped(gateway_factory):
             t.join()
         assert len(sink.messages) == 8
         assert 1 <= peak <= 2, f"{peak} connections at once to one destination"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", ["proxy", "queue"])
+def test_failover_to_the_next_downstream_host(gateway_factory, mode):
+    dead = _free_port()  # nothing listens there
+    with Sink(greeting="421 4.3.2 busy") as busy, Sink() as good:
+        route = f"smtp://127.0.0.1:{dead},127.0.0.1:{busy.port},127.0.0.1:{good.port}"
+        gw = gateway_factory(base_policy(route, relay={"mode": mode},
+                                         queue={"scan_interval_s": 0.2}))
+        _send(gw, 2)
+        msgs = good.wait_for(2, 10)
+        assert len(msgs) == 2 and busy.messages == []
+        assert busy.connections >= 1  # it was tried, and refused at the greeting
