@@ -1,4 +1,5 @@
-"""The ``mailgate`` command: ``run`` the gateway, ``check-policy`` a file."""
+"""The ``mailgate`` command: ``run`` the gateway, ``check-policy`` a file, manage the ``queue``
+(``gateway/queuecli.py``)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from gateway import __version__
+from gateway import __version__, queuecli
 
 DEFAULT_POLICY = Path("policies/default.toml")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailgate", description="Inbound SMTP "
                                      "content-filtering gateway")
     parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
@@ -25,10 +26,24 @@ def main(argv: list[str] | None = None) -> int:
                      choices=("debug", "info", "warning", "error"))
     check = sub.add_parser("check-policy", help="validate a policy file and exit")
     check.add_argument("policy", type=Path)
-    args = parser.parse_args(argv)
+    queue = sub.add_parser("queue", help="list and manage the queue (works whether the "
+                           "gateway runs or not)",
+                           description="List and manage queued messages. Exit codes: 0 ok, "
+                           "1 not found / busy / wrong state, 2 usage, policy or spool error.")
+    queuecli.add_arguments(queue, DEFAULT_POLICY)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.cmd == "check-policy":
         return check_policy(args.policy)
+    if args.cmd == "queue":
+        from gateway.logs import setup_logging
+
+        setup_logging(args.log_format, "info")
+        return queuecli.run(args)
     from gateway.app import run as run_gateway
     from gateway.logs import setup_logging
 

@@ -290,7 +290,19 @@ def _transport(c: Checker, path: str, text: Any) -> Transport | None:
 
 def _relay(c: Checker, data: Any) -> RelayConfig:
     t = c.table(data, "relay", {"mode", "downstream", "transport", "connect_timeout_s",
-                                "command_timeout_s", "data_timeout_s", "helo_name"})
+                                "command_timeout_s", "data_timeout_s", "helo_name", "starttls",
+                                "tls_policy", "tls_ca_file"})
+    levels = ("none", "may", "encrypt", "verify")
+    tls_policy = {}
+    for host, level in c.table(t.get("tls_policy"), "relay.tls_policy", None).items():
+        if level not in levels:
+            c.error(f"relay.tls_policy.{host}", f"must be one of {', '.join(levels)}; "
+                    f"got {level!r}")
+        else:
+            tls_policy[host.lower()] = level
+    ca_file = c.string(t, "tls_ca_file", "relay", None)
+    if ca_file and not Path(ca_file).is_file():
+        c.error("relay.tls_ca_file", f"no such file: {ca_file}")
     d = RelayConfig()
     mode = c.string(t, "mode", "relay", "proxy", ("proxy", "queue"))
     downstream = d.downstream
@@ -312,6 +324,8 @@ def _relay(c: Checker, data: Any) -> RelayConfig:
         data_timeout_s=c.number(t, "data_timeout_s", "relay", d.data_timeout_s,
                                 minimum=0, exclusive=True),
         helo_name=c.string(t, "helo_name", "relay", None),
+        starttls=c.string(t, "starttls", "relay", "may", levels),
+        tls_policy=tls_policy, tls_ca_file=Path(ca_file) if ca_file else None,
     )
 
 

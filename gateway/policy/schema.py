@@ -18,6 +18,7 @@ from gateway.replies import Reply
 
 OnError = Literal["tempfail", "continue", "reject", "quarantine"]
 BareLf = Literal["reject", "normalize"]
+TlsLevel = Literal["none", "may", "encrypt", "verify"]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -66,6 +67,12 @@ class RelayConfig:
     command_timeout_s: float = 60.0  # each downstream reply (lockstep: the client waits)
     data_timeout_s: float = 600.0
     helo_name: str | None = None  # defaults to server.hostname
+    starttls: TlsLevel = "may"  # to the downstream: none | may | encrypt | verify
+    tls_policy: Mapping[str, TlsLevel] = field(default_factory=dict)  # downstream host -> level
+    tls_ca_file: Path | None = None  # for "verify" (default: the system's CAs)
+
+    def tls_level(self, host: str) -> TlsLevel:
+        return self.tls_policy.get(host.lower(), self.starttls)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any
@@ -164,6 +165,8 @@ class DownstreamClient:
         self._command_timeout_s = command_timeout_s
         self._data_timeout_s = data_timeout_s
         self._closed = False
+        self._helo_name = "localhost"
+        self.tls = False  # STARTTLS done
         self.greeting: Reply | None = None
         self.extensions: dict[str, str] = {}  # upper-cased EHLO/LHLO keywords -> params
 
@@ -225,7 +228,26 @@ class DownstreamClient:
         await client._hello(helo_name)
         return client
 
+    async def starttls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+        """STARTTLS (RFC 3207), then EHLO/LHLO again. A refusal raises like any refused step;
+        a failed handshake raises RelayTempError 4.7.5 (the client is closed either way)."""
+        reply = await self._exchange("STARTTLS", "STARTTLS", self._command_timeout_s)
+        if reply.code != 220:
+            await self.quit()
+            raise self._refused("STARTTLS", reply)
+        try:
+            async with asyncio.timeout(self._command_timeout_s):
+                await self._writer.start_tls(context, server_hostname=server_hostname)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            self.close()
+            msg = f"downstream {self.peer}: TLS handshake: {exc}"
+            raise RelayTempError(msg, code=451, status="4.7.5", text=msg) from exc
+        self.tls = True
+        self.extensions = {}
+        await self._hello(self._helo_name)
+
     async def _hello(self, helo_name: str) -> None:
+        self._helo_name = helo_name
         verb = "LHLO" if self._lmtp else "EHLO"
         reply, lines = await self._exchange_lines(verb, f"{verb} {helo_name}",
                                                   self._command_timeout_s)
@@ -259,6 +281,11 @@ class DownstreamClient:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def peer_closed(self) -> bool:
+        """The downstream has closed its side (EOF seen, nothing left to read)."""
+        return self._reader.at_eof()
 
     async def mail(self, sender: str, params: Sequence[str] = ()) -> Reply:
         """MAIL FROM:<sender> [params]; ``sender`` may be "" for the null sender."""

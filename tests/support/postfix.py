@@ -565,6 +565,7 @@ class PostfixInstance:
             ("anvil", "unix", "-", "-", "n", "-", "1", "anvil"),
             ("scache", "unix", "-", "-", "n", "-", "1", "scache"),
             ("postlog", "unix-dgram", "n", "-", "n", "-", "1", "postlogd"),
+            ("tlsmgr", "unix", "-", "-", "n", "1000?", "1", "tlsmgr"),  # for smtpd TLS options
             # chroot = y: the queue directory becomes "/" for virtual_mailbox_base
             ("virtual", "unix", "-", "n", "y", "-", "-", "virtual"),
         ]
