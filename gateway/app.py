@@ -189,10 +189,7 @@ class Runtime:
 def recover_spool(spool: Spool) -> None:
     """After a crash: partial DATA files go, in-flight deliveries are retried, unreadable queue
     files are moved to corrupt/ (never dropped silently)."""
-    report = spool.recover()
-    event(log, "spool-recovered", directory=str(spool.root),
-          incoming_removed=report.incoming_removed, requeued=report.requeued,
-          corrupt=report.corrupt, orphans_removed=report.orphans_removed, queued=report.queued)
+    spool.recover()  # logs its own "spool-recovered" line
 
 
 def bind_listeners(policy: Policy) -> list[socket.socket]:

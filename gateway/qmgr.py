@@ -198,7 +198,8 @@ class QueueManager:
                 out[x.addr] = ("failed" if reply.is_perm else "pending", _text(reply))
         if accepted:
             with await asyncio.to_thread(self.spool.open_data, entry.qid) as f:
-                replies = await client.data(_read(f), accepted_rcpts=len(accepted))
+                replies = await client.data(_chain(entry.prepend, _read(f)),
+                                            accepted_rcpts=len(accepted))
             if len(replies) == 1 and len(accepted) > 1:
                 replies = replies * len(accepted)
             for x, reply in zip(accepted, replies, strict=False):
@@ -215,8 +216,8 @@ class QueueManager:
             head = (f"Return-Path: <{entry.sender}>\r\nDelivered-To: {x.addr}\r\n").encode()
             try:
                 with await asyncio.to_thread(self.spool.open_data, entry.qid) as f:
-                    await asyncio.to_thread(maildir.deliver, t.path, _chain(head, _read(f)),
-                                            entry.qid)
+                    await asyncio.to_thread(maildir.deliver, t.path,
+                                            _chain(head + entry.prepend, _read(f)), entry.qid)
                 out[x.addr] = ("delivered", f"maildir {t.path}")
             except OSError as e:
                 error = f"maildir {t.path}: {e}"

@@ -407,6 +407,9 @@ class SmtpServer(SMTP):
                     idle_timeout_s=self.limits.data_block_timeout_s,
                     deadline=loop.time() + self.limits.data_timeout_s)
             reply = self._data_problem(outcome.status)
+            if reply is None and f.error is not None:
+                log.error("spool write failed (qid %s): %s", txn.qid, f.error)
+                reply = Reply(452, "4.3.1", "Insufficient system storage")
             if reply is not None:
                 reply = reply.with_qid(txn.qid)
                 txn.size = outcome.size
@@ -519,15 +522,28 @@ class SmtpServer(SMTP):
 
 
 class _open_spool:
-    """A spool file for DATA, created exclusively with mode 0600, written in large buffers."""
+    """A spool file for DATA, created exclusively with mode 0600, written in large buffers. A
+    write error (a full disk) is remembered, not raised: the rest of DATA must still be read to
+    its end, or it would be taken for commands."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.error: OSError | None = None
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> _open_spool:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self.f = os.fdopen(fd, "wb", buffering=READ_BUFFER_BYTES)
-        return self.f
+        return self
+
+    def write(self, data: bytes) -> None:
+        if self.error is None:
+            try:
+                self.f.write(data)
+            except OSError as e:
+                self.error = e
 
     def __exit__(self, *exc: object) -> None:
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError as e:
+            self.error = self.error or e
