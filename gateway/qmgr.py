@@ -16,8 +16,10 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 
 from gateway import dsn
+from gateway.dnsresolver import DnsResolver
 from gateway.errors import RelayError, SpoolError
 from gateway.logs import event
 from gateway.policy.schema import Policy, QueueConfig
@@ -59,7 +61,7 @@ class QueueManager:
         q = policy.queue
         return DownstreamPool(policy.relay, policy.relay.helo_name or policy.hostname,
                               max_per_destination=q.max_per_destination,
-                              idle_s=q.connection_reuse_s)
+                              idle_s=q.connection_reuse_s, resolver=DnsResolver(policy.dns))
 
     async def reconfigure(self, policy: Policy) -> None:
         """A reload: new routes and settings for the next attempts."""
@@ -155,6 +157,7 @@ class QueueManager:
                 return
         entry = entry.with_retry(now + backoff_s(entry.attempts + 1, self.policy.queue),
                                  _last_error(entry, errors))
+        entry = await self._warn_delay(entry, now)
         await asyncio.to_thread(self.spool.update, entry, area)  # type: ignore[arg-type]
         if area == "active":
             await asyncio.to_thread(self.spool.move, entry.qid, "active", "deferred")
@@ -184,14 +187,14 @@ class QueueManager:
                   or (p.upper().startswith("BODY=") and "8BITMIME" in ext)]
         if "DSN" in ext:  # the downstream takes over the DSN duty for what it accepts
             params += dsnparams.mail_dsn_params(entry.ret, entry.envid)
-        reply = await client.mail(entry.sender, params)
-        if not reply.is_ok:
-            state: RecipientState = "failed" if reply.is_perm else "pending"
-            return {x.addr: (state, _text(reply)) for x in rcpts}, None
+        mail, rcpt_replies = await client.envelope(entry.sender, params, [
+            (x.addr, dsnparams.rcpt_dsn_params(x.notify, x.orcpt) if "DSN" in ext else [])
+            for x in rcpts])
+        if not mail.is_ok:
+            state: RecipientState = "failed" if mail.is_perm else "pending"
+            return {x.addr: (state, _text(mail)) for x in rcpts}, None
         accepted: list[Recipient] = []
-        for x in rcpts:
-            reply = await client.rcpt(
-                x.addr, dsnparams.rcpt_dsn_params(x.notify, x.orcpt) if "DSN" in ext else [])
+        for x, reply in zip(rcpts, rcpt_replies, strict=True):
             if reply.is_ok:
                 accepted.append(x)
             else:
@@ -224,6 +227,24 @@ class QueueManager:
                 out[x.addr] = ("pending", error)
         return out, error
 
+    async def _warn_delay(self, entry: QueueEntry, now: float) -> QueueEntry:
+        """Once per message, after ``queue.delay_warning_s``: a "delayed" DSN for the pending
+        recipients that asked for one (NOTIFY=DELAY, or no NOTIFY: RFC 3461 4.1 leaves that
+        to the MTA, and an admin who sets a delay warning wants it)."""
+        q = self.policy.queue
+        if q.delay_warning_s <= 0 or entry.delay_warned is not None \
+                or now - entry.arrival < q.delay_warning_s:
+            return entry
+        warn = [r for r in entry.pending
+                if dsn.wants_dsn(entry.sender, r.notify, "delayed", delay_by_default=True)]
+        try:
+            if warn:
+                await self._send_dsn(entry, now, "delayed", warn)
+        except (OSError, SpoolError) as e:
+            log.error("delay DSN for %s not queued: %s", entry.qid, e)
+            return entry
+        return replace(entry, delay_warned=now)
+
     async def _bounce(self, entry: QueueEntry, now: float) -> str | None:
         """Queue the DSN for the failed recipients that want one; returns its qid, or why none
         was sent (None when nothing failed). OSError/SpoolError: try again later."""
@@ -233,10 +254,15 @@ class QueueManager:
             if not any(r.state == "failed" for r in entry.recipients):
                 return None
             return "not sent: null sender" if not entry.sender else "not sent: NOTIFY"
+        return await self._send_dsn(entry, now, "failed", failed)
+
+    async def _send_dsn(self, entry: QueueEntry, now: float, action: dsn.Action,
+                        rcpts: list[Recipient]) -> str:
+        until = entry.arrival + self.policy.queue.max_lifetime_s if action == "delayed" else None
         statuses = [dsn.RecipientStatus(
-            recipient=r.addr, action="failed", status=_status_of(r.last_reply),
+            recipient=r.addr, action=action, status=_status_of(r.last_reply, action),
             original_recipient=r.orcpt, diagnostic=f"smtp; {r.last_reply}" if r.last_reply
-            else None, last_attempt=now) for r in failed]
+            else None, last_attempt=now, will_retry_until=until) for r in rcpts]
         req = dsn.DsnRequest(qid=entry.qid, sender=entry.sender, arrival=entry.arrival,
                              envid=entry.envid, ret=entry.ret,  # type: ignore[arg-type]
                              reporting_mta=self.policy.hostname,
@@ -257,8 +283,8 @@ class QueueManager:
             await asyncio.to_thread(self.spool.commit, bounce, path)
         finally:
             path.unlink(missing_ok=True)  # renamed away by a successful commit
-        event(log, "dsn", qid=qid, original=entry.qid, to=entry.sender,
-              failed=[r.addr for r in failed])
+        event(log, "dsn", qid=qid, original=entry.qid, to=entry.sender, action=action,
+              rcpts=[r.addr for r in rcpts])
         self.kick()
         return qid
 
@@ -284,9 +310,11 @@ def _text(reply: object) -> str:
     return f"{code} {status} {text}".strip()[:300]
 
 
-def _status_of(last_reply: str | None) -> str:
+def _status_of(last_reply: str | None, action: str = "failed") -> str:
     """The RFC 3463 status in a recorded reply ("550 5.1.1 ..."), for the DSN."""
     m = re.search(r"\b([45]\.\d{1,3}\.\d{1,3})\b", last_reply or "")
+    if action == "delayed":  # a delay is temporary by definition
+        return m.group(1) if m and m.group(1)[0] == "4" else "4.0.0"
     return m.group(1) if m else "5.0.0"
 
 

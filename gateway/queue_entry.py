@@ -121,6 +121,7 @@ class QueueEntry:
     last_error: str | None = None
     client_ip: str = ""
     helo: str = ""
+    delay_warned: float | None = None  # when the delay DSN was sent (once per message)
 
     def __post_init__(self) -> None:
         if not is_qid(self.qid):
@@ -199,7 +200,7 @@ _PLAIN: dict[str, tuple[type, bool]] = {
     "qid": (str, False), "sender": (str, False), "envid": (str, True), "ret": (str, True),
     "arrival": (float, False), "size": (int, False), "decision": (dict, False),
     "attempts": (int, False), "next_attempt": (float, False), "last_error": (str, True),
-    "client_ip": (str, False), "helo": (str, False)}
+    "client_ip": (str, False), "helo": (str, False), "delay_warned": (float, True)}
 
 
 def _req(obj: Any, key: str, kind: type) -> Any:

@@ -20,6 +20,7 @@ from typing import Any
 from gateway.errors import PolicyError
 from gateway.filterapi import Action, Stage
 from gateway.policy.schema import (
+    DnsConfig,
     FilterSpec,
     HeadersConfig,
     Limits,
@@ -39,7 +40,7 @@ from gateway.relay.transport import Transport, parse_transport
 from gateway.replies import Reply
 
 TOP_KEYS = {"server", "tls", "limits", "relay", "domains", "headers", "spool", "queue",
-            "quarantine",
+            "quarantine", "dns",
             "plugins",
             "filters", "scores", "actions", "rules", "classes"}
 FILTER_KEYS = {"name", "module", "timeout_s", "on_error", "enabled"}
@@ -207,6 +208,7 @@ def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
         subject_tag=c.string(hdr, "subject_tag", "headers", "[SPAM]"),
     )
     queue = _queue(c, top.get("queue"))
+    dns = _dns(c, top.get("dns"))
     sp = c.table(top.get("spool"), "spool", {"directory"})
     spool = SpoolConfig(Path(c.string(sp, "directory", "spool", "spool")))
     q = c.table(top.get("quarantine"), "quarantine", {"directory"})
@@ -231,7 +233,7 @@ def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
         source=source, hostname=hostname, workers=workers, listeners=listeners, tls=tls, limits=limits,
         relay=relay, accepted_domains=frozenset(accepted), trusted_networks=tuple(trusted),
         headers=headers, spool=spool, queue=queue, quarantine=quarantine, filters=filters, plugin_dirs=plugin_dirs,
-        default_class=default_class, classes=classes,
+        default_class=default_class, classes=classes, dns=dns,
     )
 
 
@@ -278,10 +280,43 @@ def _queue(c: Checker, data: Any) -> QueueConfig:
                     max_per_destination=num("max_per_destination", integer=True),
                     connection_reuse_s=float(c.number(t, "connection_reuse_s", "queue",
                                                       d.connection_reuse_s, minimum=0)),
-                    scan_interval_s=num("scan_interval_s"))
+                    scan_interval_s=num("scan_interval_s"),
+                    delay_warning_s=float(c.number(t, "delay_warning_s", "queue",
+                                                   d.delay_warning_s, minimum=0)))
     if q.max_backoff_s < q.min_backoff_s:
         c.error("queue.max_backoff_s", "must be >= queue.min_backoff_s")
     return q
+
+
+def _dns(c: Checker, data: Any) -> DnsConfig:
+    t = c.table(data, "dns", {"nameservers", "timeout_s"})
+    servers = []
+    for i, text in enumerate(c.strings(t, "nameservers", "dns")):
+        ns = c.convert(f"dns.nameservers[{i}]", text, _nameserver)
+        if ns is not None:
+            servers.append(ns)
+    return DnsConfig(nameservers=tuple(servers),
+                     timeout_s=float(c.number(t, "timeout_s", "dns", DnsConfig().timeout_s,
+                                              minimum=0, exclusive=True)))
+
+
+def _nameserver(text: str) -> tuple[str, int]:
+    """``IP``, ``IP:PORT``, ``IPv6`` or ``[IPv6]:PORT`` (an address: the resolver's own name
+    cannot be looked up)."""
+    host, port = text.strip(), "53"
+    if host.startswith("["):
+        host, sep, port = host[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"must be IP, IP:PORT or [IPv6]:PORT, got {text!r}")
+    elif host.count(":") == 1:
+        host, _, port = host.partition(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"must be an IP address (optionally :PORT), got {text!r}") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return host, int(port)
 
 
 def _transport(c: Checker, path: str, text: Any) -> Transport | None:
@@ -315,6 +350,13 @@ def _relay(c: Checker, data: Any) -> RelayConfig:
             c.error(f"relay.transport.{dom}", "key must be a domain (or .domain for subdomains)")
         if tr is not None:
             by_domain[dom.lower()] = tr
+    if mode == "proxy":  # one lockstep transaction has one downstream; MX routing needs the queue
+        why = 'mx routing needs relay.mode = "queue"'
+        if downstream.kind == "mx":
+            c.error("relay.downstream", why)
+        for dom, tr in by_domain.items():
+            if tr.kind == "mx":
+                c.error(f"relay.transport.{dom}", why)
     return RelayConfig(
         mode=mode, downstream=downstream, transport=by_domain,
         connect_timeout_s=c.number(t, "connect_timeout_s", "relay", d.connect_timeout_s,

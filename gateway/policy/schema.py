@@ -156,6 +156,15 @@ class QueueConfig:
     max_per_destination: int = 20  # connections at once to one transport
     connection_reuse_s: float = 5.0  # keep an idle downstream connection this long (0 = never)
     scan_interval_s: float = 5.0  # how often due retries are looked for
+    delay_warning_s: float = 0.0  # a "delayed" DSN after this long in the queue (0 = never)
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """The DNS resolver (MX routing now; SPF/DKIM later): which servers, how long to wait."""
+
+    nameservers: tuple[tuple[str, int], ...] = ()  # (ip, port); empty = the system's resolv.conf
+    timeout_s: float = 5.0  # the deadline of one query (all servers and retries included)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +196,7 @@ class Policy:
     plugin_dirs: tuple[Path, ...]
     default_class: PolicyClass
     classes: tuple[PolicyClass, ...] = ()
+    dns: DnsConfig = DnsConfig()
 
     def class_for_domain(self, domain: str) -> PolicyClass:
         d = domain.lower()

@@ -298,6 +298,46 @@ class DownstreamClient:
     async def rset(self) -> Reply:
         return await self._command("RSET", "RSET", "", ())
 
+    async def envelope(self, sender: str, params: Sequence[str],
+                       rcpts: Sequence[tuple[str, Sequence[str]]]) -> tuple[Reply, list[Reply]]:
+        """MAIL and every RCPT: in one write when the server offers PIPELINING (RFC 2920),
+        else one by one. Returns the MAIL reply and, if it was accepted, one reply per RCPT."""
+        if "PIPELINING" not in self.extensions:
+            mail = await self.mail(sender, params)
+            if not mail.is_ok:
+                return mail, []
+            return mail, [await self.rcpt(a, p) for a, p in rcpts]
+        lines = [self._line("MAIL FROM", f"MAIL FROM:{_angle(sender)}", sender, params)]
+        lines += [self._line("RCPT TO", f"RCPT TO:{_angle(a)}", a, p) for a, p in rcpts]
+        if self._closed:
+            raise self._translate(ConnectionError("connection already closed"), "MAIL FROM",
+                                  self._command_timeout_s)
+        try:
+            async with asyncio.timeout(self._command_timeout_s):
+                self._writer.write("".join(f"{x}\r\n" for x in lines).encode("utf-8"))
+                await self._writer.drain()
+        except Exception as exc:
+            self.close()
+            raise self._translate(exc, "MAIL FROM", self._command_timeout_s) from exc
+        mail = await self._exchange("MAIL FROM", None, self._command_timeout_s)
+        replies: list[Reply] = []
+        for _ in rcpts:
+            if self._closed:  # a 421 ended the session: the rest gets the same answer
+                replies.append(replies[-1] if replies else mail)
+                continue
+            replies.append(await self._exchange("RCPT TO", None, self._command_timeout_s))
+        return mail, replies if mail.is_ok else []
+
+    def _line(self, step: str, line: str, arg: str, params: Sequence[str]) -> str:
+        try:
+            _check_arg(step, arg)
+            for p in params:
+                _check_arg(f"{step} parameter", p)
+        except ValueError:
+            self.close()
+            raise
+        return " ".join([line, *params]) if params else line
+
     async def data(self, chunks: AsyncIterable[bytes] | Iterable[bytes], *,
                    accepted_rcpts: int = 1) -> list[Reply]:
         """Send DATA and stream the message; return the reply (SMTP) or one reply per accepted
@@ -381,16 +421,8 @@ class DownstreamClient:
     # -- internals -----------------------------------------------------------------------------
 
     async def _command(self, step: str, line: str, arg: str, params: Sequence[str]) -> Reply:
-        try:
-            _check_arg(step, arg)
-            for p in params:
-                _check_arg(f"{step} parameter", p)
-        except ValueError:
-            self.close()
-            raise
-        if params:
-            line = " ".join([line, *params])
-        return await self._exchange(step, line, self._command_timeout_s)
+        return await self._exchange(step, self._line(step, line, arg, params),
+                                    self._command_timeout_s)
 
     async def _exchange(self, step: str, line: str | None, timeout_s: float) -> Reply:
         reply, _ = await self._exchange_lines(step, line, timeout_s)

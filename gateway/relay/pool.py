@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from gateway.dnsresolver import DnsResolver
 from gateway.errors import RelayError
 from gateway.policy.schema import RelayConfig
 from gateway.relay.client import DownstreamClient
@@ -27,8 +28,9 @@ class _Idle:
 
 class DownstreamPool:
     def __init__(self, relay: RelayConfig, helo_name: str, *, max_per_destination: int,
-                 idle_s: float) -> None:
+                 idle_s: float, resolver: DnsResolver | None = None) -> None:
         self.relay = relay
+        self.resolver = resolver  # for mx transports (one per recipient domain)
         self.helo_name = helo_name
         self.max_per_destination = max_per_destination
         self.idle_s = idle_s
@@ -88,7 +90,7 @@ class DownstreamPool:
 
     async def _connect(self, t: Transport) -> DownstreamClient:
         self.opened += 1
-        return await connect_transport(t, self.relay, self.helo_name)
+        return await connect_transport(t, self.relay, self.helo_name, self.resolver)
 
     async def close(self) -> None:
         for items in self._idle.values():

@@ -1,15 +1,18 @@
 """Downstream transport addresses: parse ``smtp://host:port``, ``lmtp://host:port``,
-``lmtp:unix:/path`` and ``maildir:PATH`` into a value, and pick one per recipient domain.
-``smtp://a:25,b:25`` names several hosts, tried in order (failover)."""
+``lmtp:unix:/path``, ``maildir:PATH`` and ``mx`` / ``mx:PORT`` into a value, and pick one per
+recipient domain. ``smtp://a:25,b:25`` names several hosts, tried in order (failover); ``mx``
+delivers to the recipient domain's own MX hosts (see :mod:`gateway.relay.mx`), so
+:func:`transport_for` binds it to that domain."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-Kind = Literal["smtp", "lmtp", "maildir"]
+Kind = Literal["smtp", "lmtp", "maildir", "mx"]
+MX_PORT = 25
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +22,7 @@ class Transport:
     port: int = 0
     path: Path | None = None  # maildir directory, or the unix socket for lmtp:unix:
     alternates: tuple[tuple[str, int], ...] = ()  # further hosts, tried in order on failure
+    domain: str = ""  # mx: the recipient domain whose MX hosts are used (set by transport_for)
 
     @property
     def endpoints(self) -> tuple[tuple[str, int], ...]:
@@ -27,6 +31,8 @@ class Transport:
     def __str__(self) -> str:
         if self.kind == "maildir":
             return f"maildir:{self.path}"
+        if self.kind == "mx":
+            return f"mx:{self.port}" + (f" ({self.domain})" if self.domain else "")
         if self.path is not None:
             return f"{self.kind}:unix:{self.path}"
         hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.endpoints)
@@ -36,7 +42,13 @@ class Transport:
 def parse_transport(text: str) -> Transport:
     """Parse a transport string; raises ValueError with a reason an admin can act on."""
     if not isinstance(text, str) or not text:
-        raise ValueError("must be a string like smtp://host:port, lmtp://host:port or maildir:DIR")
+        raise ValueError("must be a string like smtp://host:port, lmtp://host:port, maildir:DIR "
+                         "or mx")
+    if text == "mx" or text.startswith("mx:"):
+        port_s = text[3:] if text != "mx" else str(MX_PORT)
+        if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+            raise ValueError(f"bad port {port_s!r} (mx or mx:PORT)")
+        return Transport("mx", port=int(port_s))
     if text.startswith("maildir:"):
         path = text[len("maildir:"):]
         if not path:
@@ -53,7 +65,7 @@ def parse_transport(text: str) -> Transport:
             hosts = [_endpoint(kind, part) for part in text[len(prefix):].rstrip("/").split(",")]
             (host, port), rest = hosts[0], tuple(hosts[1:])
             return Transport(kind, host=host, port=port, alternates=rest)
-    raise ValueError("must start with smtp://, lmtp://, lmtp:unix: or maildir:")
+    raise ValueError("must start with smtp://, lmtp://, lmtp:unix: or maildir:, or be mx[:PORT]")
 
 
 def _endpoint(kind: str, rest: str) -> tuple[str, int]:
@@ -75,8 +87,14 @@ def _endpoint(kind: str, rest: str) -> tuple[str, int]:
 
 def transport_for(domain: str, default: Transport, by_domain: Mapping[str, Transport]) -> Transport:
     """The transport for a recipient domain: exact match, then parent domains (``.example.test``
-    entries match subdomains), then the default."""
+    entries match subdomains), then the default. An ``mx`` transport comes back bound to
+    ``domain`` (recipients of different domains go to different MX hosts)."""
     d = domain.lower()
+    t = _lookup(d, default, by_domain)
+    return replace(t, domain=d) if t.kind == "mx" else t
+
+
+def _lookup(d: str, default: Transport, by_domain: Mapping[str, Transport]) -> Transport:
     if d in by_domain:
         return by_domain[d]
     labels = d.split(".")

@@ -333,7 +333,7 @@ def test_5xx_for_one_recipient_delivers_the_other_and_bounces_with_a_dsn(gateway
         assert done["rcpts"]["alice@example.test"].startswith("delivered: 250")
         assert done["rcpts"]["bad@example.test"] == f"failed: {BAD_REPLY}"
         dsn_ev = gw.wait_for(lambda e: e.get("event") == "dsn" and e.get("original") == qid)
-        assert dsn_ev["to"] == "bob@sender.test" and dsn_ev["failed"] == ["bad@example.test"]
+        assert dsn_ev["to"] == "bob@sender.test" and dsn_ev["rcpts"] == ["bad@example.test"] and dsn_ev["action"] == "failed"
         assert done["dsn"] == dsn_ev["qid"]
         wait_delivery(gw, dsn_ev["qid"], "done")
         wait_spool_empty(spool_dir(gw))

@@ -132,7 +132,7 @@ def test_list_json_has_every_field(q: Queue) -> None:
         "envid": "e1", "ret": "HDRS", "arrival": entry.arrival, "size": entry.size,
         "decision": {"action": "accept", "score": 1.5}, "attempts": 1,
         "next_attempt": entry.next_attempt, "last_error": entry.last_error,
-        "client_ip": "192.0.2.7", "helo": "client.sender.test",
+        "client_ip": "192.0.2.7", "helo": "client.sender.test", "delay_warned": None,
         "mail_params": ["BODY=8BITMIME"], "prepend": "",
         "recipients": [{"addr": "b@example.test", "notify": ["FAILURE"],
                         "orcpt": "rfc822;b@example.test", "state": "pending",

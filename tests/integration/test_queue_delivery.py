@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import email
 import smtplib
 import socket
 import threading
@@ -81,3 +82,32 @@ def test_failover_to_the_next_downstream_host(gateway_factory, mode):
         msgs = good.wait_for(2, 10)
         assert len(msgs) == 2 and busy.messages == []
         assert busy.connections >= 1  # it was tried, and refused at the greeting
+
+
+def test_delay_warning_is_sent_once(gateway_factory):
+    with Sink(replies={"RCPT:alice@example.test": "451 4.2.0 mailbox busy"}) as sink:
+        pol = base_policy(f"smtp://127.0.0.1:{sink.port}", relay={"mode": "queue"},
+                          queue={"scan_interval_s": 0.1, "min_backoff_s": 0.2,
+                                 "max_backoff_s": 0.3, "delay_warning_s": 0.5})
+        pol["domains"]["accepted"] = ["example.test", "sender.test"]
+        pol["filters"][0]["recipients"] = ["@example.test", "@sender.test"]
+        gw = gateway_factory(pol)
+        with smtplib.SMTP(*gw.address, timeout=20) as s:
+            s.ehlo("c.test")
+            s.mail("a@sender.test")
+            s.rcpt("alice@example.test", ["NOTIFY=DELAY,FAILURE"])
+            code, _ = s.data(b"Subject: slow\r\n\r\nbody\r\n")
+        assert code == 250
+        [warning] = sink.wait_for(1, 10)
+        time.sleep(1.5)  # more retries happen; no second warning
+        assert len(sink.messages) == 1
+    assert warning.mail_from == "" and warning.rcpts == ("a@sender.test",)
+    msg = email.message_from_bytes(warning.data)
+    assert msg.get_content_type() == "multipart/report"
+    status = [p for p in msg.walk() if p.get_content_type() == "message/delivery-status"][0]
+    fields = status.get_payload()[1]  # the per-recipient block
+    assert fields["Action"] == "delayed"
+    assert fields["Status"] == "4.2.0"
+    assert fields["Final-Recipient"].replace(" ", "") == "rfc822;alice@example.test"
+    assert fields["Will-Retry-Until"]
+    assert len(gw.events("dsn")) == 1 and gw.events("dsn")[0]["action"] == "delayed"

@@ -194,13 +194,13 @@ def test_values_are_read_and_typed():
      "got 'ignore'"),
     # relay.downstream / relay.transport
     ({"relay": {"downstream": "ftp://h:21"}},
-     "relay.downstream: must start with smtp://, lmtp://, lmtp:unix: or maildir:"),
+     "relay.downstream: must start with smtp://, lmtp://, lmtp:unix: or maildir:, or be mx[:PORT]"),
     ({"relay": {"downstream": "smtp://mx.test"}}, "relay.downstream: smtp:// needs host:port"),
     ({"relay": {"downstream": "lmtp://h:0"}}, "relay.downstream: bad port '0'"),
     ({"relay": {"downstream": "maildir:"}}, "relay.downstream: maildir: needs a directory"),
     ({"relay": {"downstream": 25}},
-     "relay.downstream: must be a string like smtp://host:port, lmtp://host:port or "
-     "maildir:DIR"),
+     "relay.downstream: must be a string like smtp://host:port, lmtp://host:port, maildir:DIR "
+     "or mx"),
     ({"relay": {"transport": {"a.test": "smtp://h:99999"}}},
      "relay.transport.a.test: bad port '99999'"),
     ({"relay": {"transport": {"not a domain": "smtp://h:25"}}},
@@ -331,7 +331,7 @@ def test_several_errors_are_all_reported_at_once():
         "server.listen[0]: must be host:port (port 0 picks a free port), got 'nowhere'",
         "limits.idle_timeout_s: must be a number > 0",
         "limits.max_recipients: must be an integer, got 'many'",
-        "relay.downstream: must start with smtp://, lmtp://, lmtp:unix: or maildir:",
+        "relay.downstream: must start with smtp://, lmtp://, lmtp:unix: or maildir:, or be mx[:PORT]",
         "filters.rcpt.on_error: must be one of tempfail, continue, reject, quarantine; "
         "got 'shrug'",
         "filters.rcpt: appears twice in the chain",

@@ -589,3 +589,35 @@ def test_sink_process_writes_messages_to_dir(tmp_path: Path) -> None:
     envelope = json.loads((tmp_path / "000001.json").read_text())
     assert envelope["mail_from"] == "a@x.test" and envelope["rcpts"] == ["a@x.test"]
     assert (tmp_path / envelope["data_file"]).read_bytes() == MSG
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_envelope_pipelined_or_not_gives_the_same_replies(pipelining: bool) -> None:
+    ext = ("PIPELINING", "8BITMIME") if pipelining else ("8BITMIME",)
+    with Sink(ehlo_extensions=ext, replies={"RCPT:bad@x.test": "550 5.1.1 no such user"}) as sink:
+        async def go() -> tuple[Reply, list[Reply], Reply]:
+            client = await _connect(sink)
+            mail, rcpts = await client.envelope(
+                "s@x.test", ["BODY=8BITMIME"],
+                [("a@x.test", []), ("bad@x.test", []), ("b@x.test", [])])
+            after = await client.rset()  # the replies were all consumed: the stream is in step
+            await client.quit()
+            return mail, rcpts, after
+
+        mail, rcpts, after = asyncio.run(go())
+    assert mail.code == 250 and after.code == 250
+    assert [r.code for r in rcpts] == [250, 550, 250]
+    assert rcpts[1] == Reply(550, "5.1.1", "no such user")
+
+
+def test_envelope_with_refused_mail_returns_no_rcpt_replies() -> None:
+    with Sink(replies={"MAIL": "451 4.3.0 later"}) as sink:
+        async def go() -> tuple[Reply, list[Reply], Reply]:
+            client = await _connect(sink)
+            mail, rcpts = await client.envelope("s@x.test", [], [("a@x.test", [])])
+            after = await client.rset()
+            await client.quit()
+            return mail, rcpts, after
+
+        mail, rcpts, after = asyncio.run(go())
+    assert (mail.code, rcpts, after.code) == (451, [], 250)

@@ -84,7 +84,7 @@ def full_entry(qid: str, size: int) -> QueueEntry:
         decision={"action": "add_header", "score": 3.5, "by": "threshold",
                   "symbols": [{"name": "SPF_FAIL", "options": ("x", "y")}]},
         attempts=3, next_attempt=1_700_000_600.5, last_error="451 4.4.1 timed out",
-        client_ip="2001:db8::1", helo="mx.example.test")
+        client_ip="2001:db8::1", helo="mx.example.test", delay_warned=1700000700.25)
 
 
 # -- entries ----------------------------------------------------------------------------------
