@@ -339,7 +339,7 @@ def _relay(c: Checker, data: Any) -> RelayConfig:
     if ca_file and not Path(ca_file).is_file():
         c.error("relay.tls_ca_file", f"no such file: {ca_file}")
     d = RelayConfig()
-    mode = c.string(t, "mode", "relay", "proxy", ("proxy", "queue"))
+    mode = c.string(t, "mode", "relay", "queue", ("proxy", "queue"))
     downstream = d.downstream
     if "downstream" in t:
         downstream = _transport(c, "relay.downstream", t["downstream"]) or d.downstream

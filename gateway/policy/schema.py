@@ -60,7 +60,7 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class RelayConfig:
-    mode: Literal["proxy", "queue"] = "proxy"
+    mode: Literal["proxy", "queue"] = "queue"
     downstream: Transport = Transport("maildir", path=Path("Maildir"))
     transport: Mapping[str, Transport] = field(default_factory=dict)  # rcpt domain -> transport
     connect_timeout_s: float = 30.0

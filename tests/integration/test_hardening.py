@@ -409,6 +409,9 @@ def test_mailgate_run_without_arguments_uses_the_shipped_default_policy(gateway_
     m = re.search(rf"^<-  250 2\.0\.0 Ok: queued as ({QID})$", out.stdout, re.M)
     assert m, out.stdout
     qid = m[1]
+    # the shipped default is queue mode: the 250 came after the commit, delivery follows
+    done = gw.wait_for(lambda e: e.get("event") == "delivery" and e.get("qid") == qid)
+    assert done["outcome"] == "done"
     [msg] = gw.maildir_messages()
     assert msg.startswith(f"Return-Path: <{SENDER}>\r\nDelivered-To: alice@example.test\r\n"
                           .encode())

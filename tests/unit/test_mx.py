@@ -309,7 +309,7 @@ def test_dns_policy_section():
 
 def test_mx_needs_queue_mode():
     with pytest.raises(PolicyError) as exc:
-        parse_policy({"relay": {"downstream": "mx",
+        parse_policy({"relay": {"mode": "proxy", "downstream": "mx",
                                 "transport": {"other.test": "mx:2525"}}}, "t.toml")
     assert list(exc.value.problems) == [
         't.toml: relay.downstream: mx routing needs relay.mode = "queue"',

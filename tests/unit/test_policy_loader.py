@@ -47,7 +47,7 @@ def test_empty_policy_loads_with_documented_defaults():
     assert p.limits.max_line_bytes == 1000 and p.limits.bare_lf == "reject"
     assert p.limits.max_message_bytes == 25 * 1024 * 1024
     assert p.relay == RelayConfig()
-    assert p.relay.mode == "proxy"
+    assert p.relay.mode == "queue"
     assert p.relay.downstream == Transport("maildir", path=Path("Maildir"))
     # No accepted domains and no trusted networks: nothing can be relayed anywhere.
     assert p.accepted_domains == frozenset()
