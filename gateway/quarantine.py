@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from gateway.durable import fsync_dir
 from gateway.relay import maildir
 
 
@@ -24,9 +25,5 @@ def store(directory: Path, qid: str, chunks: Iterable[bytes], meta: dict[str, An
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, record_dir / f"{qid}.json")
-    fd = os.open(record_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(record_dir)
     return path

@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
+from gateway.durable import fsync_dir
 from gateway.errors import SpoolError
 from gateway.logs import event
 from gateway.queue_entry import (
@@ -75,14 +76,6 @@ class RecoveryReport:
     busy: int = 0  # skipped: locked by a live process
     queued: int = 0  # valid entries left in active/deferred/hold
     problems: tuple[str, ...] = ()  # one "path: reason" per file moved to corrupt/
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _lock_file(path: Path, *, block: bool) -> int:
@@ -158,7 +151,7 @@ class Spool:
             os.fsync(fd)
             os.rename(data_path, final)
             renamed = True
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             self._write_meta(entry, area)
         except BaseException as e:
             if renamed:  # we checked that no metadata existed: whatever is there is ours
@@ -187,7 +180,7 @@ class Spool:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     # -- reading ----------------------------------------------------------------------------
     def _read(self, area: Area, qid: str) -> QueueEntry:
@@ -288,8 +281,8 @@ class Spool:
             os.rename(source, target)
         except FileNotFoundError:
             raise SpoolMissing(f"{qid}: not in {src}/") from None
-        _fsync_dir(target.parent)
-        _fsync_dir(source.parent)
+        fsync_dir(target.parent)
+        fsync_dir(source.parent)
 
     def remove(self, qid: str) -> None:
         """Delete a claimed, finished message. Metadata first: a crash in between leaves data
@@ -302,7 +295,7 @@ class Spool:
         if area is None:
             raise SpoolMissing(f"{qid}: not queued")
         self._meta(area, qid).unlink()
-        _fsync_dir(self.root / area)
+        fsync_dir(self.root / area)
         self._data(qid).unlink(missing_ok=True)
 
     # -- free space -------------------------------------------------------------------------
@@ -412,8 +405,8 @@ class Spool:
             if area == "active":  # was (or might have been) in flight: retry it now
                 self._write_meta(replace(entry, next_attempt=now), area)
                 os.rename(path, self._meta("deferred", qid))
-                _fsync_dir(self.root / "deferred")
-                _fsync_dir(self.root / area)
+                fsync_dir(self.root / "deferred")
+                fsync_dir(self.root / area)
                 counts["requeued"] += 1
             counts["queued"] += 1
         finally:
@@ -455,9 +448,9 @@ class Spool:
         if data_target is not None and qid is not None:  # data first: data/ never keeps it
             os.rename(self._data(qid), data_target)
         os.rename(path, target)
-        _fsync_dir(corrupt)
-        _fsync_dir(self.root / "data")
-        _fsync_dir(path.parent)
+        fsync_dir(corrupt)
+        fsync_dir(self.root / "data")
+        fsync_dir(path.parent)
         problems.append(f"{note['from']}: {reason}")
         event(log, "spool-corrupt", level=logging.ERROR, file=note["from"], reason=reason,
               moved_to=str(target.relative_to(self.root)), data=note.get("data"))

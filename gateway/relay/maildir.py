@@ -12,20 +12,14 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from gateway.durable import fsync_dir
+
 _seq = 0
 
 
 def ensure_maildir(root: Path) -> None:
     for sub in ("tmp", "new", "cur"):
         (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def unique_name(tag: str) -> str:
@@ -52,7 +46,7 @@ def deliver(root: Path, chunks: Iterable[bytes], tag: str) -> Path:
             os.fsync(f.fileno())
         final = root / "new" / name
         os.rename(tmp, final)
-        _fsync_dir(root / "new")
+        fsync_dir(root / "new")
         return final
     except BaseException:
         tmp.unlink(missing_ok=True)
