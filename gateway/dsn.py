@@ -523,6 +523,13 @@ def _check_notify(keywords: frozenset[str]) -> frozenset[str]:
     return keywords
 
 
+def acceptable_text(value: str) -> bool:
+    """True when a DSN may carry ``value`` (an ORCPT address, an ENVID): non-blank, at most 512
+    octets, no control, surrogate or line/paragraph-separator characters."""
+    return (bool(value.strip()) and len(value.encode("utf-8", "surrogatepass")) <= 512
+            and not _has_controls(value))
+
+
 def _check_address(value: str, what: str) -> None:
     if not value or len(value.encode("utf-8", "surrogatepass")) > 512 or _has_controls(value):
         raise DsnError(f"bad {what} address {value!r}")

@@ -191,6 +191,8 @@ class Engine:
                     notify: frozenset[str] | None, orcpt: str | None) -> tuple[Reply, str]:
         """The reply for one recipient, and (for a refusal) what chose it, for the log."""
         p = self.policy
+        if any(r.addr == rcpt.addr for r in txn.rcpts):  # once is enough (LMTP would deliver
+            return Reply(250, "2.1.5", "Recipient ok (duplicate)"), ""  # twice)
         local = not rcpt.domain or p.is_local_domain(rcpt.domain_key)
         if not state.trusted:
             tricks = rcpt.routing_tricks

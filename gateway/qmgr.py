@@ -52,6 +52,10 @@ class QueueManager:
         self.pool = self._new_pool(policy)
         self.wakeup = asyncio.Event()
         self.busy: set[str] = set()
+        # After an attempt that could not save its outcome (e.g. a full disk): the newest state
+        # we know, applied to the next attempt, and a pause so that nothing storms.
+        self._latest: dict[str, QueueEntry] = {}
+        self._not_before: dict[str, float] = {}
         self._slots = asyncio.Semaphore(policy.queue.max_active)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -75,12 +79,14 @@ class QueueManager:
     async def run(self) -> None:
         while not self._stopping:
             try:
-                due = await asyncio.to_thread(self.spool.due, time.time(), self.policy.queue.max_active * 2)
+                due = await asyncio.to_thread(self.spool.due, time.time(),
+                                              self.policy.queue.max_active * 2)
             except Exception:
                 log.exception("queue scan failed")
                 due = []
+            now = time.time()
             for qid in due:
-                if qid in self.busy or self._stopping:
+                if qid in self.busy or self._stopping or self._not_before.get(qid, 0) > now:
                     continue
                 await self._slots.acquire()
                 self.busy.add(qid)
@@ -111,6 +117,9 @@ class QueueManager:
             except (SpoolBusy, SpoolMissing):
                 return
             try:
+                latest = self._latest.get(qid)
+                if latest is not None and latest.attempts >= entry.attempts:
+                    entry = latest  # newer than the disk: an earlier save failed
                 # Not "hold", and still due: the scan's view may be stale (an attempt here or
                 # in another worker may have deferred it since), and backoff must hold.
                 if area != "hold" and entry.next_attempt <= time.time():
@@ -118,7 +127,8 @@ class QueueManager:
             finally:
                 await asyncio.to_thread(claim.__exit__, None, None, None)
         except Exception:
-            log.exception("delivery attempt failed (qid %s)", qid)
+            log.exception("delivery attempt failed (qid %s); pausing it", qid)
+            self._not_before[qid] = time.time() + self.policy.queue.min_backoff_s
         finally:
             self.busy.discard(qid)
             self._slots.release()
@@ -129,14 +139,22 @@ class QueueManager:
         for r in entry.pending:
             t = transport_for(_domain(r.addr), relay.downstream, relay.transport)
             groups.setdefault(t, []).append(r)
-        results: Results = {}
         errors: list[str] = []
         for transport, rcpts in groups.items():
-            got, error = await self._send(entry, transport, rcpts)
-            results.update(got)
+            try:
+                got, error = await self._send(entry, transport, rcpts)
+            except Exception as e:  # a bug or a local failure: these recipients stay pending
+                log.exception("delivery to %s failed (qid %s)", transport, entry.qid)
+                error = f"local error: {type(e).__name__}"
+                got = {r.addr: ("pending", f"451 4.3.0 {error}") for r in rcpts}
             if error:
                 errors.append(f"{transport}: {error}")
-        entry = entry.with_recipient_results(results)
+            if any(state != "pending" for state, _ in got.values()):
+                # Final outcomes are saved at once: a crash now must not deliver them again.
+                entry = entry.with_recipient_results(got)
+                await self._save(entry, area)
+                got = {}
+            entry = entry.with_recipient_results(got)
         now = time.time()
         expired = now - entry.arrival >= self.policy.queue.max_lifetime_s
         if expired and entry.pending:
@@ -152,16 +170,27 @@ class QueueManager:
                 log.error("DSN for %s not queued: %s", entry.qid, e)
                 errors.append(f"DSN not queued: {e}")
             else:
+                self._latest[entry.qid] = entry
                 await asyncio.to_thread(self.spool.remove, entry.qid)
+                self._forget(entry.qid)
                 self._log(entry, "done", now, errors, dsn_note=note)
                 return
         entry = entry.with_retry(now + backoff_s(entry.attempts + 1, self.policy.queue),
                                  _last_error(entry, errors))
         entry = await self._warn_delay(entry, now)
-        await asyncio.to_thread(self.spool.update, entry, area)  # type: ignore[arg-type]
+        await self._save(entry, area)
         if area == "active":
             await asyncio.to_thread(self.spool.move, entry.qid, "active", "deferred")
+        self._forget(entry.qid)
         self._log(entry, "deferred", now, errors)
+
+    async def _save(self, entry: QueueEntry, area: str) -> None:
+        self._latest[entry.qid] = entry  # kept if the write fails (see _attempt)
+        await asyncio.to_thread(self.spool.update, entry, area)  # type: ignore[arg-type]
+
+    def _forget(self, qid: str) -> None:
+        self._latest.pop(qid, None)
+        self._not_before.pop(qid, None)
 
     async def _send(self, entry: QueueEntry, t: Transport, rcpts: list[Recipient]
                     ) -> tuple[Results, str | None]:
@@ -182,6 +211,9 @@ class QueueManager:
                            rcpts: list[Recipient], out: Results) -> tuple[Results, str | None]:
         """MAIL, RCPTs, DATA on a connected client; a 4xx/5xx reply is a result, not an error."""
         ext = client.extensions
+        if "SMTPUTF8" in entry.mail_params and "SMTPUTF8" not in ext:  # RFC 6531 3.4
+            return {x.addr: ("failed", "553 5.6.7 downstream does not support SMTPUTF8")
+                    for x in rcpts}, None
         params = [p for p in entry.mail_params
                   if p.split("=")[0].upper() in ext
                   or (p.upper().startswith("BODY=") and "8BITMIME" in ext)]
@@ -259,15 +291,15 @@ class QueueManager:
     async def _send_dsn(self, entry: QueueEntry, now: float, action: dsn.Action,
                         rcpts: list[Recipient]) -> str:
         until = entry.arrival + self.policy.queue.max_lifetime_s if action == "delayed" else None
-        statuses = [dsn.RecipientStatus(
-            recipient=r.addr, action=action, status=_status_of(r.last_reply, action),
-            original_recipient=r.orcpt, diagnostic=f"smtp; {r.last_reply}" if r.last_reply
-            else None, last_attempt=now, will_retry_until=until) for r in rcpts]
-        req = dsn.DsnRequest(qid=entry.qid, sender=entry.sender, arrival=entry.arrival,
-                             envid=entry.envid, ret=entry.ret,  # type: ignore[arg-type]
-                             reporting_mta=self.policy.hostname,
-                             received_from_mta=entry.helo or None)
         try:
+            statuses = [dsn.RecipientStatus(
+                recipient=r.addr, action=action, status=_status_of(r.last_reply, action),
+                original_recipient=r.orcpt, diagnostic=f"smtp; {r.last_reply}" if r.last_reply
+                else None, last_attempt=now, will_retry_until=until) for r in rcpts]
+            req = dsn.DsnRequest(qid=entry.qid, sender=entry.sender, arrival=entry.arrival,
+                                 envid=entry.envid, ret=entry.ret,  # type: ignore[arg-type]
+                                 reporting_mta=self.policy.hostname,
+                                 received_from_mta=entry.helo or None)
             with await asyncio.to_thread(self.spool.open_data, entry.qid) as f:
                 data = await asyncio.to_thread(dsn.build_dsn, req, statuses, f, now=now)
         except dsn.DsnError as e:  # cannot be built, now or later: say so, do not retry
@@ -275,8 +307,10 @@ class QueueManager:
             return f"not sent: {e}"
         qid = new_qid()
         path = self.spool.incoming_path(qid)
+        params = tuple(p for p, need in (("BODY=8BITMIME", not data.isascii()),
+                                         ("SMTPUTF8", not entry.sender.isascii())) if need)
         bounce = QueueEntry(qid=qid, sender="", recipients=(Recipient(addr=entry.sender),),
-                            arrival=now, size=len(data), next_attempt=now,
+                            mail_params=params, arrival=now, size=len(data), next_attempt=now,
                             decision={"action": "dsn", "for": entry.qid})
         try:
             await asyncio.to_thread(path.write_bytes, data)

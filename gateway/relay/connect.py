@@ -83,6 +83,8 @@ async def connect_transport(t: Transport, relay: RelayConfig, helo_name: str,
             if len(t.endpoints) > 1:
                 log.warning("downstream %s:%s failed (%s); trying the next host", host, port, e)
     assert last is not None
+    if last.permanent:  # a 5xx greeting/EHLO says nothing about the recipients: retry later
+        raise RelayTempError(str(last), code=451, status="4.4.0", text=str(last))
     raise last
 
 

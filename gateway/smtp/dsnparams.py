@@ -4,7 +4,7 @@ offers DSN."""
 
 from __future__ import annotations
 
-from gateway.dsn import DsnError, parse_notify
+from gateway.dsn import DsnError, acceptable_text, parse_notify
 from gateway.replies import Reply
 from gateway.smtp.address import AddressError, xtext_decode, xtext_encode
 
@@ -25,9 +25,10 @@ def check_envid(value: str | None) -> str | Reply:
     if not value or len(value) > MAX_ENVID:
         return bad("ENVID")
     try:
-        return xtext_decode(value)
+        decoded = xtext_decode(value)
     except AddressError:
         return bad("ENVID")
+    return decoded if acceptable_text(decoded) else bad("ENVID")
 
 
 def check_notify(value: str | None) -> frozenset[str] | Reply:
@@ -43,9 +44,12 @@ def check_orcpt(value: str | None) -> str | Reply:
     if not sep or not kind.replace("-", "").isalnum() or not encoded or len(value or "") > 500:
         return bad("ORCPT")
     try:
-        return f"{kind.lower()};{xtext_decode(encoded)}"
+        address = xtext_decode(encoded)
     except AddressError:
         return bad("ORCPT")
+    if not acceptable_text(address) or address != address.strip():
+        return bad("ORCPT")
+    return f"{kind.lower()};{address}"
 
 
 def encode_orcpt(decoded: str) -> str:

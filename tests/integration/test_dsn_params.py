@@ -64,3 +64,24 @@ def test_bad_dsn_parameters_are_refused(gateway_factory, rcpt, expected):
         assert c.cmd("MAIL FROM:<a@sender.test>").startswith("250 ")
         assert c.cmd(rcpt) == expected
         assert c.cmd("RCPT TO:<alice@example.test>").startswith("250 ")
+
+
+@pytest.mark.parametrize("mail, rcpt, expected", [
+    ("MAIL FROM:<a@sender.test>", "RCPT TO:<alice@example.test> ORCPT=rfc822;+20",
+     "501 5.5.4 Bad ORCPT parameter"),
+    ("MAIL FROM:<a@sender.test>", "RCPT TO:<alice@example.test> ORCPT=rfc822;a+0Ab",
+     "501 5.5.4 Bad ORCPT parameter"),
+])
+def test_dsn_values_a_dsn_could_not_carry_are_refused(gateway_factory, mail, rcpt, expected):
+    gw = gateway_factory(base_policy())
+    with RawSmtpClient(gw.address) as c:
+        c.cmd("EHLO client.test")
+        assert c.cmd(mail).startswith("250 ")
+        assert c.cmd(rcpt) == expected
+
+
+def test_envid_with_a_line_separator_is_refused(gateway_factory):
+    gw = gateway_factory(base_policy())
+    with RawSmtpClient(gw.address) as c:
+        c.cmd("EHLO client.test")
+        assert c.cmd("MAIL FROM:<a@sender.test> ENVID=+E2+80+A8") == "501 5.5.4 Bad ENVID parameter"
