@@ -35,7 +35,9 @@ class DownstreamPool:
         self.max_per_destination = max_per_destination
         self.idle_s = idle_s
         self._sems: dict[Transport, asyncio.Semaphore] = {}
+        self._users: dict[Transport, int] = {}  # sessions holding or waiting for a semaphore
         self._idle: dict[Transport, list[_Idle]] = {}
+        self.closed = False  # after a reload: connections are closed, not parked
         self.opened = 0  # connections made (for logs and tests)
         self.reused = 0
 
@@ -43,15 +45,38 @@ class DownstreamPool:
     async def session(self, t: Transport) -> AsyncIterator[DownstreamClient]:
         """A connected client for one transaction; give it back by leaving the block normally
         (it is RSET and kept for reuse) — an exception closes it."""
+        await self._reap()
         sem = self._sems.setdefault(t, asyncio.Semaphore(self.max_per_destination))
-        async with sem:
-            client = await self._reuse(t) or await self._connect(t)
-            try:
-                yield client
-            except BaseException:
-                client.close()
-                raise
-            await self._release(t, client)
+        self._users[t] = self._users.get(t, 0) + 1
+        try:
+            async with sem:
+                client = await self._reuse(t) or await self._connect(t)
+                try:
+                    yield client
+                except BaseException:
+                    client.close()
+                    raise
+                await self._release(t, client)
+        finally:
+            self._users[t] -= 1
+            if not self._users[t]:  # nobody holds or waits: forget it (one per MX domain)
+                del self._users[t], self._sems[t]
+
+    async def _reap(self) -> None:
+        """Close idle connections past ``idle_s`` for every destination, not only the one in
+        use, so that none lingers half-closed."""
+        now = time.monotonic()
+        for t in list(self._idle):
+            keep = []
+            for item in self._idle[t]:
+                if now - item.since > self.idle_s or item.client.closed:
+                    await item.client.quit()
+                else:
+                    keep.append(item)
+            if keep:
+                self._idle[t] = keep
+            else:
+                del self._idle[t]
 
     async def _reuse(self, t: Transport) -> DownstreamClient | None:
         idle = self._idle.get(t, [])
@@ -76,7 +101,7 @@ class DownstreamPool:
         return None
 
     async def _release(self, t: Transport, client: DownstreamClient) -> None:
-        if client.closed or self.idle_s <= 0:
+        if client.closed or self.idle_s <= 0 or self.closed:
             await client.quit()
             return
         try:
@@ -93,6 +118,7 @@ class DownstreamPool:
         return await connect_transport(t, self.relay, self.helo_name, self.resolver)
 
     async def close(self) -> None:
+        self.closed = True
         for items in self._idle.values():
             for item in items:
                 await item.client.quit()
