@@ -15,6 +15,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from gateway.dnsresolver import DnsResolver
 from gateway.engine import Engine
 from gateway.errors import PolicyError
 from gateway.logs import event
@@ -57,7 +58,7 @@ class ConnectionCounter:
 def load_engine(path: Path) -> Engine:
     """Load and fully validate a policy (filters built); raises PolicyError."""
     policy = load_policy(path)
-    services = Services(hostname=policy.hostname)
+    services = Services(hostname=policy.hostname, resolver=DnsResolver(policy.dns))
     return Engine(policy, build_chain(policy, services), services)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import dns.asyncresolver
 import dns.exception
+import dns.message
 import dns.name
 import dns.nameserver
 import dns.rdata
@@ -108,7 +109,13 @@ class DnsResolver:
             return DnsAnswer(name, rdtype, "permerror", error=str(e))
         except (dns.exception.Timeout, TimeoutError):
             return DnsAnswer(name, rdtype, "temperror", error=f"timed out after {timeout_s:g}s")
-        except dns.exception.DNSException as e:  # NoNameservers: SERVFAIL, REFUSED, unreachable
+        except dns.resolver.NoNameservers as e:
+            errors = e.kwargs.get("errors") or []
+            if errors and all(isinstance(err[3], dns.message.ChainTooLong) for err in errors):
+                # a CNAME loop is the zone's fault, not a passing failure: it will not heal
+                return DnsAnswer(name, rdtype, "permerror", error="CNAME chain too long (loop)")
+            return DnsAnswer(name, rdtype, "temperror", error=str(e) or type(e).__name__)
+        except dns.exception.DNSException as e:  # SERVFAIL, REFUSED, unreachable
             return DnsAnswer(name, rdtype, "temperror", error=str(e) or type(e).__name__)
         rrset = ans.rrset
         return DnsAnswer(name, rdtype, "ok", tuple(rrset) if rrset is not None else (),

@@ -1,5 +1,6 @@
-"""Shared services injected into filters by ``from_config``: clock, hostname, and (with later
-work) the DNS resolver and state stores. Filters never create these themselves."""
+"""Shared services injected into filters by ``from_config``: clock, hostname, the DNS resolver
+(configured from the policy's ``[dns]``), and (with later work) state stores. Filters never
+create these themselves."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gateway.dnsresolver import DnsResolver
+
 
 @dataclass(frozen=True)
 class Services:
     hostname: str = "mailgate.localdomain"
     clock: Callable[[], float] = field(default=time.time)
+    resolver: DnsResolver | None = None  # None only in unit tests that need no DNS

@@ -1,0 +1,254 @@
+"""The ``dkim`` filter: verifies every DKIM-Signature of a message (RFC 6376 rsa-sha256, RFC 8463
+ed25519-sha256) with dkimpy, key records fetched through the gateway's async DNS resolver.
+
+Symbols (one per result, one option per signature: ``"d=example.com s=sel a=rsa-sha256"``):
+DKIM_PASS, DKIM_FAIL (signature or body hash does not verify), DKIM_NONE (no signature),
+DKIM_TEMPERROR (key lookup timed out / SERVFAIL), DKIM_PERMERROR (bad signature syntax, key
+record missing, revoked or unusable), DKIM_POLICY (not verified by our limits: message larger
+than ``max_bytes``, or more signatures than ``max_signatures``).
+
+``data["signatures"]``: ``[{"d", "s", "a", "result", "reason", "aligned_domain"}]`` in header
+order, for DMARC; ``aligned_domain`` is the lower-cased ``d=`` (the identifier DMARC aligns).
+
+DNS: keys are *prefetched*. Each signature's ``s._domainkey.d`` TXT record is asked for
+concurrently with the async resolver, on the event loop, before verification; dkimpy (blocking)
+then runs in ``asyncio.to_thread`` with a ``dnsfunc`` that only reads that prefetched map. No
+worker thread ever waits on the loop, a lookup's outcome (timeout vs. NXDOMAIN vs. bad record)
+is known exactly, and the lookups share one deadline (``dns_timeout_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import dkim
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from gateway.dnsresolver import DnsAnswer, DnsResolver
+from gateway.filterapi import ConfigError, Filter, FilterContext, Result, Symbol
+from gateway.message import Message
+from gateway.policy.schema import DnsConfig
+from gateway.services import Services
+from gateway.settings import check_keys
+
+PASS, FAIL, NONE, TEMPERROR, PERMERROR, POLICY = (
+    "pass", "fail", "none", "temperror", "permerror", "policy")
+SYMBOLS = {PASS: "DKIM_PASS", FAIL: "DKIM_FAIL", NONE: "DKIM_NONE", TEMPERROR: "DKIM_TEMPERROR",
+           PERMERROR: "DKIM_PERMERROR", POLICY: "DKIM_POLICY"}
+SETTINGS = {"max_bytes", "max_signatures", "dns_timeout_s", "min_rsa_bits"}
+_SIG_HEADER = b"dkim-signature"
+
+
+@dataclass
+class Signature:
+    """One DKIM-Signature header and what became of it."""
+
+    index: int  # among the DKIM-Signature headers, top first (dkimpy's idx)
+    d: str = ""
+    s: str = ""
+    a: str = ""
+    result: str = ""
+    reason: str = ""
+
+    @property
+    def key_name(self) -> str:
+        return f"{self.s}._domainkey.{self.d}".lower()
+
+    @property
+    def option(self) -> str:
+        return f"d={self.d or '?'} s={self.s or '?'} a={self.a or '?'}"
+
+    def as_data(self) -> dict[str, str]:
+        return {"d": self.d, "s": self.s, "a": self.a, "result": self.result,
+                "reason": self.reason, "aligned_domain": self.d.lower()}
+
+
+class DkimVerifyFilter(Filter):
+    name = "dkim"
+
+    def __init__(self, resolver: DnsResolver, *, max_bytes: int = 10 * 1024 * 1024,
+                 max_signatures: int = 10, dns_timeout_s: float = 5.0,
+                 min_rsa_bits: int = 1024) -> None:
+        self.resolver = resolver
+        self.max_bytes = max_bytes
+        self.max_signatures = max_signatures
+        self.dns_timeout_s = dns_timeout_s
+        self.min_rsa_bits = min_rsa_bits
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], services: Services) -> DkimVerifyFilter:
+        check_keys(cfg, SETTINGS)
+        # The policy's [dns] resolver once Services carries one; until then the system's.
+        resolver = getattr(services, "resolver", None) or DnsResolver(DnsConfig())
+        return cls(resolver,
+                   max_bytes=_int(cfg, "max_bytes", 10 * 1024 * 1024, 1),
+                   max_signatures=_int(cfg, "max_signatures", 10, 1),
+                   dns_timeout_s=_positive(cfg, "dns_timeout_s", 5.0),
+                   min_rsa_bits=_int(cfg, "min_rsa_bits", 1024, 512))
+
+    async def on_message(self, ctx: FilterContext) -> Result:
+        msg = ctx.message
+        assert msg is not None
+        if msg.size > self.max_bytes:  # never read: every signature the header shows is POLICY
+            return _settled(msg, POLICY,
+                            f"message of {msg.size} bytes is over max_bytes ({self.max_bytes})")
+        try:
+            verifier = await asyncio.to_thread(_load, msg, self.max_bytes, self.min_rsa_bits)
+        except dkim.DKIMException as e:  # a header block dkimpy cannot parse
+            return _settled(msg, PERMERROR, f"unparsable message: {str(e)[:200]}")
+        # dkimpy's own header list, so that our index is the idx dkimpy verifies
+        raws = [v for n, v in verifier.headers if n.lower() == _SIG_HEADER]
+        sigs = [Signature(i) for i in range(len(raws))]
+        for sig, raw in zip(sigs, raws, strict=True):
+            _parse(sig, raw)
+        for sig in sigs[self.max_signatures:]:
+            sig.result, sig.reason = POLICY, f"over max_signatures ({self.max_signatures})"
+        todo = [s for s in sigs if not s.result]
+        if not todo:
+            return _result(sigs)
+        keys = await self._prefetch({s.key_name for s in todo})
+        for sig in todo:
+            _judge_key(sig, keys.get(sig.key_name))
+        todo = [s for s in todo if not s.result]
+        if todo:
+            await asyncio.to_thread(_verify_all, verifier, todo, keys)
+        return _result(sigs)
+
+    async def _prefetch(self, names: set[str]) -> dict[str, DnsAnswer | None]:
+        """Each key record, asked for concurrently; None for a lookup cut by the deadline."""
+        tasks = {n: asyncio.ensure_future(self.resolver.query(n, "TXT")) for n in names}
+        await asyncio.wait(tasks.values(), timeout=self.dns_timeout_s)
+        out: dict[str, DnsAnswer | None] = {}
+        for n, t in tasks.items():
+            if t.done() and not t.cancelled() and t.exception() is None:
+                out[n] = t.result()
+            else:
+                t.cancel()
+                out[n] = None
+        return out
+
+def _load(msg: Message, max_bytes: int, min_rsa_bits: int) -> dkim.DKIM:
+    """Runs in a worker thread: the message read (capped) and parsed by dkimpy."""
+    with msg.path.open("rb") as f:
+        return dkim.DKIM(f.read(max_bytes), minkey=min_rsa_bits)
+
+
+def _verify_all(verifier: dkim.DKIM, sigs: list[Signature],
+                served: dict[str, DnsAnswer | None]) -> None:
+    """Runs in a worker thread: dkimpy verification, DNS answered from ``served`` only."""
+    records = {name: _txt(ans) for name, ans in served.items()}
+
+    def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
+        key = (name.decode("ascii", "replace") if isinstance(name, bytes) else name)
+        return records.get(key.lower().rstrip("."))
+
+    for sig in sigs:
+        try:
+            ok = verifier.verify(idx=sig.index, dnsfunc=dnsfunc)
+        except dkim.ValidationError as e:  # body hash mismatch
+            sig.result, sig.reason = FAIL, str(e)[:200]
+            continue
+        except dkim.DKIMException as e:  # key too small, bad c=, bad base64 …
+            sig.result, sig.reason = PERMERROR, f"{type(e).__name__}: {str(e)[:200]}"
+            continue
+        except Exception as e:  # dkimpy on hostile input must not abort the others
+            sig.result, sig.reason = PERMERROR, f"{type(e).__name__}: {str(e)[:200]}"
+            continue
+        sig.result, sig.reason = (PASS, "") if ok else (FAIL, "signature did not verify")
+
+
+def _settled(msg: Message, result: str, reason: str) -> Result:
+    """Every signature the spooled header block shows, given one result without verifying."""
+    sigs = [Signature(i) for i in range(len(_sig_headers(msg)))]
+    for sig, raw in zip(sigs, _sig_headers(msg), strict=True):
+        _parse(sig, raw)
+        sig.result, sig.reason = result, reason
+    return _result(sigs)
+
+
+def _sig_headers(msg: Message) -> list[bytes]:
+    """The values of the DKIM-Signature headers, raw, in order."""
+    out = []
+    for h in msg.headers:
+        if h.name.lower().encode() == _SIG_HEADER:
+            out.append(h.raw.partition(b":")[2])
+    return out
+
+
+def _parse(sig: Signature, raw: bytes) -> None:
+    """Fill d=, s=, a= from the header; a syntax error settles the signature as PERMERROR."""
+    try:
+        tags = parse_tag_value(raw)
+    except InvalidTagValueList as e:
+        sig.result, sig.reason = PERMERROR, f"bad tag list: {e}"
+        return
+    sig.d = tags.get(b"d", b"").decode("ascii", "replace").strip()
+    sig.s = tags.get(b"s", b"").decode("ascii", "replace").strip()
+    sig.a = tags.get(b"a", b"").decode("ascii", "replace").strip()
+    try:
+        dkim.validate_signature_fields(tags)
+    except dkim.DKIMException as e:  # missing tag, bad d=, unknown a=, expired, future t= …
+        sig.result, sig.reason = PERMERROR, str(e)[:200]
+        return
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", sig.s) or not sig.d:
+        sig.result, sig.reason = PERMERROR, f"bad selector or domain: s={sig.s!r} d={sig.d!r}"
+
+
+def _judge_key(sig: Signature, ans: DnsAnswer | None) -> None:
+    """TEMPERROR / PERMERROR from the key lookup, or leave the signature to verify."""
+    if ans is None:
+        sig.result, sig.reason = TEMPERROR, f"key lookup of {sig.key_name} timed out"
+    elif ans.status == "temperror":
+        sig.result, sig.reason = TEMPERROR, f"key lookup of {sig.key_name}: {ans.error}"
+    elif ans.status != "ok" or _txt(ans) is None:
+        sig.result, sig.reason = PERMERROR, f"no key record at {sig.key_name} ({ans.status})"
+    else:
+        try:
+            tlsrpt_only = dkim.evaluate_pk(sig.key_name.encode(), _txt(ans))[3]
+        except dkim.DKIMException as e:  # empty p= (revoked), bad k=, v=, unknown s=, bad key
+            sig.result, sig.reason = PERMERROR, f"unusable key record: {str(e)[:200]}"
+            return
+        except Exception as e:  # odd base64 and the like
+            sig.result, sig.reason = PERMERROR, f"unusable key record: {type(e).__name__}"
+            return
+        if tlsrpt_only:
+            sig.result, sig.reason = PERMERROR, "key record is for s=tlsrpt only, not e-mail"
+
+
+def _txt(ans: DnsAnswer | None) -> bytes | None:
+    """The first TXT record's strings joined (RFC 6376 3.6.2.2), or None."""
+    if ans is None or not ans.ok:
+        return None
+    for rr in ans.records:
+        strings = getattr(rr, "strings", None)
+        if strings is not None:
+            return b"".join(strings)
+    return None
+
+
+def _result(sigs: list[Signature]) -> Result:
+    if not sigs:
+        return Result(symbols=(Symbol(SYMBOLS[NONE]),), data={"signatures": []})
+    by_result: dict[str, list[str]] = {}
+    for sig in sigs:
+        by_result.setdefault(sig.result, []).append(sig.option)
+    symbols = tuple(Symbol(SYMBOLS[r], tuple(opts)) for r, opts in by_result.items())
+    return Result(symbols=symbols, data={"signatures": [s.as_data() for s in sigs]})
+
+
+def _int(cfg: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ConfigError(key, f"must be an integer >= {minimum}")
+    return v
+
+
+def _positive(cfg: Mapping[str, Any], key: str, default: float) -> float:
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+        raise ConfigError(key, "must be a number > 0")
+    return float(v)

@@ -1,0 +1,234 @@
+"""The ``spf`` filter: RFC 7208 SPF on the MAIL FROM identity (the HELO identity for the null
+sender), evaluated by pyspf with every DNS lookup answered by the gateway's own resolver.
+
+Symbols (exactly one per message): SPF_PASS, SPF_FAIL, SPF_SOFTFAIL, SPF_NEUTRAL, SPF_NONE,
+SPF_TEMPERROR, SPF_PERMERROR. Options: the matching mechanism (or the error text) and, for a
+fail, the explanation. ``data``: ``result`` (the RFC 7208 result name), ``domain`` (the
+domain checked), ``identity`` (``mailfrom`` or ``helo``), ``mechanism``, ``explanation`` — for
+dependents such as DMARC. The RFC 7208 §4.6.4 limits (10 DNS-querying terms, 2 void lookups, 10
+MX/PTR names) are pyspf's.
+
+DNS: pyspf is blocking, so one check runs in a worker thread (``asyncio.to_thread``). pyspf does
+every lookup through its module-level ``spf.DNSLookup(name, qtype, strict, timeout)``; this
+module replaces that function once with a dispatcher that hands each lookup to the
+:class:`_Bridge` bound to the current thread, which runs ``DnsResolver.query`` on the event loop
+(``asyncio.run_coroutine_threadsafe``) and waits for it within what is left of the check's time
+budget. So the one async resolver (servers, deadlines, logging) serves SPF too, and a lookup
+outside a bound check is a TempError: pyspf never reaches the host resolver.
+
+Settings: ``check_timeout_s`` (the whole check's budget, default 10; keep it below the
+filter's pipeline ``timeout_s`` — that key belongs to the loader — so that a slow DNS gives
+SPF_TEMPERROR rather than the filter's ``on_error``), ``dns_nameservers`` (list of
+``IP``/``IP:PORT``/``[IPv6]:PORT``; empty = the system's resolv.conf), ``dns_timeout_s`` (one
+query's deadline, default 5). Without either ``dns_`` setting the filter uses the shared
+resolver of :class:`~gateway.services.Services` (the policy's ``[dns]``) when it carries one;
+with them, or without a shared resolver, it builds its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ipaddress
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import dns.name
+import spf
+
+from gateway.dnsresolver import DnsAnswer, DnsResolver
+from gateway.filterapi import ConfigError, Filter, FilterContext, Result, Symbol
+from gateway.policy.schema import DnsConfig
+from gateway.services import Services
+from gateway.settings import check_keys, str_list
+
+RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+SYMBOLS = {r: f"SPF_{r.upper()}" for r in RESULTS}
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_DNS_TIMEOUT_S = 5.0
+
+_bound = threading.local()  # .bridge: the _Bridge of the check running in this thread
+
+
+class _Bridge:
+    """Answers pyspf's lookups for one check, from its worker thread, via the event loop."""
+
+    def __init__(self, resolver: DnsResolver, loop: asyncio.AbstractEventLoop,
+                 deadline: float) -> None:
+        self.resolver = resolver
+        self.loop = loop
+        self.deadline = deadline  # time.monotonic() value
+        self.aborted = threading.Event()
+        self.lookups = 0
+        self._lock = threading.Lock()
+        self._pending: concurrent.futures.Future[DnsAnswer] | None = None
+
+    def abort(self) -> None:
+        """Called on the loop when the check is cancelled: the thread stops at its next step."""
+        with self._lock:
+            self.aborted.set()
+            if self._pending is not None:
+                self._pending.cancel()
+
+    def lookup(self, name: str, qtype: str) -> list[tuple[tuple[str, str], Any]]:
+        remaining = self.deadline - time.monotonic()
+        with self._lock:  # no gap between the abort check and publishing the pending lookup
+            if self.aborted.is_set() or remaining <= 0:
+                raise spf.TempError("DNS: SPF check cancelled or out of its time budget")
+            self.lookups += 1
+            fut = asyncio.run_coroutine_threadsafe(self.resolver.query(name, qtype), self.loop)
+            self._pending = fut
+        try:
+            answer = fut.result(timeout=remaining)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            fut.cancel()
+            raise spf.TempError(f"DNS: {name}/{qtype}: no answer within the SPF time budget"
+                                ) from None
+        finally:
+            with self._lock:
+                self._pending = None
+        return _to_pyspf(answer, name, qtype)
+
+
+def _to_pyspf(answer: DnsAnswer, name: str, qtype: str) -> list[tuple[tuple[str, str], Any]]:
+    """A DnsAnswer in pyspf's DNSLookup shape: ``[((name, qtype), value), ...]``."""
+    if answer.status == "temperror":
+        raise spf.TempError(f"DNS {name}/{qtype}: {answer.error}")
+    if answer.status != "ok":  # nxdomain, nodata; permerror = a name DNS cannot carry
+        return []
+    out: list[tuple[tuple[str, str], Any]] = []
+    for rd in answer.records:
+        value: Any
+        if qtype in ("A", "AAAA"):
+            value = rd.address  # type: ignore[attr-defined]
+        elif qtype == "MX":
+            exchange: dns.name.Name = rd.exchange  # type: ignore[attr-defined]
+            value = (rd.preference,  # type: ignore[attr-defined]
+                     "" if exchange == dns.name.root else exchange.to_text(True))
+        elif qtype == "PTR":
+            value = rd.target.to_text(True)  # type: ignore[attr-defined]
+        elif qtype in ("TXT", "SPF"):
+            value = list(rd.strings)  # type: ignore[attr-defined]
+        else:
+            continue
+        out.append(((name, qtype), value))
+    return out
+
+
+def _dispatch(name: str, qtype: str, strict: Any = True, timeout: Any = None
+              ) -> list[tuple[tuple[str, str], Any]]:
+    """Installed as ``spf.DNSLookup``: the lookup goes to this thread's bridge, or nowhere."""
+    bridge: _Bridge | None = getattr(_bound, "bridge", None)
+    if bridge is None:
+        raise spf.TempError("DNS: no gateway resolver bound to this SPF check")
+    return bridge.lookup(name, qtype)
+
+
+spf.DNSLookup = _dispatch
+
+
+def _positive(cfg: Mapping[str, Any], key: str, default: float) -> float:
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+        raise ConfigError(key, "must be a number > 0")
+    return float(v)
+
+
+def _nameserver(text: str) -> tuple[str, int]:
+    host, port = text.strip(), "53"
+    if host.startswith("["):
+        host, sep, port = host[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"must be IP, IP:PORT or [IPv6]:PORT, got {text!r}")
+    elif host.count(":") == 1:
+        host, _, port = host.partition(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"must be an IP address (optionally :PORT), got {text!r}") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return host, int(port)
+
+
+class SpfFilter(Filter):
+    name = "spf"
+
+    def __init__(self, resolver: DnsResolver, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 receiver: str = "mailgate.localdomain") -> None:
+        self.resolver = resolver
+        self.timeout_s = timeout_s
+        self.receiver = receiver  # %{r} in explanations
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], services: Services) -> SpfFilter:
+        check_keys(cfg, {"check_timeout_s", "dns_nameservers", "dns_timeout_s"})
+        timeout_s = _positive(cfg, "check_timeout_s", DEFAULT_TIMEOUT_S)
+        dns_timeout_s = _positive(cfg, "dns_timeout_s", DEFAULT_DNS_TIMEOUT_S)
+        servers = []
+        for text in str_list(cfg, "dns_nameservers"):
+            try:
+                servers.append(_nameserver(text))
+            except ValueError as e:
+                raise ConfigError("dns_nameservers", str(e)) from None
+        shared: DnsResolver | None = getattr(services, "resolver", None)
+        if shared is None or "dns_nameservers" in cfg or "dns_timeout_s" in cfg:
+            resolver = DnsResolver(DnsConfig(nameservers=tuple(servers),
+                                             timeout_s=dns_timeout_s))
+        else:
+            resolver = shared
+        return cls(resolver, timeout_s=timeout_s, receiver=services.hostname)
+
+    async def on_mail(self, ctx: FilterContext) -> Result:
+        sender = ctx.sender
+        helo = (ctx.client.helo or "").strip().rstrip(".")
+        if sender is not None and not sender.is_null:
+            if sender.literal:
+                return _none("mailfrom", "", "address literal domain")
+            identity, domain = "mailfrom", sender.domain_key
+            mailfrom = f"{sender.local}@{domain}"
+        else:
+            if not helo or helo.startswith("["):
+                return _none("helo", helo, "null sender and no HELO domain")
+            identity, domain, mailfrom = "helo", helo.lower(), ""
+        return await self.check(ctx.client.ip, mailfrom, helo, identity, domain)
+
+    async def check(self, ip: str, mailfrom: str, helo: str, identity: str,
+                    domain: str) -> Result:
+        loop = asyncio.get_running_loop()
+        bridge = _Bridge(self.resolver, loop, time.monotonic() + self.timeout_s)
+        try:
+            result, mechanism, explanation = await asyncio.to_thread(
+                self._run, bridge, ip, mailfrom, helo)
+        except asyncio.CancelledError:
+            bridge.abort()
+            raise
+        options = tuple(o for o in (mechanism, explanation) if o)
+        return Result(symbols=(Symbol(SYMBOLS[result], options),),
+                      data={"result": result, "domain": domain, "identity": identity,
+                            "mechanism": mechanism, "explanation": explanation})
+
+    def _run(self, bridge: _Bridge, ip: str, mailfrom: str, helo: str) -> tuple[str, str, str]:
+        """One pyspf check, in a worker thread: (result, mechanism or error, explanation)."""
+        _bound.bridge = bridge
+        try:
+            q = spf.query(i=ip, s=mailfrom, h=helo, receiver=self.receiver)
+            result, _code, text = q.check()
+        finally:
+            _bound.bridge = None
+        result = str(result).lower()
+        if result not in SYMBOLS:  # 'ambiguous' exists only in pyspf's harsh mode
+            result = "permerror"
+        if result in ("temperror", "permerror"):
+            # text is "SPF Permanent Error: <reason>: <mechanism>"; keep what follows the prefix
+            return result, str(text).partition("Error: ")[2] or str(text), ""
+        mechanism = str(q.mechanism or "")
+        return result, mechanism, str(text) if result == "fail" else ""
+
+
+def _none(identity: str, domain: str, why: str) -> Result:
+    return Result(symbols=(Symbol(SYMBOLS["none"], (why,)),),
+                  data={"result": "none", "domain": domain, "identity": identity,
+                        "mechanism": "", "explanation": ""})

@@ -1,0 +1,206 @@
+"""The spf filter: RFC 7208 results from a small zone on the loopback DNS server, the HELO
+identity for the null sender, time budgets, and settings validation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+import spf
+
+from filters.spf import SpfFilter
+from gateway.filterapi import Client, ConfigError, FilterContext, Result, Stage
+from gateway.services import Services
+from gateway.smtp.address import NULL, Address
+from tests.support.dnsserver import DnsServer, silent_udp_port
+
+ZONE = """
+pass.test.        60 IN TXT "v=spf1 ip4:192.0.2.0/24 -all"
+fail.test.        60 IN TXT "v=spf1 ip4:198.51.100.1 -all exp=exp.fail.test"
+exp.fail.test.    60 IN TXT "%{i} may not send for %{d}"
+softfail.test.    60 IN TXT "v=spf1 ~all"
+neutral.test.     60 IN TXT "v=spf1 ?all"
+none.test.        60 IN TXT "just some text"
+perm.test.        60 IN TXT "v=spf1 ip4:192.0.2.1 bogus:x -all"
+twice.test.       60 IN TXT "v=spf1 -all"
+twice.test.       60 IN TXT "v=spf1 +all"
+temp.test.        60 IN TXT "v=spf1 include:broken.test -all"
+slow.test.        60 IN TXT "v=spf1 include:hang.test -all"
+mx.test.          60 IN TXT "v=spf1 mx -all"
+mx.test.          60 IN MX 10 mail.mx.test.
+mail.mx.test.     60 IN A 192.0.2.25
+helo.test.        60 IN TXT "v=spf1 a -all"
+helo.test.        60 IN A 192.0.2.9
+"""
+
+
+@pytest.fixture(scope="module")
+def ns() -> Iterator[DnsServer]:
+    with DnsServer(ZONE, servfail=["broken.test"], drop=["hang.test"]) as server:
+        yield server
+
+
+def make(ns_port: int, **cfg: object) -> SpfFilter:
+    settings = {"dns_nameservers": [f"127.0.0.1:{ns_port}"], "dns_timeout_s": 0.5,
+                "check_timeout_s": 2, **cfg}
+    return SpfFilter.from_config(settings, Services(hostname="mx.receiver.test"))
+
+
+def mail(f: SpfFilter, sender: Address, ip: str = "192.0.2.9",
+         helo: str | None = "client.example") -> Result:
+    ctx = FilterContext(stage=Stage.MAIL, qid="Q1", client=Client(ip, 25000, helo=helo),
+                        sender=sender)
+    return asyncio.run(f.on_mail(ctx))
+
+
+def symbol(r: Result) -> str:
+    assert len(r.symbols) == 1
+    return r.symbols[0].name
+
+
+@pytest.mark.parametrize("domain,ip,expected", [
+    ("pass.test", "192.0.2.9", "SPF_PASS"),
+    ("fail.test", "192.0.2.9", "SPF_FAIL"),
+    ("softfail.test", "192.0.2.9", "SPF_SOFTFAIL"),
+    ("neutral.test", "192.0.2.9", "SPF_NEUTRAL"),
+    ("none.test", "192.0.2.9", "SPF_NONE"),
+    ("nxdomain.test", "192.0.2.9", "SPF_NONE"),
+    ("perm.test", "203.0.113.7", "SPF_PERMERROR"),
+    ("twice.test", "192.0.2.9", "SPF_PERMERROR"),
+    ("temp.test", "192.0.2.9", "SPF_TEMPERROR"),
+    ("mx.test", "192.0.2.25", "SPF_PASS"),
+    ("mx.test", "192.0.2.26", "SPF_FAIL"),
+])
+def test_each_result(ns: DnsServer, domain: str, ip: str, expected: str) -> None:
+    r = mail(make(ns.port), Address("alice", domain), ip=ip)
+    assert symbol(r) == expected
+    assert r.data["result"] == expected.removeprefix("SPF_").lower()
+    assert r.data["domain"] == domain and r.data["identity"] == "mailfrom"
+
+
+def test_options_carry_mechanism_and_explanation(ns: DnsServer) -> None:
+    p = mail(make(ns.port), Address("alice", "pass.test"))
+    assert p.symbols[0].options == ("ip4:192.0.2.0/24",)
+    assert p.data["mechanism"] == "ip4:192.0.2.0/24"
+    f = mail(make(ns.port), Address("alice", "fail.test"))
+    assert f.symbols[0].options == ("-all", "192.0.2.9 may not send for fail.test")
+    assert f.data["explanation"] == "192.0.2.9 may not send for fail.test"
+    e = mail(make(ns.port), Address("alice", "perm.test"), ip="203.0.113.7")
+    assert "bogus" in " ".join(e.symbols[0].options)
+
+
+def test_domain_is_checked_case_insensitively(ns: DnsServer) -> None:
+    r = mail(make(ns.port), Address("Alice", "PASS.Test"))
+    assert symbol(r) == "SPF_PASS" and r.data["domain"] == "pass.test"
+
+
+def test_null_sender_uses_helo_identity(ns: DnsServer) -> None:
+    before = len(ns.queries)
+    r = mail(make(ns.port), NULL, ip="192.0.2.9", helo="helo.test")
+    assert symbol(r) == "SPF_PASS"
+    assert r.data["identity"] == "helo" and r.data["domain"] == "helo.test"
+    assert ("helo.test", "TXT", "udp") in ns.queries[before:]
+    bad = mail(make(ns.port), NULL, ip="192.0.2.10", helo="helo.test")
+    assert symbol(bad) == "SPF_FAIL"
+
+
+@pytest.mark.parametrize("helo", [None, "", "[192.0.2.9]"])
+def test_null_sender_without_helo_domain_is_none(ns: DnsServer, helo: str | None) -> None:
+    before = len(ns.queries)
+    r = mail(make(ns.port), NULL, helo=helo)
+    assert symbol(r) == "SPF_NONE" and r.data["identity"] == "helo"
+    assert ns.queries[before:] == []
+
+
+def test_address_literal_sender_is_none(ns: DnsServer) -> None:
+    r = mail(make(ns.port), Address("a", "[192.0.2.9]", literal=True))
+    assert symbol(r) == "SPF_NONE"
+
+
+def test_dead_nameserver_is_temperror_within_budget() -> None:
+    dead = silent_udp_port()
+    try:
+        f = make(dead.getsockname()[1], dns_timeout_s=0.3, check_timeout_s=1)
+        t0 = time.monotonic()
+        r = mail(f, Address("alice", "pass.test"))
+        elapsed = time.monotonic() - t0
+    finally:
+        dead.close()
+    assert symbol(r) == "SPF_TEMPERROR"
+    assert elapsed < 1.5
+
+
+def test_time_budget_caps_the_whole_check(ns: DnsServer) -> None:
+    # each query may take 5 s, but the check as a whole has 0.5 s
+    f = make(ns.port, dns_timeout_s=5, check_timeout_s=0.5)
+    t0 = time.monotonic()
+    r = mail(f, Address("alice", "slow.test"))
+    assert symbol(r) == "SPF_TEMPERROR"
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_cancelled_check_stops_its_thread(ns: DnsServer) -> None:
+    f = make(ns.port, dns_timeout_s=5, check_timeout_s=5)
+    ctx = FilterContext(stage=Stage.MAIL, qid="Q1", client=Client("192.0.2.9", 1),
+                        sender=Address("alice", "slow.test"))
+
+    async def run() -> float:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await f.on_mail(ctx)
+        return time.monotonic() - t0
+
+    # asyncio.run waits for the default executor: the thread must stop soon after the cancel
+    t0 = time.monotonic()
+    assert asyncio.run(run()) < 1
+    assert time.monotonic() - t0 < 2
+
+
+def test_pyspf_never_uses_its_own_resolver() -> None:
+    # outside a check bound to the gateway resolver, pyspf's DNS hook refuses to look anything up
+    with pytest.raises(spf.TempError):
+        spf.DNSLookup("pass.test", "TXT", True, 1)
+    assert spf.query(i="192.0.2.9", s="a@pass.test", h="x").check()[0] == "temperror"
+
+
+@pytest.mark.parametrize("cfg,key", [
+    ({"typo": 1}, "typo"),
+    ({"check_timeout_s": 0}, "check_timeout_s"),
+    ({"check_timeout_s": "5"}, "check_timeout_s"),
+    ({"check_timeout_s": True}, "check_timeout_s"),
+    ({"timeout_s": 5}, "timeout_s"),  # the loader's key, never the filter's
+    ({"dns_timeout_s": -1}, "dns_timeout_s"),
+    ({"dns_nameservers": "127.0.0.1"}, "dns_nameservers"),
+    ({"dns_nameservers": ["dns.example"]}, "dns_nameservers"),
+    ({"dns_nameservers": ["127.0.0.1:0"]}, "dns_nameservers"),
+    ({"dns_nameservers": ["[::1"]}, "dns_nameservers"),
+])
+def test_bad_settings_name_the_key(cfg: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        SpfFilter.from_config(cfg, Services())
+    assert e.value.key == key
+
+
+def test_good_settings() -> None:
+    f = SpfFilter.from_config({"dns_nameservers": ["192.0.2.53", "[2001:db8::53]:5353"],
+                               "check_timeout_s": 3, "dns_timeout_s": 1.5}, Services())
+    assert f.timeout_s == 3.0
+    assert f.resolver.cfg.nameservers == (("192.0.2.53", 53), ("2001:db8::53", 5353))
+    assert f.resolver.cfg.timeout_s == 1.5
+    assert SpfFilter.from_config({}, Services()).timeout_s == 10.0
+
+
+@pytest.mark.skipif("resolver" not in Services.__dataclass_fields__,
+                    reason="Services carries no shared resolver yet")
+def test_shared_resolver_is_used_unless_the_filter_names_servers() -> None:
+    from gateway.dnsresolver import DnsResolver
+    from gateway.policy.schema import DnsConfig
+
+    shared = DnsResolver(DnsConfig(nameservers=(("192.0.2.53", 53),)))
+    services = Services(resolver=shared)  # type: ignore[call-arg, unused-ignore]
+    assert SpfFilter.from_config({}, services).resolver is shared
+    own = SpfFilter.from_config({"dns_nameservers": ["192.0.2.54"]}, services).resolver
+    assert own is not shared and own.cfg.nameservers == (("192.0.2.54", 53),)
