@@ -1,0 +1,313 @@
+"""The ``dmarc`` filter: RFC 7489 DMARC on the RFC5322.From domain, with RFC 9091 ``np=`` (and
+its PSD record fallback), using the ``spf`` and ``dkim`` filters' results (``requires``).
+
+Steps: exactly one From domain (no From, an unparsable one, several From headers, or one header
+naming addresses in different domains -> DMARC_BAD_FROM, ``result`` permerror, no lookup); the
+policy record ``_dmarc.<from-domain>`` TXT, else the organizational domain's (Public Suffix List,
+offline, via ``publicsuffixlist``), else an RFC 9091 PSD record (``_dmarc.<public-suffix>``,
+used only when it says ``psd=y``); SPF alignment (the ``spf`` filter's pass ``domain``) and DKIM
+alignment (any passing signature's ``d=``), relaxed = same organizational domain, strict = equal.
+
+Symbols (exactly one): DMARC_PASS, DMARC_FAIL (options: the policy applied, which tag gave it
+``p``/``sp``/``np``, ``pct=N``, and ``sampled_out`` when pct downgraded it), DMARC_NONE (no
+usable record, or a record without ``p=``), DMARC_TEMPERROR (the policy lookup failed, or no
+identifier aligned while an SPF check or an aligned DKIM signature had a temperror),
+DMARC_PERMERROR (a broken record), DMARC_BAD_FROM.
+
+Verdict (``enforce = true``, the default): a fail whose effective policy is ``reject`` gives
+REJECT ``550 5.7.1 DMARC policy of <domain> rejects this message``; ``quarantine`` gives
+QUARANTINE. ``pct`` sampling follows RFC 7489 §6.6.4: a sampled-out message gets the next less
+strict policy (reject -> quarantine, quarantine -> none), so ``pct=0`` never rejects. A
+temperror never gives a verdict; BAD_FROM is left to the policy (score the symbol).
+
+``data``: ``result``, ``domain`` (the From domain), ``policy`` (the published policy that
+applies: p/sp/np, before pct), ``spf_aligned``, ``dkim_aligned``, plus ``org_domain``,
+``record`` (``domain``/``org``/``psd``/None) and ``reason`` — for Authentication-Results.
+
+Settings: ``enforce`` (bool, default true), ``trusted_arc_sealers`` (list of domains; accepted
+but NOT used yet — ARC evaluation, RFC 8617 local-policy override, comes later).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.utils import getaddresses
+from typing import Any
+
+from publicsuffixlist import PublicSuffixList
+
+from gateway.dnsresolver import DnsAnswer, DnsResolver
+from gateway.filterapi import (
+    Action,
+    ConfigError,
+    Filter,
+    FilterContext,
+    Result,
+    Symbol,
+    Verdict,
+)
+from gateway.policy.schema import DnsConfig
+from gateway.replies import Reply
+from gateway.services import Services
+from gateway.settings import boolean, check_keys, str_list
+
+PASS, FAIL, NONE, TEMPERROR, PERMERROR = "pass", "fail", "none", "temperror", "permerror"
+SYMBOLS = {PASS: "DMARC_PASS", FAIL: "DMARC_FAIL", NONE: "DMARC_NONE",
+           TEMPERROR: "DMARC_TEMPERROR", PERMERROR: "DMARC_PERMERROR"}
+BAD_FROM = "DMARC_BAD_FROM"
+SETTINGS = {"enforce", "trusted_arc_sealers"}
+POLICIES = ("none", "quarantine", "reject")
+_DOWNGRADE = {"reject": "quarantine", "quarantine": "none", "none": "none"}
+
+_psl: PublicSuffixList | None = None
+
+
+def _list() -> PublicSuffixList:
+    global _psl
+    if _psl is None:
+        _psl = PublicSuffixList()  # the PSL bundled with the package: no network
+    return _psl
+
+
+def org_domain(domain: str) -> str:
+    """The RFC 7489 §3.2 organizational domain (the domain itself if it is a public suffix)."""
+    return _list().privatesuffix(domain) or domain
+
+
+def public_suffix(domain: str) -> str | None:
+    return _list().publicsuffix(domain)
+
+
+def aligned(a: str, b: str, mode: str) -> bool:
+    a, b = _norm(a), _norm(b)
+    if not a or not b:
+        return False
+    return a == b if mode == "s" else org_domain(a) == org_domain(b)
+
+
+def _norm(domain: str) -> str:
+    return domain.strip().rstrip(".").lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Policy discovery ended without a usable record: the DMARC result and why."""
+
+    result: str
+    reason: str
+
+
+class RecordError(ValueError):
+    pass
+
+
+def parse_record(text: str) -> dict[str, str]:
+    """Tags of a DMARC record (starting ``v=DMARC1``); RecordError on a syntax error."""
+    tags: dict[str, str] = {}
+    for i, part in enumerate(p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        name, eq, value = part.partition("=")
+        name, value = name.strip().lower(), value.strip()
+        if not eq or not name:
+            raise RecordError(f"missing tag or value: {text!r}")
+        if i == 0 and (name != "v" or value != "DMARC1"):
+            raise RecordError(f"not v=DMARC1 first: {text!r}")
+        tags.setdefault(name, value)
+    for key in ("p", "sp", "np"):
+        if key in tags and tags[key].lower() not in POLICIES:
+            raise RecordError(f"bad {key}={tags[key]}")
+        if key in tags:
+            tags[key] = tags[key].lower()
+    for key in ("adkim", "aspf"):
+        v = tags.setdefault(key, "r").lower()
+        if v not in ("r", "s"):
+            raise RecordError(f"bad {key}={tags[key]}")
+        tags[key] = v
+    pct = tags.setdefault("pct", "100")
+    if not pct.isdigit() or not 0 <= int(pct) <= 100:
+        raise RecordError(f"bad pct={pct}")
+    return tags
+
+
+def from_domain(values: list[str]) -> tuple[str | None, str]:
+    """The one RFC5322.From domain, or (None, why not)."""
+    if not values:
+        return None, "no From header"
+    if len(values) > 1:
+        return None, f"{len(values)} From headers"
+    addrs = getaddresses([" ".join(values[0].split())])
+    domains = set()
+    for _, addr in addrs:
+        local, at, dom = addr.rpartition("@")
+        dom = _norm(dom)
+        if not at or not local or not dom:
+            return None, f"Unable to extract From domain: {values[0].strip()}"
+        domains.add(dom)
+    if not domains:
+        return None, f"Unable to extract From domain: {values[0].strip()}"
+    if len(domains) > 1:
+        return None, f"From names several domains: {', '.join(sorted(domains))}"
+    return domains.pop(), ""
+
+
+class DmarcFilter(Filter):
+    name = "dmarc"
+    requires = ("spf", "dkim")
+
+    def __init__(self, resolver: DnsResolver, *, enforce: bool = True,
+                 trusted_arc_sealers: tuple[str, ...] = (),
+                 sample: Callable[[], float] = random.random) -> None:
+        self.resolver = resolver
+        self.enforce = enforce
+        self.trusted_arc_sealers = trusted_arc_sealers  # unused until ARC is implemented
+        self.sample = sample  # in [0, 1): the message is in the pct sample if < pct/100
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], services: Services) -> DmarcFilter:
+        check_keys(cfg, SETTINGS)
+        resolver = getattr(services, "resolver", None) or DnsResolver(DnsConfig())
+        sealers = str_list(cfg, "trusted_arc_sealers")
+        if any(not s.strip() for s in sealers):
+            raise ConfigError("trusted_arc_sealers", "must be domain names")
+        return cls(resolver, enforce=boolean(cfg, "enforce", True),
+                   trusted_arc_sealers=tuple(_norm(s) for s in sealers))
+
+    async def on_message(self, ctx: FilterContext) -> Result:
+        msg = ctx.message
+        assert msg is not None
+        domain, why = from_domain(msg.get_all("From"))
+        if domain is None:
+            return Result(symbols=(Symbol(BAD_FROM, (why,)),),
+                          data=_data(PERMERROR, None, "none", reason=why))
+        org = org_domain(domain)
+        found = await self._discover(domain, org)
+        if isinstance(found, Outcome):  # no record, or an error
+            result, reason = found.result, found.reason
+            return Result(symbols=(Symbol(SYMBOLS[result], (reason,) if reason else ()),),
+                          data=_data(result, domain, "none", org=org, reason=reason))
+        tags, source = found
+        if "p" not in tags:  # RFC 7489 §6.6.3: no usable policy -> DMARC does not apply
+            return Result(symbols=(Symbol(SYMBOLS[NONE], ("record without p=",)),),
+                          data=_data(NONE, domain, "none", org=org, record=source,
+                                     reason="record without p="))
+        policy, tag = await self._policy(tags, source, domain, org)
+
+        spf_aligned, spf_temp = _spf(ctx, domain, tags["aspf"])
+        dkim_aligned, dkim_temp = _dkim(ctx, domain, tags["adkim"])
+        base: dict[str, Any] = dict(org=org, record=source, spf_aligned=spf_aligned,
+                                    dkim_aligned=dkim_aligned)
+        if spf_aligned or dkim_aligned:
+            return Result(symbols=(Symbol(SYMBOLS[PASS]),),
+                          data=_data(PASS, domain, policy, **base))
+        if spf_temp or dkim_temp:
+            reason = "no aligned pass; " + ("SPF" if spf_temp else "DKIM") + " temperror"
+            return Result(symbols=(Symbol(SYMBOLS[TEMPERROR], (reason,)),),
+                          data=_data(TEMPERROR, domain, policy, reason=reason, **base))
+        pct = int(tags["pct"])
+        applied = policy
+        options = [policy, tag, f"pct={pct}"]
+        if pct < 100 and not self.sample() * 100 < pct:
+            applied = _DOWNGRADE[policy]
+            options.append("sampled_out")
+        verdict = None
+        if self.enforce and applied == "reject":
+            verdict = Verdict(Action.REJECT,
+                              Reply(550, "5.7.1", f"DMARC policy of {domain} rejects this message"),
+                              reason=f"DMARC {tag}=reject")
+        elif self.enforce and applied == "quarantine":
+            verdict = Verdict(Action.QUARANTINE, reason=f"DMARC {tag}=quarantine")
+        return Result(symbols=(Symbol(SYMBOLS[FAIL], tuple(options)),), verdict=verdict,
+                      data=_data(FAIL, domain, policy, applied=applied, **base))
+
+    async def _discover(self, domain: str, org: str
+                        ) -> tuple[dict[str, str], str] | Outcome:
+        """RFC 7489 §6.6.3 (+ RFC 9091 §4): the record and where it came from, or an outcome."""
+        candidates = [(domain, "domain")]
+        if org != domain:
+            candidates.append((org, "org"))
+        suffix = public_suffix(domain)
+        if suffix and suffix not in (domain, org):
+            candidates.append((suffix, "psd"))
+        for name, source in candidates:
+            got = await self._record(name)
+            if got is None:
+                continue
+            if isinstance(got, Outcome):
+                return got
+            if source == "psd" and got.get("psd", "").lower() != "y":
+                continue
+            return got, source
+        return Outcome(NONE, "no DMARC record")
+
+    async def _record(self, name: str) -> dict[str, str] | Outcome | None:
+        ans = await self.resolver.query(f"_dmarc.{name}", "TXT")
+        if ans.status == "temperror":
+            return Outcome(TEMPERROR, f"_dmarc.{name}: {ans.error}")
+        if ans.status == "permerror":
+            return Outcome(PERMERROR, f"_dmarc.{name}: {ans.error}")
+        records = [t for t in _texts(ans) if t.startswith("v=DMARC1")
+                   and t[8:].lstrip()[:1] in ("", ";")]
+        if len(records) != 1:  # none, or several: DMARC does not apply (§6.6.3 step 5)
+            return None
+        try:
+            return parse_record(records[0])
+        except RecordError as e:
+            return Outcome(PERMERROR, str(e))
+
+    async def _policy(self, tags: dict[str, str], source: str, domain: str, org: str
+                      ) -> tuple[str, str]:
+        """The policy for ``domain`` and the tag it came from (p, sp or np)."""
+        if source == "domain" or (source == "psd" and domain == org):
+            return tags["p"], "p"
+        if "np" in tags and await self._nonexistent(domain):
+            return tags["np"], "np"
+        if "sp" in tags:
+            return tags["sp"], "sp"
+        return tags["p"], "p"
+
+    async def _nonexistent(self, domain: str) -> bool:
+        """RFC 9091 §2.1: NXDOMAIN for the name (type-independent, so one A query suffices)."""
+        ans = await self.resolver.query(domain, "A")
+        return ans.status == "nxdomain"
+
+
+def _texts(ans: DnsAnswer) -> list[str]:
+    if not ans.ok:
+        return []
+    out = []
+    for rd in ans.records:
+        strings = getattr(rd, "strings", None)
+        if strings is not None:
+            out.append(b"".join(strings).decode("utf-8", "replace"))
+    return out
+
+
+def _spf(ctx: FilterContext, domain: str, mode: str) -> tuple[bool, bool]:
+    res = ctx.results.get("spf")
+    data = res.data if res is not None else {}
+    result, spf_domain = data.get("result"), data.get("domain") or ""
+    return (result == "pass" and aligned(spf_domain, domain, mode)), result == "temperror"
+
+
+def _dkim(ctx: FilterContext, domain: str, mode: str) -> tuple[bool, bool]:
+    res = ctx.results.get("dkim")
+    sigs = res.data.get("signatures", []) if res is not None else []
+    ok = temp = False
+    for sig in sigs:
+        d = sig.get("aligned_domain") or sig.get("d") or ""
+        if not aligned(d, domain, mode):
+            continue
+        ok = ok or sig.get("result") == "pass"
+        temp = temp or sig.get("result") == "temperror"
+    return ok, temp
+
+
+def _data(result: str, domain: str | None, policy: str, *, spf_aligned: bool = False,
+          dkim_aligned: bool = False, org: str | None = None, record: str | None = None,
+          reason: str = "", applied: str | None = None) -> dict[str, Any]:
+    return {"result": result, "domain": domain, "policy": policy, "spf_aligned": spf_aligned,
+            "dkim_aligned": dkim_aligned, "org_domain": org, "record": record,
+            "applied": applied, "reason": reason}

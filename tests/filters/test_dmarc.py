@@ -1,0 +1,359 @@
+"""The dmarc filter: crafted spf/dkim Results, _dmarc records served by a DNS server on loopback,
+and the authheaders-derived cases of /work/shared/corpora/dmarc-authheaders."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from filters.dkim import DkimVerifyFilter
+from filters.dmarc import DmarcFilter, from_domain, org_domain, parse_record
+from gateway.dnsresolver import DnsResolver
+from gateway.filterapi import Action, Client, ConfigError, FilterContext, Result, Stage
+from gateway.message import Message
+from gateway.policy.schema import DnsConfig
+from gateway.services import Services
+from tests.support.dnsserver import DnsServer
+
+CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "dmarc-authheaders"
+
+ZONE = "".join(f'{name}. 60 IN TXT "{value}"\n' for name, value in [
+    ("_dmarc.relaxed.test", "v=DMARC1; p=reject"),
+    ("_dmarc.strict.test", "v=DMARC1; p=reject; adkim=s; aspf=s"),
+    ("_dmarc.org.test", "v=DMARC1; p=none; sp=reject; np=quarantine"),
+    ("_dmarc.nosp.test", "v=DMARC1; p=quarantine"),
+    ("_dmarc.pct0.test", "v=DMARC1; p=reject; pct=0"),
+    ("_dmarc.pct50.test", "v=DMARC1; p=reject; pct=50"),
+    ("_dmarc.quar.test", "v=DMARC1; p=quarantine"),
+    ("_dmarc.example.co.uk", "v=DMARC1; p=reject; sp=quarantine"),
+    ("_dmarc.bad.test", "v=DMARC1; p=none; reject"),
+    ("_dmarc.badp.test", "v=DMARC1; p=bounce"),
+    ("_dmarc.two.test", "v=DMARC1; p=reject"),
+    ("_dmarc.two.test", "v=DMARC1; p=none"),
+    ("_dmarc.other.test", "v=spf1 -all"),
+]) + "a.org.test. 60 IN A 192.0.2.1\nsub.nosp.test. 60 IN A 192.0.2.1\n"
+
+
+@pytest.fixture(scope="module")
+def ns() -> Any:
+    with DnsServer(ZONE, servfail=["_dmarc.flaky.test"]) as server:
+        yield server
+
+
+def crlf(data: bytes) -> bytes:
+    return re.sub(rb"\r?\n", b"\r\n", data)
+
+
+def message(tmp_path: Path, data: bytes) -> Message:
+    path = tmp_path / "msg"
+    path.write_bytes(crlf(data))
+    return Message.from_spool(path, path.stat().st_size)
+
+
+def resolver(port: int) -> DnsResolver:
+    return DnsResolver(DnsConfig(nameservers=(("127.0.0.1", port),), timeout_s=2.0))
+
+
+def spf(result: str, domain: str) -> Result:
+    return Result(data={"result": result, "domain": domain, "identity": "mailfrom"})
+
+
+def dkim(*sigs: tuple[str, str]) -> Result:
+    return Result(data={"signatures": [
+        {"d": d, "s": "sel", "a": "rsa-sha256", "result": r, "reason": "",
+         "aligned_domain": d.lower()} for r, d in sigs]})
+
+
+def run(tmp_path: Path, port: int, *froms: str, spf_res: Result | None = None,
+        dkim_res: Result | None = None, sample: Callable[[], float] | None = None,
+        enforce: bool = True) -> Result:
+    head = "".join(f"From: {f}\n" for f in froms)
+    msg = message(tmp_path, f"{head}To: x@rcpt.test\nSubject: t\n\nbody\n".encode())
+    results = {}
+    if spf_res is not None:
+        results["spf"] = spf_res
+    if dkim_res is not None:
+        results["dkim"] = dkim_res
+    kw: dict[str, Any] = {"enforce": enforce}
+    if sample is not None:
+        kw["sample"] = sample
+    f = DmarcFilter(resolver(port), **kw)
+    ctx = FilterContext(stage=Stage.MESSAGE, qid="Q", client=Client("192.0.2.9", 1),
+                        message=msg, results=results)
+    return asyncio.run(f.on_message(ctx))
+
+
+def sym(res: Result) -> tuple[str, tuple[str, ...]]:
+    assert len(res.symbols) == 1, res.symbols
+    return res.symbols[0].name, res.symbols[0].options
+
+
+# -- alignment -----------------------------------------------------------------------------------
+def test_relaxed_dkim_alignment_passes(tmp_path, ns):
+    res = run(tmp_path, ns.port, "A <a@relaxed.test>", dkim_res=dkim(("pass", "mail.relaxed.test")))
+    assert sym(res)[0] == "DMARC_PASS" and res.verdict is None
+    assert res.data["dkim_aligned"] and not res.data["spf_aligned"]
+    assert res.data["policy"] == "reject" and res.data["domain"] == "relaxed.test"
+
+
+def test_relaxed_spf_alignment_passes(tmp_path, ns):
+    res = run(tmp_path, ns.port, "a@relaxed.test", spf_res=spf("pass", "bounce.relaxed.test"),
+              dkim_res=dkim(("fail", "relaxed.test")))
+    assert sym(res)[0] == "DMARC_PASS" and res.data["spf_aligned"]
+
+
+def test_strict_alignment_needs_exact_domain(tmp_path, ns):
+    res = run(tmp_path, ns.port, "a@strict.test", spf_res=spf("pass", "bounce.strict.test"),
+              dkim_res=dkim(("pass", "mail.strict.test")))
+    assert sym(res) == ("DMARC_FAIL", ("reject", "p", "pct=100"))
+    assert res.verdict is not None and res.verdict.action is Action.REJECT
+    assert res.verdict.reply is not None
+    assert (res.verdict.reply.code, res.verdict.reply.status) == (550, "5.7.1")
+    assert "DMARC policy of strict.test rejects this message" in str(res.verdict.reply.text)
+    ok = run(tmp_path, ns.port, "a@strict.test", dkim_res=dkim(("pass", "STRICT.test")))
+    assert sym(ok)[0] == "DMARC_PASS"
+
+
+def test_unaligned_pass_and_aligned_fail_give_fail(tmp_path, ns):
+    res = run(tmp_path, ns.port, "a@relaxed.test", spf_res=spf("pass", "other.test"),
+              dkim_res=dkim(("fail", "relaxed.test"), ("pass", "other.test")))
+    assert sym(res)[0] == "DMARC_FAIL"
+    assert not res.data["spf_aligned"] and not res.data["dkim_aligned"]
+
+
+def test_enforce_false_reports_without_verdict(tmp_path, ns):
+    res = run(tmp_path, ns.port, "a@relaxed.test", enforce=False)
+    assert sym(res)[0] == "DMARC_FAIL" and res.verdict is None
+
+
+# -- policy selection ----------------------------------------------------------------------------
+def test_subdomain_uses_sp(tmp_path, ns):
+    res = run(tmp_path, ns.port, "a@a.org.test")
+    assert sym(res) == ("DMARC_FAIL", ("reject", "sp", "pct=100"))
+    assert res.data["record"] == "org" and res.verdict is not None
+    assert res.verdict.action is Action.REJECT
+
+
+def test_nonexistent_subdomain_uses_np(tmp_path, ns):
+    res = run(tmp_path, ns.port, "a@ghost.org.test")
+    assert sym(res) == ("DMARC_FAIL", ("quarantine", "np", "pct=100"))
+    assert res.verdict is not None and res.verdict.action is Action.QUARANTINE
+
+
+def test_org_domain_itself_uses_p(tmp_path, ns):
+    res = run(tmp_path, ns.port, "a@org.test")
+    assert sym(res) == ("DMARC_FAIL", ("none", "p", "pct=100")) and res.verdict is None
+
+
+def test_subdomain_without_sp_uses_p(tmp_path, ns):
+    res = run(tmp_path, ns.port, "a@sub.nosp.test")
+    assert sym(res) == ("DMARC_FAIL", ("quarantine", "p", "pct=100"))
+
+
+def test_pct0_never_rejects(tmp_path, ns):
+    for s in (0.0, 0.5, 0.999):
+        res = run(tmp_path, ns.port, "a@pct0.test", sample=lambda s=s: s)
+        assert sym(res) == ("DMARC_FAIL", ("reject", "p", "pct=0", "sampled_out"))
+        # RFC 7489 §6.6.4: a sampled-out reject is applied as quarantine
+        assert res.verdict is not None and res.verdict.action is Action.QUARANTINE
+        assert res.data["applied"] == "quarantine"
+
+
+def test_pct_sampling(tmp_path, ns):
+    hit = run(tmp_path, ns.port, "a@pct50.test", sample=lambda: 0.49)
+    assert hit.verdict is not None and hit.verdict.action is Action.REJECT
+    miss = run(tmp_path, ns.port, "a@pct50.test", sample=lambda: 0.5)
+    assert miss.verdict is not None and miss.verdict.action is Action.QUARANTINE
+    q = run(tmp_path, ns.port, "a@quar.test")
+    assert q.verdict is not None and q.verdict.action is Action.QUARANTINE
+
+
+def test_org_domain_fallback_via_psl(tmp_path, ns):
+    assert org_domain("mail.example.co.uk") == "example.co.uk"
+    before = len(ns.queries)
+    res = run(tmp_path, ns.port, "a@mail.example.co.uk")
+    asked = [q[0] for q in ns.queries[before:] if q[1] == "TXT"]
+    assert asked == ["_dmarc.mail.example.co.uk", "_dmarc.example.co.uk"]
+    assert res.data["record"] == "org" and res.data["org_domain"] == "example.co.uk"
+    assert sym(res) == ("DMARC_FAIL", ("quarantine", "sp", "pct=100"))
+    ok = run(tmp_path, ns.port, "a@mail.example.co.uk", dkim_res=dkim(("pass", "example.co.uk")))
+    assert sym(ok)[0] == "DMARC_PASS"
+    # relaxed alignment never crosses a public suffix
+    bad = run(tmp_path, ns.port, "a@mail.example.co.uk", dkim_res=dkim(("pass", "other.co.uk")))
+    assert sym(bad)[0] == "DMARC_FAIL"
+
+
+def test_no_record_is_none(tmp_path, ns):
+    for frm in ("a@nothing.test", "a@other.test"):
+        res = run(tmp_path, ns.port, frm)
+        assert sym(res)[0] == "DMARC_NONE" and res.verdict is None
+
+
+def test_two_records_is_none(tmp_path, ns):
+    assert sym(run(tmp_path, ns.port, "a@two.test"))[0] == "DMARC_NONE"
+
+
+# -- errors --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("froms", [
+    ("a@relaxed.test", "b@relaxed.test"),  # two From headers
+    ("a@relaxed.test, b@other.test",),  # one header, two domains
+    ('"Just A Name"',),
+    (),
+])
+def test_bad_from(tmp_path, ns, froms):
+    res = run(tmp_path, ns.port, *froms, dkim_res=dkim(("pass", "relaxed.test")))
+    assert sym(res)[0] == "DMARC_BAD_FROM" and res.verdict is None
+    assert res.data["result"] == "permerror"
+
+
+def test_same_domain_twice_in_one_from_is_fine(tmp_path, ns):
+    res = run(tmp_path, ns.port, "a@relaxed.test, b@relaxed.test",
+              dkim_res=dkim(("pass", "relaxed.test")))
+    assert sym(res)[0] == "DMARC_PASS"
+
+
+def test_dns_temperror_never_rejects(tmp_path, ns):
+    res = run(tmp_path, ns.port, "a@flaky.test")
+    assert sym(res)[0] == "DMARC_TEMPERROR" and res.verdict is None
+
+
+def test_auth_temperror_without_aligned_pass_never_rejects(tmp_path, ns):
+    res = run(tmp_path, ns.port, "a@relaxed.test", spf_res=spf("temperror", "relaxed.test"))
+    assert sym(res)[0] == "DMARC_TEMPERROR" and res.verdict is None
+    res = run(tmp_path, ns.port, "a@relaxed.test", dkim_res=dkim(("temperror", "relaxed.test")))
+    assert sym(res)[0] == "DMARC_TEMPERROR" and res.verdict is None
+    assert res.data["policy"] == "reject"
+
+
+@pytest.mark.parametrize("frm", ["a@bad.test", "a@badp.test"])
+def test_broken_record_is_permerror(tmp_path, ns, frm):
+    res = run(tmp_path, ns.port, frm)
+    assert sym(res)[0] == "DMARC_PERMERROR" and res.verdict is None
+
+
+def test_parse_record_defaults():
+    tags = parse_record("v=DMARC1;p=Reject;")
+    assert (tags["p"], tags["adkim"], tags["aspf"], tags["pct"]) == ("reject", "r", "r", "100")
+    for bad in ("v=DMARC1; p=none; pct=101", "v=DMARC1; adkim=x", "p=none; v=DMARC1"):
+        with pytest.raises(ValueError):
+            parse_record(bad)
+
+
+def test_from_config():
+    f = DmarcFilter.from_config({"enforce": False, "trusted_arc_sealers": ["arc.example"]},
+                                Services())
+    assert isinstance(f, DmarcFilter) and not f.enforce
+    assert f.trusted_arc_sealers == ("arc.example",)
+    with pytest.raises(ConfigError):
+        DmarcFilter.from_config({"nope": 1}, Services())
+    with pytest.raises(ConfigError):
+        DmarcFilter.from_config({"enforce": "yes"}, Services())
+    assert DmarcFilter.name == "dmarc" and DmarcFilter.requires == ("spf", "dkim")
+
+
+# -- the authheaders corpus ----------------------------------------------------------------------
+# Where we knowingly differ from authheaders 0.16.3: it evaluates one domain of a From header
+# naming several; RFC 7489 §6.6.1 lets a receiver refuse those, and this gateway does.
+DIVERGES = {
+    "dmarc_multiple_from_addresses_1": "DMARC_BAD_FROM",
+    "dmarc_multiple_from_addresses_2": "DMARC_BAD_FROM",
+}
+
+
+def corpus_zone(spec: dict[str, Any]) -> str:
+    lines = []
+    for name, rr in spec["dns"].items():
+        if rr == "NXDOMAIN":
+            continue
+        if rr.get("exists"):
+            lines.append(f"{name}. 60 IN A 192.0.2.1")
+        if "TXT" in rr:
+            value = rr["TXT"]
+            if value.startswith("@file "):
+                value = (CORPUS / value[6:]).read_text().strip()
+            chunks = " ".join(f'"{value[i:i + 200]}"' for i in range(0, len(value), 200))
+            lines.append(f"{name}. 60 IN TXT {chunks or chr(34) * 2}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.skipif(not (CORPUS / "cases.yaml").is_file(), reason=f"corpus not at {CORPUS}")
+def test_authheaders_corpus(tmp_path, capsys):
+    spec = yaml.safe_load((CORPUS / "cases.yaml").read_text())
+    for value, domain in spec["from_domain_extraction"]:
+        assert from_domain([value]) == (domain, "")
+    matched, failures = 0, []
+    with DnsServer(corpus_zone(spec)) as server:
+        for case in spec["cases"]:
+            msg = message(tmp_path, (CORPUS / case["message"]).read_bytes())
+            ctx = FilterContext(stage=Stage.MESSAGE, qid="Q", client=Client("192.0.2.9", 1),
+                                message=msg)
+
+            async def go(case: dict[str, Any], ctx: FilterContext) -> tuple[Result, Result]:
+                results: dict[str, Result] = {}
+                if case.get("check_dkim"):
+                    results["dkim"] = await DkimVerifyFilter(resolver(server.port)).on_message(ctx)
+                given = case.get("given", {})
+                if "dkim" in given:
+                    results["dkim"] = dkim(*[(s["result"], s["d"]) for s in given["dkim"]])
+                if "spf" in given:
+                    results["spf"] = spf(given["spf"]["result"], given["spf"]["domain"])
+                ctx = FilterContext(stage=ctx.stage, qid=ctx.qid, client=ctx.client,
+                                    message=ctx.message, results=results)
+                res = await DmarcFilter(resolver(server.port)).on_message(ctx)
+                return results.get("dkim", Result()), res
+
+            dkim_res, res = asyncio.run(go(case, ctx))
+            exp = case["expect"]
+            if "dkim" in exp:  # DKIM verified for real by the dkim filter
+                sigs = dkim_res.data["signatures"]
+                assert [s["result"] for s in sigs] == [exp["dkim"]], (case["id"], sigs)
+            got = {"dmarc": res.data["result"],
+                   "header_from": res.data["domain"] or "none",
+                   "policy": res.data["policy"]}
+            want = {k: exp[k] for k in ("dmarc", "header_from", "policy") if k in exp}
+            if case["id"] in DIVERGES:
+                assert sym(res)[0] == DIVERGES[case["id"]], (case["id"], res)
+                continue
+            if {k: got[k] for k in want} == want:
+                matched += 1
+            else:
+                failures.append((case["id"], want, got))
+    with capsys.disabled():
+        print(f"\nDMARC authheaders corpus: {matched}/{len(spec['cases'])} cases match "
+              f"authheaders, {len(DIVERGES)} differ by design (multiple From domains -> "
+              f"DMARC_BAD_FROM)")
+    assert not failures, failures
+    assert matched == len(spec["cases"]) - len(DIVERGES)
+
+
+# -- in the pipeline -----------------------------------------------------------------------------
+class Canned:
+    def __init__(self, result: Result, delay: float) -> None:
+        self.result, self.delay = result, delay
+
+    async def on_message(self, ctx: FilterContext) -> Result:
+        await asyncio.sleep(self.delay)
+        return self.result
+
+
+def test_pipeline_waits_for_spf_and_dkim(tmp_path, ns):
+    from gateway.pipeline import Pipeline
+    from gateway.registry import LoadedFilter
+
+    def loaded(name: str, inst: object, requires: tuple[str, ...] = ()) -> LoadedFilter:
+        return LoadedFilter(name, inst, (Stage.MESSAGE,), requires, 5, "tempfail", "test")
+
+    msg = message(tmp_path, b"From: a@strict.test\nSubject: t\n\nbody\n")
+    ctx = FilterContext(stage=Stage.MESSAGE, qid="Q", client=Client("192.0.2.9", 1), message=msg)
+    p = Pipeline([loaded("dmarc", DmarcFilter(resolver(ns.port)), DmarcFilter.requires),
+                  loaded("spf", Canned(spf("pass", "strict.test"), 0.05)),
+                  loaded("dkim", Canned(dkim(("fail", "strict.test")), 0.1))])
+    out = asyncio.run(p.run_stage(Stage.MESSAGE, ctx))
+    res = out["dmarc"].result
+    assert sym(res)[0] == "DMARC_PASS" and res.data["spf_aligned"] and res.verdict is None
