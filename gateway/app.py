@@ -15,6 +15,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from gateway import replies as R
 from gateway.dnsresolver import DnsResolver
 from gateway.engine import Engine
 from gateway.errors import PolicyError
@@ -40,7 +41,7 @@ class ConnectionCounter:
 
     def admit(self, ip: str, limits: Limits) -> Reply | None:
         if self.total >= limits.max_connections:
-            return Reply(421, "4.3.2", "Too many connections, try again later")
+            return R.TOO_BUSY
         if self.per_ip[ip] >= limits.max_connections_per_ip:
             return Reply(421, "4.7.0", "Too many connections from your address, "
                                        "try again later")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import quarantine
+from gateway import replies as R
 from gateway.decide import Decision, Scorecard, decide
 from gateway.edits import TraceInfo, build_headers, message_chunks, received_header
 from gateway.errors import SpoolError
@@ -173,7 +174,7 @@ class Engine:
             txn.decision = d
             assert d.reply is not None
             return d.reply.with_qid(txn.qid)
-        return Reply(250, "2.1.0", "Sender ok")
+        return R.SENDER_OK
 
     async def on_rcpt(self, state: SessionState, txn: Transaction, rcpt: Address,
                       notify: frozenset[str] | None = None, orcpt: str | None = None) -> Reply:
@@ -224,7 +225,7 @@ class Engine:
             txn.dsn[rcpt.addr] = (notify, orcpt)
             txn.cls = cls
             txn.scorecard.add(out.values())
-            return Reply(250, "2.1.5", "Recipient ok"), ""
+            return R.RCPT_OK, ""
         if txn.relay is None:
             txn.relay = ProxyRelay(transport, p.relay, self.helo_name, txn.qid)
         reply = await txn.relay.add_rcpt(
@@ -234,7 +235,7 @@ class Engine:
             txn.rcpts.append(rcpt)
             txn.cls = cls
             txn.scorecard.add(out.values())
-            return Reply(250, "2.1.5", "Recipient ok"), ""
+            return R.RCPT_OK, ""
         return reply, "downstream"
 
     def _early(self, state: SessionState, txn: Transaction | None,

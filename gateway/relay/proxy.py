@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from gateway import replies as R
 from gateway.errors import RelayError
 from gateway.policy.schema import RelayConfig
 from gateway.relay import maildir
@@ -97,7 +98,7 @@ class ProxyRelay:
         """Forward one recipient; returns the answer for the client."""
         if self.transport.kind == "maildir":
             self.accepted.append(rcpt)
-            return Reply(250, "2.1.5", "Recipient ok")
+            return R.RCPT_OK
         if self.mail_reply is not None:
             return self.mail_reply
         if self.client is None:

@@ -1,0 +1,162 @@
+"""The ``authres`` filter: one RFC 8601 Authentication-Results header summing up the ``spf``,
+``dkim`` and ``dmarc`` filters' results, built with the ``authres`` library, and removal of
+any Authentication-Results header the message arrived with that carries our authserv-id
+(RFC 8601 §5: such a header is forged or stale).
+
+Reported methods: ``spf`` (``smtp.mailfrom`` or ``smtp.helo``, per the identity checked),
+``dkim`` (one result per signature, with ``header.d``, ``header.s``, ``header.a``; ``dkim=none``
+without a signature), ``dmarc`` (``header.from`` and ``policy.dmarc`` when a record applied).
+
+Settings: ``authserv_id`` (default: the gateway hostname, ``Services.hostname``); ``methods``
+(list, subset of ``spf``/``dkim``/``dmarc``, default all three). ``requires`` is an instance
+attribute set from ``methods``: the loader refuses a ``requires`` naming a filter that is not in
+the chain, so a chain without e.g. ``dmarc`` sets ``methods = ["spf", "dkim"]``. A listed
+method whose result is missing at run time is left out of the header.
+
+Removal matches the authserv-id case-insensitively (RFC 8601 §2.5). The core's
+``RemoveHeader.value_prefix`` compares case-sensitively, so one ``RemoveHeader`` is emitted per
+matching header, with that header's own (unfolded) value as the prefix.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import authres
+import authres.dmarc
+
+from gateway.filterapi import (
+    AddHeader,
+    ConfigError,
+    Edit,
+    Filter,
+    FilterContext,
+    RemoveHeader,
+    Result,
+)
+from gateway.message import Message
+from gateway.services import Services
+from gateway.settings import check_keys, opt_str, str_list
+
+HEADER = "Authentication-Results"
+METHODS = ("spf", "dkim", "dmarc")
+_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
+_AUTHSERV = re.compile(r"[^\s;()]+")
+_PVALUE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]+")
+
+
+def authserv_id_of(value: str) -> str | None:
+    """The authserv-id of an Authentication-Results value (comments skipped), or None."""
+    text = value
+    for _ in range(4):  # nested comments: strip innermost first
+        text = _COMMENT.sub(" ", text)
+    m = _AUTHSERV.search(text)
+    return m.group(0) if m else None
+
+
+def forged(message: Message | None, authserv_id: str) -> tuple[RemoveHeader, ...]:
+    """RemoveHeader edits for every Authentication-Results carrying ``authserv_id``."""
+    if message is None:
+        return ()
+    want = authserv_id.lower()
+    out: list[RemoveHeader] = []
+    for value in message.get_all(HEADER):
+        found = authserv_id_of(value)
+        if found is not None and found.lower() == want:
+            edit = RemoveHeader(HEADER, value_prefix=value)
+            if edit not in out:
+                out.append(edit)
+    return tuple(out)
+
+
+class AuthResultsFilter(Filter):
+    name = "authres"
+    requires: tuple[str, ...] = METHODS  # type: ignore[misc]
+
+    def __init__(self, authserv_id: str, methods: tuple[str, ...] = METHODS) -> None:
+        self.authserv_id = authserv_id
+        self.methods = methods
+        self.requires = methods
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], services: Services) -> AuthResultsFilter:
+        check_keys(cfg, {"authserv_id", "methods"})
+        authserv_id = opt_str(cfg, "authserv_id") or services.hostname
+        if not _AUTHSERV.fullmatch(authserv_id):
+            raise ConfigError("authserv_id", "must be one token (no spaces, ';' or '()')")
+        methods = str_list(cfg, "methods") if "methods" in cfg else METHODS
+        bad = [m for m in methods if m not in METHODS]
+        if bad:
+            raise ConfigError("methods", f"unknown method(s) {', '.join(bad)}; "
+                                         f"known: {', '.join(METHODS)}")
+        return cls(authserv_id, tuple(dict.fromkeys(methods)))
+
+    async def on_message(self, ctx: FilterContext) -> Result:
+        edits: list[Edit] = list(forged(ctx.message, self.authserv_id))
+        edits.append(AddHeader(HEADER, self.header_value(ctx)))
+        return Result(edits=tuple(edits))
+
+    def header_value(self, ctx: FilterContext) -> str:
+        results: list[Any] = []
+        if "spf" in self.methods:
+            results.extend(_spf(ctx))
+        if "dkim" in self.methods:
+            results.extend(_dkim(ctx))
+        if "dmarc" in self.methods:
+            results.extend(_dmarc(ctx))
+        header = authres.AuthenticationResultsHeader(authserv_id=self.authserv_id,
+                                                     results=results)
+        text = str(header)
+        prefix = f"{HEADER}: "
+        return text[len(prefix):] if text.startswith(prefix) else text
+
+
+def _spf(ctx: FilterContext) -> list[Any]:
+    res = ctx.results.get("spf")
+    if res is None or "result" not in res.data:
+        return []
+    data = res.data
+    domain = _token(data.get("domain")) or ""
+    if data.get("identity") == "helo":
+        return [authres.SPFAuthenticationResult(result=data["result"],
+                                                smtp_helo=domain or None)]
+    mailfrom = domain
+    sender = ctx.sender
+    if sender is not None and domain and sender.local and not sender.quoted \
+            and re.fullmatch(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+", sender.local):
+        mailfrom = f"{sender.local}@{domain}"
+    return [authres.SPFAuthenticationResult(result=data["result"],
+                                            smtp_mailfrom=mailfrom or None)]
+
+
+def _dkim(ctx: FilterContext) -> list[Any]:
+    res = ctx.results.get("dkim")
+    if res is None:
+        return []
+    sigs = res.data.get("signatures")
+    if not sigs:
+        return [authres.DKIMAuthenticationResult(result="none")]
+    return [authres.DKIMAuthenticationResult(result=sig.get("result") or "permerror",
+                                             header_d=_token(sig.get("d")),
+                                             header_s=_token(sig.get("s")),
+                                             header_a=_token(sig.get("a")))
+            for sig in sigs]
+
+
+def _token(value: Any) -> str | None:
+    """A property value as an RFC 8601 token, or None (left out) for anything else."""
+    text = str(value or "")
+    return text if _PVALUE.fullmatch(text) else None
+
+
+def _dmarc(ctx: FilterContext) -> list[Any]:
+    res = ctx.results.get("dmarc")
+    if res is None or "result" not in res.data:
+        return []
+    data = res.data
+    policy = data.get("policy") if data.get("record") else None
+    return [authres.dmarc.DMARCAuthenticationResult(result=data["result"],
+                                                    header_from=_token(data.get("domain")),
+                                                    policy=_token(policy))]

@@ -1,0 +1,165 @@
+"""The authres filter: the Authentication-Results header it builds (parsed back with the
+``authres`` library) and the removal of forged headers carrying our authserv-id."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import authres
+import authres.dmarc
+import pytest
+
+from filters.authres import AuthResultsFilter, authserv_id_of
+from gateway.edits import build_headers
+from gateway.filterapi import (
+    Action,
+    AddHeader,
+    Client,
+    ConfigError,
+    FilterContext,
+    RemoveHeader,
+    Result,
+    Stage,
+)
+from gateway.message import Message
+from gateway.services import Services
+from gateway.smtp.address import Address
+
+PARSER = authres.FeatureContext(authres.dmarc)
+
+SPF = Result(data={"result": "pass", "domain": "example.com", "identity": "mailfrom",
+                   "mechanism": "ip4:192.0.2.1", "explanation": ""})
+DKIM = Result(data={"signatures": [
+    {"d": "example.com", "s": "sel1", "a": "rsa-sha256", "result": "pass", "reason": "",
+     "aligned_domain": "example.com"},
+    {"d": "other.example", "s": "ed", "a": "ed25519-sha256", "result": "fail",
+     "reason": "body hash mismatch", "aligned_domain": "other.example"},
+]})
+DMARC = Result(data={"result": "pass", "domain": "example.com", "policy": "reject",
+                     "spf_aligned": True, "dkim_aligned": True, "org_domain": "example.com",
+                     "record": "domain", "applied": None, "reason": ""})
+
+
+def message(tmp_path: Path, headers: str, body: str = "hello\r\n") -> Message:
+    path = tmp_path / "msg"
+    path.write_bytes((headers + "\r\n" + body).encode())
+    return Message.from_spool(path, path.stat().st_size)
+
+
+def ctx(msg: Message | None = None, results: dict[str, Result] | None = None,
+        sender: Address | None = None) -> FilterContext:
+    return FilterContext(stage=Stage.MESSAGE, qid="Q", client=Client("192.0.2.1", 25, "mx.ex"),
+                         sender=sender, message=msg,
+                         results=results if results is not None else
+                         {"spf": SPF, "dkim": DKIM, "dmarc": DMARC})
+
+
+def run(f: AuthResultsFilter, c: FilterContext) -> Result:
+    return asyncio.run(f.on_message(c))
+
+
+def added(res: Result) -> Any:
+    adds = [e for e in res.edits if isinstance(e, AddHeader)]
+    assert len(adds) == 1 and adds[0].name == "Authentication-Results"
+    return PARSER.parse_value(adds[0].value)
+
+
+def removes(res: Result) -> list[RemoveHeader]:
+    return [e for e in res.edits if isinstance(e, RemoveHeader)]
+
+
+def test_header_lists_every_method_and_field(tmp_path: Path) -> None:
+    f = AuthResultsFilter("mx.gateway.test")
+    msg = message(tmp_path, "From: a@example.com\r\nSubject: x\r\n")
+    h = added(run(f, ctx(msg, sender=Address("alice", "example.com"))))
+    assert h.authserv_id == "mx.gateway.test"
+    methods = [r.method for r in h.results]
+    assert methods == ["spf", "dkim", "dkim", "dmarc"]
+    spf, d1, d2, dmarc = h.results
+    assert spf.result == "pass" and spf.smtp_mailfrom == "alice@example.com"
+    assert spf.smtp_helo is None
+    assert (d1.result, d1.header_d, d1.header_s, d1.header_a) == \
+        ("pass", "example.com", "sel1", "rsa-sha256")
+    assert (d2.result, d2.header_d, d2.header_s, d2.header_a) == \
+        ("fail", "other.example", "ed", "ed25519-sha256")
+    assert dmarc.result == "pass" and dmarc.header_from == "example.com"
+    assert dmarc.policy == "reject"
+    assert removes(run(f, ctx(msg))) == []
+
+
+def test_helo_identity_and_no_signature() -> None:
+    spf = Result(data={"result": "softfail", "domain": "mx.ex", "identity": "helo"})
+    dkim = Result(data={"signatures": []})
+    dmarc = Result(data={"result": "none", "domain": "example.com", "policy": "none",
+                         "record": None})
+    h = added(run(AuthResultsFilter("gw"), ctx(results={"spf": spf, "dkim": dkim,
+                                                          "dmarc": dmarc})))
+    spf_r, dkim_r, dmarc_r = h.results
+    assert (spf_r.method, spf_r.result, spf_r.smtp_helo, spf_r.smtp_mailfrom) == \
+        ("spf", "softfail", "mx.ex", None)
+    assert (dkim_r.method, dkim_r.result, dkim_r.header_d) == ("dkim", "none", None)
+    assert (dmarc_r.method, dmarc_r.result, dmarc_r.header_from) == \
+        ("dmarc", "none", "example.com")
+    assert dmarc_r.policy is None  # no record: no policy to report
+
+
+def test_missing_results_are_left_out() -> None:
+    h = added(run(AuthResultsFilter("gw"), ctx(results={"dkim": DKIM})))
+    assert [r.method for r in h.results] == ["dkim", "dkim"]
+    h = added(run(AuthResultsFilter("gw"), ctx(results={})))
+    assert h.results == []
+
+
+def test_methods_setting_limits_requires_and_header() -> None:
+    f = AuthResultsFilter.from_config({"methods": ["spf", "dkim"]}, Services(hostname="h.test"))
+    assert f.requires == ("spf", "dkim") and f.authserv_id == "h.test"
+    assert [r.method for r in added(run(f, ctx())).results] == ["spf", "dkim", "dkim"]
+    default = AuthResultsFilter.from_config({}, Services(hostname="h.test"))
+    assert default.requires == ("spf", "dkim", "dmarc")
+    assert AuthResultsFilter.from_config({"authserv_id": "mx.x"}, Services()).authserv_id \
+        == "mx.x"
+
+
+@pytest.mark.parametrize("cfg", [{"methods": ["arc"]}, {"authserv_id": "a b"},
+                                 {"authserv_id": ""}, {"bogus": 1}, {"methods": "spf"}])
+def test_bad_settings(cfg: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        AuthResultsFilter.from_config(cfg, Services())
+
+
+def test_forged_headers_removed_case_insensitively(tmp_path: Path) -> None:
+    headers = ("Authentication-Results: mx.gateway.test; dkim=pass header.d=evil.example\r\n"
+               "authentication-results: MX.Gateway.TEST;\r\n\tspf=pass smtp.mailfrom=x@evil\r\n"
+               "Authentication-Results: (comment) mx.gateway.test 1; dmarc=pass\r\n"
+               "Authentication-Results: mx.gateway.test.evil.example; dkim=pass\r\n"
+               "Authentication-Results: other.example; dkim=fail\r\n"
+               "X-Authentication-Results: mx.gateway.test; dkim=pass\r\n"
+               "From: a@example.com\r\n")
+    msg = message(tmp_path, headers)
+    res = run(AuthResultsFilter("mx.gateway.test"), ctx(msg))
+    assert len(removes(res)) == 3
+    assert all(r.name == "Authentication-Results" for r in removes(res))
+    out = build_headers(msg, [], res.edits, action=Action.ACCEPT, subject_tag="")
+    text = out.decode()
+    lines = [line for line in text.split("\r\n") if line and not line.startswith("\t")]
+    ar = [line for line in lines if line.lower().startswith("authentication-results:")]
+    assert len(ar) == 3
+    assert ar[0].startswith("Authentication-Results: mx.gateway.test;")  # ours, first
+    assert "spf=pass" in text and "smtp.mailfrom=x@evil" not in text
+    assert "header.d=evil.example" not in text
+    assert "mx.gateway.test.evil.example; dkim=pass" in text  # a different authserv-id
+    assert "other.example; dkim=fail" in text
+    assert "X-Authentication-Results: mx.gateway.test; dkim=pass" in text
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("mx.test; spf=pass", "mx.test"),
+    ("  MX.test 1; none", "MX.test"),
+    ("(c (nested)) mx.test; none", "mx.test"),
+    ("mx.test;none", "mx.test"),
+    ("", None),
+])
+def test_authserv_id_of(value: str, expected: str | None) -> None:
+    assert authserv_id_of(value) == expected
