@@ -33,7 +33,7 @@ from gateway.filterapi import ConfigError, Filter, FilterContext, Result, Symbol
 from gateway.message import Message
 from gateway.policy.schema import DnsConfig
 from gateway.services import Services
-from gateway.settings import check_keys
+from gateway.settings import check_keys, positive
 
 PASS, FAIL, NONE, TEMPERROR, PERMERROR, POLICY = (
     "pass", "fail", "none", "temperror", "permerror", "policy")
@@ -87,7 +87,7 @@ class DkimVerifyFilter(Filter):
         return cls(resolver,
                    max_bytes=_int(cfg, "max_bytes", 10 * 1024 * 1024, 1),
                    max_signatures=_int(cfg, "max_signatures", 10, 1),
-                   dns_timeout_s=_positive(cfg, "dns_timeout_s", 5.0),
+                   dns_timeout_s=positive(cfg, "dns_timeout_s", 5.0),
                    min_rsa_bits=_int(cfg, "min_rsa_bits", 1024, 512))
 
     async def on_message(self, ctx: FilterContext) -> Result:
@@ -245,10 +245,3 @@ def _int(cfg: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise ConfigError(key, f"must be an integer >= {minimum}")
     return v
-
-
-def _positive(cfg: Mapping[str, Any], key: str, default: float) -> float:
-    v = cfg.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-        raise ConfigError(key, "must be a number > 0")
-    return float(v)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ipaddress
 import threading
 import time
 from collections.abc import Mapping
@@ -38,11 +37,11 @@ from typing import Any
 import dns.name
 import spf
 
-from gateway.dnsresolver import DnsAnswer, DnsResolver
+from gateway.dnsresolver import DnsAnswer, DnsResolver, parse_nameserver
 from gateway.filterapi import ConfigError, Filter, FilterContext, Result, Symbol
 from gateway.policy.schema import DnsConfig
 from gateway.services import Services
-from gateway.settings import check_keys, str_list
+from gateway.settings import check_keys, positive, str_list
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 SYMBOLS = {r: f"SPF_{r.upper()}" for r in RESULTS}
@@ -129,30 +128,6 @@ def _dispatch(name: str, qtype: str, strict: Any = True, timeout: Any = None
 spf.DNSLookup = _dispatch
 
 
-def _positive(cfg: Mapping[str, Any], key: str, default: float) -> float:
-    v = cfg.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
-        raise ConfigError(key, "must be a number > 0")
-    return float(v)
-
-
-def _nameserver(text: str) -> tuple[str, int]:
-    host, port = text.strip(), "53"
-    if host.startswith("["):
-        host, sep, port = host[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"must be IP, IP:PORT or [IPv6]:PORT, got {text!r}")
-    elif host.count(":") == 1:
-        host, _, port = host.partition(":")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"must be an IP address (optionally :PORT), got {text!r}") from None
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port in {text!r}")
-    return host, int(port)
-
-
 class SpfFilter(Filter):
     name = "spf"
 
@@ -165,12 +140,12 @@ class SpfFilter(Filter):
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], services: Services) -> SpfFilter:
         check_keys(cfg, {"check_timeout_s", "dns_nameservers", "dns_timeout_s"})
-        timeout_s = _positive(cfg, "check_timeout_s", DEFAULT_TIMEOUT_S)
-        dns_timeout_s = _positive(cfg, "dns_timeout_s", DEFAULT_DNS_TIMEOUT_S)
+        timeout_s = positive(cfg, "check_timeout_s", DEFAULT_TIMEOUT_S)
+        dns_timeout_s = positive(cfg, "dns_timeout_s", DEFAULT_DNS_TIMEOUT_S)
         servers = []
         for text in str_list(cfg, "dns_nameservers"):
             try:
-                servers.append(_nameserver(text))
+                servers.append(parse_nameserver(text))
             except ValueError as e:
                 raise ConfigError("dns_nameservers", str(e)) from None
         shared: DnsResolver | None = getattr(services, "resolver", None)

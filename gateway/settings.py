@@ -34,3 +34,10 @@ def boolean(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
     if not isinstance(v, bool):
         raise ConfigError(key, "must be true or false")
     return v
+
+
+def positive(cfg: Mapping[str, Any], key: str, default: float) -> float:
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+        raise ConfigError(key, "must be a number > 0")
+    return float(v)

@@ -17,6 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from gateway.dnsresolver import parse_nameserver
 from gateway.errors import PolicyError
 from gateway.filterapi import Action, Stage
 from gateway.policy.schema import (
@@ -292,31 +293,12 @@ def _dns(c: Checker, data: Any) -> DnsConfig:
     t = c.table(data, "dns", {"nameservers", "timeout_s"})
     servers = []
     for i, text in enumerate(c.strings(t, "nameservers", "dns")):
-        ns = c.convert(f"dns.nameservers[{i}]", text, _nameserver)
+        ns = c.convert(f"dns.nameservers[{i}]", text, parse_nameserver)
         if ns is not None:
             servers.append(ns)
     return DnsConfig(nameservers=tuple(servers),
                      timeout_s=float(c.number(t, "timeout_s", "dns", DnsConfig().timeout_s,
                                               minimum=0, exclusive=True)))
-
-
-def _nameserver(text: str) -> tuple[str, int]:
-    """``IP``, ``IP:PORT``, ``IPv6`` or ``[IPv6]:PORT`` (an address: the resolver's own name
-    cannot be looked up)."""
-    host, port = text.strip(), "53"
-    if host.startswith("["):
-        host, sep, port = host[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"must be IP, IP:PORT or [IPv6]:PORT, got {text!r}")
-    elif host.count(":") == 1:
-        host, _, port = host.partition(":")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"must be an IP address (optionally :PORT), got {text!r}") from None
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port in {text!r}")
-    return host, int(port)
 
 
 def _transport(c: Checker, path: str, text: Any) -> Transport | None:
