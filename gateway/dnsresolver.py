@@ -1,21 +1,45 @@
 """The gateway's DNS resolver: a ``dns.asyncresolver.Resolver`` (dnspython) configured from
 ``[dns]``, with one deadline per query, giving answers as values — ``ok``, ``nxdomain``,
-``nodata``, ``temperror``, ``permerror`` — so that each caller (MX routing now; SPF, DKIM and
-DMARC later) decides what each outcome means for it.
+``nodata``, ``temperror``, ``permerror`` — so that each caller (MX routing, SPF, DKIM, DMARC)
+decides what each outcome means for it.
 
 When ``dns.nameservers`` names servers, only those are asked: ``/etc/resolv.conf`` is never
 read. When it is empty, the system's resolv.conf is (at the first query, not at start-up, so a
-gateway that needs no DNS runs without one). There is no cache and no search list: every name
-is absolute.
+gateway that needs no DNS runs without one). There is no search list: every name is absolute.
+
+Cache (our own, of :class:`DnsAnswer` values; dnspython's is off), keyed by (lowercased
+absolute name, type), in one resolver (one per policy and process: a reload starts empty):
+
+* ``ok`` is kept for the smallest TTL of the answer and the CNAMEs that led to it;
+* ``nxdomain`` and ``nodata`` for min(SOA TTL, SOA MINIMUM) of the SOA in the authority
+  section (RFC 2308 §5), or the CNAMEs' TTL if smaller; a negative answer without an SOA is
+  not kept (RFC 2308 §5: SHOULD NOT be cached);
+* ``temperror`` and ``permerror`` are never kept: the next query asks again.
+
+Each TTL is clamped to ``[dns.cache_min_ttl_s, dns.cache_max_ttl_s]``; a TTL of 0 is not kept.
+At most ``dns.cache_max_entries`` answers are kept, the least recently used dropped first
+(0 = no cache). Expiry uses ``time.monotonic``. Identical queries in flight at the same time
+(SPF, DKIM and DMARC of one message asking for the same names) share one upstream query, cache
+or not; a caller cancelled while waiting does not cancel it for the others.
+
+:meth:`DnsResolver.limited` gives a :class:`LimitedResolver` for one message: the same
+``query``, but after ``dns.max_queries_per_message`` calls it answers ``temperror`` without
+asking. Every call counts, cache hits included: the point is to bound the work one message
+can cause, whatever is cached. A temperror, not a permerror: a lookup we chose not to make
+says nothing about the sender's DNS, so it must never turn into a DKIM/DMARC failure (nor a
+DMARC reject).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import dns.asyncresolver
 import dns.exception
@@ -23,6 +47,7 @@ import dns.message
 import dns.name
 import dns.nameserver
 import dns.rdata
+import dns.rdatatype
 import dns.resolver
 
 from gateway.logs import event
@@ -49,6 +74,12 @@ class DnsAnswer:
         return self.status == "ok"
 
 
+class Resolver(Protocol):
+    """What callers need of a resolver: :class:`DnsResolver` and :class:`LimitedResolver`."""
+
+    async def query(self, name: str, rdtype: str) -> DnsAnswer: ...
+
+
 class DnsResolver:
     """Build one per policy; share it between the tasks of one event loop."""
 
@@ -56,12 +87,30 @@ class DnsResolver:
         self.cfg = cfg
         self._resolver: dns.asyncresolver.Resolver | None = None
         self._error = ""
+        # key -> (monotonic expiry, answer), least recently used first
+        self._cache: OrderedDict[tuple[str, str], tuple[float, DnsAnswer]] = OrderedDict()
+        self._inflight: dict[tuple[str, str], asyncio.Future[DnsAnswer]] = {}
+        self.cache_hits = 0  # answers given from the cache
+        self.upstream_queries = 0  # queries actually sent (one per coalesced group)
 
     @property
     def nameservers(self) -> tuple[str, ...]:
         """Where queries go, as ``ip:port`` (reads resolv.conf if the policy names none)."""
         r = self._get()
         return () if r is None else tuple(_ns_text(ns, r.port) for ns in r.nameservers)
+
+    @property
+    def cache_size(self) -> int:
+        return len(self._cache)
+
+    def cache_clear(self) -> None:
+        self._cache.clear()
+
+    def limited(self, max_queries: int | None = None) -> LimitedResolver:
+        """A resolver for one message: at most ``max_queries`` (default
+        ``dns.max_queries_per_message``) queries, then ``temperror`` without asking."""
+        return LimitedResolver(
+            self, self.cfg.max_queries_per_message if max_queries is None else max_queries)
 
     def _get(self) -> dns.asyncresolver.Resolver | None:
         if self._resolver is None and not self._error:
@@ -83,14 +132,16 @@ class DnsResolver:
             source = "resolv.conf"
         r.lifetime = self.cfg.timeout_s
         r.timeout = min(PER_SERVER_S, self.cfg.timeout_s)
-        r.cache = None
+        r.cache = None  # ours caches DnsAnswer values, negative ones included
         event(log, "dns_resolver", source=source, timeout_s=self.cfg.timeout_s,
-              nameservers=[_ns_text(ns, r.port) for ns in r.nameservers])
+              nameservers=[_ns_text(ns, r.port) for ns in r.nameservers],
+              cache_max_entries=self.cfg.cache_max_entries)
         return r
 
     async def query(self, name: str, rdtype: str) -> DnsAnswer:
         """One lookup of ``name`` (absolute; IDNA-encoded if it is not ASCII), done or given up
-        within ``dns.timeout_s``."""
+        within ``dns.timeout_s`` — or answered from the cache, or shared with the identical
+        query already in flight."""
         r = self._get()
         if r is None:
             return DnsAnswer(name, rdtype, "temperror", error=self._error)
@@ -98,29 +149,136 @@ class DnsResolver:
             qname = dns.name.from_text(name)
         except dns.exception.DNSException as e:
             return DnsAnswer(name, rdtype, "permerror", error=f"bad domain name: {e}")
+        key = (qname.to_text().lower(), rdtype.upper())
+        hit = self._cached(key)
+        if hit is not None:
+            self.cache_hits += 1
+            return _as_asked(hit, name, rdtype)
+        shared = self._inflight.get(key)
+        if shared is None:
+            shared = asyncio.ensure_future(self._fetch(r, qname, name, rdtype, key))
+            self._inflight[key] = shared
+            shared.add_done_callback(lambda f: self._done(key, f))
+        # shield: a caller cancelled while waiting must not cancel the query for the others
+        return _as_asked(await asyncio.shield(shared), name, rdtype)
+
+    def _done(self, key: tuple[str, str], fut: asyncio.Future[DnsAnswer]) -> None:
+        if self._inflight.get(key) is fut:
+            del self._inflight[key]
+
+    async def _fetch(self, r: dns.asyncresolver.Resolver, qname: dns.name.Name, name: str,
+                     rdtype: str, key: tuple[str, str]) -> DnsAnswer:
+        self.upstream_queries += 1
+        answer, ttl = await self._resolve(r, qname, name, rdtype)
+        if ttl is not None:
+            self._store(key, answer, ttl)
+        return answer
+
+    def _cached(self, key: tuple[str, str]) -> DnsAnswer | None:
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= time.monotonic():
+            del self._cache[key]
+            return None
+        self._cache.move_to_end(key)
+        return entry[1]
+
+    def _store(self, key: tuple[str, str], answer: DnsAnswer, ttl: float) -> None:
+        cfg = self.cfg
+        if cfg.cache_max_entries <= 0:
+            return
+        ttl = min(max(ttl, cfg.cache_min_ttl_s), cfg.cache_max_ttl_s)
+        if ttl <= 0:
+            return
+        self._cache[key] = (time.monotonic() + ttl, answer)
+        self._cache.move_to_end(key)
+        while len(self._cache) > cfg.cache_max_entries:
+            self._cache.popitem(last=False)
+
+    async def _resolve(self, r: dns.asyncresolver.Resolver, qname: dns.name.Name, name: str,
+                       rdtype: str) -> tuple[DnsAnswer, float | None]:
+        """The answer, and how long it may be cached (None: not at all)."""
         timeout_s = self.cfg.timeout_s
         try:
             async with asyncio.timeout(timeout_s + BACKSTOP_S):
                 ans = await r.resolve(qname, rdtype, search=False, lifetime=timeout_s)
-        except dns.resolver.NXDOMAIN:
-            return DnsAnswer(name, rdtype, "nxdomain", error="no such domain (NXDOMAIN)")
-        except dns.resolver.NoAnswer:
-            return DnsAnswer(name, rdtype, "nodata")
+        except dns.resolver.NXDOMAIN as e:
+            responses = e.kwargs.get("responses") or {}
+            return (DnsAnswer(name, rdtype, "nxdomain", error="no such domain (NXDOMAIN)"),
+                    _negative_ttl(next(iter(responses.values()), None)))
+        except dns.resolver.NoAnswer as e:
+            return DnsAnswer(name, rdtype, "nodata"), _negative_ttl(e.kwargs.get("response"))
         except dns.resolver.YXDOMAIN as e:
-            return DnsAnswer(name, rdtype, "permerror", error=str(e))
+            return DnsAnswer(name, rdtype, "permerror", error=str(e)), None
         except (dns.exception.Timeout, TimeoutError):
-            return DnsAnswer(name, rdtype, "temperror", error=f"timed out after {timeout_s:g}s")
+            return (DnsAnswer(name, rdtype, "temperror", error=f"timed out after {timeout_s:g}s"),
+                    None)
         except dns.resolver.NoNameservers as e:
             errors = e.kwargs.get("errors") or []
             if errors and all(isinstance(err[3], dns.message.ChainTooLong) for err in errors):
                 # a CNAME loop is the zone's fault, not a passing failure: it will not heal
-                return DnsAnswer(name, rdtype, "permerror", error="CNAME chain too long (loop)")
-            return DnsAnswer(name, rdtype, "temperror", error=str(e) or type(e).__name__)
+                return DnsAnswer(name, rdtype, "permerror", error="CNAME chain too long (loop)"), None
+            return DnsAnswer(name, rdtype, "temperror", error=str(e) or type(e).__name__), None
         except dns.exception.DNSException as e:  # SERVFAIL, REFUSED, unreachable
-            return DnsAnswer(name, rdtype, "temperror", error=str(e) or type(e).__name__)
+            return DnsAnswer(name, rdtype, "temperror", error=str(e) or type(e).__name__), None
         rrset = ans.rrset
-        return DnsAnswer(name, rdtype, "ok", tuple(rrset) if rrset is not None else (),
-                         canonical=ans.canonical_name.to_text(omit_final_dot=True))
+        answer = DnsAnswer(name, rdtype, "ok", tuple(rrset) if rrset is not None else (),
+                           canonical=ans.canonical_name.to_text(omit_final_dot=True))
+        # the smallest TTL of the answer and of the CNAMEs followed to it
+        return answer, float(ans.chaining_result.minimum_ttl)
+
+
+class LimitedResolver:
+    """One message's view of a :class:`DnsResolver`: every ``query`` call counts (cache hits
+    too); once ``limit`` calls have been made, the next ones get ``temperror`` without asking.
+    ``count`` is the calls passed on (at most ``limit``), ``refused`` those answered with the
+    temperror."""
+
+    def __init__(self, resolver: Resolver, limit: int) -> None:
+        self.resolver = resolver
+        self.limit = limit
+        self.count = 0
+        self.refused = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.count >= self.limit
+
+    async def query(self, name: str, rdtype: str) -> DnsAnswer:
+        if self.count >= self.limit:
+            self.refused += 1
+            return DnsAnswer(name, rdtype, "temperror",
+                             error=f"per-message DNS lookup limit ({self.limit}) reached")
+        self.count += 1
+        return await self.resolver.query(name, rdtype)
+
+
+def per_message(view: Resolver | None, resolver: Resolver) -> Resolver:
+    """The message's limited view (``FilterContext.dns``) when it wraps ``resolver`` — the
+    shared one —, else ``resolver`` (a filter with its own servers keeps its own)."""
+    if isinstance(view, LimitedResolver) and view.resolver is resolver:
+        return view
+    return resolver
+
+
+def _as_asked(answer: DnsAnswer, name: str, rdtype: str) -> DnsAnswer:
+    """A shared or cached answer, with the name and type spelled as this caller asked."""
+    if answer.name == name and answer.rdtype == rdtype:
+        return answer
+    return dataclasses.replace(answer, name=name, rdtype=rdtype)
+
+
+def _negative_ttl(response: dns.message.Message | None) -> float | None:
+    """RFC 2308 §5: min(SOA TTL, SOA MINIMUM) of the authority section's SOA, and no more than
+    the CNAMEs that led to the negative answer; None (not cached) without an SOA."""
+    if response is None:
+        return None
+    ttls = [min(rrset.ttl, rrset[0].minimum) for rrset in response.authority
+            if rrset.rdtype == dns.rdatatype.SOA and len(rrset)]
+    if not ttls:
+        return None
+    return float(min([ttls[0], *(rrset.ttl for rrset in response.answer)]))
 
 
 def _ns_text(ns: Any, default_port: int) -> str:

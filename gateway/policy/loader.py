@@ -290,15 +290,27 @@ def _queue(c: Checker, data: Any) -> QueueConfig:
 
 
 def _dns(c: Checker, data: Any) -> DnsConfig:
-    t = c.table(data, "dns", {"nameservers", "timeout_s"})
+    t = c.table(data, "dns", {f.name for f in fields(DnsConfig)})
+    d = DnsConfig()
     servers = []
     for i, text in enumerate(c.strings(t, "nameservers", "dns")):
         ns = c.convert(f"dns.nameservers[{i}]", text, parse_nameserver)
         if ns is not None:
             servers.append(ns)
-    return DnsConfig(nameservers=tuple(servers),
-                     timeout_s=float(c.number(t, "timeout_s", "dns", DnsConfig().timeout_s,
-                                              minimum=0, exclusive=True)))
+    cfg = DnsConfig(
+        nameservers=tuple(servers),
+        timeout_s=float(c.number(t, "timeout_s", "dns", d.timeout_s, minimum=0, exclusive=True)),
+        cache_max_entries=c.number(t, "cache_max_entries", "dns", d.cache_max_entries,
+                                   minimum=0, integer=True),
+        cache_max_ttl_s=float(c.number(t, "cache_max_ttl_s", "dns", d.cache_max_ttl_s,
+                                       minimum=0)),
+        cache_min_ttl_s=float(c.number(t, "cache_min_ttl_s", "dns", d.cache_min_ttl_s,
+                                       minimum=0)),
+        max_queries_per_message=c.number(t, "max_queries_per_message", "dns",
+                                         d.max_queries_per_message, minimum=1, integer=True))
+    if cfg.cache_min_ttl_s > cfg.cache_max_ttl_s:
+        c.error("dns.cache_min_ttl_s", "must be <= dns.cache_max_ttl_s")
+    return cfg
 
 
 def _transport(c: Checker, path: str, text: Any) -> Transport | None:

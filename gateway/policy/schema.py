@@ -161,10 +161,15 @@ class QueueConfig:
 
 @dataclass(frozen=True, slots=True)
 class DnsConfig:
-    """The DNS resolver (MX routing now; SPF/DKIM later): which servers, how long to wait."""
+    """The DNS resolver (MX routing, SPF, DKIM, DMARC): which servers, how long to wait, the
+    answer cache and the per-message lookup limit."""
 
     nameservers: tuple[tuple[str, int], ...] = ()  # (ip, port); empty = the system's resolv.conf
     timeout_s: float = 5.0  # the deadline of one query (all servers and retries included)
+    cache_max_entries: int = 10000  # answers kept (least recently used dropped first); 0 = no cache
+    cache_max_ttl_s: float = 86400.0  # no answer is kept longer than this
+    cache_min_ttl_s: float = 0.0  # nor shorter than this (0 = the record's own TTL)
+    max_queries_per_message: int = 100  # lookups one message may cause (DnsResolver.limited)
 
 
 @dataclass(frozen=True, slots=True)

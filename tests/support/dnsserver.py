@@ -6,7 +6,9 @@ Answers: the records of the asked name and type; a CNAME (followed within the zo
 in the answer); NODATA (NOERROR, empty answer, the SOA in authority) for a name that has other
 records; NXDOMAIN for any other name. A UDP answer over 512 bytes is sent truncated (TC, no
 records), so the client asks again over TCP. ``servfail`` names get SERVFAIL; ``drop`` names are never
-answered. Every query is recorded in ``queries`` as (name, type, "udp"|"tcp"), name without the
+answered; ``delay={name: seconds}`` names are answered that much later (the server keeps
+answering others meanwhile). ``soa`` is the SOA record (zone-file text) of negative answers,
+default ``SOA`` (TTL and MINIMUM 60); ``soa=None`` sends them without one. Every query is recorded in ``queries`` as (name, type, "udp"|"tcp"), name without the
 final dot, lowercase.
 """
 
@@ -16,7 +18,7 @@ import contextlib
 import socket
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 
 from dnslib import QTYPE, RCODE, RR, DNSRecord
@@ -26,14 +28,16 @@ SOA = "test. 60 IN SOA ns.test. hostmaster.test. 1 60 60 60 60"
 
 class DnsServer:
     def __init__(self, zone: str, *, servfail: Iterable[str] = (), drop: Iterable[str] = (),
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", soa: str | None = SOA,
+                 delay: Mapping[str, float] | None = None) -> None:
         self.host = host
         self.records: dict[str, list[RR]] = {}
         for rr in RR.fromZone(zone):
             self.records.setdefault(_key(str(rr.rname)), []).append(rr)
-        self.soa = RR.fromZone(SOA)[0]
+        self.soa = RR.fromZone(soa)[0] if soa is not None else None
         self.servfail = {_key(n) for n in servfail}
         self.drop = {_key(n) for n in drop}
+        self.delay = {_key(n): s for n, s in (delay or {}).items()}
         self.queries: list[tuple[str, str, str]] = []
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -57,14 +61,15 @@ class DnsServer:
             if rrs is None:
                 if not reply.rr:
                     reply.header.rcode = RCODE.NXDOMAIN
-                    reply.add_auth(self.soa)
+                    if self.soa is not None:
+                        reply.add_auth(self.soa)
                 return reply.pack()
             wanted = [rr for rr in rrs if QTYPE[rr.rtype] == qtype]
             cname = [rr for rr in rrs if QTYPE[rr.rtype] == "CNAME"]
             if wanted or not cname or qtype == "CNAME":
                 for rr in wanted:
                     reply.add_answer(rr)
-                if not wanted:
+                if not wanted and self.soa is not None:
                     reply.add_auth(self.soa)
                 return reply.pack()
             reply.add_answer(cname[0])
@@ -107,7 +112,18 @@ class DnsServer:
                 if out is not None and len(out) > 512:
                     out = _truncated(out)
                 if out is not None:
-                    self.udp.sendto(out, peer)
+                    wait = self._delay_of(data)
+                    if wait:
+                        threading.Timer(wait, self._send_udp, (out, peer)).start()
+                    else:
+                        self.udp.sendto(out, peer)
+
+    def _send_udp(self, out: bytes, peer: tuple[str, int]) -> None:
+        with contextlib.suppress(OSError):
+            self.udp.sendto(out, peer)
+
+    def _delay_of(self, data: bytes) -> float:
+        return self.delay.get(_key(str(DNSRecord.parse(data).q.qname)), 0.0) if self.delay else 0.0
 
     def _serve_tcp(self) -> None:
         self.tcp.settimeout(0.1)
@@ -132,6 +148,9 @@ class DnsServer:
                     return
                 out = self.answer(data, "tcp")
                 if out is not None:
+                    wait = self._delay_of(data)
+                    if wait:
+                        self._stop.wait(wait)
                     conn.sendall(struct.pack("!H", len(out)) + out)
 
 
