@@ -5,13 +5,17 @@ any Authentication-Results header the message arrived with that carries our auth
 
 Reported methods: ``spf`` (``smtp.mailfrom`` or ``smtp.helo``, per the identity checked),
 ``dkim`` (one result per signature, with ``header.d``, ``header.s``, ``header.a``; ``dkim=none``
-without a signature), ``dmarc`` (``header.from`` and ``policy.dmarc`` when a record applied).
+without a signature), ``dmarc`` (``header.from`` and ``policy.dmarc`` when a record applied; an
+override by a trusted ARC sealer is noted in a comment), ``arc`` (RFC 8617 §10.1: ``pass``,
+``fail`` or ``none``; left out when the chain check was a temperror or skipped by policy).
 
 Settings: ``authserv_id`` (default: the gateway hostname, ``Services.hostname``); ``methods``
-(list, subset of ``spf``/``dkim``/``dmarc``, default all three). ``requires`` is an instance
-attribute set from ``methods``: the loader refuses a ``requires`` naming a filter that is not in
-the chain, so a chain without e.g. ``dmarc`` sets ``methods = ["spf", "dkim"]``. A listed
-method whose result is missing at run time is left out of the header.
+(list, subset of ``spf``/``dkim``/``dmarc``/``arc``). Without ``methods`` the header reports
+every one of them whose filter is in the chain (``after``: it waits for those); with
+``methods`` the listed filters are ``requires``, so the loader refuses a chain that lacks one.
+A method whose filter failed or timed out (``on_error = "continue"``) is reported as
+``temperror`` (spf, dkim, dmarc; ``arc`` has no such result in RFC 8617 and is left out);
+one whose result is missing is left out.
 
 Removal matches the authserv-id case-insensitively (RFC 8601 §2.5). The core's
 ``RemoveHeader.value_prefix`` compares case-sensitively, so one ``RemoveHeader`` is emitted per
@@ -25,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import authres
+import authres.arc
 import authres.dmarc
 
 from gateway.filterapi import (
@@ -41,7 +46,7 @@ from gateway.services import Services
 from gateway.settings import check_keys, opt_str, str_list
 
 HEADER = "Authentication-Results"
-METHODS = ("spf", "dkim", "dmarc")
+METHODS = ("spf", "dkim", "dmarc", "arc")
 _COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
 _AUTHSERV = re.compile(r"[^\s;()]+")
 _PVALUE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]+")
@@ -73,12 +78,13 @@ def forged(message: Message | None, authserv_id: str) -> tuple[RemoveHeader, ...
 
 class AuthResultsFilter(Filter):
     name = "authres"
-    requires: tuple[str, ...] = METHODS  # type: ignore[misc]
+    after = METHODS
 
-    def __init__(self, authserv_id: str, methods: tuple[str, ...] = METHODS) -> None:
+    def __init__(self, authserv_id: str, methods: tuple[str, ...] = METHODS,
+                 required: bool = False) -> None:
         self.authserv_id = authserv_id
         self.methods = methods
-        self.requires = methods
+        self.requires = methods if required else ()  # type: ignore[misc]
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], services: Services) -> AuthResultsFilter:
@@ -91,7 +97,7 @@ class AuthResultsFilter(Filter):
         if bad:
             raise ConfigError("methods", f"unknown method(s) {', '.join(bad)}; "
                                          f"known: {', '.join(METHODS)}")
-        return cls(authserv_id, tuple(dict.fromkeys(methods)))
+        return cls(authserv_id, tuple(dict.fromkeys(methods)), required="methods" in cfg)
 
     async def on_message(self, ctx: FilterContext) -> Result:
         edits: list[Edit] = list(forged(ctx.message, self.authserv_id))
@@ -106,6 +112,8 @@ class AuthResultsFilter(Filter):
             results.extend(_dkim(ctx))
         if "dmarc" in self.methods:
             results.extend(_dmarc(ctx))
+        if "arc" in self.methods:
+            results.extend(_arc(ctx))
         header = authres.AuthenticationResultsHeader(authserv_id=self.authserv_id,
                                                      results=results)
         text = str(header)
@@ -113,8 +121,15 @@ class AuthResultsFilter(Filter):
         return text[len(prefix):] if text.startswith(prefix) else text
 
 
+def _failed(res: Any) -> bool:
+    """The filter ran but failed or timed out (its ``<NAME>_ERROR`` result, no data)."""
+    return not res.data and any(s.name.endswith("_ERROR") for s in res.symbols)
+
+
 def _spf(ctx: FilterContext) -> list[Any]:
     res = ctx.results.get("spf")
+    if res is not None and _failed(res):  # a check we could not finish: temperror
+        return [authres.SPFAuthenticationResult(result="temperror")]
     if res is None or "result" not in res.data:
         return []
     data = res.data
@@ -135,6 +150,8 @@ def _dkim(ctx: FilterContext) -> list[Any]:
     res = ctx.results.get("dkim")
     if res is None:
         return []
+    if _failed(res):
+        return [authres.DKIMAuthenticationResult(result="temperror")]
     sigs = res.data.get("signatures")
     if not sigs:
         return [authres.DKIMAuthenticationResult(result="none")]
@@ -153,10 +170,21 @@ def _token(value: Any) -> str | None:
 
 def _dmarc(ctx: FilterContext) -> list[Any]:
     res = ctx.results.get("dmarc")
+    if res is not None and _failed(res):
+        return [authres.dmarc.DMARCAuthenticationResult(result="temperror")]
     if res is None or "result" not in res.data:
         return []
     data = res.data
     policy = data.get("policy") if data.get("record") else None
-    return [authres.dmarc.DMARCAuthenticationResult(result=data["result"],
-                                                    header_from=_token(data.get("domain")),
-                                                    policy=_token(policy))]
+    override = data.get("arc_override")
+    return [authres.dmarc.DMARCAuthenticationResult(
+        result=data["result"], header_from=_token(data.get("domain")), policy=_token(policy),
+        result_comment=f"overridden: ARC sealed by trusted {override}" if override else None)]
+
+
+def _arc(ctx: FilterContext) -> list[Any]:
+    res = ctx.results.get("arc")
+    result = res.data.get("result") if res is not None else None
+    if result not in ("pass", "fail", "none"):
+        return []
+    return [authres.arc.ARCAuthenticationResult(result=result)]

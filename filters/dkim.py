@@ -28,12 +28,13 @@ from typing import Any
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from gateway.dnsresolver import DnsAnswer, DnsResolver
-from gateway.filterapi import ConfigError, Filter, FilterContext, Result, Symbol
+from filters._dkimkeys import KeyAnswers, dnsfunc, prefetch, txt
+from gateway.dnsresolver import DnsAnswer, DnsResolver, per_message
+from gateway.filterapi import Filter, FilterContext, Result, Symbol
 from gateway.message import Message
 from gateway.policy.schema import DnsConfig
 from gateway.services import Services
-from gateway.settings import check_keys, positive
+from gateway.settings import check_keys, integer, positive
 
 PASS, FAIL, NONE, TEMPERROR, PERMERROR, POLICY = (
     "pass", "fail", "none", "temperror", "permerror", "policy")
@@ -85,10 +86,10 @@ class DkimVerifyFilter(Filter):
         # The policy's [dns] resolver once Services carries one; until then the system's.
         resolver = getattr(services, "resolver", None) or DnsResolver(DnsConfig())
         return cls(resolver,
-                   max_bytes=_int(cfg, "max_bytes", 10 * 1024 * 1024, 1),
-                   max_signatures=_int(cfg, "max_signatures", 10, 1),
+                   max_bytes=integer(cfg, "max_bytes", 10 * 1024 * 1024, 1),
+                   max_signatures=integer(cfg, "max_signatures", 10, 1),
                    dns_timeout_s=positive(cfg, "dns_timeout_s", 5.0),
-                   min_rsa_bits=_int(cfg, "min_rsa_bits", 1024, 512))
+                   min_rsa_bits=integer(cfg, "min_rsa_bits", 1024, 512))
 
     async def on_message(self, ctx: FilterContext) -> Result:
         msg = ctx.message
@@ -110,7 +111,8 @@ class DkimVerifyFilter(Filter):
         todo = [s for s in sigs if not s.result]
         if not todo:
             return _result(sigs)
-        keys = await self._prefetch({s.key_name for s in todo})
+        keys = await prefetch(per_message(ctx.dns, self.resolver), {s.key_name for s in todo},
+                              self.dns_timeout_s)
         for sig in todo:
             _judge_key(sig, keys.get(sig.key_name))
         todo = [s for s in todo if not s.result]
@@ -118,18 +120,6 @@ class DkimVerifyFilter(Filter):
             await asyncio.to_thread(_verify_all, verifier, todo, keys)
         return _result(sigs)
 
-    async def _prefetch(self, names: set[str]) -> dict[str, DnsAnswer | None]:
-        """Each key record, asked for concurrently; None for a lookup cut by the deadline."""
-        tasks = {n: asyncio.ensure_future(self.resolver.query(n, "TXT")) for n in names}
-        await asyncio.wait(tasks.values(), timeout=self.dns_timeout_s)
-        out: dict[str, DnsAnswer | None] = {}
-        for n, t in tasks.items():
-            if t.done() and not t.cancelled() and t.exception() is None:
-                out[n] = t.result()
-            else:
-                t.cancel()
-                out[n] = None
-        return out
 
 def _load(msg: Message, max_bytes: int, min_rsa_bits: int) -> dkim.DKIM:
     """Runs in a worker thread: the message read (capped) and parsed by dkimpy."""
@@ -137,18 +127,12 @@ def _load(msg: Message, max_bytes: int, min_rsa_bits: int) -> dkim.DKIM:
         return dkim.DKIM(f.read(max_bytes), minkey=min_rsa_bits)
 
 
-def _verify_all(verifier: dkim.DKIM, sigs: list[Signature],
-                served: dict[str, DnsAnswer | None]) -> None:
+def _verify_all(verifier: dkim.DKIM, sigs: list[Signature], served: KeyAnswers) -> None:
     """Runs in a worker thread: dkimpy verification, DNS answered from ``served`` only."""
-    records = {name: _txt(ans) for name, ans in served.items()}
-
-    def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
-        key = (name.decode("ascii", "replace") if isinstance(name, bytes) else name)
-        return records.get(key.lower().rstrip("."))
-
+    lookup = dnsfunc(served)
     for sig in sigs:
         try:
-            ok = verifier.verify(idx=sig.index, dnsfunc=dnsfunc)
+            ok = verifier.verify(idx=sig.index, dnsfunc=lookup)
         except dkim.ValidationError as e:  # body hash mismatch
             sig.result, sig.reason = FAIL, str(e)[:200]
             continue
@@ -204,11 +188,11 @@ def _judge_key(sig: Signature, ans: DnsAnswer | None) -> None:
         sig.result, sig.reason = TEMPERROR, f"key lookup of {sig.key_name} timed out"
     elif ans.status == "temperror":
         sig.result, sig.reason = TEMPERROR, f"key lookup of {sig.key_name}: {ans.error}"
-    elif ans.status != "ok" or _txt(ans) is None:
+    elif ans.status != "ok" or txt(ans) is None:
         sig.result, sig.reason = PERMERROR, f"no key record at {sig.key_name} ({ans.status})"
     else:
         try:
-            tlsrpt_only = dkim.evaluate_pk(sig.key_name.encode(), _txt(ans))[3]
+            tlsrpt_only = dkim.evaluate_pk(sig.key_name.encode(), txt(ans))[3]
         except dkim.DKIMException as e:  # empty p= (revoked), bad k=, v=, unknown s=, bad key
             sig.result, sig.reason = PERMERROR, f"unusable key record: {str(e)[:200]}"
             return
@@ -219,17 +203,6 @@ def _judge_key(sig: Signature, ans: DnsAnswer | None) -> None:
             sig.result, sig.reason = PERMERROR, "key record is for s=tlsrpt only, not e-mail"
 
 
-def _txt(ans: DnsAnswer | None) -> bytes | None:
-    """The first TXT record's strings joined (RFC 6376 3.6.2.2), or None."""
-    if ans is None or not ans.ok:
-        return None
-    for rr in ans.records:
-        strings = getattr(rr, "strings", None)
-        if strings is not None:
-            return b"".join(strings)
-    return None
-
-
 def _result(sigs: list[Signature]) -> Result:
     if not sigs:
         return Result(symbols=(Symbol(SYMBOLS[NONE]),), data={"signatures": []})
@@ -238,10 +211,3 @@ def _result(sigs: list[Signature]) -> Result:
         by_result.setdefault(sig.result, []).append(sig.option)
     symbols = tuple(Symbol(SYMBOLS[r], tuple(opts)) for r, opts in by_result.items())
     return Result(symbols=symbols, data={"signatures": [s.as_data() for s in sigs]})
-
-
-def _int(cfg: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
-    v = cfg.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ConfigError(key, f"must be an integer >= {minimum}")
-    return v

@@ -24,8 +24,17 @@ temperror never gives a verdict; BAD_FROM is left to the policy (score the symbo
 applies: p/sp/np, before pct), ``spf_aligned``, ``dkim_aligned``, plus ``org_domain``,
 ``record`` (``domain``/``org``/``psd``/None) and ``reason`` — for Authentication-Results.
 
-Settings: ``enforce`` (bool, default true), ``trusted_arc_sealers`` (list of domains; accepted
-but NOT used yet — ARC evaluation, RFC 8617 local-policy override, comes later).
+Trusted ARC sealers (RFC 8617 §7.2.1, a local-policy override for forwarders and mailing lists
+that break SPF and DKIM): when DMARC fails, the ``arc`` filter's chain validated (``pass``), and
+the newest ARC sets were sealed by domains in ``trusted_arc_sealers`` (a sealer matches a listed
+domain or a subdomain of it) of which one recorded ``dmarc=pass`` in its
+ARC-Authentication-Results, the failure is not enforced: the result stays ``fail`` (the
+options gain ``arc_override=<sealer>``, ``data["arc_override"]`` names it, a
+DMARC_ARC_OVERRIDE symbol is added, the A-R header notes it), no verdict. Only the run of
+trusted sealers at the newest end of the chain counts: a hop after an untrusted sealer could
+have changed the message that a trusted one vouched for.
+
+Settings: ``enforce`` (bool, default true), ``trusted_arc_sealers`` (list of domains).
 """
 
 from __future__ import annotations
@@ -38,7 +47,8 @@ from typing import Any
 
 from publicsuffixlist import PublicSuffixList
 
-from gateway.dnsresolver import DnsAnswer, DnsResolver
+from filters.arc import aar_result
+from gateway.dnsresolver import DnsAnswer, DnsResolver, Resolver, per_message
 from gateway.filterapi import (
     Action,
     ConfigError,
@@ -57,6 +67,7 @@ PASS, FAIL, NONE, TEMPERROR, PERMERROR = "pass", "fail", "none", "temperror", "p
 SYMBOLS = {PASS: "DMARC_PASS", FAIL: "DMARC_FAIL", NONE: "DMARC_NONE",
            TEMPERROR: "DMARC_TEMPERROR", PERMERROR: "DMARC_PERMERROR"}
 BAD_FROM = "DMARC_BAD_FROM"
+ARC_OVERRIDE = "DMARC_ARC_OVERRIDE"
 SETTINGS = {"enforce", "trusted_arc_sealers"}
 POLICIES = ("none", "quarantine", "reject")
 _DOWNGRADE = {"reject": "quarantine", "quarantine": "none", "none": "none"}
@@ -156,13 +167,14 @@ def from_domain(values: list[str]) -> tuple[str | None, str]:
 class DmarcFilter(Filter):
     name = "dmarc"
     requires = ("spf", "dkim")
+    after = ("arc",)
 
     def __init__(self, resolver: DnsResolver, *, enforce: bool = True,
                  trusted_arc_sealers: tuple[str, ...] = (),
                  sample: Callable[[], float] = random.random) -> None:
         self.resolver = resolver
         self.enforce = enforce
-        self.trusted_arc_sealers = trusted_arc_sealers  # unused until ARC is implemented
+        self.trusted_arc_sealers = trusted_arc_sealers
         self.sample = sample  # in [0, 1): the message is in the pct sample if < pct/100
 
     @classmethod
@@ -183,7 +195,8 @@ class DmarcFilter(Filter):
             return Result(symbols=(Symbol(BAD_FROM, (why,)),),
                           data=_data(PERMERROR, None, "none", reason=why))
         org = org_domain(domain)
-        found = await self._discover(domain, org)
+        dns = per_message(ctx.dns, self.resolver)
+        found = await self._discover(dns, domain, org)
         if isinstance(found, Outcome):  # no record, or an error
             result, reason = found.result, found.reason
             return Result(symbols=(Symbol(SYMBOLS[result], (reason,) if reason else ()),),
@@ -193,7 +206,7 @@ class DmarcFilter(Filter):
             return Result(symbols=(Symbol(SYMBOLS[NONE], ("record without p=",)),),
                           data=_data(NONE, domain, "none", org=org, record=source,
                                      reason="record without p="))
-        policy, tag = await self._policy(tags, source, domain, org)
+        policy, tag = await self._policy(dns, tags, source, domain, org)
 
         spf_aligned, spf_temp = _spf(ctx, domain, tags["aspf"])
         dkim_aligned, dkim_temp = _dkim(ctx, domain, tags["adkim"])
@@ -213,16 +226,36 @@ class DmarcFilter(Filter):
             applied = _DOWNGRADE[policy]
             options.append("sampled_out")
         verdict = None
+        symbols = [Symbol(SYMBOLS[FAIL], tuple(options))]
+        override = self._arc_override(ctx)
+        if override:
+            options.append(f"arc_override={override}")
+            symbols = [Symbol(SYMBOLS[FAIL], tuple(options)), Symbol(ARC_OVERRIDE, (override,))]
+            base["arc_override"] = override
+            applied = "none"
         if self.enforce and applied == "reject":
             verdict = Verdict(Action.REJECT,
                               Reply(550, "5.7.1", f"DMARC policy of {domain} rejects this message"),
                               reason=f"DMARC {tag}=reject")
         elif self.enforce and applied == "quarantine":
             verdict = Verdict(Action.QUARANTINE, reason=f"DMARC {tag}=quarantine")
-        return Result(symbols=(Symbol(SYMBOLS[FAIL], tuple(options)),), verdict=verdict,
+        return Result(symbols=tuple(symbols), verdict=verdict,
                       data=_data(FAIL, domain, policy, applied=applied, **base))
 
-    async def _discover(self, domain: str, org: str
+    def _arc_override(self, ctx: FilterContext) -> str | None:
+        """The trusted sealer whose validated ARC set vouches for DMARC, or None."""
+        arc = ctx.results.get("arc")
+        if not self.trusted_arc_sealers or arc is None or arc.data.get("result") != PASS:
+            return None
+        for s in arc.data.get("sets") or ():  # newest first
+            sealer = str(s.get("as_domain") or "").lower()
+            if not any(sealer == t or sealer.endswith("." + t) for t in self.trusted_arc_sealers):
+                return None
+            if aar_result(str(s.get("aar") or ""), "dmarc") == PASS:
+                return sealer
+        return None
+
+    async def _discover(self, dns: Resolver, domain: str, org: str
                         ) -> tuple[dict[str, str], str] | Outcome:
         """RFC 7489 §6.6.3 (+ RFC 9091 §4): the record and where it came from, or an outcome."""
         candidates = [(domain, "domain")]
@@ -232,7 +265,7 @@ class DmarcFilter(Filter):
         if suffix and suffix not in (domain, org):
             candidates.append((suffix, "psd"))
         for name, source in candidates:
-            got = await self._record(name)
+            got = await self._record(dns, name)
             if got is None:
                 continue
             if isinstance(got, Outcome):
@@ -242,8 +275,8 @@ class DmarcFilter(Filter):
             return got, source
         return Outcome(NONE, "no DMARC record")
 
-    async def _record(self, name: str) -> dict[str, str] | Outcome | None:
-        ans = await self.resolver.query(f"_dmarc.{name}", "TXT")
+    async def _record(self, dns: Resolver, name: str) -> dict[str, str] | Outcome | None:
+        ans = await dns.query(f"_dmarc.{name}", "TXT")
         if ans.status == "temperror":
             return Outcome(TEMPERROR, f"_dmarc.{name}: {ans.error}")
         if ans.status == "permerror":
@@ -257,20 +290,21 @@ class DmarcFilter(Filter):
         except RecordError as e:
             return Outcome(PERMERROR, str(e))
 
-    async def _policy(self, tags: dict[str, str], source: str, domain: str, org: str
+    async def _policy(self, dns: Resolver, tags: dict[str, str], source: str, domain: str,
+                      org: str
                       ) -> tuple[str, str]:
         """The policy for ``domain`` and the tag it came from (p, sp or np)."""
         if source == "domain" or (source == "psd" and domain == org):
             return tags["p"], "p"
-        if "np" in tags and await self._nonexistent(domain):
+        if "np" in tags and await self._nonexistent(dns, domain):
             return tags["np"], "np"
         if "sp" in tags:
             return tags["sp"], "sp"
         return tags["p"], "p"
 
-    async def _nonexistent(self, domain: str) -> bool:
+    async def _nonexistent(self, dns: Resolver, domain: str) -> bool:
         """RFC 9091 §2.1: NXDOMAIN for the name (type-independent, so one A query suffices)."""
-        ans = await self.resolver.query(domain, "A")
+        ans = await dns.query(domain, "A")
         return ans.status == "nxdomain"
 
 
@@ -289,13 +323,18 @@ def _spf(ctx: FilterContext, domain: str, mode: str) -> tuple[bool, bool]:
     res = ctx.results.get("spf")
     data = res.data if res is not None else {}
     result, spf_domain = data.get("result"), data.get("domain") or ""
-    return (result == "pass" and aligned(spf_domain, domain, mode)), result == "temperror"
+    # The filter ran but gave no result (SPF_ERROR: it raised or timed out, on_error =
+    # "continue"): SPF was not evaluated, which is a temperror, never grounds for a reject.
+    errored = res is not None and "result" not in data
+    return (result == "pass" and aligned(spf_domain, domain, mode)), \
+        result == "temperror" or errored
 
 
 def _dkim(ctx: FilterContext, domain: str, mode: str) -> tuple[bool, bool]:
     res = ctx.results.get("dkim")
     sigs = res.data.get("signatures", []) if res is not None else []
-    ok = temp = False
+    ok = False
+    temp = res is not None and "signatures" not in res.data  # DKIM_ERROR: not evaluated
     for sig in sigs:
         d = sig.get("aligned_domain") or sig.get("d") or ""
         if not aligned(d, domain, mode):
@@ -307,7 +346,8 @@ def _dkim(ctx: FilterContext, domain: str, mode: str) -> tuple[bool, bool]:
 
 def _data(result: str, domain: str | None, policy: str, *, spf_aligned: bool = False,
           dkim_aligned: bool = False, org: str | None = None, record: str | None = None,
-          reason: str = "", applied: str | None = None) -> dict[str, Any]:
+          reason: str = "", applied: str | None = None, arc_override: str | None = None
+          ) -> dict[str, Any]:
     return {"result": result, "domain": domain, "policy": policy, "spf_aligned": spf_aligned,
             "dkim_aligned": dkim_aligned, "org_domain": org, "record": record,
-            "applied": applied, "reason": reason}
+            "applied": applied, "reason": reason, "arc_override": arc_override}

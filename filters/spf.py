@@ -20,7 +20,8 @@ Settings: ``check_timeout_s`` (the whole check's budget, default 10; keep it bel
 filter's pipeline ``timeout_s`` — that key belongs to the loader — so that a slow DNS gives
 SPF_TEMPERROR rather than the filter's ``on_error``), ``dns_nameservers`` (list of
 ``IP``/``IP:PORT``/``[IPv6]:PORT``; empty = the system's resolv.conf), ``dns_timeout_s`` (one
-query's deadline, default 5). Without either ``dns_`` setting the filter uses the shared
+query's deadline, default 5), ``received_spf`` (bool, default false: add an RFC 7208 §9.1
+``Received-SPF:`` header, pyspf's wording, for the checked identity). Without either ``dns_`` setting the filter uses the shared
 resolver of :class:`~gateway.services.Services` (the policy's ``[dns]``) when it carries one;
 with them, or without a shared resolver, it builds its own.
 """
@@ -37,11 +38,11 @@ from typing import Any
 import dns.name
 import spf
 
-from gateway.dnsresolver import DnsAnswer, DnsResolver, parse_nameserver
-from gateway.filterapi import ConfigError, Filter, FilterContext, Result, Symbol
+from gateway.dnsresolver import DnsAnswer, DnsResolver, Resolver, parse_nameserver, per_message
+from gateway.filterapi import AddHeader, ConfigError, Filter, FilterContext, Result, Symbol
 from gateway.policy.schema import DnsConfig
 from gateway.services import Services
-from gateway.settings import check_keys, positive, str_list
+from gateway.settings import boolean, check_keys, positive, str_list
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 SYMBOLS = {r: f"SPF_{r.upper()}" for r in RESULTS}
@@ -54,7 +55,7 @@ _bound = threading.local()  # .bridge: the _Bridge of the check running in this 
 class _Bridge:
     """Answers pyspf's lookups for one check, from its worker thread, via the event loop."""
 
-    def __init__(self, resolver: DnsResolver, loop: asyncio.AbstractEventLoop,
+    def __init__(self, resolver: Resolver, loop: asyncio.AbstractEventLoop,
                  deadline: float) -> None:
         self.resolver = resolver
         self.loop = loop
@@ -132,14 +133,15 @@ class SpfFilter(Filter):
     name = "spf"
 
     def __init__(self, resolver: DnsResolver, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 receiver: str = "mailgate.localdomain") -> None:
+                 receiver: str = "mailgate.localdomain", received_spf: bool = False) -> None:
         self.resolver = resolver
         self.timeout_s = timeout_s
         self.receiver = receiver  # %{r} in explanations
+        self.received_spf = received_spf
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], services: Services) -> SpfFilter:
-        check_keys(cfg, {"check_timeout_s", "dns_nameservers", "dns_timeout_s"})
+        check_keys(cfg, {"check_timeout_s", "dns_nameservers", "dns_timeout_s", "received_spf"})
         timeout_s = positive(cfg, "check_timeout_s", DEFAULT_TIMEOUT_S)
         dns_timeout_s = positive(cfg, "dns_timeout_s", DEFAULT_DNS_TIMEOUT_S)
         servers = []
@@ -154,7 +156,8 @@ class SpfFilter(Filter):
                                              timeout_s=dns_timeout_s))
         else:
             resolver = shared
-        return cls(resolver, timeout_s=timeout_s, receiver=services.hostname)
+        return cls(resolver, timeout_s=timeout_s, receiver=services.hostname,
+                   received_spf=boolean(cfg, "received_spf", False))
 
     async def on_mail(self, ctx: FilterContext) -> Result:
         sender = ctx.sender
@@ -168,25 +171,29 @@ class SpfFilter(Filter):
             if not helo or helo.startswith("["):
                 return _none("helo", helo, "null sender and no HELO domain")
             identity, domain, mailfrom = "helo", helo.lower(), ""
-        return await self.check(ctx.client.ip, mailfrom, helo, identity, domain)
+        return await self.check(ctx.client.ip, mailfrom, helo, identity, domain,
+                                per_message(ctx.dns, self.resolver))
 
     async def check(self, ip: str, mailfrom: str, helo: str, identity: str,
-                    domain: str) -> Result:
+                    domain: str, resolver: Resolver | None = None) -> Result:
         loop = asyncio.get_running_loop()
-        bridge = _Bridge(self.resolver, loop, time.monotonic() + self.timeout_s)
+        bridge = _Bridge(resolver or self.resolver, loop, time.monotonic() + self.timeout_s)
         try:
-            result, mechanism, explanation = await asyncio.to_thread(
+            result, mechanism, explanation, header = await asyncio.to_thread(
                 self._run, bridge, ip, mailfrom, helo)
         except asyncio.CancelledError:
             bridge.abort()
             raise
         options = tuple(o for o in (mechanism, explanation) if o)
-        return Result(symbols=(Symbol(SYMBOLS[result], options),),
+        edits = (AddHeader("Received-SPF", header),) if self.received_spf and header else ()
+        return Result(symbols=(Symbol(SYMBOLS[result], options),), edits=edits,
                       data={"result": result, "domain": domain, "identity": identity,
                             "mechanism": mechanism, "explanation": explanation})
 
-    def _run(self, bridge: _Bridge, ip: str, mailfrom: str, helo: str) -> tuple[str, str, str]:
-        """One pyspf check, in a worker thread: (result, mechanism or error, explanation)."""
+    def _run(self, bridge: _Bridge, ip: str, mailfrom: str, helo: str
+             ) -> tuple[str, str, str, str]:
+        """One pyspf check, in a worker thread: (result, mechanism or error, explanation,
+        Received-SPF value)."""
         _bound.bridge = bridge
         try:
             q = spf.query(i=ip, s=mailfrom, h=helo, receiver=self.receiver)
@@ -196,11 +203,17 @@ class SpfFilter(Filter):
         result = str(result).lower()
         if result not in SYMBOLS:  # 'ambiguous' exists only in pyspf's harsh mode
             result = "permerror"
+        header = ""
+        if self.received_spf:
+            try:  # RFC 7208 §9.1: "Pass (receiver: comment) client-ip=...; ...; identity=..."
+                header = str(q.get_header(result, receiver=self.receiver))
+            except Exception:  # pyspf cannot describe this one: no header rather than no check
+                header = ""
         if result in ("temperror", "permerror"):
             # text is "SPF Permanent Error: <reason>: <mechanism>"; keep what follows the prefix
-            return result, str(text).partition("Error: ")[2] or str(text), ""
+            return result, str(text).partition("Error: ")[2] or str(text), "", header
         mechanism = str(q.mechanism or "")
-        return result, mechanism, str(text) if result == "fail" else ""
+        return result, mechanism, str(text) if result == "fail" else "", header
 
 
 def _none(identity: str, domain: str, why: str) -> Result:

@@ -69,7 +69,8 @@ def check_policy(path: Path) -> int:
     print(f"  relay: {pol.relay.mode} -> {pol.relay.downstream}")
     print(f"  accepted domains: {', '.join(sorted(pol.accepted_domains)) or '(none)'}")
     for f in engine.pipeline.chain:
-        print(f"  filter {f.name}: {', '.join(s.value for s in f.stages)} "
+        hooks = [s.value for s in f.stages] + (["sign"] if f.signs else [])
+        print(f"  filter {f.name}: {', '.join(hooks)} "
               f"(timeout {f.timeout_s:g}s, on_error {f.on_error}; {f.origin})")
     return 0
 

@@ -51,6 +51,20 @@ def received_header(t: TraceInfo, now: float | None = None) -> bytes:
     return fold("Received", " ".join(parts) + f"; {date}")
 
 
+def raw_field(name: str, value: str) -> bytes:
+    """``Name: value`` with the value's own folding kept (line ends made CRLF); a line break
+    that is not followed by whitespace (no fold) becomes a space. For signature headers, whose
+    signature covers the value as written."""
+    lines = re.split(r"\r?\n", value.strip("\r\n"))
+    text = lines[0]
+    for line in lines[1:]:
+        if line.strip():
+            text += ("\r\n" + line) if line[:1] in (" ", "\t") else (" " + line)
+    if not text.startswith((" ", "\t")):
+        text = " " + text
+    return f"{name}:{text}\r\n".encode()
+
+
 def _sanitize(value: str) -> str:
     return re.sub(r"[\r\n]+", " ", value)
 

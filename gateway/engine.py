@@ -18,6 +18,7 @@ from typing import Any
 from gateway import quarantine
 from gateway import replies as R
 from gateway.decide import Decision, Scorecard, decide
+from gateway.dnsresolver import LimitedResolver
 from gateway.edits import TraceInfo, build_headers, message_chunks, received_header
 from gateway.errors import SpoolError
 from gateway.filterapi import Action, Client, FilterContext, RemoveHeader, Stage
@@ -87,6 +88,8 @@ class Transaction:
     size: int = 0
     decision: Decision | None = None
     queued: str | None = None  # queue mode: what became of the message ("queued", ...)
+    sign_error: str | None = None  # a signer (on_sign) failed: the message was not sent on
+    dns: LimitedResolver | None = None  # the message's DNS lookups, limited (made at MAIL)
 
 
 class Engine:
@@ -124,8 +127,10 @@ class Engine:
         base = FilterContext(stage=stage, qid=txn.qid if txn else state.sid,
                              client=state.client(), results=results)
         if txn is not None:
+            if txn.dns is None and self.services.resolver is not None:
+                txn.dns = self.services.resolver.limited()
             base = dataclasses.replace(
-                base, sender=txn.sender, recipients=tuple(txn.rcpts),
+                base, sender=txn.sender, recipients=tuple(txn.rcpts), dns=txn.dns,
                 sender_params=_params_dict(txn.mail_params),
                 policy_class=(txn.cls or self.policy.default_class).name)
         return dataclasses.replace(base, **kw) if kw else base
@@ -279,6 +284,12 @@ class Engine:
         if d.action is Action.QUARANTINE:
             await relay.abort()
             return await self._quarantine(state, txn, message, headers, card, cls)
+        signed = await self._sign(state, txn, message, headers, cls)
+        if isinstance(signed, Reply):
+            await relay.abort()
+            relay.last_result = "not relayed"
+            return signed
+        headers = signed
         return await relay.deliver(lambda rcpt: self._with_envelope(
             txn, rcpt, message_chunks(message, headers)))
 
@@ -296,6 +307,11 @@ class Engine:
         headers = self._headers(state, txn, message, card, cls, d)
         if d.action is Action.QUARANTINE:
             return await self._quarantine(state, txn, message, headers, card, cls)
+        signed = await self._sign(state, txn, message, headers, cls)
+        if isinstance(signed, Reply):
+            txn.queued = "not queued"
+            return signed
+        headers = signed
         assert self.spool is not None
         path = self.spool.incoming_path(txn.qid).with_suffix(".final")
         try:
@@ -329,6 +345,19 @@ class Engine:
             edits.insert(0, RemoveHeader(h.spam_header_prefix, name_prefix=True))
         return build_headers(message, self._prepend(state, txn, card, cls, d), edits,
                              action=d.action, subject_tag=h.subject_tag)
+
+    async def _sign(self, state: SessionState, txn: Transaction, message: Message,
+                    headers: bytes, cls: PolicyClass) -> bytes | Reply:
+        """The signers' headers (DKIM-Signature, ARC set) on top of the final header block,
+        or a 451 when a signer failed and may not be skipped: mail never leaves half-signed."""
+        if not self.pipeline.has_signers:
+            return headers
+        ctx = self._ctx(Stage.MESSAGE, state, txn, message=message)
+        headers, error = await self.pipeline.sign(ctx, headers, skip=cls.skip_filters)
+        if error is None:
+            return headers
+        txn.sign_error = error
+        return Reply(451, "4.3.0", f"Temporary local problem, try again later ({txn.qid})")
 
     def _with_envelope(self, txn: Transaction, rcpt: Address | None, chunks: Iterable[bytes]
                        ) -> Iterable[bytes]:
@@ -409,6 +438,7 @@ class Engine:
               size=txn.size, score=card.score(cls), action=action, by=by,
               policy_class=cls.name, symbols=syms,
               stage_ms=card.stage_ms(), filter_errors=card.errors() or None,
+              sign_error=txn.sign_error,
               relay=txn.queued or (txn.relay.last_result if txn.relay else "not relayed"),
               reply=reply.render().replace("\r\n", " | ") if reply else None,
               ms=round((time.monotonic() - txn.started) * 1000, 1))

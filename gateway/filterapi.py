@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from gateway.replies import Reply
 
 if TYPE_CHECKING:
+    from gateway.dnsresolver import Resolver
     from gateway.message import Message
     from gateway.services import Services
     from gateway.smtp.address import Address
@@ -151,18 +152,30 @@ class FilterContext:
     message: Message | None = None  # message stage only
     results: Mapping[str, Result] = field(default_factory=dict)  # earlier filters, by name
     policy_class: str = "default"
+    # this message's DNS: the shared resolver behind [dns] max_queries_per_message
+    # (gateway.dnsresolver.LimitedResolver); None outside a transaction or without a resolver
+    dns: Resolver | None = None
 
 
 class Filter:
     """Base class for filters (optional: any class with ``from_config`` and hooks works).
 
-    Subclasses set ``name`` and may set ``requires``; they implement any of ``on_connect``,
-    ``on_helo``, ``on_mail``, ``on_rcpt``, ``on_message``. Each hook takes a
-    :class:`FilterContext` and returns a :class:`Result`.
+    Subclasses set ``name`` and may set ``requires`` (filters that must be in the chain and run
+    first) and ``after`` (filters that run first *if* they are in the chain); they implement
+    any of ``on_connect``, ``on_helo``, ``on_mail``, ``on_rcpt``, ``on_message``. Each hook
+    takes a :class:`FilterContext` and returns a :class:`Result`.
+
+    A filter may also implement the signing hook ``async def on_sign(self, ctx, header_block:
+    bytes) -> tuple[AddHeader, ...]``: called once, after the decision, only for mail that will
+    be relayed, with the final header block (trace headers, every edit, the subject rewrite,
+    and the headers of the signers before it in the chain; CRLF line ends, no blank line).
+    The headers it returns are put on top, their values kept as given (folding included), so
+    a signature over them stays valid. DKIM signing and ARC sealing use it.
     """
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
+    after: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], services: Services) -> Filter:
@@ -184,3 +197,11 @@ class ConfigError(Exception):
 def hooks_of(obj: object) -> tuple[Stage, ...]:
     """The stages an object implements a hook for."""
     return tuple(s for s in Stage if callable(getattr(obj, s.hook, None)))
+
+
+SIGN_HOOK = "on_sign"
+
+
+def signs(obj: object) -> bool:
+    """True when the object implements the signing hook (``on_sign``)."""
+    return callable(getattr(obj, SIGN_HOOK, None))

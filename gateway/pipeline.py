@@ -1,4 +1,4 @@
-"""Run one stage's filters: concurrently, each under its own timeout, ordered by ``requires``,
+"""Run one stage's filters: concurrently, each under its own timeout, ordered by ``requires``/``after``,
 with each filter's ``on_error`` applied when it raises or times out.
 
 A failing filter never fails open by accident: the outcome always carries a ``<NAME>_ERROR``
@@ -15,7 +15,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gateway.filterapi import Action, FilterContext, Result, Stage, Symbol, Verdict
+from gateway.edits import raw_field
+from gateway.filterapi import Action, AddHeader, FilterContext, Result, Stage, Symbol, Verdict
 from gateway.registry import LoadedFilter
 from gateway.replies import Reply
 
@@ -42,6 +43,7 @@ class Pipeline:
     def __init__(self, chain: Iterable[LoadedFilter]) -> None:
         self.chain = tuple(chain)
         self._by_stage = {s: tuple(f for f in self.chain if s in f.stages) for s in Stage}
+        self.has_signers = any(f.signs for f in self.chain)
 
     async def run_stage(self, stage: Stage, ctx: FilterContext,
                         skip: frozenset[str] = frozenset()) -> dict[str, FilterOutcome]:
@@ -54,7 +56,7 @@ class Pipeline:
         names_here = {f.name for f in todo}
 
         async def run(f: LoadedFilter) -> FilterOutcome:
-            waits = [tasks[r] for r in f.requires if r in names_here and r in tasks]
+            waits = [tasks[r] for r in f.runs_after if r in names_here and r in tasks]
             if waits:
                 for done in await asyncio.gather(*waits):
                     results[done.name] = done.result
@@ -93,8 +95,32 @@ class Pipeline:
         return FilterOutcome(f.name, stage, result, elapsed, error)
 
 
+    async def sign(self, ctx: FilterContext, headers: bytes,
+                   skip: frozenset[str] = frozenset()) -> tuple[bytes, str | None]:
+        """Run the signers (``on_sign``) one after another, in chain order (``requires`` /
+        ``after`` respected), each under its ``timeout_s``, each seeing the header block with
+        the earlier signers' headers on top. Returns the new header block and ``None``, or the
+        block so far and an error text when a signer failed and its ``on_error`` is not
+        ``continue`` (the message must then not leave unsigned)."""
+        for f in _ordered([f for f in self.chain if f.signs and f.name not in skip]):
+            try:
+                async with asyncio.timeout(f.timeout_s):
+                    added = await f.instance.on_sign(ctx, headers)
+                if not all(isinstance(a, AddHeader) for a in added):
+                    raise TypeError("on_sign must return a tuple of AddHeader")
+            except Exception as e:  # TimeoutError included
+                error = "timeout" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+                log.error("signer %s failed (qid %s): %s", f.name, ctx.qid, error,
+                          exc_info=not isinstance(e, TimeoutError))
+                if f.on_error == "continue":
+                    continue
+                return headers, f"{f.name}: {error}"
+            headers = b"".join(raw_field(a.name, a.value) for a in added) + headers
+        return headers, None
+
+
 def _ordered(chain: list[LoadedFilter]) -> list[LoadedFilter]:
-    """Topological order by ``requires`` (cycles are refused at load time)."""
+    """Topological order by ``requires`` and ``after`` (cycles are refused at load time)."""
     by_name = {f.name: f for f in chain}
     out: list[LoadedFilter] = []
     seen: set[str] = set()
@@ -103,7 +129,7 @@ def _ordered(chain: list[LoadedFilter]) -> list[LoadedFilter]:
         if f.name in seen:
             return
         seen.add(f.name)
-        for r in f.requires:
+        for r in f.runs_after:
             if r in by_name:
                 visit(by_name[r])
         out.append(f)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import FilterLoadError, PolicyError
-from gateway.filterapi import ConfigError, Stage, hooks_of
+from gateway.filterapi import ConfigError, Stage, hooks_of, signs
 from gateway.policy.schema import FilterSpec, Policy
 from gateway.services import Services
 
@@ -35,6 +35,12 @@ class LoadedFilter:
     timeout_s: float
     on_error: str
     origin: str  # where the class came from, for logs and check-policy
+    after: tuple[str, ...] = ()  # run after these when they are in the chain (ordering only)
+    signs: bool = False  # implements on_sign (runs after the decision, on relayed mail)
+
+    @property
+    def runs_after(self) -> tuple[str, ...]:
+        return self.requires + tuple(a for a in self.after if a not in self.requires)
 
 
 def _import_attr(spec: str) -> Any:
@@ -140,13 +146,14 @@ def build_chain(policy: Policy, services: Services) -> tuple[LoadedFilter, ...]:
             problems.append(f"{src}: {path}: {type(e).__name__}: {e}")
             continue
         stages = hooks_of(instance)
-        if not stages:
+        if not stages and not signs(instance):
             problems.append(f"{src}: {path}: {origin} implements no hook "
-                            f"(on_connect, on_helo, on_mail, on_rcpt, on_message)")
+                            f"(on_connect, on_helo, on_mail, on_rcpt, on_message, on_sign)")
             continue
         requires = tuple(getattr(instance, "requires", ()) or ())
+        after = tuple(getattr(instance, "after", ()) or ())
         out.append(LoadedFilter(spec.name, instance, stages, requires, spec.timeout_s,
-                                spec.on_error, origin))
+                                spec.on_error, origin, after, signs(instance)))
     names = {f.name for f in out}
     for f in out:
         for r in f.requires:
@@ -160,7 +167,7 @@ def build_chain(policy: Policy, services: Services) -> tuple[LoadedFilter, ...]:
 
 
 def _cycles(chain: list[LoadedFilter]) -> list[str]:
-    deps: Mapping[str, tuple[str, ...]] = {f.name: f.requires for f in chain}
+    deps: Mapping[str, tuple[str, ...]] = {f.name: f.runs_after for f in chain}
     state: dict[str, int] = {}
     found: list[str] = []
 

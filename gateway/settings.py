@@ -41,3 +41,10 @@ def positive(cfg: Mapping[str, Any], key: str, default: float) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
         raise ConfigError(key, "must be a number > 0")
     return float(v)
+
+
+def integer(cfg: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ConfigError(key, f"must be an integer >= {minimum}")
+    return v

@@ -25,3 +25,14 @@ def gateway_factory(tmp_path: Path) -> Iterator[Any]:
     yield make
     for gw in started:
         gw.stop()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The conformance suites' pass counts (SPF, DKIM, DMARC, ARC), one line each."""
+    from tests.support import tally
+
+    found = tally.lines()
+    if found:
+        terminalreporter.section("authentication conformance suites")
+        for line in found:
+            terminalreporter.write_line(line)

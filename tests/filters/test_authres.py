@@ -117,12 +117,13 @@ def test_methods_setting_limits_requires_and_header() -> None:
     assert f.requires == ("spf", "dkim") and f.authserv_id == "h.test"
     assert [r.method for r in added(run(f, ctx())).results] == ["spf", "dkim", "dkim"]
     default = AuthResultsFilter.from_config({}, Services(hostname="h.test"))
-    assert default.requires == ("spf", "dkim", "dmarc")
+    assert default.requires == () and default.after == ("spf", "dkim", "dmarc", "arc")
+    assert default.methods == ("spf", "dkim", "dmarc", "arc")
     assert AuthResultsFilter.from_config({"authserv_id": "mx.x"}, Services()).authserv_id \
         == "mx.x"
 
 
-@pytest.mark.parametrize("cfg", [{"methods": ["arc"]}, {"authserv_id": "a b"},
+@pytest.mark.parametrize("cfg", [{"methods": ["bimi"]}, {"authserv_id": "a b"},
                                  {"authserv_id": ""}, {"bogus": 1}, {"methods": "spf"}])
 def test_bad_settings(cfg: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):

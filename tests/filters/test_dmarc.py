@@ -19,6 +19,7 @@ from gateway.filterapi import Action, Client, ConfigError, FilterContext, Result
 from gateway.message import Message
 from gateway.policy.schema import DnsConfig
 from gateway.services import Services
+from tests.support import tally
 from tests.support.dnsserver import DnsServer
 
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "dmarc-authheaders"
@@ -324,10 +325,11 @@ def test_authheaders_corpus(tmp_path, capsys):
                 matched += 1
             else:
                 failures.append((case["id"], want, got))
-    with capsys.disabled():
-        print(f"\nDMARC authheaders corpus: {matched}/{len(spec['cases'])} cases match "
-              f"authheaders, {len(DIVERGES)} differ by design (multiple From domains -> "
-              f"DMARC_BAD_FROM)")
+    suite = "DMARC cases (authheaders corpus)"
+    for ok in [True] * matched + [False] * (len(spec["cases"]) - matched):
+        tally.record(suite, ok)
+    tally.note(suite, f"{len(DIVERGES)} differ by design: several From domains -> "
+                      f"DMARC_BAD_FROM, checked as such")
     assert not failures, failures
     assert matched == len(spec["cases"]) - len(DIVERGES)
 
@@ -357,3 +359,35 @@ def test_pipeline_waits_for_spf_and_dkim(tmp_path, ns):
     out = asyncio.run(p.run_stage(Stage.MESSAGE, ctx))
     res = out["dmarc"].result
     assert sym(res)[0] == "DMARC_PASS" and res.data["spf_aligned"] and res.verdict is None
+
+
+def _arc(result: str, *sets: tuple[str, str]) -> Result:
+    """An arc filter result: ``sets`` newest first as (sealer domain, AAR)."""
+    return Result(data={"result": result, "sets": [
+        {"i": len(sets) - n, "as_domain": d, "aar": aar} for n, (d, aar) in enumerate(sets)]})
+
+
+@pytest.mark.parametrize("arc,expected", [
+    (_arc("pass", ("lists.example.org", "i=1; lists.example.org; dmarc=pass")),
+     "lists.example.org"),
+    (_arc("pass", ("mx.lists.example.org", "i=1; x; arc=none; dmarc=pass (p=reject)")),
+     "mx.lists.example.org"),  # a subdomain of a trusted sealer
+    (_arc("pass", ("lists.example.org", "i=2; l; arc=pass; dmarc=fail"),
+          ("fwd.example.net", "i=1; f; dmarc=pass")), None),  # untrusted older set
+    (_arc("pass", ("lists.example.org", "i=2; l; arc=pass; dmarc=fail"),
+          ("lists.example.org", "i=1; l; arc=none; dmarc=pass")), "lists.example.org"),
+    (_arc("pass", ("evil.example", "i=2; e; dmarc=pass"),
+          ("lists.example.org", "i=1; l; dmarc=pass")), None),  # newest sealer untrusted
+    (_arc("fail", ("lists.example.org", "i=1; l; dmarc=pass")), None),  # chain broken
+    (_arc("pass", ("lists.example.org", "i=1; l; dkim=pass (dmarc=pass)")), None),
+    (_arc("pass", ("notlists.example.org.evil", "i=1; l; dmarc=pass")), None),
+    (None, None),
+])
+def test_trusted_arc_sealer_override_rule(arc: Result | None, expected: str | None) -> None:
+    f = DmarcFilter(DnsResolver(DnsConfig()), trusted_arc_sealers=("lists.example.org",))
+    results = {"arc": arc} if arc is not None else {}
+    ctx = FilterContext(stage=Stage.MESSAGE, qid="Q", client=Client("192.0.2.9", 1),
+                        results=results)
+    assert f._arc_override(ctx) == expected
+    untrusting = DmarcFilter(DnsResolver(DnsConfig()))
+    assert untrusting._arc_override(ctx) is None

@@ -204,3 +204,21 @@ def test_shared_resolver_is_used_unless_the_filter_names_servers() -> None:
     assert SpfFilter.from_config({}, services).resolver is shared
     own = SpfFilter.from_config({"dns_nameservers": ["192.0.2.54"]}, services).resolver
     assert own is not shared and own.cfg.nameservers == (("192.0.2.54", 53),)
+
+
+def test_received_spf_header_is_optional(ns: DnsServer) -> None:
+    sender = Address("joe", "pass.test")
+    assert mail(make(ns.port), sender).edits == ()  # off by default
+    r = mail(make(ns.port, received_spf=True), sender)
+    [edit] = r.edits
+    assert edit.name == "Received-SPF"  # type: ignore[union-attr]
+    assert edit.value == (  # type: ignore[union-attr]
+        "Pass (mx.receiver.test: domain of pass.test designates 192.0.2.9 as permitted "
+        "sender) client-ip=192.0.2.9; envelope-from=\"joe@pass.test\"; "
+        "helo=client.example; receiver=mx.receiver.test; mechanism=\"ip4:192.0.2.0/24\"; "
+        "identity=mailfrom")
+    fail = mail(make(ns.port, received_spf=True), Address("joe", "fail.test"))
+    assert fail.edits[0].value.startswith("Fail (mx.receiver.test: domain of fail.test "  # type: ignore[union-attr]
+                                          "does not designate 192.0.2.9")
+    with pytest.raises(ConfigError):
+        make(ns.port, received_spf="yes")

@@ -17,6 +17,7 @@ from dnslib import AAAA, CNAME, MX, PTR, QTYPE, RR, TXT, A, DNSLabel, DNSRecord
 from filters.spf import SpfFilter
 from gateway.dnsresolver import DnsResolver
 from gateway.policy.schema import DnsConfig
+from tests.support import tally
 from tests.support.dnsserver import DnsServer
 
 SUITE = (Path(__file__).resolve().parents[3] / "shared" / "corpora"
@@ -111,22 +112,15 @@ def _cases() -> Iterator[Any]:
             yield pytest.param(index, test_id, test, id=test_id, marks=marks)
 
 
-_tally = {"passed": 0, "total": 0}
+SUITE_NAME = "SPF (openspf RFC 7208 suite)"
 
 
 @pytest.fixture(scope="module")
-def servers(request: pytest.FixtureRequest) -> Iterator[dict[int, SuiteDnsServer]]:
+def servers() -> Iterator[dict[int, SuiteDnsServer]]:
     started: dict[int, SuiteDnsServer] = {}
     yield started
     for s in started.values():
         s.stop()
-    line = f"openspf rfc7208 suite: {_tally['passed']}/{_tally['total']} passed"
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    if capture is not None:
-        with capture.global_and_fixture_disabled():
-            print(f"\n{line}")
-    else:
-        print(line)
 
 @pytest.mark.skipif(not SCENARIOS, reason=f"SPF suite not found at {SUITE}")
 @pytest.mark.parametrize("index,test_id,test", list(_cases()))
@@ -144,12 +138,12 @@ def test_rfc7208_suite(servers: dict[int, SuiteDnsServer], index: int, test_id: 
     domain = mailfrom.rpartition("@")[2] if mailfrom else helo
     result = asyncio.run(f.check(str(test["host"]), mailfrom, helo, identity, domain))
     expected = test["result"] if isinstance(test["result"], list) else [test["result"]]
-    _tally["total"] += 1
     got = result.data["result"]
+    tally.record(SUITE_NAME, got in expected)
     assert got in expected, (f"{test_id}: got {got} ({result.symbols[0].options}), "
                              f"expected {expected}: {test.get('description', '')}")
     assert result.symbols[0].name == f"SPF_{got.upper()}"
     want_exp = test.get("explanation")
     if got == "fail" and want_exp and want_exp != "DEFAULT":
         assert result.data["explanation"] == want_exp
-    _tally["passed"] += 1
+

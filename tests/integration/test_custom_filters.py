@@ -12,13 +12,15 @@ import smtplib
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support import toml
-from tests.support.gateway import REPO, base_policy
+from tests.support.gateway import REPO, GatewayProcess, base_policy
+from tests.support.sink import Sink
 
 QID_RE = re.compile(r"\(([0-9A-Z]{16})\)$")
 
@@ -296,7 +298,7 @@ def test_broken_custom_filters_are_named_by_check_policy(tmp_path):
     assert r.returncode == 1
     assert r.stderr.splitlines() == [
         f"{path}: filters.nohook: module nohook:NoHook implements no hook (on_connect, on_helo, "
-        f"on_mail, on_rcpt, on_message)",
+        f"on_mail, on_rcpt, on_message, on_sign)",
         f"{path}: filters.missing: cannot import no_such_module_xyz: No module named "
         f"'no_such_module_xyz'",
         f"{path}: filters.noattr: tagmod has no attribute NoSuchClass",
@@ -475,3 +477,115 @@ def test_helo_stage_refusal_is_given_at_mail(gateway_factory, tmp_path):
     ev = gw.message_event(qid)
     assert ev["action"] == "reject" and ev["by"] == "rule:bad-helo"
     assert ev["symbols"] == ["HELO_FLAGGED(0)"]
+
+
+SIGNER_SOURCE = '''
+"""Signers (on_sign) for the signing-step tests, and an ``after`` ordering pair."""
+import asyncio
+
+from gateway.filterapi import AddHeader, Filter, Result, Symbol
+
+
+class Stamp(Filter):
+    name = "stamp"
+
+    async def on_sign(self, ctx, header_block):
+        # sees the final block: our Received: on top, the edits applied
+        assert header_block.startswith(b"Received: from ")
+        return (AddHeader("X-Stamp", "one\\r\\n\\tfolded line"),)
+
+
+class Second(Filter):
+    name = "second"
+
+    async def on_sign(self, ctx, header_block):
+        assert header_block.startswith(b"X-Stamp:")  # earlier signers' headers are on top
+        return (AddHeader("X-Second", "yes"),)
+
+
+class Broken(Filter):
+    name = "broken"
+
+    async def on_sign(self, ctx, header_block):
+        raise RuntimeError("signing key unavailable")
+
+
+class Slow(Filter):
+    name = "slow"
+
+    async def on_mail(self, ctx):
+        await asyncio.sleep(0.3)
+        return Result(symbols=(Symbol("SLOW_DONE"),))
+
+
+class Late(Filter):
+    name = "late"
+    after = ("slow", "absent")  # absent: not in the chain, and that is fine
+
+    async def on_mail(self, ctx):
+        seen = "slow" in ctx.results
+        return Result(symbols=(Symbol("LATE_SAW_SLOW" if seen else "LATE_MISSED_SLOW"),))
+'''
+
+
+def _send_one(gw: GatewayProcess) -> tuple[int, str]:
+    with smtplib.SMTP(*gw.address, timeout=10) as s:
+        s.ehlo("client.test")
+        assert s.mail("bob@sender.test")[0] == 250
+        assert s.rcpt("alice@example.test")[0] == 250
+        code, text = s.data(b"From: bob@sender.test\r\nSubject: x\r\n\r\nbody\r\n")
+    return code, text.decode()
+
+
+@pytest.mark.parametrize("mode", ["proxy", "queue"])
+def test_signers_run_in_order_on_the_final_headers(gateway_factory, tmp_path, mode):
+    lib = tmp_path / "lib"
+    write_module(lib, "signers", SIGNER_SOURCE)
+    with Sink() as sink:
+        policy = base_policy(downstream=f"smtp://127.0.0.1:{sink.port}",
+                             relay={"mode": mode},
+                             filters=[{"name": "rcpt", "recipients": ["@example.test"]},
+                                      {"name": "stamp", "module": "signers:Stamp"},
+                                      {"name": "second", "module": "signers:Second"}])
+        gw = gateway_factory(policy, env=pythonpath(lib))
+        code, _ = _send_one(gw)
+        assert code == 250
+        data = sink.wait_for(1, timeout_s=10)[0].data
+    assert data.startswith(b"X-Second: yes\r\nX-Stamp: one\r\n\tfolded line\r\nReceived: ")
+
+
+@pytest.mark.parametrize("on_error,code", [("tempfail", 451), ("continue", 250)])
+def test_a_failing_signer_tempfails_or_is_skipped(gateway_factory, tmp_path, on_error, code):
+    lib = tmp_path / "lib"
+    write_module(lib, "signers", SIGNER_SOURCE)
+    with Sink() as sink:
+        policy = base_policy(downstream=f"smtp://127.0.0.1:{sink.port}",
+                             filters=[{"name": "rcpt", "recipients": ["@example.test"]},
+                                      {"name": "broken", "module": "signers:Broken",
+                                       "on_error": on_error}])
+        gw = gateway_factory(policy, env=pythonpath(lib))
+        got, text = _send_one(gw)
+        assert got == code, text
+        qid = re.search(r"[0-9A-Z]{16}", text).group(0)  # type: ignore[union-attr]
+        ev = gw.message_event(qid)
+        if code == 451:
+            assert text.startswith("4.3.0 ") and qid in text
+            assert ev["sign_error"] == "broken: RuntimeError: signing key unavailable"
+            assert ev["relay"] == "not relayed"
+            time.sleep(0.3)
+            assert sink.messages == []
+        else:
+            assert ev.get("sign_error") is None
+            assert sink.wait_for(1, timeout_s=10)[0].data.startswith(b"Received: ")
+
+
+def test_after_orders_only_when_present(gateway_factory, tmp_path):
+    lib = tmp_path / "lib"
+    write_module(lib, "signers", SIGNER_SOURCE)
+    policy = base_policy(filters=[{"name": "rcpt", "recipients": ["@example.test"]},
+                                  {"name": "late", "module": "signers:Late"},
+                                  {"name": "slow", "module": "signers:Slow"}])
+    gw = gateway_factory(policy, env=pythonpath(lib))
+    _, text = _send_one(gw)
+    ev = gw.message_event(text.rsplit(" ", 1)[1])
+    assert "LATE_SAW_SLOW(0)" in ev["symbols"] and "SLOW_DONE(0)" in ev["symbols"]

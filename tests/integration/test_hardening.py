@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.dnsserver import DnsServer
 from tests.support.gateway import REPO, base_policy
 from tests.support.sink import Sink
 from tests.support.smtpclient import RawSmtpClient
@@ -390,16 +391,26 @@ def test_max_session_closes_an_active_slow_session(gateway_factory):
 
 def test_mailgate_run_without_arguments_uses_the_shipped_default_policy(gateway_factory):
     text = (REPO / "policies" / "default.toml").read_text()
-    assert text.count('"127.0.0.1:2525"') == 1
+    assert text.count('"127.0.0.1:2525"') == 1 and text.count("nameservers = []") == 1
     mailgate = Path(sys.executable).parent / "mailgate"
     assert mailgate.is_file(), f"no console script next to {sys.executable}"
-    gw = gateway_factory(text.replace('"127.0.0.1:2525"', '"127.0.0.1:0"'),
-                         name="policies/default.toml",
-                         argv=[str(mailgate), "run", "--log-format", "json"],
-                         env={"PYTHONPATH": ""})  # the installed package, not the checkout
+    # the port, and DNS from a loopback server (tests never ask the host's resolver)
+    zone = 'sender.test. 60 IN TXT "v=spf1 ip4:127.0.0.1 -all"\n'
+    with DnsServer(zone) as ns:
+        text = text.replace('"127.0.0.1:2525"', '"127.0.0.1:0"').replace(
+            "nameservers = []", f'nameservers = ["127.0.0.1:{ns.port}"]')
+        gw = gateway_factory(text, name="policies/default.toml",
+                             argv=[str(mailgate), "run", "--log-format", "json"],
+                             env={"PYTHONPATH": ""})  # the installed package, not the checkout
+        _run_default_policy(gw)
+        assert ("_dmarc.sender.test", "TXT", "udp") in ns.queries
+
+
+def _run_default_policy(gw):
     listening = gw.events("listening")[0]
     assert listening["policy"] == "policies/default.toml"
-    assert listening["filters"] == ["rcpt", "headers"]
+    assert listening["filters"] == ["rcpt", "headers", "spf", "dkim", "arc", "dmarc",
+                                    "authres"]
     out = subprocess.run(
         ["swaks", "--server", gw.host, "--port", str(gw.port), "--from", SENDER,
          "--to", "alice@example.test", "--helo", "client.test", "--timeout", "10",
@@ -420,4 +431,10 @@ def test_mailgate_run_without_arguments_uses_the_shipped_default_policy(gateway_
                         rf"\(mailgate\) with ESMTP id {qid} for <alice@example.test>; .+",
                         received), received
     assert b"hello from swaks" in msg
-    assert gw.message_event(qid)["action"] == "accept"
+    ev = gw.message_event(qid)
+    assert ev["action"] == "accept"
+    assert {"SPF_PASS(0)[ip4:127.0.0.1]", "DKIM_NONE(0)", "ARC_NONE(0)",
+            "DMARC_NONE(0)[no DMARC record]"} <= set(ev["symbols"]), ev["symbols"]
+    [ar] = [v for n, v in headers(msg) if n == "Authentication-Results"]
+    assert re.fullmatch(r"mailgate\.example\.test;\s+spf=pass smtp\.mailfrom=bob@sender\.test;"
+                        r"\s+dkim=none;\s+dmarc=none header\.from=sender\.test;\s+arc=none", ar), ar

@@ -77,9 +77,16 @@ def test_default_policy_file_loads_and_matches_its_comments():
     p = load_policy(Path(__file__).resolve().parents[2] / "policies" / "default.toml")
     assert p.listeners == (Listener("127.0.0.1", 2525),)
     assert p.accepted_domains == {"example.test"}
-    assert [f.name for f in p.filters] == ["rcpt", "headers"]
+    assert [f.name for f in p.filters] == ["rcpt", "headers", "spf", "dkim", "arc", "dmarc",
+                                           "authres"]
     assert p.filters[0].settings == {"recipients": ["@example.test"]}
     assert p.filters[1].on_error == "continue"
+    by_name = {f.name: f for f in p.filters}
+    assert by_name["spf"].timeout_s > by_name["spf"].settings["check_timeout_s"]
+    assert by_name["dmarc"].settings == {"trusted_arc_sealers": []}
+    assert p.dns.max_queries_per_message == 100 and p.dns.cache_max_entries == 10000
+    scores = p.default_class.scores
+    assert scores["SPF_FAIL"] == 2.0 and scores["DMARC_FAIL"] == 3.5
     assert p.default_class.thresholds.rewrite_subject == 8.0
     assert p.default_class.thresholds.quarantine is None  # "false = never"
 
