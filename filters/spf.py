@@ -131,6 +131,7 @@ spf.DNSLookup = _dispatch
 
 class SpfFilter(Filter):
     name = "spf"
+    background = True  # runs while RCPT and DATA stream in, unless an early rule needs it
 
     def __init__(self, resolver: DnsResolver, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  receiver: str = "mailgate.localdomain", received_spf: bool = False) -> None:

@@ -24,7 +24,7 @@ from gateway.errors import SpoolError
 from gateway.filterapi import Action, Client, FilterContext, RemoveHeader, Stage
 from gateway.logs import event
 from gateway.message import Message
-from gateway.pipeline import FilterOutcome, Pipeline
+from gateway.pipeline import FilterOutcome, Pipeline, collect, take_done
 from gateway.policy.schema import Policy, PolicyClass
 from gateway.queue_entry import QueueEntry, min_free_bytes
 from gateway.queue_entry import Recipient as QRecipient
@@ -90,6 +90,8 @@ class Transaction:
     queued: str | None = None  # queue mode: what became of the message ("queued", ...)
     sign_error: str | None = None  # a signer (on_sign) failed: the message was not sent on
     dns: LimitedResolver | None = None  # the message's DNS lookups, limited (made at MAIL)
+    # background filters started at MAIL, collected at end of data (or cancelled on abort)
+    pending: dict[str, asyncio.Task[FilterOutcome]] = field(default_factory=dict)
 
 
 class Engine:
@@ -102,6 +104,7 @@ class Engine:
         self.spool: Spool | None = None  # queue mode commits here (attach_queue)
         self.on_commit: Callable[[], None] | None = None
         self.queue_mode = policy.relay.mode == "queue"
+        self.background = background_filters(policy, self.pipeline.chain)
         self.min_free_bytes = min_free_bytes(policy.limits.max_message_bytes)
 
     def attach_queue(self, spool: Spool, on_commit: Callable[[], None]) -> None:
@@ -172,7 +175,8 @@ class Engine:
             log.error("spool %s: less than %d bytes free, refusing mail", self.spool.root,
                       self.min_free_bytes)
             return Reply(452, "4.3.1", f"Insufficient system storage ({txn.qid})")
-        out = await self.pipeline.run_stage(Stage.MAIL, self._ctx(Stage.MAIL, state, txn))
+        out = await self.pipeline.run_stage(Stage.MAIL, self._ctx(Stage.MAIL, state, txn),
+                                            background=self.background, pending=txn.pending)
         txn.scorecard.add(out.values())
         d = self._early(state, txn, out.values(), Stage.MAIL)
         if d is not None:
@@ -257,6 +261,8 @@ class Engine:
         txn.size = size
         cls = txn.cls or self.policy.default_class
         message = await asyncio.to_thread(Message.from_spool, spool, size)
+        if txn.pending:  # background filters (SPF) ran while RCPT and DATA streamed in
+            txn.scorecard.add(await collect(txn.pending))
         out = await self.pipeline.run_stage(
             Stage.MESSAGE, self._ctx(Stage.MESSAGE, state, txn, message=message),
             skip=cls.skip_filters)
@@ -418,6 +424,8 @@ class Engine:
         cls = txn.cls or self.policy.default_class
         d = txn.decision
         extra: list[FilterOutcome] = []
+        if txn.pending:  # an aborted transaction: what finished is logged, the rest cancelled
+            txn.scorecard.add(take_done(txn.pending))
         action, by = (d.action.value, d.by) if d else (outcome, outcome)
         if d is None and reply is None and not txn.rcpts and txn.rcpt_refusal is not None:
             # Every recipient was refused and the client gave up: the transaction was refused
@@ -446,6 +454,24 @@ class Engine:
     def _log_refusal(self, state: SessionState, stage: Stage, d: Decision) -> None:
         event(log, "refused", sid=state.sid, client=state.client_ip, stage=stage.value,
               by=d.by, reply=d.reply.render() if d.reply else None)
+
+
+def background_filters(policy: Policy, chain: Iterable[LoadedFilter]) -> frozenset[str]:
+    """MAIL-stage filters that may run in the background (class attribute ``background``,
+    e.g. spf): started at MAIL, their result awaited only at end of data. A filter stays in the
+    foreground when a rule that may fire before the message stage (``stage`` connect … rcpt,
+    in any policy class) names one of its symbols (``NAME_…``): that rule needs it at once."""
+    early = {s for cls in (policy.default_class, *policy.classes) for r in cls.rules
+             if r.stage.order < Stage.MESSAGE.order
+             for s in (*r.if_any, *r.if_all, *r.unless_any)}
+    out = set()
+    for f in chain:
+        if Stage.MAIL not in f.stages or not getattr(f.instance, "background", False):
+            continue
+        prefix = f.name.upper() + "_"
+        if not any(s.startswith(prefix) for s in early):
+            out.add(f.name)
+    return frozenset(out)
 
 
 def _write(path: Path, chunks: Iterator[bytes]) -> int:

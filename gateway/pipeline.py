@@ -46,8 +46,14 @@ class Pipeline:
         self.has_signers = any(f.signs for f in self.chain)
 
     async def run_stage(self, stage: Stage, ctx: FilterContext,
-                        skip: frozenset[str] = frozenset()) -> dict[str, FilterOutcome]:
-        """Run the stage; returns outcomes by filter name (in chain order)."""
+                        skip: frozenset[str] = frozenset(),
+                        background: frozenset[str] = frozenset(),
+                        pending: dict[str, asyncio.Task[FilterOutcome]] | None = None
+                        ) -> dict[str, FilterOutcome]:
+        """Run the stage; returns outcomes by filter name (in chain order). Filters named in
+        ``background`` are started but not waited for: their tasks go into ``pending`` (the
+        caller collects them later, see :func:`collect`), unless a filter of this stage
+        requires them (then it waits, as usual)."""
         todo = [f for f in self._by_stage[stage] if f.name not in skip]
         if not todo:
             return {}
@@ -66,9 +72,13 @@ class Pipeline:
         # Create tasks in dependency order so a dependent can find its requirements' tasks.
         for f in _ordered(todo):
             tasks[f.name] = asyncio.create_task(run(f), name=f"filter:{f.name}:{stage.value}")
-        outcomes = await asyncio.gather(*tasks.values())
+        waiting = dict(tasks)  # ``tasks`` stays whole: dependents look their requirements up
+        if pending is not None:
+            for name in background & tasks.keys():
+                pending[name] = waiting.pop(name)
+        outcomes = await asyncio.gather(*waiting.values())
         by_name = {o.name: o for o in outcomes}
-        return {f.name: by_name[f.name] for f in todo}
+        return {f.name: by_name[f.name] for f in todo if f.name in by_name}
 
     async def _call(self, f: LoadedFilter, stage: Stage, ctx: FilterContext) -> FilterOutcome:
         start = time.perf_counter()
@@ -117,6 +127,27 @@ class Pipeline:
                 return headers, f"{f.name}: {error}"
             headers = b"".join(raw_field(a.name, a.value) for a in added) + headers
         return headers, None
+
+
+async def collect(pending: dict[str, asyncio.Task[FilterOutcome]]) -> list[FilterOutcome]:
+    """The outcomes of background filters, waited for (each is bounded by its own
+    ``timeout_s``). Empties ``pending``."""
+    if pending:
+        await asyncio.wait(pending.values())
+    return take_done(pending)
+
+
+def take_done(pending: dict[str, asyncio.Task[FilterOutcome]]) -> list[FilterOutcome]:
+    """The outcomes of the background filters that are done; the others are cancelled.
+    Empties ``pending``."""
+    out = []
+    for t in pending.values():
+        if t.done() and not t.cancelled() and t.exception() is None:
+            out.append(t.result())
+        else:
+            t.cancel()
+    pending.clear()
+    return out
 
 
 def _ordered(chain: list[LoadedFilter]) -> list[LoadedFilter]:
