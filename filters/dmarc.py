@@ -1,14 +1,15 @@
 """The ``dmarc`` filter: RFC 7489 DMARC on the RFC5322.From domain, with RFC 9091 ``np=`` (and
 its PSD record fallback), using the ``spf`` and ``dkim`` filters' results (``requires``).
 
-Steps: exactly one From domain (no From, an unparsable one, several From headers, or one header
-naming addresses in different domains -> DMARC_BAD_FROM, ``result`` permerror, no lookup); the
-policy record ``_dmarc.<from-domain>`` TXT, else the organizational domain's (Public Suffix List,
+Steps: the From domain (no From, an unparsable one, or several From headers -> DMARC_BAD_FROM,
+``result`` permerror, no lookup; one From header naming addresses in several domains ->
+DMARC_BAD_FROM *and*, per RFC 7489 §6.6.1, each domain (at most 5) checked, the strictest
+policy among those that fail applying — the result is that domain's); the policy record ``_dmarc.<from-domain>`` TXT, else the organizational domain's (Public Suffix List,
 offline, via ``publicsuffixlist``), else an RFC 9091 PSD record (``_dmarc.<public-suffix>``,
 used only when it says ``psd=y``); SPF alignment (the ``spf`` filter's pass ``domain``) and DKIM
 alignment (any passing signature's ``d=``), relaxed = same organizational domain, strict = equal.
 
-Symbols (exactly one): DMARC_PASS, DMARC_FAIL (options: the policy applied, which tag gave it
+Symbols (exactly one, plus DMARC_BAD_FROM for several author domains): DMARC_PASS, DMARC_FAIL (options: the policy applied, which tag gave it
 ``p``/``sp``/``np``, ``pct=N``, and ``sampled_out`` when pct downgraded it), DMARC_NONE (no
 usable record, or a record without ``p=``), DMARC_TEMPERROR (the policy lookup failed, or no
 identifier aligned while an SPF check or an aligned DKIM signature had a temperror),
@@ -67,6 +68,7 @@ PASS, FAIL, NONE, TEMPERROR, PERMERROR = "pass", "fail", "none", "temperror", "p
 SYMBOLS = {PASS: "DMARC_PASS", FAIL: "DMARC_FAIL", NONE: "DMARC_NONE",
            TEMPERROR: "DMARC_TEMPERROR", PERMERROR: "DMARC_PERMERROR"}
 BAD_FROM = "DMARC_BAD_FROM"
+MAX_FROM_DOMAINS = 5  # author domains checked in one From; the rest are not looked up
 ARC_OVERRIDE = "DMARC_ARC_OVERRIDE"
 SETTINGS = {"enforce", "trusted_arc_sealers"}
 POLICIES = ("none", "quarantine", "reject")
@@ -145,23 +147,31 @@ def parse_record(text: str) -> dict[str, str]:
 
 def from_domain(values: list[str]) -> tuple[str | None, str]:
     """The one RFC5322.From domain, or (None, why not)."""
+    domains, why = from_domains(values)
+    return (domains[0], "") if len(domains) == 1 else (None, why)
+
+
+def from_domains(values: list[str]) -> tuple[list[str], str]:
+    """The RFC5322.From domains in order (one From header, every address with a domain), and
+    why they are not exactly one (``[]`` when there is no usable From at all)."""
     if not values:
-        return None, "no From header"
+        return [], "no From header"
     if len(values) > 1:
-        return None, f"{len(values)} From headers"
+        return [], f"{len(values)} From headers"
     addrs = getaddresses([" ".join(values[0].split())])
-    domains = set()
+    domains: list[str] = []
     for _, addr in addrs:
         local, at, dom = addr.rpartition("@")
         dom = _norm(dom)
         if not at or not local or not dom:
-            return None, f"Unable to extract From domain: {values[0].strip()}"
-        domains.add(dom)
+            return [], f"Unable to extract From domain: {values[0].strip()}"
+        if dom not in domains:
+            domains.append(dom)
     if not domains:
-        return None, f"Unable to extract From domain: {values[0].strip()}"
+        return [], f"Unable to extract From domain: {values[0].strip()}"
     if len(domains) > 1:
-        return None, f"From names several domains: {', '.join(sorted(domains))}"
-    return domains.pop(), ""
+        return domains, f"From names several domains: {', '.join(domains)}"
+    return domains, ""
 
 
 class DmarcFilter(Filter):
@@ -190,10 +200,21 @@ class DmarcFilter(Filter):
     async def on_message(self, ctx: FilterContext) -> Result:
         msg = ctx.message
         assert msg is not None
-        domain, why = from_domain(msg.get_all("From"))
-        if domain is None:
+        domains, why = from_domains(msg.get_all("From"))
+        if not domains:
             return Result(symbols=(Symbol(BAD_FROM, (why,)),),
                           data=_data(PERMERROR, None, "none", reason=why))
+        if len(domains) == 1:
+            return await self._evaluate(ctx, domains[0])
+        # RFC 7489 §6.6.1: several author domains in one From: check each, and the strictest
+        # policy among those that fail applies; DMARC_BAD_FROM says so, for the policy to weigh
+        checked = [await self._evaluate(ctx, d) for d in domains[:MAX_FROM_DOMAINS]]
+        worst = min(checked, key=_severity)
+        return Result(symbols=(*worst.symbols, Symbol(BAD_FROM, (why,))),
+                      verdict=worst.verdict, data=worst.data)
+
+    async def _evaluate(self, ctx: FilterContext, domain: str) -> Result:
+        """DMARC for one author domain."""
         org = org_domain(domain)
         dns = per_message(ctx.dns, self.resolver)
         found = await self._discover(dns, domain, org)
@@ -342,6 +363,17 @@ def _dkim(ctx: FilterContext, domain: str, mode: str) -> tuple[bool, bool]:
         ok = ok or sig.get("result") == "pass"
         temp = temp or sig.get("result") == "temperror"
     return ok, temp
+
+
+_RANK = {FAIL: 0, TEMPERROR: 1, PERMERROR: 2, PASS: 3, NONE: 4}
+_POLICY_RANK = {"reject": 0, "quarantine": 1, "none": 2}
+
+
+def _severity(r: Result) -> tuple[int, int]:
+    """Order of the results of several author domains: a fail with the strictest applied
+    policy first, then temperror, permerror, pass, none."""
+    return (_RANK.get(r.data.get("result", NONE), 5),
+            _POLICY_RANK.get(r.data.get("applied") or "none", 2))
 
 
 def _data(result: str, domain: str | None, policy: str, *, spf_aligned: bool = False,
