@@ -6,10 +6,10 @@ from __future__ import annotations
 import email.parser
 import email.policy
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 MAX_HEADER_BYTES = 1024 * 1024  # headers beyond this are treated as body for parsing
 
@@ -57,6 +57,8 @@ class Message:
     size: int
     header_bytes: bytes  # the header block including the blank line that ends it (if any)
     headers: tuple[Header, ...]
+    # what filters derive from the message once and share (e.g. gateway.mime's parse)
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_spool(cls, path: Path, size: int) -> Message:

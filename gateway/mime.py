@@ -1,0 +1,283 @@
+"""One MIME parse of a message, shared by the content filters (rules, bayes, uribl,
+attachments, …): decoded headers, the text of every text part (HTML reduced to text), the URLs
+found in text and HTML, and every leaf part with its file name, type and decoded bytes.
+
+The parse is done once per message, in a worker thread, whichever filter asks first
+(:func:`view`, memoised on the :class:`~gateway.message.Message`); filters asking at the same
+time share it. :func:`parse_bytes` does the same for bytes (``mailgate learn``, tests).
+
+Bounds, so that a huge or hostile message cannot stall the gateway: at most ``MAX_PARSE_BYTES``
+of the message are parsed (``truncated`` says when there was more); each text part's decoded
+bytes are cut at ``MAX_TEXT_PART_BYTES`` before decoding and HTML reduction; at most
+``MAX_PARTS`` leaf parts and ``MAX_URLS`` URLs are kept. Filters apply their own, smaller
+scan caps on top (e.g. the rules engine's ``max_scan_bytes``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import email
+import email.errors
+import email.header
+import email.message
+import email.policy
+import html
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.message import Message
+
+MAX_PARSE_BYTES = 10 * 1024 * 1024
+MAX_TEXT_PART_BYTES = 1024 * 1024
+MAX_PARTS = 1000
+MAX_URLS = 1000
+_MEMO_KEY = "mime"
+
+_URL = re.compile(r"""(?i)\b(?:(?:https?|ftp)://[^\s<>"'`{}|\\^\[\]]+"""
+                  r"""|www\.[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}(?:[/?#][^\s<>"'`{}|\\^\[\]]*)?)""")
+_TRAILING = ".,;:!?)]}'\""
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """A leaf MIME part."""
+
+    index: int  # depth-first order among the leaf parts
+    content_type: str  # lower case, e.g. "application/pdf"
+    filename: str | None  # decoded (RFC 2231 / RFC 2047), as the sender named it
+    disposition: str | None  # "attachment", "inline" or None
+    payload: bytes  # the decoded content (transfer encoding undone)
+    declared_type: str = ""  # the Content-Type header's value as sent (for mismatch checks)
+
+    @property
+    def size(self) -> int:
+        return len(self.payload)
+
+    @property
+    def is_text(self) -> bool:
+        return self.content_type.startswith("text/") and self.disposition != "attachment"
+
+
+@dataclass(frozen=True, slots=True)
+class TextPart:
+    content_type: str  # text/plain, text/html, …
+    text: str  # decoded; HTML reduced to its visible text
+    raw: str  # decoded, HTML kept (SpamAssassin's "rawbody")
+
+
+@dataclass(frozen=True, slots=True)
+class MimeView:
+    headers: tuple[tuple[str, str], ...]  # (name, decoded unfolded value), top-level, in order
+    raw_headers: tuple[tuple[str, str], ...]  # (name, unfolded value as sent)
+    texts: tuple[TextPart, ...]
+    urls: tuple[str, ...]  # in order of appearance, duplicates removed
+    parts: tuple[Part, ...]  # every leaf part (text ones included)
+    truncated: bool = False  # the message was larger than MAX_PARSE_BYTES
+    defects: tuple[str, ...] = ()
+    subject: str = field(default="")
+
+    def header_values(self, name: str) -> list[str]:
+        n = name.lower()
+        return [v for k, v in self.headers if k.lower() == n]
+
+    @property
+    def body_text(self) -> str:
+        """Every text part's visible text, the Subject first (as SpamAssassin's body rules see
+        it)."""
+        return "\n".join([self.subject, *(t.text for t in self.texts)])
+
+    @property
+    def raw_text(self) -> str:
+        return "\n".join(t.raw for t in self.texts)
+
+    @property
+    def attachments(self) -> tuple[Part, ...]:
+        """Parts that are not the message's text: named, or not text/*, or disposition
+        attachment."""
+        return tuple(p for p in self.parts if p.filename or not p.is_text)
+
+
+async def view(message: Message) -> MimeView:
+    """The message's MIME view, parsed once (in a worker thread) and shared."""
+    memo = message.memo
+    fut = memo.get(_MEMO_KEY)
+    if fut is None:
+        fut = asyncio.ensure_future(asyncio.to_thread(parse_message, message))
+        memo[_MEMO_KEY] = fut
+    result: MimeView = await asyncio.shield(fut)
+    return result
+
+
+def parse_message(message: Message) -> MimeView:
+    with message.path.open("rb") as f:
+        data = f.read(MAX_PARSE_BYTES + 1)
+    return parse_bytes(data)
+
+
+def parse_bytes(data: bytes) -> MimeView:
+    """The view of a whole message given as bytes (CRLF or LF; an mbox ``From `` line is
+    skipped)."""
+    truncated = len(data) > MAX_PARSE_BYTES
+    if truncated:
+        data = data[:MAX_PARSE_BYTES]
+    if data.startswith(b"From "):  # mbox envelope line
+        data = data.partition(b"\n")[2]
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    raw_headers = tuple((k, _unfold(str(v))) for k, v in msg.items())
+    headers = tuple((k, decode_header(v)) for k, v in raw_headers)
+    texts: list[TextPart] = []
+    parts: list[Part] = []
+    urls: dict[str, None] = {}
+    defects = [type(d).__name__ for d in msg.defects]
+    for leaf in _leaves(msg):
+        if len(parts) >= MAX_PARTS:
+            defects.append("TooManyParts")
+            break
+        ctype = leaf.get_content_type().lower()
+        try:
+            payload = leaf.get_payload(decode=True)
+        except Exception:  # a broken transfer encoding: keep what the part says, raw
+            payload = None
+        if not isinstance(payload, bytes):
+            raw_payload = leaf.get_payload()
+            payload = raw_payload.encode("utf-8", "surrogateescape") \
+                if isinstance(raw_payload, str) else b""
+        filename = _filename(leaf)
+        disposition = leaf.get_content_disposition()
+        part = Part(len(parts), ctype, filename, disposition, payload,
+                    _unfold(str(leaf.get("Content-Type", ""))))
+        parts.append(part)
+        defects.extend(type(d).__name__ for d in leaf.defects)
+        if part.is_text and (not filename or ctype in ("text/plain", "text/html")):
+            raw = _decode_text(payload[:MAX_TEXT_PART_BYTES], leaf.get_content_charset())
+            if ctype == "text/html":
+                text, links = html_to_text(raw)
+                for u in links:
+                    _add_url(urls, u)
+            else:
+                text = raw
+            for u in find_urls(text):
+                _add_url(urls, u)
+            texts.append(TextPart(ctype, text, raw))
+    subject = next((v for k, v in headers if k.lower() == "subject"), "")
+    return MimeView(headers, raw_headers, tuple(texts), tuple(urls)[:MAX_URLS], tuple(parts),
+                    truncated, tuple(defects), subject)
+
+
+def _leaves(msg: email.message.Message) -> Iterator[email.message.Message]:
+    for part in msg.walk():
+        if not part.is_multipart():
+            yield part
+
+
+def _unfold(value: str) -> str:
+    return " ".join(value.split())
+
+
+def decode_header(value: str) -> str:
+    """An RFC 2047 header value decoded to text (undecodable words kept as sent)."""
+    if "=?" not in value:
+        return value
+    try:
+        return _unfold(str(email.header.make_header(email.header.decode_header(value))))
+    except (LookupError, ValueError, email.errors.HeaderParseError):
+        return value
+
+
+def _filename(part: email.message.Message) -> str | None:
+    try:
+        name = part.get_filename()
+    except Exception:
+        return None
+    if name is None:
+        ctype_name = part.get_param("name")
+        name = ctype_name if isinstance(ctype_name, str) else None
+    return decode_header(name) if name else None
+
+
+def _decode_text(data: bytes, charset: str | None) -> str:
+    cs = (charset or "us-ascii").strip().lower()
+    try:
+        codecs.lookup(cs)
+    except LookupError:
+        cs = "latin-1"
+    if cs in ("us-ascii", "ascii"):  # undeclared 8-bit text is common: keep it readable
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return data.decode("latin-1")
+    return data.decode(cs, "replace")
+
+
+class _HtmlText(HTMLParser):
+    """Visible text of an HTML document (script/style dropped, block tags as line breaks) and
+    the URLs of its links, images and forms."""
+
+    _SKIP = {"script", "style", "head", "title", "noscript"}
+    _BLOCK = {"p", "br", "div", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table",
+              "blockquote", "pre", "hr"}
+    _LINK_ATTRS = {"href", "src", "action", "background", "data"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.out: list[str] = []
+        self.links: list[str] = []
+        self.skip = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self._SKIP:
+            self.skip += 1
+        elif tag in self._BLOCK:
+            self.out.append("\n")
+        for name, value in attrs:
+            if name in self._LINK_ATTRS and value:
+                self.links.append(value.strip())
+            elif name == "alt" and value and not self.skip:
+                self.out.append(f" {value} ")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._SKIP and self.skip:
+            self.skip -= 1
+        elif tag in self._BLOCK:
+            self.out.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self.skip:
+            self.out.append(data)
+
+
+def html_to_text(markup: str) -> tuple[str, list[str]]:
+    """(visible text, link URLs) of an HTML part."""
+    p = _HtmlText()
+    try:
+        p.feed(markup)
+        p.close()
+    except Exception:  # HTMLParser is lenient; anything else: fall back to stripping tags
+        return html.unescape(re.sub(r"<[^>]*>", " ", markup)), []
+    text = "".join(p.out)
+    text = re.sub(r"[ \t\r\f\v]+", " ", text)
+    text = re.sub(r"\n\s*\n+", "\n\n", text)
+    return text.strip(), [u for u in p.links if _URL.match(u) or "://" in u]
+
+
+def find_urls(text: str) -> list[str]:
+    return [m.group(0).rstrip(_TRAILING) for m in _URL.finditer(text)]
+
+
+def _add_url(urls: dict[str, None], url: str) -> None:
+    if len(urls) < MAX_URLS:
+        urls.setdefault(url.strip(), None)
+
+
+def url_host(url: str) -> str | None:
+    """The host of a URL (lower case, no port, no credentials, no trailing dot), or None."""
+    m = re.match(r"(?i)^(?:[a-z][a-z0-9+.-]*://)?(?:[^@/?#]*@)?(\[[^\]]*\]|[^:/?#]+)", url)
+    if not m:
+        return None
+    host = m.group(1).strip("[]").rstrip(".").lower()
+    return host or None

@@ -1,0 +1,71 @@
+"""gateway.mime: one parse per message, decoded headers, text (HTML reduced), URLs, parts."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+
+from gateway import mime
+from gateway.message import Message
+
+MULTI = (
+    "From: =?utf-8?q?J=C3=B6rg?= <j@example.test>\r\n"
+    "Subject: =?utf-8?b?SGVsbG8gV8O2cmxk?=\r\n"
+    "MIME-Version: 1.0\r\n"
+    'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n'
+    "--b1\r\n"
+    'Content-Type: multipart/alternative; boundary="b2"\r\n\r\n'
+    "--b2\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+    "Gr=C3=BC=C3=9Fe, see http://plain.example.test/a?b=1.\r\n"
+    "--b2\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+    "<html><head><style>p{}</style><script>var x='hidden';</script></head><body>"
+    "<p>Click <a href=\"https://link.example.test/x\">here</a></p>"
+    "<img src=\"http://img.example.test/i.png\" alt=\"pic\"></body></html>\r\n"
+    "--b2--\r\n"
+    "--b1\r\n"
+    "Content-Type: application/octet-stream; name=\"invoice.pdf.exe\"\r\n"
+    "Content-Disposition: attachment; filename*=utf-8''r%C3%A9sum%C3%A9.exe\r\n"
+    "Content-Transfer-Encoding: base64\r\n\r\n"
+    + base64.b64encode(b"MZ\x90\x00binary").decode() + "\r\n"
+    "--b1--\r\n").encode()
+
+
+def test_parse_bytes_decodes_everything() -> None:
+    v = mime.parse_bytes(MULTI)
+    assert v.subject == "Hello Wörld"
+    assert v.header_values("from") == ["Jörg <j@example.test>"]
+    assert [t.content_type for t in v.texts] == ["text/plain", "text/html"]
+    assert "Grüße" in v.texts[0].text
+    html = v.texts[1]
+    assert "Click" in html.text and "here" in html.text and "pic" in html.text
+    assert "hidden" not in html.text and "<p>" not in html.text and "<p>" in html.raw
+    assert v.urls == ("http://plain.example.test/a?b=1", "https://link.example.test/x",
+                      "http://img.example.test/i.png")
+    [att] = v.attachments
+    assert (att.filename, att.content_type, att.payload) == \
+        ("résumé.exe", "application/octet-stream", b"MZ\x90\x00binary")
+    assert v.body_text.startswith("Hello Wörld\n") and not v.truncated
+
+
+def test_view_is_parsed_once_and_shared(tmp_path: Path) -> None:
+    path = tmp_path / "m"
+    path.write_bytes(MULTI)
+    msg = Message.from_spool(path, len(MULTI))
+
+    async def main() -> list[mime.MimeView]:
+        return list(await asyncio.gather(*(mime.view(msg) for _ in range(5))))
+
+    views = asyncio.run(main())
+    assert all(v is views[0] for v in views)
+
+
+def test_bounds_and_hosts() -> None:
+    big = b"Subject: x\r\n\r\n" + b"a" * (mime.MAX_PARSE_BYTES + 10)
+    assert mime.parse_bytes(big).truncated
+    assert mime.parse_bytes(b"From sender@x Thu Aug 22 2002\nSubject: mbox\n\nhi\n").subject \
+        == "mbox"
+    assert mime.url_host("https://user:pw@Www.Example.TEST.:8080/p") == "www.example.test"
+    assert mime.url_host("www.example.test/path") == "www.example.test"
+    assert mime.url_host("http://[2001:db8::1]/") == "2001:db8::1"
