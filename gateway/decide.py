@@ -55,7 +55,8 @@ class Scorecard:
         for o in self.outcomes:
             for s in o.result.symbols:
                 if s.name not in seen:
-                    seen[s.name] = ScoredSymbol(s.name, cls.scores.get(s.name, 0.0),
+                    default = s.score if s.score is not None else 0.0
+                    seen[s.name] = ScoredSymbol(s.name, cls.scores.get(s.name, default),
                                                 s.options, o.name)
         return list(seen.values())
 

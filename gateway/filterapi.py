@@ -70,10 +70,14 @@ _ACTION_ORDER = {a: i for i, a in enumerate(Action)}
 
 @dataclass(frozen=True, slots=True)
 class Symbol:
-    """A named finding, e.g. ``Symbol("SPF_FAIL", ("-all",))``; the policy gives it a score."""
+    """A named finding, e.g. ``Symbol("SPF_FAIL", ("-all",))``; the policy gives it a score.
+    ``score`` is the filter's own suggestion (a rule file's ``score`` line, a score imported
+    from spamd/rspamd, a Bayes probability band), used only when the policy's ``[scores]`` has
+    no entry for the symbol: the policy always wins."""
 
     name: str
     options: tuple[str, ...] = ()
+    score: float | None = None
 
 
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 ftext

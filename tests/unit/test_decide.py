@@ -14,8 +14,8 @@ def policy(**kw):
 
 
 def outcome(name, *symbols, verdict=None, stage=Stage.MESSAGE):
-    return FilterOutcome(name, stage, Result(symbols=tuple(Symbol(s) for s in symbols),
-                                             verdict=verdict), 1.0)
+    syms = tuple(s if isinstance(s, Symbol) else Symbol(s) for s in symbols)
+    return FilterOutcome(name, stage, Result(symbols=syms, verdict=verdict), 1.0)
 
 
 def final(p, outs, cls=None):
@@ -96,3 +96,12 @@ def test_class_overrides_scores_and_thresholds():
     assert strict.name == "strict" and p.class_for_domain("example.test").name == "default"
     assert final(p, [outcome("f", "A")]).action is Action.ACCEPT
     assert final(p, [outcome("f", "A")], strict).action is Action.REJECT
+
+
+def test_a_symbols_own_score_applies_unless_the_policy_scores_it():
+    p = policy(scores={"SA_GTUBE": 2.0})
+    card = Scorecard([outcome("spamd", Symbol("SA_GTUBE", ("1000",), score=1000.0),
+                              Symbol("SA_OTHER", score=3.5), Symbol("PLAIN"))])
+    scored = {s.name: s.score for s in card.symbols(p.default_class)}
+    assert scored == {"SA_GTUBE": 2.0, "SA_OTHER": 3.5, "PLAIN": 0.0}
+    assert card.score(p.default_class) == 5.5
