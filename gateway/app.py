@@ -15,6 +15,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from gateway import quarantine
 from gateway import replies as R
 from gateway.dnsresolver import DnsResolver
 from gateway.engine import Engine
@@ -59,7 +60,8 @@ class ConnectionCounter:
 def load_engine(path: Path) -> Engine:
     """Load and fully validate a policy (filters built); raises PolicyError."""
     policy = load_policy(path)
-    services = Services(hostname=policy.hostname, resolver=DnsResolver(policy.dns))
+    services = Services(hostname=policy.hostname, resolver=DnsResolver(policy.dns),
+                        policy_dir=Path(path).parent)
     return Engine(policy, build_chain(policy, services), services)
 
 
@@ -115,6 +117,9 @@ class Runtime:
 
         loop = asyncio.get_running_loop()
         self.background(self.qmgr.run())
+        if self.worker == 0:  # one expiry loop per spool is enough
+            self.background(quarantine.expire_loop(self.spool,
+                                                   lambda: self.engine.policy.quarantine))
         bound: list[str] = []
         for sock in self._sockets or bind_listeners(self.engine.policy):
             server = await loop.create_server(lambda: SmtpServer(self), sock=sock,

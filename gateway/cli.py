@@ -31,6 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
                            description="List and manage queued messages. Exit codes: 0 ok, "
                            "1 not found / busy / wrong state, 2 usage, policy or spool error.")
     queuecli.add_arguments(queue, DEFAULT_POLICY)
+    from gateway import quarantinecli
+
+    quarantine = sub.add_parser("quarantine", help="list, show, release, delete and expire "
+                                "quarantined mail (works whether the gateway runs or not)",
+                                description="Quarantined messages. Exit codes: 0 ok, 1 not "
+                                "found / busy, 2 usage, policy or spool error.")
+    quarantinecli.add_arguments(quarantine, DEFAULT_POLICY)
+    from gateway import learncli
+
+    learn = sub.add_parser("learn", help="train the bayes filter from message files, Maildir "
+                           "folders and mbox files",
+                           description="Learn messages as spam or ham, or forget them. Exit "
+                           "codes: 0 ok, 1 some messages unreadable, 2 usage or policy error.")
+    learncli.add_arguments(learn, DEFAULT_POLICY)
     return parser
 
 
@@ -44,6 +58,16 @@ def main(argv: list[str] | None = None) -> int:
 
         setup_logging(args.log_format, "info")
         return queuecli.run(args)
+    if args.cmd == "learn":
+        from gateway import learncli
+
+        return learncli.run(args)
+    if args.cmd == "quarantine":
+        from gateway import quarantinecli
+        from gateway.logs import setup_logging
+
+        setup_logging(args.log_format, "info")
+        return quarantinecli.run(args)
     from gateway.app import run as run_gateway
     from gateway.logs import setup_logging
 
@@ -69,7 +93,8 @@ def check_policy(path: Path) -> int:
     print(f"  relay: {pol.relay.mode} -> {pol.relay.downstream}")
     print(f"  accepted domains: {', '.join(sorted(pol.accepted_domains)) or '(none)'}")
     for f in engine.pipeline.chain:
-        hooks = [s.value for s in f.stages] + (["sign"] if f.signs else [])
+        hooks = [s.value for s in f.stages] + (["sign"] if f.signs else []) \
+            + (["decided"] if f.decides else [])
         print(f"  filter {f.name}: {', '.join(hooks)} "
               f"(timeout {f.timeout_s:g}s, on_error {f.on_error}; {f.origin})")
     return 0

@@ -21,10 +21,10 @@ from gateway.decide import Decision, Scorecard, decide
 from gateway.dnsresolver import LimitedResolver
 from gateway.edits import TraceInfo, build_headers, message_chunks, received_header
 from gateway.errors import SpoolError
-from gateway.filterapi import Action, Client, FilterContext, RemoveHeader, Stage
+from gateway.filterapi import Action, Client, Decided, FilterContext, RemoveHeader, Stage
 from gateway.logs import event
 from gateway.message import Message
-from gateway.pipeline import FilterOutcome, Pipeline, collect, take_done
+from gateway.pipeline import FilterOutcome, Pipeline, collect, decided, take_done
 from gateway.policy.schema import Policy, PolicyClass
 from gateway.queue_entry import QueueEntry, min_free_bytes
 from gateway.queue_entry import Recipient as QRecipient
@@ -105,6 +105,7 @@ class Engine:
         self.on_commit: Callable[[], None] | None = None
         self.queue_mode = policy.relay.mode == "queue"
         self.background = background_filters(policy, self.pipeline.chain)
+        self._decided_tasks: set[asyncio.Task[None]] = set()
         self.min_free_bytes = min_free_bytes(policy.limits.max_message_bytes)
 
     def attach_queue(self, spool: Spool, on_commit: Callable[[], None]) -> None:
@@ -242,6 +243,7 @@ class Engine:
             dsnparams.rcpt_dsn_params(notify, orcpt))
         if reply.is_ok:
             txn.rcpts.append(rcpt)
+            txn.dsn[rcpt.addr] = (notify, orcpt)  # kept should the message be quarantined
             txn.cls = cls
             txn.scorecard.add(out.values())
             return R.RCPT_OK, ""
@@ -273,6 +275,8 @@ class Engine:
         d = decide(card.symbols(cls), all_out, cls, Stage.MESSAGE, score)
         assert d is not None
         txn.decision = d
+        if self.pipeline.has_deciders:
+            self._tell_decided(state, txn, message, card, cls, d)
         if self.queue_mode:
             return await self._queue(state, txn, message, card, cls, d)
         relay = txn.relay
@@ -352,6 +356,16 @@ class Engine:
         return build_headers(message, self._prepend(state, txn, card, cls, d), edits,
                              action=d.action, subject_tag=h.subject_tag)
 
+    def _tell_decided(self, state: SessionState, txn: Transaction, message: Message,
+                      card: Scorecard, cls: PolicyClass, d: Decision) -> None:
+        """``on_decided`` hooks (e.g. Bayes auto-learn), in the background: never awaited."""
+        what = Decided(d.action, d.score, d.by, {s.name: s.score for s in card.symbols(cls)})
+        ctx = self._ctx(Stage.MESSAGE, state, txn, message=message)
+        task = asyncio.create_task(decided(self.pipeline.chain, ctx, what, cls.skip_filters),
+                                   name=f"decided:{txn.qid}")
+        self._decided_tasks.add(task)
+        task.add_done_callback(self._decided_tasks.discard)
+
     async def _sign(self, state: SessionState, txn: Transaction, message: Message,
                     headers: bytes, cls: PolicyClass) -> bytes | Reply:
         """The signers' headers (DKIM-Signature, ARC set) on top of the final header block,
@@ -401,20 +415,35 @@ class Engine:
 
     async def _quarantine(self, state: SessionState, txn: Transaction, message: Message,
                           headers: bytes, card: Scorecard, cls: PolicyClass) -> Reply:
-        assert txn.decision is not None
-        meta = {"sender": txn.sender.addr, "recipients": [r.addr for r in txn.rcpts],
-                "client": state.client_ip, "helo": state.helo, "score": txn.decision.score,
-                "by": txn.decision.by, "class": cls.name,
-                "symbols": {s.name: {"score": s.score, "options": list(s.options)}
-                            for s in card.symbols(cls)}}
+        """Keep the message (as it would have been relayed) with its envelope, score, symbols
+        and reason in the spool's hold/ area, indexed (gateway/quarantine.py), fsync'd before
+        the 250 — in either relay mode. Any failure answers 451 and keeps nothing."""
+        d = txn.decision
+        assert d is not None
+        if self.spool is None:
+            log.error("quarantine impossible (qid %s): no spool attached", txn.qid)
+            txn.queued = "quarantine failed: no spool"
+            return Reply(451, "4.3.0", f"Temporary local problem, try again later ({txn.qid})")
+        path = self.spool.incoming_path(txn.qid).with_suffix(".final")
+        now = time.time()
+        symbols = [quarantine.SymbolInfo(s.name, s.score, s.options) for s in card.symbols(cls)]
         try:
-            path = await asyncio.to_thread(quarantine.store, self.policy.quarantine.directory,
-                                           txn.qid, message_chunks(message, headers), meta)
-        except OSError as e:
+            size = await asyncio.to_thread(_write, path, message_chunks(message, headers))
+            entry = QueueEntry(
+                qid=txn.qid, sender=txn.sender.addr, mail_params=tuple(txn.mail_params),
+                envid=txn.envid, ret=txn.ret,
+                recipients=tuple(QRecipient(addr=r.addr, notify=txn.dsn[r.addr][0],
+                                            orcpt=txn.dsn[r.addr][1]) for r in txn.rcpts),
+                arrival=now, size=size, client_ip=state.client_ip, helo=state.helo or "",
+                decision=quarantine.decision(d.action.value, d.score, d.by, cls.name, symbols,
+                                             now))
+            await asyncio.to_thread(quarantine.Quarantine(self.spool).store, entry, path)
+        except (OSError, SpoolError) as e:
+            path.unlink(missing_ok=True)
             log.error("quarantine write failed (qid %s): %s", txn.qid, e)
             txn.queued = f"quarantine failed: {e}"
             return Reply(451, "4.3.0", f"Temporary local problem, try again later ({txn.qid})")
-        txn.queued = f"quarantined {path}"
+        txn.queued = "quarantined"
         return Reply(250, "2.0.0", f"Ok: queued as {txn.qid}")
 
     # -- logging --------------------------------------------------------------------------

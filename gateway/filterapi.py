@@ -175,6 +175,11 @@ class Filter:
     and the headers of the signers before it in the chain; CRLF line ends, no blank line).
     The headers it returns are put on top, their values kept as given (folding included), so
     a signature over them stays valid. DKIM signing and ARC sealing use it.
+
+    And the hook ``async def on_decided(self, ctx, decided: Decided) -> None``: called after
+    the message-stage decision of every message (refused ones too), in the background — it
+    never delays the reply and cannot change the outcome; errors and overruns of
+    ``timeout_s`` are only logged. Bayes auto-learning uses it.
     """
 
     name: ClassVar[str] = ""
@@ -203,7 +208,23 @@ def hooks_of(obj: object) -> tuple[Stage, ...]:
     return tuple(s for s in Stage if callable(getattr(obj, s.hook, None)))
 
 
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """What was decided for a message, for ``on_decided``."""
+
+    action: Action
+    score: float
+    by: str  # "score", "rule:NAME", "filter:NAME", "threshold:…"
+    scores: Mapping[str, float]  # every symbol's score, as the decision counted it
+
+
 SIGN_HOOK = "on_sign"
+DECIDED_HOOK = "on_decided"
+
+
+def decides(obj: object) -> bool:
+    """True when the object implements ``on_decided``."""
+    return callable(getattr(obj, DECIDED_HOOK, None))
 
 
 def signs(obj: object) -> bool:

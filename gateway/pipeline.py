@@ -16,7 +16,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gateway.edits import raw_field
-from gateway.filterapi import Action, AddHeader, FilterContext, Result, Stage, Symbol, Verdict
+from gateway.filterapi import (
+    Action,
+    AddHeader,
+    Decided,
+    FilterContext,
+    Result,
+    Stage,
+    Symbol,
+    Verdict,
+)
 from gateway.registry import LoadedFilter
 from gateway.replies import Reply
 
@@ -44,6 +53,7 @@ class Pipeline:
         self.chain = tuple(chain)
         self._by_stage = {s: tuple(f for f in self.chain if s in f.stages) for s in Stage}
         self.has_signers = any(f.signs for f in self.chain)
+        self.has_deciders = any(f.decides for f in self.chain)
 
     async def run_stage(self, stage: Stage, ctx: FilterContext,
                         skip: frozenset[str] = frozenset(),
@@ -101,7 +111,7 @@ class Pipeline:
         if error is not None:
             kind = "timeout" if error == "timeout" else "error"
             result = Result(symbols=(Symbol(f"{f.name.upper()}_ERROR", (kind,)),),
-                            verdict=ERROR_VERDICTS.get(f.on_error))
+                            verdict=_error_verdict(f))
         return FilterOutcome(f.name, stage, result, elapsed, error)
 
 
@@ -148,6 +158,33 @@ def take_done(pending: dict[str, asyncio.Task[FilterOutcome]]) -> list[FilterOut
             t.cancel()
     pending.clear()
     return out
+
+
+async def decided(chain: tuple[LoadedFilter, ...], ctx: FilterContext, what: Decided,
+                  skip: frozenset[str] = frozenset()) -> None:
+    """Tell the filters with ``on_decided`` what was decided, concurrently, each within its
+    ``timeout_s``; failures are logged and change nothing."""
+
+    async def one(f: LoadedFilter) -> None:
+        try:
+            async with asyncio.timeout(f.timeout_s):
+                await f.instance.on_decided(ctx, what)
+        except Exception as e:  # TimeoutError included
+            log.error("filter %s on_decided failed (qid %s): %s", f.name, ctx.qid,
+                      "timeout" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}")
+
+    await asyncio.gather(*(one(f) for f in chain if f.decides and f.name not in skip))
+
+
+def _error_verdict(f: LoadedFilter) -> Verdict | None:
+    """What ``on_error`` makes of a failure; a filter class may give its own tempfail reply
+    (``error_reply``, e.g. the virus scanner's ``451 4.7.1``, as Postfix answers when a milter
+    is unavailable)."""
+    verdict = ERROR_VERDICTS.get(f.on_error)
+    own = getattr(f.instance, "error_reply", None)
+    if verdict is not None and verdict.action is Action.TEMPFAIL and isinstance(own, Reply):
+        return Verdict(Action.TEMPFAIL, own, verdict.reason)
+    return verdict
 
 
 def _ordered(chain: list[LoadedFilter]) -> list[LoadedFilter]:

@@ -463,6 +463,10 @@ class QueueCli:
         if area != "hold":
             self.say(f"{entry.qid}: not on hold (in {area}/), nothing to do")
             return EXIT_OK
+        if entry.decision.get("action") == "quarantine":  # its arrival time must be reset
+            self.warn(f"{entry.qid}: quarantined: `mailgate quarantine release {entry.qid}` "
+                      "to deliver it")
+            return EXIT_FAIL
         self.spool.update(replace(entry, next_attempt=time.time()), "hold")
         self.spool.move(entry.qid, "hold", "active")
         self._log("release", area, entry, "active")

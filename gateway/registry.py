@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import FilterLoadError, PolicyError
-from gateway.filterapi import ConfigError, Stage, hooks_of, signs
+from gateway.filterapi import ConfigError, Stage, decides, hooks_of, signs
 from gateway.policy.schema import FilterSpec, Policy
 from gateway.services import Services
 
@@ -37,6 +37,7 @@ class LoadedFilter:
     origin: str  # where the class came from, for logs and check-policy
     after: tuple[str, ...] = ()  # run after these when they are in the chain (ordering only)
     signs: bool = False  # implements on_sign (runs after the decision, on relayed mail)
+    decides: bool = False  # implements on_decided (told the decision, in the background)
 
     @property
     def runs_after(self) -> tuple[str, ...]:
@@ -146,14 +147,16 @@ def build_chain(policy: Policy, services: Services) -> tuple[LoadedFilter, ...]:
             problems.append(f"{src}: {path}: {type(e).__name__}: {e}")
             continue
         stages = hooks_of(instance)
-        if not stages and not signs(instance):
+        if not stages and not signs(instance) and not decides(instance):
             problems.append(f"{src}: {path}: {origin} implements no hook "
-                            f"(on_connect, on_helo, on_mail, on_rcpt, on_message, on_sign)")
+                            f"(on_connect, on_helo, on_mail, on_rcpt, on_message, on_sign, "
+                            f"on_decided)")
             continue
         requires = tuple(getattr(instance, "requires", ()) or ())
         after = tuple(getattr(instance, "after", ()) or ())
         out.append(LoadedFilter(spec.name, instance, stages, requires, spec.timeout_s,
-                                spec.on_error, origin, after, signs(instance)))
+                                spec.on_error, origin, after, signs(instance),
+                                decides(instance)))
     names = {f.name for f in out}
     for f in out:
         for r in f.requires:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from gateway.dnsresolver import DnsResolver
 
@@ -16,3 +17,6 @@ class Services:
     hostname: str = "mailgate.localdomain"
     clock: Callable[[], float] = field(default=time.time)
     resolver: DnsResolver | None = None  # None only in unit tests that need no DNS
+    # the policy file's directory: filters resolve relative paths of their own files (rule
+    # files) against it; None = the working directory
+    policy_dir: Path | None = None

@@ -155,8 +155,11 @@ class Spool:
             self._write_meta(entry, area)
         except BaseException as e:
             if renamed:  # we checked that no metadata existed: whatever is there is ours
-                self._meta(area, qid).unlink(missing_ok=True)
-                final.unlink(missing_ok=True)
+                for leftover in (self._meta(area, qid), final):
+                    try:  # each on its own: an unusable area must not keep the data file
+                        leftover.unlink(missing_ok=True)
+                    except OSError as cleanup:
+                        log.error("commit %s: cannot remove %s: %s", qid, leftover, cleanup)
             if isinstance(e, OSError):
                 raise SpoolError(f"commit {qid}: {e}") from e
             raise

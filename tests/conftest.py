@@ -28,11 +28,12 @@ def gateway_factory(tmp_path: Path) -> Iterator[Any]:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """The conformance suites' pass counts (SPF, DKIM, DMARC, ARC), one line each."""
+    """The conformance suites' pass counts (SPF, DKIM, DMARC, ARC) and the spam accuracy, one
+    line each."""
     from tests.support import tally
 
     found = tally.lines()
     if found:
-        terminalreporter.section("authentication conformance suites")
+        terminalreporter.section("conformance suites and measured accuracy")
         for line in found:
             terminalreporter.write_line(line)

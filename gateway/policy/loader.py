@@ -212,8 +212,7 @@ def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
     dns = _dns(c, top.get("dns"))
     sp = c.table(top.get("spool"), "spool", {"directory"})
     spool = SpoolConfig(Path(c.string(sp, "directory", "spool", "spool")))
-    q = c.table(top.get("quarantine"), "quarantine", {"directory"})
-    quarantine = QuarantineConfig(Path(c.string(q, "directory", "quarantine", "quarantine")))
+    quarantine = _quarantine(c, top.get("quarantine"))
     plugins = c.table(top.get("plugins"), "plugins", {"dirs"})
     plugin_dirs = tuple(Path(p) for p in c.strings(plugins, "dirs", "plugins"))
     for i, p in enumerate(plugin_dirs):
@@ -287,6 +286,17 @@ def _queue(c: Checker, data: Any) -> QueueConfig:
     if q.max_backoff_s < q.min_backoff_s:
         c.error("queue.max_backoff_s", "must be >= queue.min_backoff_s")
     return q
+
+
+def _quarantine(c: Checker, data: Any) -> QuarantineConfig:
+    t = c.table(data, "quarantine", {f.name for f in fields(QuarantineConfig)} | {"directory"})
+    if "directory" in t:
+        c.error("quarantine.directory", "no longer used: quarantined mail is kept in the spool "
+                "(spool.directory/hold, indexed in spool.directory/quarantine.db)")
+    d = QuarantineConfig()
+    return QuarantineConfig(*(float(c.number(t, k, "quarantine", getattr(d, k), minimum=0,
+                                             exclusive=True))
+                              for k in ("retention_s", "expire_interval_s")))
 
 
 def _dns(c: Checker, data: Any) -> DnsConfig:

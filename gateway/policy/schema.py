@@ -179,7 +179,12 @@ class SpoolConfig:
 
 @dataclass(frozen=True, slots=True)
 class QuarantineConfig:
-    directory: Path = Path("quarantine")
+    """Quarantined mail lives in the spool's hold/ area, indexed in spool/quarantine.db
+    (gateway/quarantine.py); it is deleted ``retention_s`` after it was quarantined, checked
+    every ``expire_interval_s`` by the running gateway."""
+
+    retention_s: float = 30 * 86400.0
+    expire_interval_s: float = 600.0
 
 
 @dataclass(frozen=True)

@@ -298,7 +298,7 @@ def test_broken_custom_filters_are_named_by_check_policy(tmp_path):
     assert r.returncode == 1
     assert r.stderr.splitlines() == [
         f"{path}: filters.nohook: module nohook:NoHook implements no hook (on_connect, on_helo, "
-        f"on_mail, on_rcpt, on_message, on_sign)",
+        f"on_mail, on_rcpt, on_message, on_sign, on_decided)",
         f"{path}: filters.missing: cannot import no_such_module_xyz: No module named "
         f"'no_such_module_xyz'",
         f"{path}: filters.noattr: tagmod has no attribute NoSuchClass",

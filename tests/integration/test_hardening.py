@@ -8,6 +8,7 @@ the relay connect timeout, max_session_s, and ``mailgate run`` on the shipped de
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -294,9 +295,9 @@ def test_maildir_write_failure_answers_451(gateway_factory, broken):
 
 
 def test_quarantine_write_failure_answers_451(gateway_factory):
-    gw = gateway_factory(base_policy(quarantine={"directory": "quarantine"},
+    gw = gateway_factory(base_policy(spool={"directory": "spool"},
                                      actions={"quarantine": 0.0}), start=False)
-    (gw.workdir / "quarantine").write_bytes(b"not a directory\n")
+    (gw.workdir / "spool" / "quarantine.db").mkdir(parents=True)  # the index cannot be opened
     gw.start()
     with RawSmtpClient(gw.address) as c:
         ehlo(c)
@@ -399,9 +400,11 @@ def test_mailgate_run_without_arguments_uses_the_shipped_default_policy(gateway_
     with DnsServer(zone) as ns:
         text = text.replace('"127.0.0.1:2525"', '"127.0.0.1:0"').replace(
             "nameservers = []", f'nameservers = ["127.0.0.1:{ns.port}"]')
-        gw = gateway_factory(text, name="policies/default.toml",
+        gw = gateway_factory(text, name="policies/default.toml", start=False,
                              argv=[str(mailgate), "run", "--log-format", "json"],
                              env={"PYTHONPATH": ""})  # the installed package, not the checkout
+        shutil.copytree(REPO / "policies" / "rules", gw.policy_path.parent / "rules")
+        gw.start()
         _run_default_policy(gw)
         assert ("_dmarc.sender.test", "TXT", "udp") in ns.queries
 
@@ -410,7 +413,7 @@ def _run_default_policy(gw):
     listening = gw.events("listening")[0]
     assert listening["policy"] == "policies/default.toml"
     assert listening["filters"] == ["rcpt", "headers", "spf", "dkim", "arc", "dmarc",
-                                    "authres"]
+                                    "authres", "rules", "bayes", "attachments"]
     out = subprocess.run(
         ["swaks", "--server", gw.host, "--port", str(gw.port), "--from", SENDER,
          "--to", "alice@example.test", "--helo", "client.test", "--timeout", "10",
@@ -434,7 +437,8 @@ def _run_default_policy(gw):
     ev = gw.message_event(qid)
     assert ev["action"] == "accept"
     assert {"SPF_PASS(0)[ip4:127.0.0.1]", "DKIM_NONE(0)", "ARC_NONE(0)",
-            "DMARC_NONE(0)[no DMARC record]"} <= set(ev["symbols"]), ev["symbols"]
+            "DMARC_NONE(0)[no DMARC record]", "BAYES_UNTRAINED(0)[spam=0 ham=0]"} \
+        <= set(ev["symbols"]), ev["symbols"]
     [ar] = [v for n, v in headers(msg) if n == "Authentication-Results"]
     assert re.fullmatch(r"mailgate\.example\.test;\s+spf=pass smtp\.mailfrom=bob@sender\.test;"
                         r"\s+dkim=none;\s+dmarc=none header\.from=sender\.test;\s+arc=none", ar), ar

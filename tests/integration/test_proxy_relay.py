@@ -351,13 +351,10 @@ def test_policy_quarantine_keeps_the_message_and_relays_nothing(gateway_factory)
         time.sleep(0.2)
         assert sink.messages == [] and "DATA" not in sink.commands
     ev = gw.message_event(qid)
-    assert ev["action"] == "quarantine" and ev["relay"].startswith("quarantined ")
-    qdir = gw.workdir / "quarantine"
-    [stored] = list((qdir / "new").iterdir())
-    assert stored.read_bytes().endswith(NO_DATE)
-    record = json.loads((qdir / "records" / f"{qid}.json").read_text())
+    assert ev["action"] == "quarantine" and ev["relay"] == "quarantined"
+    spool = gw.workdir / "spool"  # in the spool's hold/ area (gateway/quarantine.py)
+    assert (spool / "data" / qid).read_bytes().endswith(NO_DATE)
+    record = json.loads((spool / "hold" / f"{qid}.json").read_text())
     assert record["qid"] == qid and record["sender"] == SENDER
-    assert record["recipients"] == [ALICE]
-    assert "HEADERS_MISSING_DATE" in record["symbols"]
-    # the path as the gateway wrote it (relative to its working directory, like the policy's)
-    assert (gw.workdir / record["file"]).resolve() == stored.resolve()
+    assert [r["addr"] for r in record["recipients"]] == [ALICE]
+    assert "HEADERS_MISSING_DATE" in record["decision"]["symbols"]

@@ -7,6 +7,7 @@ from collections import defaultdict
 
 _counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # suite -> [passed, total]
 _notes: dict[str, str] = {}
+_reports: dict[str, str] = {}
 
 
 def record(suite: str, passed: bool) -> None:
@@ -20,8 +21,13 @@ def note(suite: str, text: str) -> None:
     _notes[suite] = text
 
 
+def report(name: str, text: str) -> None:
+    """A measured figure shown as is (e.g. the spam accuracy)."""
+    _reports[name] = text
+
+
 def lines() -> list[str]:
-    out = []
+    out = [f"{name}: {text}" for name, text in sorted(_reports.items())]
     for suite in sorted(_counts):
         passed, total = _counts[suite]
         extra = f"  ({_notes[suite]})" if suite in _notes else ""

@@ -57,7 +57,7 @@ def test_empty_policy_loads_with_documented_defaults():
     assert p.headers.received and p.headers.spam_headers
     assert p.headers.spam_header_prefix == "X-Spam-" and p.headers.subject_tag == "[SPAM]"
     assert p.spool.directory == Path("spool")
-    assert p.quarantine.directory == Path("quarantine")
+    assert p.quarantine.retention_s == 30 * 86400.0 and p.quarantine.expire_interval_s == 600.0
     d = p.default_class
     assert d.name == "default" and d.rules == () and dict(d.scores) == {}
     assert d.thresholds == Thresholds(add_header=5.0, rewrite_subject=None, quarantine=None,
@@ -78,7 +78,7 @@ def test_default_policy_file_loads_and_matches_its_comments():
     assert p.listeners == (Listener("127.0.0.1", 2525),)
     assert p.accepted_domains == {"example.test"}
     assert [f.name for f in p.filters] == ["rcpt", "headers", "spf", "dkim", "arc", "dmarc",
-                                           "authres"]
+                                           "authres", "rules", "bayes", "attachments"]
     assert p.filters[0].settings == {"recipients": ["@example.test"]}
     assert p.filters[1].on_error == "continue"
     by_name = {f.name: f for f in p.filters}
@@ -87,8 +87,11 @@ def test_default_policy_file_loads_and_matches_its_comments():
     assert p.dns.max_queries_per_message == 100 and p.dns.cache_max_entries == 10000
     scores = p.default_class.scores
     assert scores["SPF_FAIL"] == 2.0 and scores["DMARC_FAIL"] == 3.5
-    assert p.default_class.thresholds.rewrite_subject == 8.0
-    assert p.default_class.thresholds.quarantine is None  # "false = never"
+    assert p.default_class.thresholds.rewrite_subject is None
+    t = p.default_class.thresholds
+    assert (t.add_header, t.quarantine, t.reject) == (3.0, 4.0, 12.0)
+    assert scores["BAYES_99"] == 5.0 and by_name["rules"].settings["files"] == ["rules/default.cf"]
+    assert p.default_class.thresholds.tempfail is None  # "false = never"
 
 
 def test_values_are_read_and_typed():

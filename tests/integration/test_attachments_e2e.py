@@ -1,0 +1,134 @@
+"""The attachments filter end to end: the real gateway (proxy relay to the sink) refuses banned
+attachments and zip bombs at the end of DATA with ``554 5.7.1`` naming the file, relays clean
+mail, and logs the symbols."""
+
+from __future__ import annotations
+
+import io
+import re
+import smtplib
+import time
+import zipfile
+from collections.abc import Iterator
+from email.message import EmailMessage
+from typing import Any
+
+import pytest
+
+from tests.support.gateway import GatewayProcess, base_policy
+from tests.support.sink import Sink
+
+RCPT = "alice@example.test"
+QID_RE = re.compile(r"(?:\(|queued as )([0-9A-Z]{16})\)?$")
+PE = b"MZ" + b"\x90" * 58 + (0x80).to_bytes(4, "little") + b"\x00" * 64 + b"PE\x00\x00" \
+    + b"\x00" * 200
+
+
+def message(*attachments: tuple[str, bytes, str]) -> bytes:
+    m = EmailMessage()
+    m["From"] = "bob@sender.test"
+    m["To"] = RCPT
+    m["Subject"] = "files"
+    m["Date"] = "Sat, 28 Nov 2026 10:00:00 +0000"
+    m["Message-ID"] = "<1@sender.test>"
+    m.set_content("see attached\n")
+    for name, data, ctype in attachments:
+        maintype, subtype = ctype.split("/")
+        m.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+    return m.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def zip_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+class World:
+    def __init__(self, sink: Sink, gw: GatewayProcess) -> None:
+        self.sink, self.gw = sink, gw
+
+    def send(self, data: bytes) -> tuple[int, bytes]:
+        with smtplib.SMTP(*self.gw.address, timeout=30) as s:
+            s.ehlo("client.sender.test")
+            assert s.mail("bob@sender.test")[0] == 250
+            assert s.rcpt(RCPT)[0] == 250
+            return s.data(data)
+
+    def nothing_relayed(self, before: int) -> None:
+        with pytest.raises(AssertionError):  # the sink's wait_for times out
+            self.sink.wait_for(before + 1, timeout_s=0.5)
+        assert len(self.sink.messages) == before
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    with Sink() as sink:
+        policy = base_policy(
+            downstream=f"smtp://127.0.0.1:{sink.port}",
+            filters=[{"name": "rcpt", "recipients": ["@example.test"]},
+                     {"name": "attachments", "timeout_s": 20}])
+        with GatewayProcess(tmp_path_factory.mktemp("gw"), policy) as gw:
+            yield World(sink, gw)
+
+
+def qid_of(reply: bytes) -> str:
+    m = QID_RE.search(reply.decode().strip())
+    assert m, reply
+    return m.group(1)
+
+
+def attach_symbols(ev: dict[str, Any]) -> list[str]:
+    return [s for s in ev["symbols"] if s.startswith("ATTACH_")]
+
+
+def test_clean_attachments_are_relayed(world: World) -> None:
+    before = len(world.sink.messages)
+    pdf = b"%PDF-1.4\n%%EOF\n"
+    code, reply = world.send(message(("report.pdf", pdf, "application/pdf"),
+                                     ("src.zip", zip_bytes([("a/readme.txt", b"hi")]),
+                                      "application/zip")))
+    assert code == 250, reply
+    assert b"report.pdf" in world.sink.wait_for(before + 1, timeout_s=10)[before].data
+    ev = world.gw.message_event(qid_of(reply))
+    assert ev["action"] == "accept" and attach_symbols(ev) == [], ev["symbols"]
+
+
+def test_exe_attachment_is_refused_naming_the_file(world: World) -> None:
+    before = len(world.sink.messages)
+    code, reply = world.send(message(("invoice.pdf.exe", PE, "application/octet-stream")))
+    text = reply.decode()
+    assert code == 554 and text.startswith("5.7.1 "), (code, reply)
+    assert '"invoice.pdf.exe"' in text and "ATTACH_BANNED_EXT" in text
+    world.nothing_relayed(before)
+    ev = world.gw.message_event(qid_of(reply))
+    assert ev["action"] == "reject" and ev["by"] == "filter:attachments"
+    assert set(attach_symbols(ev)) == {"ATTACH_BANNED_EXT(10)[invoice.pdf.exe]",
+                                       "ATTACH_DOUBLE_EXT(10)[invoice.pdf.exe]",
+                                       "ATTACH_EXECUTABLE(10)[invoice.pdf.exe]"}
+
+
+def test_exe_in_zip_is_refused_with_its_path(world: World) -> None:
+    before = len(world.sink.messages)
+    z = zip_bytes([("docs/readme.txt", b"hi"), ("docs/setup.scr", b"x")])
+    code, reply = world.send(message(("docs.zip", z, "application/zip")))
+    assert (code, reply.split(b" ", 1)[0]) == (554, b"5.7.1"), reply
+    assert b'"docs.zip/docs/setup.scr"' in reply
+    world.nothing_relayed(before)
+
+
+def test_zip_bomb_is_refused_quickly(world: World) -> None:
+    bomb = zip_bytes([("zeros.txt", bytes(50 * 1024 * 1024))])
+    assert len(bomb) < 100_000
+    before = len(world.sink.messages)
+    t0 = time.monotonic()
+    code, reply = world.send(message(("report.zip", bomb, "application/zip")))
+    elapsed = time.monotonic() - t0
+    assert (code, reply.split(b" ", 1)[0]) == (554, b"5.7.1"), reply
+    assert b'"report.zip/zeros.txt"' in reply and b"ATTACH_ZIPBOMB" in reply
+    assert elapsed < 5, elapsed
+    world.nothing_relayed(before)
+    ev = world.gw.message_event(qid_of(reply))
+    assert attach_symbols(ev) == ["ATTACH_ZIPBOMB(15)[report.zip/zeros.txt]"]
