@@ -44,7 +44,8 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from filters.spamd import imported, open_stream, read_all, scorer_settings, symbol_name
+from filters._imported import imported_symbols, scorer_settings, skipped, symbol_name
+from filters.spamd import open_stream, read_all
 from gateway.filterapi import ConfigError, Filter, FilterContext, Result, Symbol
 from gateway.services import Services
 from gateway.settings import check_keys, opt_str
@@ -120,10 +121,8 @@ class RspamdFilter(Filter):
     async def on_message(self, ctx: FilterContext) -> Result:
         msg = ctx.message
         assert msg is not None
-        if msg.size > self.max_bytes:
-            why = f"size {msg.size} > {self.max_bytes}"
-            return Result(symbols=(Symbol(f"{self.prefix}SKIPPED", (why,)),),
-                          data={"skipped": why})
+        if (too_large := skipped(msg, self.max_bytes, self.prefix)) is not None:
+            return too_large
         body = await asyncio.to_thread(msg.path.read_bytes)
         async with asyncio.timeout(self.timeout_s):
             raw = await self._post(self._request_head(ctx, len(body)) + body)
@@ -163,18 +162,10 @@ class RspamdFilter(Filter):
                        for k, v in found.items()]
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise RspamdError(f"unexpected reply: {e}") from e
-        p, f = self.prefix, self.factor
-        reserved = {f"{p}SCORE", f"{p}SKIPPED"}
-        symbols: list[Symbol] = []
-        scores: dict[str, float] = {}
-        for name, s, options in entries:
-            sym = symbol_name(p, name)
-            if sym in scores or sym in reserved or sym.startswith(f"{p}ACTION_"):
-                continue
-            scores[sym] = s
-            symbols.append(Symbol(sym, options, imported(s, f)))
+        p = self.prefix
         summary = f"{score:g}/{required:g}"
-        symbols.append(Symbol(f"{p}SCORE", (summary,), imported(score - sum(scores.values()), f)))
+        symbols = imported_symbols(p, self.factor, entries, score, summary,
+                                   reserved=("ACTION_",))
         symbols.append(Symbol(symbol_name(f"{p}ACTION_", action), (summary,)))
         return Result(symbols=tuple(symbols),
                       data={"score": score, "required_score": required, "action": action,

@@ -42,46 +42,21 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from filters._imported import imported_symbols, scorer_settings, skipped
 from gateway.edits import TraceInfo, received_header
 from gateway.filterapi import ConfigError, Filter, FilterContext, Result, Symbol
 from gateway.services import Services
-from gateway.settings import check_keys, integer, opt_str, positive
+from gateway.settings import check_keys, opt_str
 
 SETTINGS = {"address", "scan_timeout_s", "max_bytes", "user", "prefix", "score_factor"}
 MAX_REPLY_BYTES = 1024 * 1024
 _SPAM_LINE = re.compile(r"^\s*(True|False|Yes|No)\s*;\s*(-?[\d.]+)\s*/\s*(-?[\d.]+)\s*$", re.I)
 # a rule line of the report table: " pts rule name  description" (pts right-aligned, width 4)
 _RULE_LINE = re.compile(r"^ {0,3}(-?\d+(?:\.\d+)?) +([A-Za-z0-9_]+)(?: |$)")
-_NOT_NAME = re.compile(r"[^A-Z0-9_]")
-_PREFIX = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 
 class SpamdError(Exception):
     """spamd answered, but not with a usable result."""
-
-
-def symbol_name(prefix: str, name: str) -> str:
-    """``prefix`` + the backend's name, upper-cased, anything outside A-Z0-9_ made ``_``."""
-    return prefix + _NOT_NAME.sub("_", name.upper())
-
-
-def imported(score: float, factor: float) -> float:
-    return round(score * factor, 3) + 0.0  # + 0.0: no "-0" in the log
-
-
-def scorer_settings(cfg: Mapping[str, Any], default_prefix: str, default_max: int
-                    ) -> tuple[float, int, str, float]:
-    """The settings the spamd and rspamd filters share: scan_timeout_s, max_bytes, prefix,
-    score_factor."""
-    timeout = positive(cfg, "scan_timeout_s", 8.0)
-    max_bytes = integer(cfg, "max_bytes", default_max, 1)
-    prefix = opt_str(cfg, "prefix") or default_prefix
-    if not _PREFIX.match(prefix):
-        raise ConfigError("prefix", "must be upper-case letters, digits and _ (e.g. SA_)")
-    factor = cfg.get("score_factor", 1.0)
-    if isinstance(factor, bool) or not isinstance(factor, int | float) or factor < 0:
-        raise ConfigError("score_factor", "must be a number >= 0")
-    return timeout, max_bytes, prefix, float(factor)
 
 
 def parse_address(value: str, key: str = "address") -> tuple[str, int] | str:
@@ -182,10 +157,8 @@ class SpamdFilter(Filter):
     async def on_message(self, ctx: FilterContext) -> Result:
         msg = ctx.message
         assert msg is not None
-        if msg.size > self.max_bytes:
-            why = f"size {msg.size} > {self.max_bytes}"
-            return Result(symbols=(Symbol(f"{self.prefix}SKIPPED", (why,)),),
-                          data={"skipped": why})
+        if (too_large := skipped(msg, self.max_bytes, self.prefix)) is not None:
+            return too_large
         body = received_line(ctx, self.hostname) + await asyncio.to_thread(msg.path.read_bytes)
         async with asyncio.timeout(self.timeout_s):
             raw = await self._ask(body)
@@ -206,20 +179,12 @@ class SpamdFilter(Filter):
 
     def _result(self, spam: bool, total: float, threshold: float,
                 rules: list[tuple[str, str]]) -> Result:
-        p, f = self.prefix, self.factor
-        symbols: list[Symbol] = []
-        points: dict[str, float] = {}
-        for rule, pts in rules:
-            name = symbol_name(p, rule)
-            if name in points or name in (f"{p}SCORE", f"{p}SPAM", f"{p}SKIPPED"):
-                continue
-            points[name] = float(pts)
-            symbols.append(Symbol(name, (pts,), imported(float(pts), f)))
         summary = f"{total:g}/{threshold:g}"
-        rest = total - sum(points.values())
-        symbols.append(Symbol(f"{p}SCORE", (summary,), imported(rest, f)))
+        symbols = imported_symbols(self.prefix, self.factor,
+                                   ((rule, float(pts), (pts,)) for rule, pts in rules),
+                                   total, summary, reserved=("SPAM",))
         if spam:
-            symbols.append(Symbol(f"{p}SPAM", (summary,)))
+            symbols.append(Symbol(f"{self.prefix}SPAM", (summary,)))
         return Result(symbols=tuple(symbols),
                       data={"score": total, "threshold": threshold, "spam": spam,
                             "rules": {r: float(pts) for r, pts in rules}})

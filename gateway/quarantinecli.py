@@ -22,15 +22,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from gateway.errors import PolicyError, SpoolError
+from gateway.errors import SpoolError
 from gateway.policy.schema import Policy
 from gateway.quarantine import NotQuarantined, Quarantine, QuarantineError, Record
 from gateway.queue_entry import QueueEntry, SpoolBusy
-from gateway.queuecli import EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, qid_arg
+from gateway.queuecli import (
+    EXIT_FAIL,
+    EXIT_OK,
+    UsageError,
+    load_spool_policy,
+    open_spool_dir,
+    qid_arg,
+    run_command,
+)
 from gateway.queuecli import _iso as iso
 from gateway.queuecli import _local as local
 from gateway.queuecli import _span as span
-from gateway.spool import Spool
 
 log = logging.getLogger("mailgate.quarantine")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -91,32 +98,19 @@ def add_arguments(parser: argparse.ArgumentParser, default_policy: Path) -> None
 
 
 def open_quarantine(policy_path: Path) -> tuple[Quarantine, Policy]:
-    from gateway.policy.loader import load_policy
-
-    try:
-        policy = load_policy(policy_path)
-    except PolicyError as e:
-        raise UsageError("; ".join(e.problems)) from None
+    policy = load_spool_policy(policy_path)
     directory = policy.spool.directory
-    if not directory.is_dir():
-        raise UsageError(
-            f"spool directory {str(directory)!r} ({directory.absolute()}) does not exist: has "
-            "the gateway run with this policy? (relative paths are relative to the directory "
-            "mailgate runs in)")
     owner = directory.stat().st_uid
     if os.geteuid() != owner:  # the index is written (WAL files too): the owner's files only
         raise UsageError(f"the spool {directory} belongs to uid {owner}: run mailgate "
                          f"quarantine as that user (not uid {os.geteuid()})")
-    try:
-        spool = Spool(directory)
-    except OSError as e:
-        raise UsageError(f"cannot open the spool {directory}: {e}") from None
-    return Quarantine(spool), policy
+    return Quarantine(open_spool_dir(directory)), policy
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
-    try:
+
+    def command() -> int:
         q, policy = open_quarantine(args.policy)
         cli = QuarantineCli(q, policy, out, err)
         cmd = args.quarantine_cmd
@@ -127,21 +121,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         if cmd == "expire":
             return cli.expire()
         return cli.change(cmd, args.qids, wait=args.wait)
-    except UsageError as e:
-        print(f"mailgate quarantine: {e}", file=err)
-        return EXIT_USAGE
-    except QuarantineError as e:
-        print(f"mailgate quarantine: {e}", file=err)
-        return EXIT_USAGE
-    except PermissionError as e:
-        print(f"mailgate quarantine: {e.filename or 'spool'}: permission denied", file=err)
-        return EXIT_USAGE
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK
-    except KeyboardInterrupt:
-        return 130
+
+    return run_command("mailgate quarantine", command, err, usage_errors=(QuarantineError,))
 
 
 def _symbols_text(r: Record) -> str:

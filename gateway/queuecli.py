@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from gateway.errors import PolicyError, SpoolError
 from gateway.logs import event
@@ -38,6 +38,9 @@ from gateway.queue_entry import (
     is_qid,
 )
 from gateway.spool import Spool
+
+if TYPE_CHECKING:
+    from gateway.policy.schema import Policy
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 MARKS: dict[str, str] = {"active": "*", "deferred": " ", "hold": "!"}
@@ -104,7 +107,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     if args.queue_cmd == "delete" and bool(args.qids) == args.all_deferred:
         print("mailgate queue delete: give QID... or --all-deferred (not both)", file=err)
         return EXIT_USAGE
-    try:
+
+    def command() -> int:
         spool, scan_interval_s = open_spool(args.policy)
         cli = QueueCli(spool, out, err, scan_interval_s=scan_interval_s)
         cmd = args.queue_cmd
@@ -121,12 +125,25 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         if cmd == "hold":
             return cli.each(args.qids, cli.hold)
         return cli.each(args.qids, cli.release)
-    except UsageError as e:
-        print(f"mailgate queue: {e}", file=err)
+
+    return run_command("mailgate queue", command, err, permission_hint=" (run as the spool's "
+                       "owner, or as root to read)")
+
+
+def run_command(prog: str, command: Callable[[], int], err: TextIO, *,
+                usage_errors: tuple[type[Exception], ...] = (),
+                permission_hint: str = "") -> int:
+    """``command()``'s exit code, with what the spool commands share: a UsageError (or one of
+    ``usage_errors``) or a PermissionError is a message on ``err`` and exit 2; a closed stdout
+    (``mailgate queue list | head``) is not an error; Ctrl-C is 130."""
+    caught: tuple[type[Exception], ...] = (UsageError, *usage_errors)
+    try:
+        return command()
+    except caught as e:
+        print(f"{prog}: {e}", file=err)
         return EXIT_USAGE
     except PermissionError as e:
-        print(f"mailgate queue: {e.filename or 'spool'}: permission denied (run as the "
-              "spool's owner, or as root to read)", file=err)
+        print(f"{prog}: {e.filename or 'spool'}: permission denied{permission_hint}", file=err)
         return EXIT_USAGE
     except BrokenPipeError:  # e.g. `mailgate queue list | head`: not an error
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -137,8 +154,15 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
 
 
 def open_spool(policy_path: Path) -> tuple[Spool, float]:
-    """The policy's spool. It must exist (the gateway makes it at start): a missing one usually
-    means a relative ``spool.directory`` resolved against the wrong working directory."""
+    """The policy's spool and its ``queue.scan_interval_s``."""
+    policy = load_spool_policy(policy_path)
+    return open_spool_dir(policy.spool.directory), policy.queue.scan_interval_s
+
+
+def load_spool_policy(policy_path: Path) -> Policy:
+    """The policy, whose spool directory must exist (the gateway makes it at start): a missing
+    one usually means a relative ``spool.directory`` resolved against the wrong working
+    directory."""
     from gateway.policy.loader import load_policy
 
     try:
@@ -151,11 +175,14 @@ def open_spool(policy_path: Path) -> tuple[Spool, float]:
             f"spool directory {str(directory)!r} ({directory.absolute()}) does not exist: has "
             "the gateway run with this policy? (relative paths are relative to the directory "
             "mailgate runs in)")
+    return policy
+
+
+def open_spool_dir(directory: Path) -> Spool:
     try:
-        spool = Spool(directory)
+        return Spool(directory)
     except OSError as e:
         raise UsageError(f"cannot open the spool {directory}: {e}") from None
-    return spool, policy.queue.scan_interval_s
 
 
 # -- presentation -----------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +34,18 @@ from gateway.services import Services
 from tests.support import clamd as support
 from tests.support.clamd import (
     CORPORA,
+    EICAR,
     EICAR_NAME,
     SKIP_REASON,
     TESTFILE_NAME,
     ClamdServer,
     HangingServer,
     free_port,
+    mail_with_attachments,
 )
 
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
 
-EICAR = (CORPORA / "eicar" / "eicar.com.txt").read_bytes() if (CORPORA / "eicar").is_dir() \
-    else b""
 TESTFILES = CORPORA / "clamav-testfiles"
 SAMPLES = sorted(p for p in TESTFILES.glob("*")
                  if p.is_file() and p.name not in ("SOURCE.md", "debian-copyright"))
@@ -70,16 +69,7 @@ def crlf(data: bytes) -> bytes:
 
 
 def message(attachments: list[tuple[str, bytes]], text: str = "Hello.\n") -> bytes:
-    m = EmailMessage()
-    m["From"] = "sender@example.org"
-    m["To"] = "alice@example.test"
-    m["Subject"] = "files"
-    m["Date"] = "Sat, 28 Nov 2026 10:00:00 +0000"
-    m["Message-ID"] = "<clamav-test@example.org>"
-    m.set_content(text)
-    for name, data in attachments:
-        m.add_attachment(data, maintype="application", subtype="octet-stream", filename=name)
-    return crlf(m.as_bytes())
+    return mail_with_attachments(attachments, text=text)
 
 
 def zipped(name: str, data: bytes) -> bytes:

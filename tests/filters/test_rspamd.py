@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -17,18 +15,11 @@ from gateway.filterapi import Client, ConfigError, FilterContext, Result, Stage
 from gateway.message import Message
 from gateway.services import Services
 from gateway.smtp.address import Address
-from tests.support import rspamd
+from tests.support import rspamd, scanning
+from tests.support.scanning import by_name, message
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "gtube"
 skip_no_rspamd = pytest.mark.skipif(rspamd.rspamd_unavailable_reason() is not None,
                                     reason=rspamd.rspamd_unavailable_reason() or "")
-
-
-def message(tmp_path: Path, name: str) -> Message:
-    raw = re.sub(rb"\r?\n", b"\r\n", (CORPUS / name).read_bytes())
-    path = tmp_path / name
-    path.write_bytes(raw)
-    return Message.from_spool(path, len(raw))
 
 
 def ctx(msg: Message, sender: Address | None = None) -> FilterContext:
@@ -45,10 +36,6 @@ def make(**cfg: object) -> RspamdFilter:
 
 def scan(f: RspamdFilter, msg: Message) -> Result:
     return asyncio.run(f.on_message(ctx(msg)))
-
-
-def by_name(res: Result) -> dict[str, tuple[tuple[str, ...], float | None]]:
-    return {s.name: (s.options, s.score) for s in res.symbols}
 
 
 @pytest.fixture(scope="module")
@@ -94,30 +81,13 @@ def test_larger_than_max_bytes_is_skipped_without_asking(tmp_path: Path) -> None
     assert by_name(scan(f, msg)) == {"RS_SKIPPED": ((f"size {msg.size} > 100",), None)}
 
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
 def with_server(reply: bytes | None, msg: Message, sender: Address | None = None,
                 **cfg: object) -> tuple[Result, list[bytes]]:
     seen: list[bytes] = []
 
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        head = await r.readuntil(b"\r\n\r\n")
-        n = int(re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
-        seen.append(head + await r.readexactly(n))
-        if reply is None:
-            await asyncio.sleep(5)
-        w.write(reply or b"")
-        await w.drain()
-        w.close()
-
-    async def main() -> Result:
-        server = await asyncio.start_server(handler, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        async with server:
-            f = make(url=f"http://127.0.0.1:{port}/rs", **cfg)
-            return await f.on_message(ctx(msg, sender))
-    return asyncio.run(main()), seen
+    async def use(port: int) -> Result:
+        return await make(url=f"http://127.0.0.1:{port}/rs", **cfg).on_message(ctx(msg, sender))
+    return scanning.with_server(scanning.recording(seen, reply), use), seen
 
 
 def http(body: bytes, status: str = "200 OK") -> bytes:

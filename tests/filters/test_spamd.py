@@ -4,8 +4,6 @@ for the failure modes (refused, silent, garbage) and its settings."""
 from __future__ import annotations
 
 import asyncio
-import re
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -15,18 +13,11 @@ from gateway.filterapi import Client, ConfigError, FilterContext, Result, Stage
 from gateway.message import Message
 from gateway.services import Services
 from gateway.smtp.address import Address
-from tests.support import spamd
+from tests.support import scanning, spamd
+from tests.support.scanning import Handler, by_name, message
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "gtube"
 skip_no_spamd = pytest.mark.skipif(spamd.spamd_unavailable_reason() is not None,
                                    reason=spamd.spamd_unavailable_reason() or "")
-
-
-def message(tmp_path: Path, name: str) -> Message:
-    raw = re.sub(rb"\r?\n", b"\r\n", (CORPUS / name).read_bytes())
-    path = tmp_path / name
-    path.write_bytes(raw)
-    return Message.from_spool(path, len(raw))
 
 
 def ctx(msg: Message, tls: bool = False) -> FilterContext:
@@ -41,10 +32,6 @@ def make(**cfg: object) -> SpamdFilter:
 
 def scan(f: SpamdFilter, msg: Message) -> Result:
     return asyncio.run(f.on_message(ctx(msg)))
-
-
-def by_name(res: Result) -> dict[str, tuple[tuple[str, ...], float | None]]:
-    return {s.name: (s.options, s.score) for s in res.symbols}
 
 
 @pytest.fixture(scope="module")
@@ -96,30 +83,16 @@ def test_larger_than_max_bytes_is_skipped_without_asking(tmp_path: Path) -> None
     assert by_name(res) == {"SA_SKIPPED": ((f"size {msg.size} > {msg.size - 1}",), None)}
 
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
 def with_server(handler: Handler, f_cfg: dict[str, object], msg: Message) -> Result:
-    async def main() -> Result:
-        server = await asyncio.start_server(handler, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        async with server:
-            return await make(address=f"127.0.0.1:{port}", **f_cfg).on_message(ctx(msg, True))
-    return asyncio.run(main())
+    async def use(port: int) -> Result:
+        return await make(address=f"127.0.0.1:{port}", **f_cfg).on_message(ctx(msg, True))
+    return scanning.with_server(handler, use)
 
 
 def test_request_format_and_a_bad_reply(tmp_path: Path) -> None:
     msg = message(tmp_path, "sa-sample-nonspam.eml")
     seen: list[bytes] = []
-
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        head = await r.readuntil(b"\r\n\r\n")
-        n = int(re.search(rb"Content-length: (\d+)", head)[1])  # type: ignore[index]
-        seen.append(head + await r.readexactly(n))
-        w.write(b"SPAMD/1.1 76 EX_PROTOCOL\r\n\r\n")
-        await w.drain()
-        w.close()
-
+    handler = scanning.recording(seen, b"SPAMD/1.1 76 EX_PROTOCOL\r\n\r\n")
     with pytest.raises(SpamdError, match="EX_PROTOCOL"):
         with_server(handler, {"user": "alice"}, msg)
     head, _, body = seen[0].partition(b"\r\n\r\n")

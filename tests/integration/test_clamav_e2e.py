@@ -10,7 +10,6 @@ import re
 import smtplib
 import time
 from collections.abc import Iterator
-from email.message import EmailMessage
 from typing import Any
 
 import pytest
@@ -18,20 +17,20 @@ import pytest
 from tests.support import clamd as support
 from tests.support.clamd import (
     CORPORA,
+    EICAR,
     EICAR_NAME,
     SKIP_REASON,
     TESTFILE_NAME,
     ClamdServer,
     HangingServer,
     free_port,
+    mail_with_attachments,
 )
 from tests.support.gateway import GatewayProcess, base_policy
 from tests.support.sink import Sink
 
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
 
-EICAR = (CORPORA / "eicar" / "eicar.com.txt").read_bytes() if (CORPORA / "eicar").is_dir() \
-    else b""
 CLAM_MAIL = CORPORA / "clamav-testfiles" / "clam.mail"
 SENDER = "sender@example.org"
 RCPT = "alice@example.test"
@@ -39,16 +38,9 @@ QID = re.compile(r"\(([0-9A-Z]{16})\)$")
 
 
 def message(attachments: list[tuple[str, bytes]], subject: str) -> bytes:
-    m = EmailMessage()
-    m["From"] = SENDER
-    m["To"] = RCPT
-    m["Subject"] = subject
-    m["Date"] = "Sat, 28 Nov 2026 10:00:00 +0000"
-    m["Message-ID"] = f"<{subject.replace(' ', '.')}@example.org>"
-    m.set_content("Please find the file attached.\n")
-    for name, data in attachments:
-        m.add_attachment(data, maintype="application", subtype="octet-stream", filename=name)
-    return re.sub(rb"\r?\n", b"\r\n", m.as_bytes())
+    return mail_with_attachments(attachments, subject=subject,
+                                 text="Please find the file attached.\n",
+                                 message_id=f"<{subject.replace(' ', '.')}@example.org>")
 
 
 class World:

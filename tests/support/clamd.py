@@ -1,14 +1,15 @@
 """A real ClamAV clamd for tests, offline: the two-signature database of
 ``../shared/corpora/services/clamav`` (EICAR + the clamav-testfiles ``clam.exe``), a private
 temp dir, a free TCP port on 127.0.0.1 *and* a unix socket; ready once it answers PONG;
-stopped by its PID.
+stopped by its PID (and by a reaper should the test process die: tests/support/daemon.py).
 
 ``with ClamdServer(workdir) as clamd:`` for one of your own (e.g. with a small
-``stream_max_length``), or :func:`shared` / :func:`clamd_fixture` for the one clamd a whole test
+``stream_max_length``), or :func:`shared` for the one clamd a whole test
 session shares (reference counted: it stops when its last user is done). ``SKIP_REASON`` is
 None when clamd and the database are there, otherwise why the tests must skip.
 
-Also :class:`HangingServer`: a TCP listener that accepts and never answers (a hung clamd).
+Also :class:`HangingServer`: a TCP listener that accepts and never answers (a hung clamd);
+``EICAR`` (the test file's bytes) and :func:`mail_with_attachments` for the messages to scan.
 """
 
 from __future__ import annotations
@@ -16,16 +17,22 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
+from email.message import EmailMessage
 from pathlib import Path
 from types import TracebackType
+
+from tests.support.daemon import Daemon, free_port, log_tail
+
+__all__ = ["CORPORA", "EICAR", "EICAR_NAME", "SKIP_REASON", "TESTFILE_NAME", "ClamdServer",
+           "HangingServer", "acquire", "free_port", "mail_with_attachments", "release",
+           "shared"]
 
 REPO = Path(__file__).resolve().parents[2]
 CORPORA = REPO.parent / "shared" / "corpora"
@@ -33,6 +40,25 @@ DB_DIR = CORPORA / "services" / "clamav"
 DB_FILES = ("local-test.ndb",)
 EICAR_NAME = "Local.Test.EICAR-NDB.UNOFFICIAL"
 TESTFILE_NAME = "Local.Test.ClamAV-Test-File-NDB.UNOFFICIAL"
+EICAR = (CORPORA / "eicar" / "eicar.com.txt").read_bytes() if (CORPORA / "eicar").is_dir() \
+    else b""
+
+
+def mail_with_attachments(attachments: list[tuple[str, bytes]], *, subject: str = "files",
+                          text: str = "Hello.\n",
+                          message_id: str = "<clamav-test@example.org>") -> bytes:
+    """A CRLF message from sender@example.org to alice@example.test: ``text``, then each
+    (file name, data) as an application/octet-stream attachment (base64)."""
+    m = EmailMessage()
+    m["From"] = "sender@example.org"
+    m["To"] = "alice@example.test"
+    m["Subject"] = subject
+    m["Date"] = "Sat, 28 Nov 2026 10:00:00 +0000"
+    m["Message-ID"] = message_id
+    m.set_content(text)
+    for name, data in attachments:
+        m.add_attachment(data, maintype="application", subtype="octet-stream", filename=name)
+    return re.sub(rb"\r?\n", b"\r\n", m.as_bytes())
 
 
 def clamd_binary() -> str | None:
@@ -52,22 +78,6 @@ def _skip_reason() -> str | None:
 
 
 SKIP_REASON = _skip_reason()
-
-
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM when the test process dies, so a killed test
-    run leaves no clamd behind."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _ask(address: str | tuple[str, int], command: bytes, timeout_s: float = 2.0) -> bytes:
@@ -95,7 +105,11 @@ class ClamdServer:
         self.max_threads = max_threads
         self.socket_path = str(workdir / "clamd.sock")
         self.tcp_port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.daemon: Daemon | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.daemon.proc if self.daemon is not None else None
 
     @property
     def tcp_address(self) -> str:
@@ -139,31 +153,20 @@ class ClamdServer:
         for _ in range(3):  # the free port may be taken between probing and clamd's bind
             self.tcp_port = free_port()
             conf = self._write_config()
-            out = (self.workdir / "stdout.log").open("ab")
-            self.proc = subprocess.Popen([binary, f"--config-file={conf}"], stdout=out,
-                                         stderr=subprocess.STDOUT, cwd=self.workdir,
-                                         preexec_fn=_die_with_parent)
-            out.close()
-            if self._wait_ready(timeout_s):
+            self.daemon = Daemon([binary, f"--config-file={conf}"],
+                                 log=self.workdir / "stdout.log", cwd=self.workdir)
+            if self.daemon.wait_ready(self._ready, timeout_s, 0.05) is None:
                 return self
             last = self.log_tail()
             self.stop()
         raise RuntimeError(f"clamd did not become ready; log tail:\n{last}")
 
-    def _wait_ready(self, timeout_s: float) -> bool:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                if (_ask(("127.0.0.1", self.tcp_port), b"PING") == b"PONG"
-                        and _ask(self.socket_path, b"PING") == b"PONG"):
-                    return True
-            except OSError:
-                pass
-            time.sleep(0.05)
-        return False
+    def _ready(self) -> bool:
+        try:
+            return (_ask(("127.0.0.1", self.tcp_port), b"PING") == b"PONG"
+                    and _ask(self.socket_path, b"PING") == b"PONG")
+        except OSError:
+            return False
 
     def ping(self) -> bool:
         try:
@@ -172,23 +175,13 @@ class ClamdServer:
             return False
 
     def log_tail(self, n: int = 30) -> str:
-        lines: list[str] = []
-        for name in ("stdout.log", "clamd.log"):
-            p = self.workdir / name
-            if p.exists():
-                lines += p.read_text(errors="replace").splitlines()[-n:]
-        return "\n".join(lines)
+        return log_tail((self.workdir / "stdout.log", self.workdir / "clamd.log"), n)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()  # SIGTERM to this PID: clamd removes its socket and exits
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        """SIGTERM to clamd's PID: it removes its socket and exits."""
+        daemon, self.daemon = self.daemon, None
+        if daemon is not None:
+            daemon.stop(timeout_s)
 
     def __enter__(self) -> ClamdServer:
         return self.start()

@@ -7,7 +7,6 @@ import copy
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support import toml
+from tests.support.daemon import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -107,13 +107,7 @@ class GatewayProcess:
     def stop(self, timeout_s: float = 15) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout_s)
         self._log.close()
         return self.proc.returncode
 

@@ -17,29 +17,27 @@ It runs as ``_rspamd``. RUNDIR and LOGDIR live in a ``mkdtemp`` dir under /tmp; 
 hs_helper keeps the compiled Hyperscan cache (a cold start compiles it, ~17 s; warm ~1 s) — is
 a cache dir shared by runs: ``$MAILGATE_TEST_CACHE/rspamd-db`` (default
 ``/tmp/mailgate-test-cache``). Readiness = ``GET /ping`` answers ``pong``. ``stop()`` sends
-SIGTERM to the main process by its PID (its workers exit with it).
+SIGTERM to the main process by its PID (its workers exit with it). A reaper ends it should the
+test process die without ``stop()`` (tests/support/daemon.py).
 
 ``rspamd_unavailable_reason()`` says why it cannot run here (for skip markers).
 """
 
 from __future__ import annotations
 
-import atexit
 import grp
 import os
 import pwd
 import shutil
-import signal
 import socket
-import subprocess
-import tempfile
-import time
 from pathlib import Path
-from types import TracebackType
 
+from tests.support.daemon import HOST, PrivateDaemon, free_port, once, private_dir
 from tests.support.dnsserver import DnsServer
 
-HOST = "127.0.0.1"
+__all__ = ["HOST", "USER", "RspamdInstance", "cache_dir", "free_port", "ping",
+           "rspamd_unavailable_reason", "shared"]
+
 USER = "_rspamd"
 CONF = Path("/etc/rspamd/rspamd.conf")
 OFFLINE_MODULES = ("fuzzy_check", "rbl", "phishing", "rspamd_update", "whitelist",
@@ -62,12 +60,6 @@ def rspamd_unavailable_reason() -> str | None:
     return None
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 def ping(port: int, timeout_s: float = 1.0) -> bool:
     try:
         with socket.create_connection((HOST, port), timeout=timeout_s) as s:
@@ -81,13 +73,14 @@ def ping(port: int, timeout_s: float = 1.0) -> bool:
         return False
 
 
-class RspamdInstance:
+class RspamdInstance(PrivateDaemon):
+    name = "rspamd"
+    log_names = ("stdout.log", "rspamd/log/rspamd.log")
+
     def __init__(self) -> None:
+        super().__init__()
         self.port = 0
         self.controller_port = 0
-        self.workdir: Path | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._out: object = None
         self.dns: DnsServer | None = None
 
     @property
@@ -121,8 +114,7 @@ class RspamdInstance:
         reason = rspamd_unavailable_reason()
         if reason:
             raise RuntimeError(reason)
-        self.workdir = Path(tempfile.mkdtemp(prefix="mailgate-rspamd-"))
-        self.workdir.chmod(0o755)
+        self.workdir = private_dir("mailgate-rspamd-")
         db = cache_dir() / "rspamd-db"
         db.mkdir(parents=True, exist_ok=True)
         self.dns = DnsServer("").start()
@@ -133,66 +125,14 @@ class RspamdInstance:
         variables = self._write_config(root, db)
         argv = ["rspamd", "-f", "-u", USER, "-g", USER, "-c", str(CONF),
                 "-p", str(root / "run" / "rspamd.pid"), *variables]
-        out = (self.workdir / "stdout.log").open("ab")
-        self._out = out
-        self.proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                log = self.log_tail()
-                self.stop()
-                raise RuntimeError(f"rspamd exited with {self.proc.returncode}:\n{log}")
-            if ping(self.port):
-                return self
-            time.sleep(0.2)
-        log = self.log_tail()
-        self.stop()
-        raise RuntimeError(f"rspamd not ready after {timeout_s}s:\n{log}")
+        self._launch(argv, lambda: ping(self.port), timeout_s, 0.2)
+        return self
 
-    def log_tail(self, n: int = 30) -> str:
-        if self.workdir is None:
-            return ""
-        lines: list[str] = []
-        for p in (self.workdir / "stdout.log", self.workdir / "rspamd" / "log" / "rspamd.log"):
-            if p.exists():
-                lines += p.read_text(errors="replace").splitlines()[-n:]
-        return "\n".join(lines)
-
-    def stop(self, timeout_s: float = 15) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._out is not None:
-            self._out.close()  # type: ignore[attr-defined]
-            self._out = None
+    def _cleanup(self) -> None:
         if self.dns is not None:
             self.dns.stop()
             self.dns = None
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
-
-    def __enter__(self) -> RspamdInstance:
-        return self.start()
-
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
-_shared: RspamdInstance | None = None
-
-
-def shared() -> RspamdInstance:
-    """One instance for the whole test session (every test module that needs it shares it),
-    started on first use and stopped when the test process exits."""
-    global _shared
-    if _shared is None:
-        inst = RspamdInstance().start()
-        atexit.register(inst.stop)
-        _shared = inst
-    return _shared
+shared = once(lambda: RspamdInstance().start())
+shared.__doc__ = """The one RspamdInstance of the test session (tests/support/daemon.py: once)."""

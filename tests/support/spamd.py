@@ -6,6 +6,7 @@ blocklists, Razor, Pyzor or DCC) with the rules shipped in the package, no user 
 as ``debian-spamd`` (the Debian package's user); its temp dir is made by ``mkdtemp`` under /tmp
 and opened to that user (pytest's 0700 temp dirs are not). Readiness = a ``PING`` answered with
 ``PONG`` (about 1 s). ``stop()`` sends SIGTERM to the parent by its PID; the children exit with it.
+A reaper ends it should the test process die without ``stop()`` (tests/support/daemon.py).
 
 Usage::
 
@@ -17,19 +18,17 @@ Usage::
 
 from __future__ import annotations
 
-import atexit
 import os
 import pwd
 import shutil
-import signal
 import socket
-import subprocess
-import tempfile
-import time
 from pathlib import Path
-from types import TracebackType
 
-HOST = "127.0.0.1"
+from tests.support.daemon import HOST, PrivateDaemon, free_port, once, private_dir
+
+__all__ = ["HOST", "USER", "SpamdInstance", "free_port", "ping", "shared",
+           "spamd_unavailable_reason"]
+
 USER = "debian-spamd"
 
 
@@ -43,12 +42,6 @@ def spamd_unavailable_reason() -> str | None:
     except KeyError:
         return f"user {USER} does not exist"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def ping(address: tuple[str, int] | str, timeout_s: float = 1.0) -> bool:
@@ -69,13 +62,14 @@ def ping(address: tuple[str, int] | str, timeout_s: float = 1.0) -> bool:
         return False
 
 
-class SpamdInstance:
+class SpamdInstance(PrivateDaemon):
+    name = "spamd"
+    log_names = ("stdout.log", "spamd.log")
+
     def __init__(self, max_children: int = 2) -> None:
+        super().__init__()
         self.max_children = max_children
         self.port = 0
-        self.workdir: Path | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._out: object = None
 
     @property
     def address(self) -> str:
@@ -94,8 +88,7 @@ class SpamdInstance:
         reason = spamd_unavailable_reason()
         if reason:
             raise RuntimeError(reason)
-        self.workdir = Path(tempfile.mkdtemp(prefix="mailgate-spamd-"))
-        self.workdir.chmod(0o755)
+        self.workdir = private_dir("mailgate-spamd-")
         home = self.workdir / "home"
         home.mkdir()
         pw = pwd.getpwnam(USER)
@@ -107,66 +100,11 @@ class SpamdInstance:
                 f"--pidfile={self.workdir / 'spamd.pid'}",
                 f"--syslog={self.workdir / 'spamd.log'}",
                 f"--max-children={self.max_children}", "--min-children=1"]
-        out = (self.workdir / "stdout.log").open("ab")
-        self._out = out
-        self.proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                     env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        self._launch(argv, lambda: ping((HOST, self.port)) and ping(str(self.socket_path)),
+                     timeout_s, 0.1, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
                                           "LANG": "C.UTF-8"})
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                log = self.log_tail()
-                self.stop()
-                raise RuntimeError(f"spamd exited with {self.proc.returncode}:\n{log}")
-            if ping((HOST, self.port)) and ping(str(self.socket_path)):
-                return self
-            time.sleep(0.1)
-        log = self.log_tail()
-        self.stop()
-        raise RuntimeError(f"spamd not ready after {timeout_s}s:\n{log}")
-
-    def log_tail(self, n: int = 30) -> str:
-        if self.workdir is None:
-            return ""
-        lines: list[str] = []
-        for name in ("stdout.log", "spamd.log"):
-            p = self.workdir / name
-            if p.exists():
-                lines += p.read_text(errors="replace").splitlines()[-n:]
-        return "\n".join(lines)
-
-    def stop(self, timeout_s: float = 15) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._out is not None:
-            self._out.close()  # type: ignore[attr-defined]
-            self._out = None
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
-
-    def __enter__(self) -> SpamdInstance:
-        return self.start()
-
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
+        return self
 
 
-_shared: SpamdInstance | None = None
-
-
-def shared() -> SpamdInstance:
-    """One instance for the whole test session (every test module that needs it shares it),
-    started on first use and stopped when the test process exits."""
-    global _shared
-    if _shared is None:
-        inst = SpamdInstance().start()
-        atexit.register(inst.stop)
-        _shared = inst
-    return _shared
+shared = once(lambda: SpamdInstance().start())
+shared.__doc__ = """The one SpamdInstance of the test session (tests/support/daemon.py: once)."""
