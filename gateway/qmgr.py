@@ -20,7 +20,7 @@ from dataclasses import replace
 
 from gateway import dsn
 from gateway.dnsresolver import DnsResolver
-from gateway.errors import RelayError, SpoolError
+from gateway.errors import RelayError, RelayTempError, SpoolError
 from gateway.logs import event
 from gateway.policy.schema import Policy, QueueConfig
 from gateway.qid import new_qid
@@ -222,6 +222,11 @@ class QueueManager:
         mail, rcpt_replies = await client.envelope(entry.sender, params, [
             (x.addr, dsnparams.rcpt_dsn_params(x.notify, x.orcpt) if "DSN" in ext else [])
             for x in rcpts])
+        for reply in (mail, *rcpt_replies):
+            if reply.code == 503:  # "bad sequence": the session, not the message, is wrong —
+                # never bounce for it; drop this connection and try again later
+                raise RelayTempError(f"downstream session out of step: {_text(reply)}",
+                                     code=451, status="4.4.0", text=_text(reply))
         if not mail.is_ok:
             state: RecipientState = "failed" if mail.is_perm else "pending"
             return {x.addr: (state, _text(mail)) for x in rcpts}, None

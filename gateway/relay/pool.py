@@ -64,19 +64,19 @@ class DownstreamPool:
 
     async def _reap(self) -> None:
         """Close idle connections past ``idle_s`` for every destination, not only the one in
-        use, so that none lingers half-closed."""
+        use, so that none lingers half-closed. The expired ones leave the idle lists *before*
+        any await (lists changed in place): a connection being closed here can never be
+        handed to another delivery meanwhile, and what others park during the awaits stays."""
         now = time.monotonic()
-        for t in list(self._idle):
-            keep = []
-            for item in self._idle[t]:
-                if now - item.since > self.idle_s or item.client.closed:
-                    await item.client.quit()
-                else:
-                    keep.append(item)
-            if keep:
-                self._idle[t] = keep
-            else:
+        expired: list[_Idle] = []
+        for t, items in list(self._idle.items()):
+            keep = [i for i in items if now - i.since <= self.idle_s and not i.client.closed]
+            expired += [i for i in items if not any(i is k for k in keep)]
+            items[:] = keep
+            if not items:
                 del self._idle[t]
+        for item in expired:
+            await item.client.quit()
 
     async def _reuse(self, t: Transport) -> DownstreamClient | None:
         idle = self._idle.get(t, [])
@@ -119,7 +119,9 @@ class DownstreamPool:
 
     async def close(self) -> None:
         self.closed = True
-        for items in self._idle.values():
-            for item in items:
-                await item.client.quit()
+        items = [i for lst in self._idle.values() for i in lst]
+        for lst in self._idle.values():
+            lst.clear()  # nobody can take one while we close them
         self._idle.clear()
+        for item in items:
+            await item.client.quit()

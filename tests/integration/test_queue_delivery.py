@@ -111,3 +111,19 @@ def test_delay_warning_is_sent_once(gateway_factory):
     assert fields["Final-Recipient"].replace(" ", "") == "rfc822;alice@example.test"
     assert fields["Will-Retry-Until"]
     assert len(gw.events("dsn")) == 1 and gw.events("dsn")[0]["action"] == "delayed"
+
+
+def test_a_503_out_of_step_reply_defers_and_never_bounces(gateway_factory):
+    """A downstream answering 503 (bad sequence) to MAIL says the session is out of step, not
+    that the message is bad: the queue drops that connection and retries; no DSN is sent."""
+    with Sink(replies={"MAIL:a@sender.test": "503 5.5.1 Error: nested MAIL command"}) as sink:
+        gw = gateway_factory(base_policy(f"smtp://127.0.0.1:{sink.port}", relay={"mode": "queue"},
+                                         queue={"scan_interval_s": 0.2, "min_backoff_s": 0.2,
+                                                "max_backoff_s": 0.3}))
+        _send(gw, 1)
+        first = gw.wait_for(lambda e: e.get("event") == "delivery")
+        assert first["outcome"] != "done" and "503" in str(first), first
+        time.sleep(1.0)  # several retries, each on a new connection
+        assert sink.messages == [] and gw.events("dsn") == []
+        assert sink.connections >= 2
+        assert all(e["outcome"] != "bounced" for e in gw.events("delivery"))

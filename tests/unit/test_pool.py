@@ -39,3 +39,44 @@ def test_state_is_dropped_and_idle_connections_are_reaped() -> None:
     assert after_reap == 1    # a's expired connection closed; b's fresh one parked
     assert after_close == 0
     assert a.connections == 2 and b.connections == 2
+
+
+class _SlowQuit:
+    """A stand-in idle client whose QUIT takes a while (a slow or dead downstream)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.peer_closed = False
+        self.quits = 0
+
+    async def quit(self) -> None:
+        self.quits += 1
+        await asyncio.sleep(0.2)
+        self.closed = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_reaping_never_hands_out_a_connection_it_is_closing() -> None:
+    """While _reap awaits the QUIT of an expired connection, another delivery must not get
+    that connection from the idle list, and connections parked meanwhile must stay."""
+    from gateway.relay.pool import _Idle
+
+    t = Transport("smtp", host="127.0.0.1", port=9)
+
+    async def go() -> tuple[object, list[object], int]:
+        pool = DownstreamPool(RelayConfig(), "mx.test", max_per_destination=2, idle_s=1.0)
+        old = _SlowQuit()
+        pool._idle[t] = [_Idle(old, since=0.0)]  # long expired
+        reaping = asyncio.create_task(pool._reap())
+        await asyncio.sleep(0.05)  # _reap is inside old.quit()
+        taken = await pool._reuse(t)  # must not be the connection being closed
+        fresh = _SlowQuit()
+        pool._idle.setdefault(t, []).append(_Idle(fresh))  # parked during the reap
+        await reaping
+        return taken, [i.client for i in pool._idle.get(t, [])], old.quits
+
+    taken, idle, quits = asyncio.run(go())
+    assert taken is None and quits == 1
+    assert len(idle) == 1 and isinstance(idle[0], _SlowQuit) and idle[0].quits == 0
