@@ -20,7 +20,9 @@ ARC-Authentication-Results from the Authentication-Results headers that carry
 ``authserv_id`` (the ``authres`` filter's; both default to the gateway hostname, and they
 must match), takes ``cv`` from its ``arc=`` result, and signs with ``seal_domain``,
 ``seal_selector`` and ``seal_key_file`` (an RSA private key, PEM), rsa-sha256,
-relaxed/relaxed; ``seal_headers`` lists what the ARC-Message-Signature covers (default:
+relaxed/relaxed — and only when the ``authres`` filter with the same authserv-id ran for the
+message (it removes forged Authentication-Results carrying our authserv-id; without it a seal
+could vouch for a sender's forgeries); ``seal_headers`` lists what the ARC-Message-Signature covers (default:
 dkimpy's list of the usual headers present, From over-signed).
 Mail whose own chain check was a temperror or was skipped by policy is not sealed (a seal
 would say ``cv=fail`` for good); that is logged.
@@ -175,6 +177,14 @@ class ArcFilter(Filter):
     # -- sealing ----------------------------------------------------------------------------
     async def on_sign(self, ctx: FilterContext, header_block: bytes) -> tuple[AddHeader, ...]:
         assert self.sealer is not None and ctx.message is not None
+        ar = ctx.results.get("authres")
+        if ar is None or str(ar.data.get("authserv_id", "")).lower() != \
+                self.authserv_id.lower():
+            # Without our authres run (it removes forged Authentication-Results carrying our
+            # authserv-id), a seal could vouch for a sender's forged results: never seal then.
+            log.warning("not ARC-sealed (qid %s): the authres filter with authserv-id %s did "
+                        "not run for this message", ctx.qid, self.authserv_id)
+            return ()
         own = ctx.results.get(self.name)
         result = own.data.get("result") if own is not None else None
         if result in (TEMPERROR, POLICY) or result is None:

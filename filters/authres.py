@@ -102,7 +102,8 @@ class AuthResultsFilter(Filter):
     async def on_message(self, ctx: FilterContext) -> Result:
         edits: list[Edit] = list(forged(ctx.message, self.authserv_id))
         edits.append(AddHeader(HEADER, self.header_value(ctx)))
-        return Result(edits=tuple(edits))
+        # the arc filter seals only when this ran for the message, with its authserv-id
+        return Result(edits=tuple(edits), data={"authserv_id": self.authserv_id})
 
     def header_value(self, ctx: FilterContext) -> str:
         results: list[Any] = []

@@ -29,8 +29,10 @@ prefix; the default list covers the headers we and the delivering server add).
 Auto-learn (off by default): ``autolearn_spam_at`` / ``autolearn_ham_below`` (scores). After
 the decision (``on_decided``, in the background), a message whose score *without* the BAYES_
 symbols (so Bayes does not reinforce its own opinion) is at or above ``autolearn_spam_at`` is
-learned as spam, one below ``autolearn_ham_below`` as ham — never a message that was
-tempfailed, and never one already learned (a manual ``mailgate learn`` is not overridden).
+learned as spam, one below ``autolearn_ham_below`` as ham if it was delivered (accept,
+add_header, rewrite_subject: a virus or a DMARC reject is never ham) — never a message that was
+tempfailed, never one already learned (a manual ``mailgate learn`` is not overridden); one
+write at a time, skipped (logged) when the store is busy.
 Logged as ``bayes_autolearn``.
 """
 
@@ -149,6 +151,7 @@ class BayesFilter(Filter):
         self.min_ham = min_ham
         self.autolearn_spam_at = autolearn_spam_at
         self.autolearn_ham_below = autolearn_ham_below
+        self._writing = asyncio.Lock()
         if autolearn_spam_at is None and autolearn_ham_below is None:
             self.on_decided = None  # type: ignore[assignment]  # no hook: nothing to learn
 
@@ -181,13 +184,18 @@ class BayesFilter(Filter):
         klass: Klass | None = None
         if self.autolearn_spam_at is not None and score >= self.autolearn_spam_at:
             klass = "spam"
-        elif self.autolearn_ham_below is not None and score < self.autolearn_ham_below:
+        elif self.autolearn_ham_below is not None and score < self.autolearn_ham_below \
+                and decided.action in _DELIVERED:  # a virus or DMARC reject is never ham
             klass = "ham"
         if klass is None:
             return
+        if self._writing.locked():  # one write at a time; under load, skip rather than queue
+            event(log, "bayes_autolearn", qid=ctx.qid, klass=klass, outcome="skipped: busy")
+            return
         key, ids = learn
-        outcome = await asyncio.to_thread(_learn_one, self.db_path,
-                                          Change(key, klass, ids, only_new=True))
+        async with self._writing:
+            outcome = await asyncio.to_thread(_learn_one, self.db_path,
+                                              Change(key, klass, ids, only_new=True))
         event(log, "bayes_autolearn", qid=ctx.qid, klass=klass, score=round(score, 3),
               outcome=outcome)
 
@@ -217,8 +225,13 @@ def _key_of(path: Path) -> str:
         return message_key(f.read(mime.MAX_PARSE_BYTES))
 
 
+_DELIVERED = (Action.ACCEPT, Action.ADD_HEADER, Action.REWRITE_SUBJECT)
+
+
 def _learn_one(db_path: Path, change: Change) -> str:
-    store = SqliteStore(db_path)  # a connection of this thread's own, closed at once
+    # a connection of this thread's own, closed at once; a short busy wait: while `mailgate
+    # learn` holds the write lock this message is simply not learned (it never blocks a thread)
+    store = SqliteStore(db_path, busy_timeout_s=1.0)
     try:
         return store.apply([change])[0]
     finally:

@@ -3,7 +3,7 @@ its PSD record fallback), using the ``spf`` and ``dkim`` filters' results (``req
 
 Steps: the From domain (no From, an unparsable one, or several From headers -> DMARC_BAD_FROM,
 ``result`` permerror, no lookup; one From header naming addresses in several domains ->
-DMARC_BAD_FROM *and*, per RFC 7489 §6.6.1, each domain (at most 5) checked, the strictest
+DMARC_BAD_FROM *and*, per RFC 7489 §6.6.1, each domain checked (more than 20 → refused 550 5.7.1), the strictest
 policy among those that fail applying — the result is that domain's); the policy record ``_dmarc.<from-domain>`` TXT, else the organizational domain's (Public Suffix List,
 offline, via ``publicsuffixlist``), else an RFC 9091 PSD record (``_dmarc.<public-suffix>``,
 used only when it says ``psd=y``); SPF alignment (the ``spf`` filter's pass ``domain``) and DKIM
@@ -49,7 +49,7 @@ from typing import Any
 from publicsuffixlist import PublicSuffixList
 
 from filters.arc import aar_result
-from gateway.dnsresolver import DnsAnswer, DnsResolver, Resolver, per_message
+from gateway.dnsresolver import DnsAnswer, DnsResolver, Resolver
 from gateway.filterapi import (
     Action,
     ConfigError,
@@ -68,7 +68,7 @@ PASS, FAIL, NONE, TEMPERROR, PERMERROR = "pass", "fail", "none", "temperror", "p
 SYMBOLS = {PASS: "DMARC_PASS", FAIL: "DMARC_FAIL", NONE: "DMARC_NONE",
            TEMPERROR: "DMARC_TEMPERROR", PERMERROR: "DMARC_PERMERROR"}
 BAD_FROM = "DMARC_BAD_FROM"
-MAX_FROM_DOMAINS = 5  # author domains checked in one From; the rest are not looked up
+MAX_FROM_DOMAINS = 20  # author domains checked in one From; more is refused outright
 ARC_OVERRIDE = "DMARC_ARC_OVERRIDE"
 SETTINGS = {"enforce", "trusted_arc_sealers"}
 POLICIES = ("none", "quarantine", "reject")
@@ -208,7 +208,13 @@ class DmarcFilter(Filter):
             return await self._evaluate(ctx, domains[0])
         # RFC 7489 §6.6.1: several author domains in one From: check each, and the strictest
         # policy among those that fail applies; DMARC_BAD_FROM says so, for the policy to weigh
-        checked = [await self._evaluate(ctx, d) for d in domains[:MAX_FROM_DOMAINS]]
+        if len(domains) > MAX_FROM_DOMAINS:  # no real mail has this; never leave one unchecked
+            why = f"From names {len(domains)} domains (more than {MAX_FROM_DOMAINS})"
+            verdict = Verdict(Action.REJECT, Reply(550, "5.7.1", "Too many author domains in "
+                                                   "From"), reason=why) if self.enforce else None
+            return Result(symbols=(Symbol(BAD_FROM, (why,)),), verdict=verdict,
+                          data=_data(PERMERROR, None, "none", reason=why))
+        checked = [await self._evaluate(ctx, d) for d in domains]
         worst = min(checked, key=_severity)
         return Result(symbols=(*worst.symbols, Symbol(BAD_FROM, (why,))),
                       verdict=worst.verdict, data=worst.data)
@@ -216,7 +222,9 @@ class DmarcFilter(Filter):
     async def _evaluate(self, ctx: FilterContext, domain: str) -> Result:
         """DMARC for one author domain."""
         org = org_domain(domain)
-        dns = per_message(ctx.dns, self.resolver)
+        # Not the per-message budget: DMARC's own lookups are few and bounded (at most 4 per
+        # author domain), and a sender's SPF record must not be able to use them up.
+        dns: Resolver = self.resolver
         found = await self._discover(dns, domain, org)
         if isinstance(found, Outcome):  # no record, or an error
             result, reason = found.result, found.reason
@@ -343,12 +351,23 @@ def _texts(ans: DnsAnswer) -> list[str]:
 def _spf(ctx: FilterContext, domain: str, mode: str) -> tuple[bool, bool]:
     res = ctx.results.get("spf")
     data = res.data if res is not None else {}
-    result, spf_domain = data.get("result"), data.get("domain") or ""
+    result = data.get("result")
     # The filter ran but gave no result (SPF_ERROR: it raised or timed out, on_error =
     # "continue"): SPF was not evaluated, which is a temperror, never grounds for a reject.
     errored = res is not None and "result" not in data
-    return (result == "pass" and aligned(spf_domain, domain, mode)), \
-        result == "temperror" or errored
+    spf_domain = data.get("domain") or _envelope_domain(ctx)
+    # A temperror only holds DMARC back when that SPF check could have given an *aligned*
+    # pass: otherwise a sender could dodge p=reject with a broken SPF record of its own domain.
+    could_align = aligned(spf_domain, domain, mode)
+    return (result == "pass" and could_align), (result == "temperror" or errored) and could_align
+
+
+def _envelope_domain(ctx: FilterContext) -> str:
+    """The domain SPF checks: MAIL FROM's, or the HELO name for the null sender."""
+    sender = ctx.sender
+    if sender is not None and not sender.is_null and not sender.literal:
+        return sender.domain_key
+    return (ctx.client.helo or "").strip().rstrip(".")
 
 
 def _dkim(ctx: FilterContext, domain: str, mode: str) -> tuple[bool, bool]:

@@ -225,11 +225,11 @@ class QueueManager:
         mail, rcpt_replies = await client.envelope(entry.sender, params, [
             (x.addr, dsnparams.rcpt_dsn_params(x.notify, x.orcpt) if "DSN" in ext else [])
             for x in rcpts])
-        for reply in (mail, *rcpt_replies):
-            if reply.code == 503:  # "bad sequence": the session, not the message, is wrong —
-                # never bounce for it; drop this connection and try again later
-                raise RelayTempError(f"downstream session out of step: {_text(reply)}",
-                                     code=451, status="4.4.0", text=_text(reply))
+        if mail.code == 503:  # "bad sequence" at MAIL: the session, not the message, is wrong
+            # (a 503 to RCPT may be a server's policy refusal: that one is final) — never
+            # bounce for it; drop this connection and try again later
+            raise RelayTempError(f"downstream session out of step: {_text(mail)}",
+                                 code=451, status="4.4.0", text=_text(mail))
         if not mail.is_ok:
             state: RecipientState = "failed" if mail.is_perm else "pending"
             return {x.addr: (state, _text(mail)) for x in rcpts}, None

@@ -75,8 +75,13 @@ class DownstreamPool:
             items[:] = keep
             if not items:
                 del self._idle[t]
-        for item in expired:
-            await item.client.quit()
+        try:
+            for item in expired:
+                await item.client.quit()
+        finally:  # cancelled half-way: the rest is closed, not leaked
+            for item in expired:
+                if not item.client.closed:
+                    item.client.close()
 
     async def _reuse(self, t: Transport) -> DownstreamClient | None:
         idle = self._idle.get(t, [])

@@ -403,3 +403,22 @@ def test_trusted_arc_sealer_override_rule(arc: Result | None, expected: str | No
     assert f._arc_override(ctx) == expected
     untrusting = DmarcFilter(DnsResolver(DnsConfig()))
     assert untrusting._arc_override(ctx) is None
+
+
+def test_a_temperror_that_could_not_align_does_not_shield_a_reject(tmp_path, ns):
+    """An SPF temperror (or an errored SPF filter) for an unrelated envelope domain is no
+    reason to hold back p=reject: only a check that could have given an aligned pass is."""
+    res = run(tmp_path, ns.port, "a@relaxed.test", spf_res=spf("temperror", "attacker.test"))
+    assert sym(res)[0] == "DMARC_FAIL" and res.verdict is not None
+    assert res.verdict.action.value == "reject"
+    res = run(tmp_path, ns.port, "a@relaxed.test",
+              dkim_res=dkim(("temperror", "attacker.test")))
+    assert sym(res)[0] == "DMARC_FAIL" and res.verdict is not None
+
+
+def test_more_than_twenty_author_domains_are_refused(tmp_path, ns):
+    many = ", ".join(f"x@d{i}.test" for i in range(20)) + ", ceo@relaxed.test"
+    res = run(tmp_path, ns.port, many, dkim_res=dkim(("pass", "d0.test")))
+    assert sym(res)[0] == "DMARC_BAD_FROM" and res.verdict is not None
+    assert res.verdict.action.value == "reject" and res.verdict.reply.code == 550
+    assert run(tmp_path, ns.port, many, enforce=False).verdict is None

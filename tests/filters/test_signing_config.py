@@ -92,3 +92,33 @@ def test_arc_signs_only_when_sealing_is_configured() -> None:
     sealing = ArcFilter.from_config({"seal_domain": "gw.test", "seal_selector": "s",
                                      "seal_key_file": RSA}, Services(hostname="h.test"))
     assert signs(sealing) and sealing.authserv_id == "h.test"
+
+
+def test_arc_never_seals_without_our_authres_run(tmp_path: Path) -> None:
+    """A forged Authentication-Results with our authserv-id would be copied into the seal if
+    the authres filter (which removes such headers) did not run: then nothing is sealed."""
+    import asyncio
+
+    from gateway.filterapi import Client, FilterContext, Result, Stage
+    from gateway.message import Message
+
+    raw = (b"Authentication-Results: h.test; dmarc=pass header.from=bank.test\r\n"
+           b"From: a@bank.test\r\nSubject: x\r\n\r\nbody\r\n")
+    path = tmp_path / "m"
+    path.write_bytes(raw)
+    msg = Message.from_spool(path, len(raw))
+    f = ArcFilter.from_config({"seal_domain": "gw.test", "seal_selector": "s",
+                               "seal_key_file": RSA}, Services(hostname="h.test"))
+    arc_result = Result(data={"result": "none", "sets": []})
+
+    def sign(results: dict) -> tuple:
+        ctx = FilterContext(stage=Stage.MESSAGE, qid="Q", client=Client("192.0.2.1", 1),
+                            message=msg, results=results)
+        return asyncio.run(f.on_sign(ctx, msg.header_bytes.rstrip(b"\r\n") + b"\r\n"))
+
+    assert sign({"arc": arc_result}) == ()  # authres not in the chain (or skipped)
+    assert sign({"arc": arc_result,
+                 "authres": Result(data={"authserv_id": "other.test"})}) == ()
+    sealed = sign({"arc": arc_result, "authres": Result(data={"authserv_id": "H.test"})})
+    assert [h.name for h in sealed] == ["ARC-Seal", "ARC-Message-Signature",
+                                        "ARC-Authentication-Results"]

@@ -406,7 +406,9 @@ def test_spf_filter_timeout_on_error_continue(tmp_path: Path, dns: DnsServer, si
 def test_per_message_lookup_limit_gives_temperror_not_failure(tmp_path: Path, dns: DnsServer,
                                                               sink: Sink) -> None:
     """[dns] max_queries_per_message = 1: SPF (pass.test: one TXT lookup) uses the budget; the
-    DKIM key and _dmarc are then not asked, and become temperrors, never fail/reject."""
+    DKIM key is then not asked and is a temperror, never a failure. DMARC's own few lookups
+    do not draw on the budget (a sender's SPF record must not starve them): it passes on the
+    aligned SPF."""
     policy_dns = {"nameservers": [f"127.0.0.1:{dns.port}"], "timeout_s": DNS_TIMEOUT_S,
                   "max_queries_per_message": 1}
     gw = GatewayProcess(tmp_path / "limited", base_policy(
@@ -420,12 +422,11 @@ def test_per_message_lookup_limit_gives_temperror_not_failure(tmp_path: Path, dn
         (code, _), end, _, _ = w.transaction(sender, message(sender, sign=True))
         assert code == 250 and end is not None and end[0] == 250, end
         ev = gw.message_event(qid_of(end[1]))
-        assert {"SPF_PASS", "DKIM_TEMPERROR", "DMARC_TEMPERROR"} <= names(ev), ev["symbols"]
-        assert "per-message DNS lookup limit (1) reached" in symbol(ev, "DMARC_TEMPERROR")
+        assert {"SPF_PASS", "DKIM_TEMPERROR", "DMARC_PASS"} <= names(ev), ev["symbols"]
         res = by_method(our_results(w.relayed(before).data)[1])
         assert [r.result for r in res["dkim"]] == ["temperror"]
         asked = [q[0] for q in dns.queries[asked_before:]]
-        assert "test._domainkey.pass.test" not in asked and "_dmarc.pass.test" not in asked
+        assert "test._domainkey.pass.test" not in asked and "_dmarc.pass.test" in asked
     finally:
         gw.stop()
 
