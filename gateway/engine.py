@@ -326,16 +326,9 @@ class Engine:
         path = self.spool.incoming_path(txn.qid).with_suffix(".final")
         try:
             size = await asyncio.to_thread(_write, path, message_chunks(message, headers))
-            entry = QueueEntry(
-                qid=txn.qid, sender=txn.sender.addr, mail_params=tuple(txn.mail_params),
-                envid=txn.envid, ret=txn.ret,
-                recipients=tuple(QRecipient(addr=r.addr, notify=txn.dsn[r.addr][0],
-                                            orcpt=txn.dsn[r.addr][1]) for r in txn.rcpts),
-                arrival=time.time(), size=size, client_ip=state.client_ip,
-                helo=state.helo or "", next_attempt=0.0,
-                decision={"action": d.action.value, "score": d.score, "by": d.by,
-                          "class": cls.name,
-                          "symbols": [s.name for s in card.symbols(cls)]})
+            entry = _entry(state, txn, size, time.time(),
+                           {"action": d.action.value, "score": d.score, "by": d.by,
+                            "class": cls.name, "symbols": [s.name for s in card.symbols(cls)]})
             await asyncio.to_thread(self.spool.commit, entry, path)
         except (OSError, SpoolError) as e:
             path.unlink(missing_ok=True)
@@ -429,14 +422,9 @@ class Engine:
         symbols = [quarantine.SymbolInfo(s.name, s.score, s.options) for s in card.symbols(cls)]
         try:
             size = await asyncio.to_thread(_write, path, message_chunks(message, headers))
-            entry = QueueEntry(
-                qid=txn.qid, sender=txn.sender.addr, mail_params=tuple(txn.mail_params),
-                envid=txn.envid, ret=txn.ret,
-                recipients=tuple(QRecipient(addr=r.addr, notify=txn.dsn[r.addr][0],
-                                            orcpt=txn.dsn[r.addr][1]) for r in txn.rcpts),
-                arrival=now, size=size, client_ip=state.client_ip, helo=state.helo or "",
-                decision=quarantine.decision(d.action.value, d.score, d.by, cls.name, symbols,
-                                             now))
+            entry = _entry(state, txn, size, now,
+                           quarantine.decision(d.action.value, d.score, d.by, cls.name,
+                                               symbols, now))
             await asyncio.to_thread(quarantine.Quarantine(self.spool).store, entry, path)
         except (OSError, SpoolError) as e:
             path.unlink(missing_ok=True)
@@ -483,6 +471,18 @@ class Engine:
     def _log_refusal(self, state: SessionState, stage: Stage, d: Decision) -> None:
         event(log, "refused", sid=state.sid, client=state.client_ip, stage=stage.value,
               by=d.by, reply=d.reply.render() if d.reply else None)
+
+
+def _entry(state: SessionState, txn: Transaction, size: int, arrival: float,
+           decision: dict[str, Any]) -> QueueEntry:
+    """The queue record of an accepted transaction (queued or quarantined)."""
+    return QueueEntry(
+        qid=txn.qid, sender=txn.sender.addr, mail_params=tuple(txn.mail_params),
+        envid=txn.envid, ret=txn.ret,
+        recipients=tuple(QRecipient(addr=r.addr, notify=txn.dsn[r.addr][0],
+                                    orcpt=txn.dsn[r.addr][1]) for r in txn.rcpts),
+        arrival=arrival, size=size, client_ip=state.client_ip, helo=state.helo or "",
+        next_attempt=0.0, decision=decision)
 
 
 def background_filters(policy: Policy, chain: Iterable[LoadedFilter]) -> frozenset[str]:

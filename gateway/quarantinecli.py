@@ -34,6 +34,7 @@ from gateway.queuecli import (
     open_spool_dir,
     qid_arg,
     run_command,
+    spool_parents,
 )
 from gateway.queuecli import _iso as iso
 from gateway.queuecli import _local as local
@@ -58,15 +59,9 @@ def since_arg(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser, default_policy: Path) -> None:
-    parser.add_argument("--policy", type=Path, default=default_policy,
-                        help=f"policy file naming spool.directory (default: {default_policy})")
-    parser.add_argument("--log-format", choices=("kv", "json"), default="kv",
-                        help="format of the log lines (changes) on stderr")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--policy", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    waiting = argparse.ArgumentParser(add_help=False)
-    waiting.add_argument("--wait", action="store_true",
-                         help="if another process is changing the message, wait for it")
+    common, waiting = spool_parents(
+        parser, default_policy, log_help="format of the log lines (changes) on stderr",
+        wait_help="if another process is changing the message, wait for it")
     sub = parser.add_subparsers(dest="quarantine_cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("list", parents=[common], help="quarantined messages, oldest first")

@@ -60,18 +60,27 @@ def qid_arg(text: str) -> str:
     return qid
 
 
-def add_arguments(queue: argparse.ArgumentParser, default_policy: Path) -> None:
-    """The ``queue`` subcommands; ``--policy`` is accepted before or after the subcommand."""
-    queue.add_argument("--policy", type=Path, default=default_policy,
-                       help=f"policy file naming spool.directory (default: {default_policy})")
-    queue.add_argument("--log-format", choices=("kv", "json"), default="kv",
-                       help="format of the log lines (changes, unreadable files) on stderr")
+def spool_parents(parser: argparse.ArgumentParser, default_policy: Path, *, log_help: str,
+                  wait_help: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """``--policy`` and ``--log-format`` on a spool command (queue, quarantine), and the
+    parents its subcommands share: ``--policy`` after the subcommand too, and ``--wait``."""
+    parser.add_argument("--policy", type=Path, default=default_policy,
+                        help=f"policy file naming spool.directory (default: {default_policy})")
+    parser.add_argument("--log-format", choices=("kv", "json"), default="kv", help=log_help)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--policy", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     waiting = argparse.ArgumentParser(add_help=False)
-    waiting.add_argument("--wait", action="store_true",
-                         help="if a message is being delivered right now, wait for that attempt "
-                              "to end instead of failing (exit 1)")
+    waiting.add_argument("--wait", action="store_true", help=wait_help)
+    return common, waiting
+
+
+def add_arguments(queue: argparse.ArgumentParser, default_policy: Path) -> None:
+    """The ``queue`` subcommands; ``--policy`` is accepted before or after the subcommand."""
+    common, waiting = spool_parents(
+        queue, default_policy,
+        log_help="format of the log lines (changes, unreadable files) on stderr",
+        wait_help="if a message is being delivered right now, wait for that attempt to end "
+                  "instead of failing (exit 1)")
     sub = queue.add_subparsers(dest="queue_cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("list", parents=[common], help="list queued messages (like mailq)")
