@@ -205,40 +205,43 @@ def sniff(head: bytes) -> str | None:
                 or b"This program must be run under Win32" in head[:1024]:
             return "pe"
         return None
-    if head.startswith(b"\x7fELF"):
-        return "elf"
-    if head[:4] in (b"\xfe\xed\xfa\xce", b"\xfe\xed\xfa\xcf", b"\xce\xfa\xed\xfe",
-                    b"\xcf\xfa\xed\xfe", b"\xca\xfe\xba\xbe"):
-        return "macho"
-    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08"):
-        return "zip"
-    if head.startswith(b"\x1f\x8b"):
-        return "gzip"
+    kind = _prefixed(head, _MAGIC)
+    if kind is not None:
+        return kind
     if head.startswith(b"BZh") and head[3:4].isdigit():
         return "bzip2"
-    if head.startswith(b"\xfd7zXZ\x00"):
-        return "xz"
-    if head.startswith(b"Rar!\x1a\x07"):
-        return "rar"
-    if head.startswith(b"7z\xbc\xaf\x27\x1c"):
-        return "7z"
-    if head.startswith(b"MSCF\x00\x00\x00\x00"):
-        return "cab"
     if head[257:262] == b"ustar":
         return "tar"
     if head[0x8001:0x8006] == b"CD001" or head[0x8801:0x8806] == b"CD001":
         return "iso"
-    if head.startswith(b"%PDF"):
-        return "pdf"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if head.startswith(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"):
-        return "cfb"
-    return None
+    return _prefixed(head, _DOCUMENTS)
+
+
+def _prefixed(head: bytes, table: tuple[tuple[bytes, str], ...]) -> str | None:
+    return next((kind for prefix, kind in table if head.startswith(prefix)), None)
+
+
+# (leading bytes, kind), checked in this order: executables and archives first (before the
+# tar/ISO checks at fixed offsets), then common documents
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x7fELF", "elf"),
+    *((m, "macho") for m in (b"\xfe\xed\xfa\xce", b"\xfe\xed\xfa\xcf", b"\xce\xfa\xed\xfe",
+                             b"\xcf\xfa\xed\xfe", b"\xca\xfe\xba\xbe")),
+    *((m, "zip") for m in (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")),
+    (b"\x1f\x8b", "gzip"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"Rar!\x1a\x07", "rar"),
+    (b"7z\xbc\xaf\x27\x1c", "7z"),
+    (b"MSCF\x00\x00\x00\x00", "cab"),
+)
+_DOCUMENTS: tuple[tuple[bytes, str], ...] = (
+    (b"%PDF", "pdf"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "cfb"),
+)
 
 
 def extensions(name: str) -> list[str]:
