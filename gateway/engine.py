@@ -102,14 +102,14 @@ class Engine:
         self.services = services
         self.helo_name = policy.relay.helo_name or policy.hostname
         self.spool: Spool | None = None  # queue mode commits here (attach_queue)
-        self.on_commit: Callable[[], None] | None = None
+        self.on_commit: Callable[[str], None] | None = None
         self.queue_mode = policy.relay.mode == "queue"
         self.background = background_filters(policy, self.pipeline.chain)
         self._decided_tasks: set[asyncio.Task[None]] = set()
         self.min_free_bytes = min_free_bytes(policy.limits.max_message_bytes)
 
-    def attach_queue(self, spool: Spool, on_commit: Callable[[], None]) -> None:
-        """Give the engine the spool it commits to and what to call after each commit."""
+    def attach_queue(self, spool: Spool, on_commit: Callable[[str], None]) -> None:
+        """Give the engine the spool it commits to and what to call with each committed qid."""
         self.spool, self.on_commit = spool, on_commit
 
     def command_budget_s(self, verb: str) -> float:
@@ -337,7 +337,7 @@ class Engine:
             return Reply(451, "4.3.0", f"Temporary local problem, try again later ({txn.qid})")
         txn.queued = "queued"
         if self.on_commit is not None:
-            self.on_commit()
+            self.on_commit(txn.qid)
         return Reply(250, "2.0.0", f"Ok: queued as {txn.qid}")
 
     def _headers(self, state: SessionState, txn: Transaction, message: Message,

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
@@ -59,6 +60,8 @@ class QueueManager:
         self._slots = asyncio.Semaphore(policy.queue.max_active)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._fresh: deque[str] = deque()  # committed here, due now: no scan needed
+        self._rescan = False
 
     @staticmethod
     def _new_pool(policy: Policy) -> DownstreamPool:
@@ -72,31 +75,64 @@ class QueueManager:
         old, self.policy, self.pool = self.pool, policy, self._new_pool(policy)
         await old.close()
 
-    def kick(self) -> None:
-        """A message was committed (or flushed): look now rather than at the next scan."""
+    def kick(self, qid: str | None = None) -> None:
+        """Look now rather than at the next scan: ``qid`` was just committed to active/ by this
+        process (delivered without a directory scan), or with no qid, something changed on disk
+        (a DSN, a flush) and the spool should be scanned."""
+        if qid is None:
+            self._rescan = True
+        else:
+            self._fresh.append(qid)
         self.wakeup.set()
 
     async def run(self) -> None:
+        """Deliver fresh commits as they come (``kick(qid)``) and scan the spool every
+        ``scan_interval_s`` for due retries and for mail committed elsewhere (another worker,
+        a release from quarantine). A scan that filled its batch is followed by another at
+        once: a backlog drains at delivery speed, not one batch per interval."""
+        next_scan = 0.0
         while not self._stopping:
-            try:
-                due = await asyncio.to_thread(self.spool.due, time.time(),
-                                              self.policy.queue.max_active * 2)
-            except Exception:
-                log.exception("queue scan failed")
-                due = []
-            now = time.time()
-            for qid in due:
-                if qid in self.busy or self._stopping or self._not_before.get(qid, 0) > now:
-                    continue
-                await self._slots.acquire()
-                self.busy.add(qid)
-                task = asyncio.create_task(self._attempt(qid), name=f"deliver:{qid}")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            self.wakeup.clear()
+            self.wakeup.clear()  # before looking: a kick from now on is not lost
+            if self._rescan or time.monotonic() >= next_scan:
+                self._rescan = False
+                next_scan = time.monotonic() + self.policy.queue.scan_interval_s
+                due = await self._scan()
+                await self._dispatch(due)
+                if len(due) >= self._batch:  # more may be due behind these
+                    self._rescan = True
+            while self._fresh and not self._stopping and not self._rescan \
+                    and time.monotonic() < next_scan:
+                await self._dispatch([self._fresh.popleft()])
+            if self._rescan or self._fresh:
+                continue
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.policy.queue.scan_interval_s):
+                async with asyncio.timeout(max(0.0, next_scan - time.monotonic())):
                     await self.wakeup.wait()
+
+    @property
+    def _batch(self) -> int:
+        return self.policy.queue.max_active * 2
+
+    async def _scan(self) -> list[str]:
+        """Due qids not already in flight here nor paused after a failed save."""
+        now = time.time()
+        skip = frozenset(self.busy) | {q for q, t in self._not_before.items() if t > now}
+        try:
+            return await asyncio.to_thread(self.spool.due, now, self._batch, skip)
+        except Exception:
+            log.exception("queue scan failed")
+            return []
+
+    async def _dispatch(self, qids: list[str]) -> None:
+        """Start an attempt for each qid, waiting for a free slot (max_active) before each."""
+        for qid in qids:
+            if qid in self.busy or self._stopping or self._not_before.get(qid, 0) > time.time():
+                continue
+            await self._slots.acquire()
+            self.busy.add(qid)
+            task = asyncio.create_task(self._attempt(qid), name=f"deliver:{qid}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def stop(self, grace_s: float) -> None:
         """Stop picking new work; let attempts in flight finish for ``grace_s`` (the rest are
@@ -327,7 +363,7 @@ class QueueManager:
             path.unlink(missing_ok=True)  # renamed away by a successful commit
         event(log, "dsn", qid=qid, original=entry.qid, to=entry.sender, action=action,
               rcpts=[r.addr for r in rcpts])
-        self.kick()
+        self.kick(qid)
         return qid
 
     def _log(self, entry: QueueEntry, outcome: str, now: float, errors: list[str],

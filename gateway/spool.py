@@ -204,11 +204,12 @@ class Spool:
                 return area, self._read(area, qid)
         raise SpoolMissing(f"{qid}: not queued")
 
-    def _scan(self, *areas: Area) -> Iterator[QueueEntry]:
-        """Entries in qid (= arrival) order; temp files skipped, unreadable ones logged and
-        skipped (``recover`` moves them to corrupt/)."""
+    def _scan(self, *areas: Area, skip: frozenset[str] = frozenset()) -> Iterator[QueueEntry]:
+        """Entries in qid (= arrival) order; temp files and ``skip`` skipped, unreadable ones
+        logged and skipped (``recover`` moves them to corrupt/)."""
         names = sorted((n[:-len(_META)], area) for area in areas
-                       for n in os.listdir(self.root / _check_area(area)) if n.endswith(_META))
+                       for n in os.listdir(self.root / _check_area(area))
+                       if n.endswith(_META) and n[:-len(_META)] not in skip)
         for qid, area in names:
             try:
                 yield self._read(area, _check_qid(qid))
@@ -221,10 +222,12 @@ class Spool:
         """The entries in ``area``, oldest first."""
         return self._scan(area)
 
-    def due(self, now: float, limit: int) -> list[str]:
+    def due(self, now: float, limit: int, skip: frozenset[str] = frozenset()) -> list[str]:
         """Up to ``limit`` qids from active/ and deferred/ whose ``next_attempt`` <= ``now``,
-        oldest (by arrival, i.e. qid order) first. Reads each candidate's metadata."""
-        due = (e.qid for e in self._scan("active", "deferred") if e.next_attempt <= now)
+        oldest (by arrival, i.e. qid order) first, leaving out ``skip`` (unread). Reads each
+        other candidate's metadata."""
+        due = (e.qid for e in self._scan("active", "deferred", skip=skip)
+               if e.next_attempt <= now)
         return list(itertools.islice(due, max(limit, 0)))
 
     def open_data(self, qid: str) -> BinaryIO:
