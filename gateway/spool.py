@@ -17,6 +17,8 @@ metadata to ``<area>/<qid>.json.tmp``, fsync it, rename it to ``<area>/<qid>.jso
 area. The metadata's appearance is the commit point, its removal (``remove``) the completion
 point. So after a crash, data without metadata was never acknowledged or is already delivered
 (deleted); metadata without data is damage, never a crash state (moved to ``corrupt/``).
+Directory fsyncs are shared by concurrent callers (group commit, ``durable.DirSync``): each
+caller returns only once an fsync that began after its own rename has finished.
 
 Locking (``claim``): ``flock(LOCK_EX)`` on ``data/<qid>``, an inode that lives exactly as long as
 the message is queued and is never rewritten or renamed while the metadata moves between areas
@@ -45,7 +47,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from gateway.durable import fsync_dir
+from gateway.durable import DirSync, fsync_dir
 from gateway.errors import SpoolError
 from gateway.logs import event
 from gateway.queue_entry import (
@@ -111,6 +113,8 @@ class Spool:
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         self._held: set[str] = set()
         self._held_lock = threading.Lock()
+        # concurrent commits, moves and removals share their directory fsyncs (group commit)
+        self._dirsync = {sub: DirSync(self.root / sub) for sub in ("data", *QUEUE_AREAS)}
 
     # -- paths ------------------------------------------------------------------------------
     def incoming_path(self, qid: str) -> Path:
@@ -151,7 +155,7 @@ class Spool:
             os.fsync(fd)
             os.rename(data_path, final)
             renamed = True
-            fsync_dir(final.parent)
+            self._dirsync["data"].sync()
             self._write_meta(entry, area)
         except BaseException as e:
             if renamed:  # we checked that no metadata existed: whatever is there is ours
@@ -183,7 +187,7 @@ class Spool:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        fsync_dir(final.parent)
+        self._dirsync[area].sync()
 
     # -- reading ----------------------------------------------------------------------------
     def _read(self, area: Area, qid: str) -> QueueEntry:
@@ -287,8 +291,8 @@ class Spool:
             os.rename(source, target)
         except FileNotFoundError:
             raise SpoolMissing(f"{qid}: not in {src}/") from None
-        fsync_dir(target.parent)
-        fsync_dir(source.parent)
+        self._dirsync[dst].sync()
+        self._dirsync[src].sync()
 
     def remove(self, qid: str) -> None:
         """Delete a claimed, finished message. Metadata first: a crash in between leaves data
@@ -301,7 +305,7 @@ class Spool:
         if area is None:
             raise SpoolMissing(f"{qid}: not queued")
         self._meta(area, qid).unlink()
-        fsync_dir(self.root / area)
+        self._dirsync[area].sync()
         self._data(qid).unlink(missing_ok=True)
 
     # -- free space -------------------------------------------------------------------------
