@@ -325,11 +325,15 @@ class Engine:
         assert self.spool is not None
         path = self.spool.incoming_path(txn.qid).with_suffix(".final")
         try:
-            size = await asyncio.to_thread(_write, path, message_chunks(message, headers))
-            entry = _entry(state, txn, size, time.time(),
-                           {"action": d.action.value, "score": d.score, "by": d.by,
-                            "class": cls.name, "symbols": [s.name for s in card.symbols(cls)]})
-            await asyncio.to_thread(self.spool.commit, entry, path)
+            decision = {"action": d.action.value, "score": d.score, "by": d.by,
+                        "class": cls.name, "symbols": [s.name for s in card.symbols(cls)]}
+            spool = self.spool
+
+            def write_and_commit() -> None:  # one trip to the thread pool, not two
+                size = _write(path, message_chunks(message, headers))
+                spool.commit(_entry(state, txn, size, time.time(), decision), path)
+
+            await asyncio.to_thread(write_and_commit)
         except (OSError, SpoolError) as e:
             path.unlink(missing_ok=True)
             log.error("queue commit failed (qid %s): %s", txn.qid, e)

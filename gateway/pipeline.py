@@ -67,6 +67,10 @@ class Pipeline:
         todo = [f for f in self._by_stage[stage] if f.name not in skip]
         if not todo:
             return {}
+        if len(todo) == 1 and not (pending is not None and todo[0].name in background):
+            f = todo[0]  # the common case of a stage with one filter: no task, no gather
+            fctx = dataclasses.replace(ctx, stage=stage, results=dict(ctx.results))
+            return {f.name: await self._call(f, stage, fctx)}
         results = dict(ctx.results)
         tasks: dict[str, asyncio.Task[FilterOutcome]] = {}
         names_here = {f.name for f in todo}

@@ -47,6 +47,9 @@ Handler = Callable[[str], Awaitable[None]]
 class _NoHooks:
     """aiosmtpd wants a handler object; all behaviour lives in SmtpServer."""
 
+    def __dir__(self) -> list[str]:
+        return []  # no handle_*/auth_* hooks for aiosmtpd's __init__ to collect (see below)
+
 
 class SmtpServer(SMTP):
     def __init__(self, runtime: Runtime) -> None:
