@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -33,15 +34,50 @@ log = logging.getLogger("mailgate")
 LISTEN_BACKLOG = 4096  # asyncio's default of 100 drops connections under load
 
 
-class ConnectionCounter:
-    """Connections in total and per client IP, checked before the greeting."""
+FD_RESERVE = 256  # descriptors kept free for the spool, filters, DNS, logs, the listeners
 
-    def __init__(self) -> None:
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit (RLIMIT_NOFILE) to its hard limit — the soft
+    default (often 1024) is far below what an MTA's connections need — and return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        try:
+            hard = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as e:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, e)
+    return soft
+
+
+def fd_connection_cap(policy: Policy) -> int:
+    """How many client connections this process's open-file limit carries: one descriptor per
+    session, two in proxy mode (the downstream connection), FD_RESERVE kept for the rest.
+    Past it a client gets 421 rather than the accept loop running out of descriptors."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return policy.limits.max_connections
+    return max(1, (soft - FD_RESERVE) // (2 if policy.relay.mode == "proxy" else 1))
+
+
+class ConnectionCounter:
+    """Connections in total and per client IP, checked before the greeting. ``fd_cap``: the
+    most the open-file limit carries (see ``fd_connection_cap``)."""
+
+    def __init__(self, fd_cap: int | None = None) -> None:
         self.total = 0
         self.per_ip: Counter[str] = Counter()
+        self.fd_cap = fd_cap
 
     def admit(self, ip: str, limits: Limits) -> Reply | None:
-        if self.total >= limits.max_connections:
+        cap = limits.max_connections if self.fd_cap is None \
+            else min(limits.max_connections, self.fd_cap)
+        if self.total >= cap:
             return R.TOO_BUSY
         if self.per_ip[ip] >= limits.max_connections_per_ip:
             return Reply(421, "4.7.0", "Too many connections from your address, "
@@ -91,7 +127,7 @@ class Runtime:
         engine.attach_queue(self.spool, self.qmgr.kick)
         self.engine = engine
         self.tls_context = make_tls_context(self.engine.policy)
-        self.connections = ConnectionCounter()
+        self.connections = ConnectionCounter(fd_connection_cap(engine.policy))
         self.sessions: set[Any] = set()
         self.no_sessions = asyncio.Event()  # set whenever the last session ends
         self.draining = False
@@ -131,11 +167,18 @@ class Runtime:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGTERM, lambda: self.background(self.stop()))
         loop.add_signal_handler(signal.SIGINT, lambda: self.background(self.stop()))
+        cap, limits = self.connections.fd_cap, self.engine.policy.limits
+        if cap is not None and cap < limits.max_connections:
+            log.warning("the open-file limit (%d) carries %d connections, fewer than "
+                        "limits.max_connections (%d): clients past it get 421 4.3.2; raise "
+                        "LimitNOFILE / ulimit -n", resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                        cap, limits.max_connections)
         for address in bound:
             event(log, "listening", address=address, worker=self.worker,
                   policy=str(self.policy_path),
                   filters=[f.name for f in self.engine.pipeline.chain],
-                  tls=self.tls_context is not None)
+                  tls=self.tls_context is not None,
+                  max_connections=min(limits.max_connections, cap or limits.max_connections))
 
     def reload(self) -> None:
         """SIGHUP: validate the policy file again; switch only if it is entirely valid."""
@@ -155,6 +198,7 @@ class Runtime:
                         old.spool.directory)
         engine.attach_queue(self.spool, self.qmgr.kick)
         self.engine, self.tls_context = engine, tls
+        self.connections.fd_cap = fd_connection_cap(engine.policy)  # the relay mode may change
         self.background(self.qmgr.reconfigure(engine.policy))
         event(log, "reloaded", policy=str(self.policy_path),
               filters=[f.name for f in engine.pipeline.chain])
@@ -233,6 +277,7 @@ def run(policy_path: Path) -> int:
         for p in e.problems:
             log.error("%s", p)
         return 2
+    raise_fd_limit()  # before forking: the workers inherit it
     workers = policy.workers or os.cpu_count() or 1
     if workers == 1:
         return asyncio.run(serve(policy_path))

@@ -8,6 +8,7 @@ serving afterwards.
 from __future__ import annotations
 
 import re
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -88,6 +89,32 @@ def test_max_connections(gateway_factory):
     ends = [e["end"] for e in connection_events(gw, 4)]
     assert ends.count("connection-limit") == 1
     deliver_one(gw)
+
+
+def test_the_open_file_limit_caps_connections_with_a_421_not_a_stall(tmp_path):
+    """With RLIMIT_NOFILE at 300 (hard too, so it cannot be raised), proxy mode carries
+    (300 - 256) // 2 = 22 sessions: the 23rd client gets 421 at once instead of the accept loop
+    running out of descriptors; the start says so; a freed slot is usable again."""
+    argv = ["prlimit", "--nofile=300:300", "--", sys.executable, "-m", "gateway", "run",
+            "--policy", "policy.toml", "--log-format", "json", "--log-level", "info"]
+    policy = limits_policy(max_connections=1000, max_connections_per_ip=1000)
+    with GatewayProcess(tmp_path / "gw", policy, argv=argv) as gw:
+        assert gw.events("listening")[0]["max_connections"] == 22
+        assert "carries 22 connections, fewer than limits.max_connections (1000)" in \
+            gw.log_path.read_text()
+        held = [RawSmtpClient(gw.address) for _ in range(22)]
+        try:
+            assert all(c.greeting.startswith("220 ") for c in held)
+            start = time.monotonic()
+            with RawSmtpClient(gw.address, greet=False) as extra:
+                assert extra.reply().startswith("421 4.3.2 Too many connections")
+            assert time.monotonic() - start < 2
+            held.pop().close()
+            connection_events(gw, 2)
+            deliver_one(gw)
+        finally:
+            for c in held:
+                c.close()
 
 
 def test_max_connections_per_ip(gateway_factory):
