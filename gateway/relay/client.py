@@ -169,6 +169,9 @@ class DownstreamClient:
         self.tls = False  # STARTTLS done
         self.greeting: Reply | None = None
         self.extensions: dict[str, str] = {}  # upper-cased EHLO/LHLO keywords -> params
+        # a MAIL was accepted and the transaction not yet ended (end of data or RSET): a pool
+        # must RSET before the next MAIL
+        self.in_transaction = False
 
     # -- connecting ----------------------------------------------------------------------------
 
@@ -289,14 +292,19 @@ class DownstreamClient:
 
     async def mail(self, sender: str, params: Sequence[str] = ()) -> Reply:
         """MAIL FROM:<sender> [params]; ``sender`` may be "" for the null sender."""
-        return await self._command("MAIL FROM", f"MAIL FROM:{_angle(sender)}", sender, params)
+        reply = await self._command("MAIL FROM", f"MAIL FROM:{_angle(sender)}", sender, params)
+        self.in_transaction = reply.is_ok
+        return reply
 
     async def rcpt(self, rcpt: str, params: Sequence[str] = ()) -> Reply:
         """RCPT TO:<rcpt> [params]."""
         return await self._command("RCPT TO", f"RCPT TO:{_angle(rcpt)}", rcpt, params)
 
     async def rset(self) -> Reply:
-        return await self._command("RSET", "RSET", "", ())
+        reply = await self._command("RSET", "RSET", "", ())
+        if reply.is_ok:
+            self.in_transaction = False
+        return reply
 
     async def envelope(self, sender: str, params: Sequence[str],
                        rcpts: Sequence[tuple[str, Sequence[str]]]) -> tuple[Reply, list[Reply]]:
@@ -320,6 +328,7 @@ class DownstreamClient:
             self.close()
             raise self._translate(exc, "MAIL FROM", self._command_timeout_s) from exc
         mail = await self._exchange("MAIL FROM", None, self._command_timeout_s)
+        self.in_transaction = mail.is_ok
         replies: list[Reply] = []
         for _ in rcpts:
             if self._closed:  # a 421 ended the session: the rest gets the same answer
@@ -383,6 +392,7 @@ class DownstreamClient:
             return replies + [missing] * (count - len(replies))
         if any(r.code == 421 for r in replies):
             self.close()
+        self.in_transaction = False  # the final reply(s) to the data end it, whatever they say
         return replies
 
     async def quit(self) -> None:

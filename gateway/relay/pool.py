@@ -44,7 +44,8 @@ class DownstreamPool:
     @contextlib.asynccontextmanager
     async def session(self, t: Transport) -> AsyncIterator[DownstreamClient]:
         """A connected client for one transaction; give it back by leaving the block normally
-        (it is RSET and kept for reuse) — an exception closes it."""
+        (kept for reuse, after an RSET if a transaction is still open) — an exception closes
+        it."""
         await self._reap()
         sem = self._sems.setdefault(t, asyncio.Semaphore(self.max_per_destination))
         self._users[t] = self._users.get(t, 0) + 1
@@ -108,6 +109,9 @@ class DownstreamPool:
     async def _release(self, t: Transport, client: DownstreamClient) -> None:
         if client.closed or self.idle_s <= 0 or self.closed:
             await client.quit()
+            return
+        if not client.in_transaction:  # ended by its data: ready for the next MAIL as is
+            self._idle.setdefault(t, []).append(_Idle(client))
             return
         try:
             reply = await client.rset()

@@ -32,7 +32,7 @@ def test_connections_are_reused_between_messages(gateway_factory):
             sink.wait_for(i + 1, 10)
         assert len(sink.messages) == 10
         assert sink.connections == 1, f"{sink.connections} downstream connections for 10 messages"
-        # RSET between transactions, never a second EHLO on the same connection
+        # the next MAIL right after the end of data (no RSET needed), never a second EHLO
         assert sum(1 for c in sink.commands if c.upper().startswith("EHLO")) == 1
 
 

@@ -80,3 +80,37 @@ def test_reaping_never_hands_out_a_connection_it_is_closing() -> None:
     taken, idle, quits = asyncio.run(go())
     assert taken is None and quits == 1
     assert len(idle) == 1 and isinstance(idle[0], _SlowQuit) and idle[0].quits == 0
+
+
+def test_an_open_transaction_is_reset_before_parking_a_finished_one_is_not() -> None:
+    """After the reply to the end of data the session is ready for the next MAIL (RFC 5321
+    4.1.1.4): no RSET round trip. A MAIL whose recipients were all refused leaves the
+    transaction open: that connection is RSET before it is parked."""
+    with Sink(replies={"RCPT:nobody@example.test": "550 5.1.1 no such user"}) as sink:
+        t = Transport("smtp", host="127.0.0.1", port=sink.port)
+
+        async def go() -> tuple[list[str], list[str]]:
+            pool = DownstreamPool(RelayConfig(), "mx.test", max_per_destination=1, idle_s=5)
+            async with pool.session(t) as c:
+                mail, rcpts = await c.envelope("a@sender.test", [], [("r@example.test", [])])
+                assert mail.is_ok and rcpts[0].is_ok
+                (done,) = await c.data([b"Subject: one\r\n\r\nbody\r\n"])
+                assert done.is_ok and not c.in_transaction
+            after_data = list(sink.commands)
+            async with pool.session(t) as c:
+                mail, rcpts = await c.envelope("a@sender.test", [],
+                                               [("nobody@example.test", [])])
+                assert mail.is_ok and rcpts[0].code == 550 and c.in_transaction
+            after_refusal = list(sink.commands)
+            async with pool.session(t) as c:  # the same connection, clean again
+                mail, _ = await c.envelope("a@sender.test", [], [("r@example.test", [])])
+                assert mail.is_ok
+                await c.data([b"Subject: two\r\n\r\nbody\r\n"])
+            await pool.close()
+            return after_data, after_refusal
+
+        after_data, after_refusal = asyncio.run(go())
+    verbs = [c.split()[0].upper() for c in after_data]
+    assert "RSET" not in verbs, after_data
+    assert [c.split()[0].upper() for c in after_refusal][-1] == "RSET", after_refusal
+    assert sink.connections == 1 and len(sink.messages) == 2
