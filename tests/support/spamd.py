@@ -99,7 +99,10 @@ class SpamdInstance(PrivateDaemon):
                 f"--username={USER}", f"--groupname={USER}", f"--helper-home-dir={home}",
                 f"--pidfile={self.workdir / 'spamd.pid'}",
                 f"--syslog={self.workdir / 'spamd.log'}",
-                f"--max-children={self.max_children}", "--min-children=1"]
+                f"--max-children={self.max_children}", "--min-children=1",
+                # Bayes in the temp dir, not the system user's store in /var/lib/spamassassin
+                # (--helper-home-dir does not move it): nothing learnt outlives the instance
+                f"--cf=bayes_path {home / 'bayes'}"]
         self._launch(argv, lambda: ping((HOST, self.port)) and ping(str(self.socket_path)),
                      timeout_s, 0.1, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
                                           "LANG": "C.UTF-8"})
