@@ -69,3 +69,37 @@ def test_bounds_and_hosts() -> None:
     assert mime.url_host("https://user:pw@Www.Example.TEST.:8080/p") == "www.example.test"
     assert mime.url_host("www.example.test/path") == "www.example.test"
     assert mime.url_host("http://[2001:db8::1]/") == "2001:db8::1"
+
+
+def _b64_part(payload: bytes, encoded: str) -> bytes:
+    return ("--b\r\nContent-Type: application/octet-stream; name=\"x.bin\"\r\n"
+            "Content-Transfer-Encoding: base64\r\n\r\n" + encoded + "\r\n").encode()
+
+
+def test_the_streamed_parse_of_a_spool_file_equals_the_parse_of_its_bytes(
+        tmp_path: Path, monkeypatch) -> None:
+    """parse_message feeds the spool file to the parser in blocks (never the whole text in
+    memory) and decodes clean base64 itself: the view must be exactly parse_bytes's — for a
+    message cut by MAX_PARSE_BYTES, an mbox From_ line, base64 missing its padding, base64
+    with junk (the stdlib's path) and a block boundary inside a header."""
+    monkeypatch.setattr(mime, "FEED_BLOCK", 7)
+    blob = bytes(range(256)) * 40
+    good = base64.encodebytes(blob).decode().replace("\n", "\r\n")
+    unpadded = base64.b64encode(b"abcd").decode().rstrip("=")  # 'YWJjZA' (needs ==)
+    junk = "YWJj!!ZA=="
+    head = (b"MIME-Version: 1.0\r\nSubject: streamed\r\n"
+            b"Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n")
+    body = (_b64_part(blob, good) + _b64_part(b"", unpadded) + _b64_part(b"", junk)
+            + b"--b\r\nContent-Type: text/plain\r\n\r\nhello http://x.example.test/\r\n--b--\r\n")
+    for data in (head + body, b"From someone@example.test Mon Jan 1 00:00:00 2024\r\n"
+                 + head + body):
+        path = tmp_path / "m"
+        path.write_bytes(data)
+        want = mime.parse_bytes(data)
+        got = mime.parse_message(Message.from_spool(path, len(data)))
+        assert got == want
+        assert [a.payload for a in got.attachments][:2] == [blob, b"abcd"]
+    monkeypatch.setattr(mime, "MAX_PARSE_BYTES", len(head) + 300)  # cut inside the base64
+    path.write_bytes(head + body)
+    cut = mime.parse_message(Message.from_spool(path, len(head + body)))
+    assert cut.truncated and cut == mime.parse_bytes(head + body)
