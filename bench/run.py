@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,11 +244,13 @@ class Monitor:
 class Sink:
     """smtp-sink -c on a free port; a reader thread follows its ``mesg=N`` counter."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra_args: Sequence[str] = ()) -> None:
+        """``extra_args``: more smtp-sink options, e.g. ``("-d", template)`` to dump each
+        message to a file (bench/bigmessage.py checks what arrived)."""
         self.port = free_port()
         self.count = 0
         self.last_change = time.monotonic()
-        argv = [SMTP_SINK, "-c", "-m", "2000", "-t", "300"]
+        argv = [SMTP_SINK, "-c", "-m", "2000", "-t", "300", *extra_args]
         if os.geteuid() == 0:
             argv += ["-u", "nobody"]
         self.proc = subprocess.Popen(argv + [f"127.0.0.1:{self.port}", "4096"],
@@ -385,6 +388,21 @@ class Mailgate(Target):
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def prepare(targets: list[str]) -> tuple[list[str], bytes, str]:
+    """What every bench script needs before its runs: the work directory, Haraka installed
+    (its targets dropped, with a message, when it cannot be), the DKIM key. Returns the
+    targets left, the key (PEM) and its public half (base64, for the DNS zone)."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    if any(t.startswith("haraka") for t in targets):
+        try:
+            ensure_haraka()
+        except Exception as e:  # noqa: BLE001 - report and go on with the other targets
+            log(f"!! Haraka unavailable, its targets are skipped: {e}")
+            targets = [t for t in targets if not t.startswith("haraka")]
+    key_pem, pub = dkim_key(WORK)
+    return targets, key_pem, pub
+
+
 def ensure_haraka() -> Path:
     """Haraka from npm into bench/haraka/ (once); returns bin/haraka."""
     binary = HARAKA_DIR / "node_modules" / "Haraka" / "bin" / "haraka"
@@ -451,6 +469,7 @@ class Haraka(Target):
             (cfg / "dkim.ini").write_text("[sign]\nenabled=false\n[verify]\nenabled=true\n"
                                           "timeout=29\n")
         (cfg / "plugins").write_text("\n".join([*plugins, "queue/smtp_forward"]) + "\n")
+        self.configure(cfg)
         preload = self.workdir / "dns-preload.js"
         preload.write_text(DNS_PRELOAD)
         self.logf = (self.workdir / "haraka.log").open("wb")
@@ -469,6 +488,10 @@ class Haraka(Target):
                                + (self.workdir / "haraka.log").read_text(errors="replace")[-3000:]
                                ) from None
         return port
+
+    def configure(self, cfg: Path) -> None:
+        """Hook for subclasses: more settings in Haraka's config directory before it starts
+        (bench/bigmessage.py raises connection.ini's ``[max] bytes``)."""
 
     def stop(self) -> None:
         terminate(self.proc)
@@ -700,14 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         if not os.access(tool, os.X_OK):
             ap.error(f"{tool} missing: install the Debian package postfix")
 
-    WORK.mkdir(parents=True, exist_ok=True)
-    if any(t.startswith("haraka") for t in targets):
-        try:
-            ensure_haraka()
-        except Exception as e:  # noqa: BLE001 - report and go on with the other targets
-            log(f"!! Haraka unavailable, its targets are skipped: {e}")
-            targets = [t for t in targets if not t.startswith("haraka")]
-    key_pem, pub = dkim_key(WORK)
+    targets, key_pem, pub = prepare(targets)
     with DnsServer(zone(pub)) as dns:
         env = Env(dns=dns, bayes_db=WORK / "bayes.db")
         if "mailgate-full" in targets:
