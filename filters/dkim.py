@@ -20,14 +20,18 @@ is known exactly, and the lookups share one deadline (``dns_timeout_s``).
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import dkim
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.crypto import HASH_ALGORITHMS
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from filters._dkimbody import BLOCK, body_hash
 from filters._dkimkeys import KeyAnswers, dnsfunc, prefetch, txt
 from gateway.dnsresolver import DnsAnswer, DnsResolver, per_message
 from gateway.filterapi import Filter, FilterContext, Result, Symbol
@@ -122,9 +126,49 @@ class DkimVerifyFilter(Filter):
 
 
 def _load(msg: Message, max_bytes: int, min_rsa_bits: int) -> dkim.DKIM:
-    """Runs in a worker thread: the message read (capped) and parsed by dkimpy."""
+    """Runs in a worker thread: the header block parsed by dkimpy (the body is hashed from the
+    spool by _SpoolVerifier); the whole message (capped) when the spooled header block was cut."""
+    if msg.header_bytes.endswith(b"\r\n\r\n") or len(msg.header_bytes) == msg.size:
+        return _SpoolVerifier(msg, min_rsa_bits)
     with msg.path.open("rb") as f:
         return dkim.DKIM(f.read(max_bytes), minkey=min_rsa_bits)
+
+
+class _SpoolVerifier(dkim.DKIM):
+    """dkimpy given the header block only: each signature's body hash is computed here, streamed
+    from the spool file in blocks (filters/_dkimbody.py), and checked before dkimpy checks the
+    header signature, so the body is never held (dkimpy's relaxed canonicalization of a whole
+    10 MiB prose body peaks at ~400 MB). Hashes are shared by signatures with the same
+    canonicalization, algorithm and l=."""
+
+    def __init__(self, msg: Message, min_rsa_bits: int) -> None:
+        super().__init__(msg.header_bytes, minkey=min_rsa_bits)
+        self._msg = msg
+        self._hashes: dict[tuple[bytes, bytes, int | None], bytes] = {}
+
+    def verify_sig_process(self, sig: dict[bytes, bytes], include_headers: list[bytes],
+                           sig_header: tuple[bytes, bytes], dnsfunc: Any) -> bool:
+        if b"bh" in sig:
+            try:
+                canon = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+            except InvalidCanonicalizationPolicyError:  # dkimpy reports it
+                return bool(super().verify_sig_process(sig, include_headers, sig_header, dnsfunc))
+            length = int(sig[b"l"]) if b"l" in sig and not self.tlsrpt else None
+            key = (canon.body_algorithm.name, sig[b"a"], length)
+            if key not in self._hashes:
+                self._hashes[key] = body_hash(self._msg_body(), key[0] == b"relaxed",
+                                              HASH_ALGORITHMS[sig[b"a"]], length)
+            got = self._hashes[key]
+            if got != base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"])):
+                raise dkim.ValidationError(f"body hash mismatch (got {base64.b64encode(got)!r}, "
+                                           f"expected {sig[b'bh']!r})")
+            sig = {k: v for k, v in sig.items() if k != b"bh"}  # checked: dkimpy skips it
+        return bool(super().verify_sig_process(sig, include_headers, sig_header, dnsfunc))
+
+    def _msg_body(self) -> Iterator[bytes]:
+        with self._msg.open_body() as f:
+            while block := f.read(BLOCK):
+                yield block
 
 
 def _verify_all(verifier: dkim.DKIM, sigs: list[Signature], served: KeyAnswers) -> None:
