@@ -34,6 +34,7 @@ from gateway.smtp import dsnparams
 from gateway.spool import Spool
 
 log = logging.getLogger("mailgate.qmgr")
+RESCAN_AFTER_FULL_S = 0.05  # the next scan after one that filled its batch
 Results = dict[str, tuple[RecipientState, str | None]]
 
 
@@ -88,8 +89,8 @@ class QueueManager:
     async def run(self) -> None:
         """Deliver fresh commits as they come (``kick(qid)``) and scan the spool every
         ``scan_interval_s`` for due retries and for mail committed elsewhere (another worker,
-        a release from quarantine). A scan that filled its batch is followed by another at
-        once: a backlog drains at delivery speed, not one batch per interval."""
+        a release from quarantine). A scan that filled its batch is followed by another within
+        RESCAN_AFTER_FULL_S: a backlog drains at delivery speed, not one batch per interval."""
         next_scan = 0.0
         while not self._stopping:
             self.wakeup.clear()  # before looking: a kick from now on is not lost
@@ -98,8 +99,10 @@ class QueueManager:
                 next_scan = time.monotonic() + self.policy.queue.scan_interval_s
                 due = await self._scan()
                 await self._dispatch(due)
-                if len(due) >= self._batch:  # more may be due behind these
-                    self._rescan = True
+                if len(due) >= self._batch:  # more may be due behind these: look again soon
+                    # (not at once: messages another worker has claimed would come back
+                    # from every scan, and an immediate rescan would spin on them)
+                    next_scan = min(next_scan, time.monotonic() + RESCAN_AFTER_FULL_S)
             while self._fresh and not self._stopping and not self._rescan \
                     and time.monotonic() < next_scan:
                 await self._dispatch([self._fresh.popleft()])
