@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown target {t!r}; known: {', '.join(TARGETS)}")
     plan = Plan(args.connections, args.open_concurrency, args.baseline, args.sequential,
                 args.batch, args.settle)
-    nofile = raise_nofile(args.connections + 4096)
+    nofile = raise_nofile(2 * args.connections + 4096)  # mailgate counts 2 per session
     targets, _key, pub = prepare(targets)
     lim = Limits()
     print(f"# {machine()}")

@@ -56,13 +56,15 @@ def raise_fd_limit() -> int:
 
 
 def fd_connection_cap(policy: Policy) -> int:
-    """How many client connections this process's open-file limit carries: one descriptor per
-    session, two in proxy mode (the downstream connection), FD_RESERVE kept for the rest.
-    Past it a client gets 421 rather than the accept loop running out of descriptors."""
+    """How many client connections this process's open-file limit carries: two descriptors per
+    session (its socket, and the spool file while DATA streams in or the downstream connection
+    in proxy mode), three per delivery in flight (claim, data file, downstream connection:
+    ``queue.max_active``) and FD_RESERVE kept for the rest. Past it a client gets 421 rather
+    than the accept loop running out of descriptors."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY:
         return policy.limits.max_connections
-    return max(1, (soft - FD_RESERVE) // (2 if policy.relay.mode == "proxy" else 1))
+    return max(1, (soft - FD_RESERVE - 3 * policy.queue.max_active) // 2)
 
 
 class ConnectionCounter:

@@ -92,12 +92,14 @@ def test_max_connections(gateway_factory):
 
 
 def test_the_open_file_limit_caps_connections_with_a_421_not_a_stall(tmp_path):
-    """With RLIMIT_NOFILE at 300 (hard too, so it cannot be raised), proxy mode carries
-    (300 - 256) // 2 = 22 sessions: the 23rd client gets 421 at once instead of the accept loop
-    running out of descriptors; the start says so; a freed slot is usable again."""
-    argv = ["prlimit", "--nofile=300:300", "--", sys.executable, "-m", "gateway", "run",
+    """With RLIMIT_NOFILE at 330 (hard too, so it cannot be raised) and 10 deliveries at once,
+    the gateway carries (330 - 256 - 3 × 10) // 2 = 22 sessions: the 23rd client gets 421 at
+    once instead of the accept loop running out of descriptors; the start says so; a freed
+    slot is usable again."""
+    argv = ["prlimit", "--nofile=330:330", "--", sys.executable, "-m", "gateway", "run",
             "--policy", "policy.toml", "--log-format", "json", "--log-level", "info"]
-    policy = limits_policy(max_connections=1000, max_connections_per_ip=1000)
+    policy = base_policy(limits={"max_connections": 1000, "max_connections_per_ip": 1000},
+                         queue={"max_active": 10})
     with GatewayProcess(tmp_path / "gw", policy, argv=argv) as gw:
         assert gw.events("listening")[0]["max_connections"] == 22
         assert "carries 22 connections, fewer than limits.max_connections (1000)" in \
