@@ -23,7 +23,8 @@ zero-width characters shown as ``\\uXXXX``):
   bytes really produced are counted too, and decompression stops at the cap.
 * ``ATTACH_ARCHIVE_LIMIT`` — not fully checked: deeper than ``max_depth``, more than
   ``max_members`` names, more than ``max_expanded_bytes`` decompressed, a nested archive over
-  ``max_nested_bytes``, or ``scan_time_s`` spent (the option says which).
+  ``max_nested_bytes``, ``scan_time_s`` spent, or cut short by the MIME parse limit (the
+  last part of a message longer than ``gateway.mime.MAX_PARSE_BYTES``; the option says which).
 * ``ATTACH_ARCHIVE_UNSUPPORTED`` — rar, 7z, cab, ISO-9660 (recognised by content, not opened).
 * ``ATTACH_ARCHIVE_BAD`` — looks like an archive but cannot be read (corrupt, truncated).
 
@@ -150,8 +151,12 @@ class _Scan:
     expanded: int = 0
     found: dict[str, list[str]] = field(default_factory=dict)
     first: list[tuple[str, str]] = field(default_factory=list)  # (symbol, raw path), in order
+    cut: str | None = None  # the part the MIME parse limit cut short: it cannot be "bad"
 
     def add(self, symbol: str, path: str) -> None:
+        if symbol == "ATTACH_ARCHIVE_BAD" and self.cut is not None \
+                and (path == self.cut or path.startswith(self.cut + "/")):
+            symbol, path = "ATTACH_ARCHIVE_LIMIT", f"{self.cut}: cut by the parse limit"
         opts = self.found.setdefault(symbol, [])
         shown = show(path)
         if symbol == "ATTACH_ARCHIVE_LIMIT":  # the first path per reason is enough
@@ -318,6 +323,9 @@ class AttachmentsFilter(Filter):
                 continue
             names = part_names(part)
             path = names[0] if names else f"part{part.index + 1}"
+            # the message was longer than the parse limit: its last part is cut short, so an
+            # archive there cannot be read to its end — not checked fully, not damaged
+            scan.cut = path if view.truncated and part is view.parts[-1] else None
             for n in names:
                 self.check_name(scan, n, n, archived=False)
             if part.content_type in self.banned_types:

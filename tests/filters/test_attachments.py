@@ -10,6 +10,7 @@ import email
 import gzip
 import io
 import lzma
+import random
 import re
 import struct
 import tarfile
@@ -489,3 +490,22 @@ def test_corpus_ham_has_no_attachment_symbols():
         counts[sub] = c
     print("attachment symbols per corpus:", counts)
     assert counts["ham"] == {}
+
+
+def test_an_archive_cut_short_by_the_parse_limit_is_not_bad_but_not_fully_checked(
+        monkeypatch):
+    """A message longer than mime.MAX_PARSE_BYTES has its last part cut: a zip there cannot
+    be read to its end. That is a limit of ours (ATTACH_ARCHIVE_LIMIT), not a damaged archive
+    (ATTACH_ARCHIVE_BAD, +3) — legitimate big mail must not be scored as suspicious. A truly
+    damaged zip in a message within the limit is still bad."""
+    rnd = random.Random(1)
+    data = zip_bytes([(f"f{i}.bin", rnd.randbytes(50000)) for i in range(8)])
+    raw = message(("report.zip", data, "application/zip"))
+    assert "ATTACH_ARCHIVE_BAD" not in syms(raw)  # whole: clean
+    monkeypatch.setattr(mime, "MAX_PARSE_BYTES", len(raw) // 2)
+    found = syms(raw)
+    assert "ATTACH_ARCHIVE_BAD" not in found, found
+    assert found["ATTACH_ARCHIVE_LIMIT"] == ("report.zip: cut by the parse limit",)
+    monkeypatch.undo()
+    damaged = message(("report.zip", data[: len(data) // 2], "application/zip"))
+    assert syms(damaged)["ATTACH_ARCHIVE_BAD"] == ("report.zip",)
