@@ -98,13 +98,34 @@ def _removes(r: RemoveHeader, h: Header) -> bool:
     return r.value_prefix is None or h.value.startswith(r.value_prefix)
 
 
+def outgoing_head(message: Message, new_headers: bytes) -> bytes:
+    """What replaces the received header block (``message.body_offset`` bytes) in the
+    outgoing message: the edited header block and, if the original had one, the blank line."""
+    if message.header_bytes.endswith(b"\r\n\r\n") or message.header_bytes == b"\r\n":
+        return new_headers + b"\r\n"
+    return new_headers
+
+
+def queued_form(message: Message, new_headers: bytes, max_prepend_bytes: int
+                ) -> tuple[bytes, int] | None:
+    """The outgoing message as (``prepend``, ``skip``) over the received file: ``prepend``
+    then the file after its first ``skip`` bytes. Usually the received header block is kept
+    as it is and only the new lines go before it (skip 0); when edits changed it, the whole
+    edited block replaces it. None when that block is over ``max_prepend_bytes`` (write the
+    message out instead: the queue's metadata stays small)."""
+    head = outgoing_head(message, new_headers)
+    if head.endswith(message.header_bytes):
+        return head[:len(head) - len(message.header_bytes)], 0
+    if len(head) <= max_prepend_bytes:
+        return head, message.body_offset
+    return None
+
+
 def message_chunks(message: Message, new_headers: bytes, block: int = 256 * 1024
                    ) -> Iterator[bytes]:
     """The outgoing message: edited header block, the blank line, then the original body."""
-    yield new_headers
+    yield outgoing_head(message, new_headers)
     with message.path.open("rb") as f:
         f.seek(message.body_offset)
-        if message.header_bytes.endswith(b"\r\n\r\n") or message.header_bytes == b"\r\n":
-            yield b"\r\n"
         while chunk := f.read(block):
             yield chunk

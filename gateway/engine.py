@@ -19,7 +19,13 @@ from gateway import quarantine
 from gateway import replies as R
 from gateway.decide import Decision, Scorecard, decide
 from gateway.dnsresolver import LimitedResolver
-from gateway.edits import TraceInfo, build_headers, message_chunks, received_header
+from gateway.edits import (
+    TraceInfo,
+    build_headers,
+    message_chunks,
+    queued_form,
+    received_header,
+)
 from gateway.errors import SpoolError
 from gateway.filterapi import Action, Client, Decided, FilterContext, RemoveHeader, Stage
 from gateway.logs import event
@@ -323,19 +329,21 @@ class Engine:
             return signed
         headers = signed
         assert self.spool is not None
-        path = self.spool.incoming_path(txn.qid).with_suffix(".final")
         try:
             decision = {"action": d.action.value, "score": d.score, "by": d.by,
                         "class": cls.name, "symbols": [s.name for s in card.symbols(cls)]}
-            spool = self.spool
-
-            def write_and_commit() -> None:  # one trip to the thread pool, not two
-                size = _write(path, message_chunks(message, headers))
-                spool.commit(_entry(state, txn, size, time.time(), decision), path)
-
-            await asyncio.to_thread(write_and_commit)
+            form = queued_form(message, headers, MAX_PREPEND_BYTES)
+            if form is not None:
+                # The received file becomes the queue's data file as it is (a hard link, no
+                # copy, no second inode); the new header lines travel in the metadata.
+                entry = dataclasses.replace(
+                    _entry(state, txn, message.size, time.time(), decision),
+                    prepend=form[0], skip=form[1])
+                await asyncio.to_thread(self.spool.commit, entry, message.path, link=True)
+            else:
+                await asyncio.to_thread(self._write_and_commit, state, txn, message, headers,
+                                        decision)
         except (OSError, SpoolError) as e:
-            path.unlink(missing_ok=True)
             log.error("queue commit failed (qid %s): %s", txn.qid, e)
             txn.queued = f"commit failed: {e}"
             return Reply(451, "4.3.0", f"Temporary local problem, try again later ({txn.qid})")
@@ -343,6 +351,17 @@ class Engine:
         if self.on_commit is not None:
             self.on_commit(txn.qid)
         return Reply(250, "2.0.0", f"Ok: queued as {txn.qid}")
+
+    def _write_and_commit(self, state: SessionState, txn: Transaction, message: Message,
+                          headers: bytes, decision: dict[str, Any]) -> None:
+        """Queue a copy of the outgoing message (in a worker thread)."""
+        assert self.spool is not None
+        path = self.spool.incoming_path(txn.qid).with_suffix(".final")
+        try:
+            size = _write(path, message_chunks(message, headers))
+            self.spool.commit(_entry(state, txn, size, time.time(), decision), path)
+        finally:
+            path.unlink(missing_ok=True)  # renamed away by a successful commit
 
     def _headers(self, state: SessionState, txn: Transaction, message: Message,
                  card: Scorecard, cls: PolicyClass, d: Decision) -> bytes:
@@ -505,6 +524,11 @@ def background_filters(policy: Policy, chain: Iterable[LoadedFilter]) -> frozens
         if not any(s.startswith(prefix) for s in early):
             out.add(f.name)
     return frozenset(out)
+
+
+# Above this, an edited header block is not kept in the queue's metadata (read by every queue
+# scan, rewritten on every retry): the message is written out with it instead.
+MAX_PREPEND_BYTES = 16 * 1024
 
 
 def _write(path: Path, chunks: Iterator[bytes]) -> int:

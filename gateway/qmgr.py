@@ -279,8 +279,8 @@ class QueueManager:
             else:
                 out[x.addr] = ("failed" if reply.is_perm else "pending", _text(reply))
         if accepted:
-            with await asyncio.to_thread(self.spool.open_data, entry.qid) as f:
-                replies = await client.data(_chain(entry.prepend, _read(f)),
+            with await asyncio.to_thread(self.spool.open_outgoing, entry) as f:
+                replies = await client.data(_read(f),
                                             accepted_rcpts=len(accepted))
             if len(replies) == 1 and len(accepted) > 1:
                 replies = replies * len(accepted)
@@ -297,9 +297,9 @@ class QueueManager:
         for x in rcpts:
             head = (f"Return-Path: <{entry.sender}>\r\nDelivered-To: {x.addr}\r\n").encode()
             try:
-                with await asyncio.to_thread(self.spool.open_data, entry.qid) as f:
+                with await asyncio.to_thread(self.spool.open_outgoing, entry) as f:
                     await asyncio.to_thread(maildir.deliver, t.path,
-                                            _chain(head + entry.prepend, _read(f)), entry.qid)
+                                            _chain(head, _read(f)), entry.qid)
                 out[x.addr] = ("delivered", f"maildir {t.path}")
             except OSError as e:
                 error = f"maildir {t.path}: {e}"
@@ -347,7 +347,7 @@ class QueueManager:
                                  envid=entry.envid, ret=entry.ret,  # type: ignore[arg-type]
                                  reporting_mta=self.policy.hostname,
                                  received_from_mta=entry.helo or None)
-            with await asyncio.to_thread(self.spool.open_data, entry.qid) as f:
+            with await asyncio.to_thread(self.spool.open_outgoing, entry) as f:
                 data = await asyncio.to_thread(dsn.build_dsn, req, statuses, f, now=now)
         except dsn.DsnError as e:  # cannot be built, now or later: say so, do not retry
             log.error("DSN for %s cannot be built: %s", entry.qid, e)

@@ -1,5 +1,6 @@
 """The queue's values: a queued message's metadata (``QueueEntry``) and its recipients, their
-strict JSON form (format version 1), and the spool's error types. ``gateway.spool`` stores them.
+strict JSON form (format version 2; version 1, without ``skip``, is still read), and the spool's
+error types. ``gateway.spool`` stores them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any, Literal, cast
 from gateway.errors import SpoolError
 from gateway.qid import ALPHABET
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # 1: before ``skip`` (read as 0)
 FREE_SPACE_FACTOR = 1.5  # MAIL gets 452 4.3.1 below this many times max_message_bytes free
 Area = Literal["active", "deferred", "hold"]
 QUEUE_AREAS: tuple[Area, ...] = ("active", "deferred", "hold")
@@ -115,6 +117,10 @@ class QueueEntry:
     arrival: float
     size: int  # bytes in data/<qid>
     prepend: bytes = b""  # header lines (CRLF-terminated) to put before the data when relaying
+    # Bytes at the start of data/<qid> that are not relayed: the received header block that
+    # ``prepend`` replaces (the gateway's edited copy of it). The data file is the message as
+    # received; what leaves is ``prepend`` + data[skip:] (see ``Spool.open_outgoing``).
+    skip: int = 0
     decision: Mapping[str, Any] = field(default_factory=dict)  # action, score, by, symbols...
     attempts: int = 0
     next_attempt: float = 0.0
@@ -130,6 +136,8 @@ class QueueEntry:
             raise ValueError("a queue entry needs at least one recipient")
         if self.size < 0 or self.attempts < 0:
             raise ValueError("size and attempts must be >= 0")
+        if not 0 <= self.skip <= self.size:
+            raise ValueError(f"skip must be within 0..size ({self.size}), not {self.skip}")
         # Normalised through JSON now, so a loaded entry equals the one committed, and a value
         # JSON cannot hold fails here rather than at commit time.
         decision = json.loads(json.dumps(self.decision, default=_thaw))
@@ -173,7 +181,7 @@ class QueueEntry:
         obj = {"format": FORMAT_VERSION, **{k: getattr(self, k) for k in _PLAIN},
                "mail_params": self.mail_params,
                "recipients": [r.to_obj() for r in self.recipients],
-               "prepend": base64.b64encode(self.prepend).decode("ascii")}
+               "prepend": base64.b64encode(self.prepend).decode("ascii"), "skip": self.skip}
         return json.dumps(obj, default=_thaw, separators=(",", ":"))
 
     @classmethod
@@ -181,7 +189,7 @@ class QueueEntry:
         """Parse strictly; any problem is a SpoolCorrupt naming it."""
         try:
             obj = json.loads(text)
-            if (version := _req(obj, "format", int)) != FORMAT_VERSION:
+            if (version := _req(obj, "format", int)) not in _READABLE_VERSIONS:
                 raise ValueError(f"unsupported format version {version}")
             params = _req(obj, "mail_params", list)
             if not all(isinstance(p, str) for p in params):
@@ -190,7 +198,8 @@ class QueueEntry:
                      for k, (kind, optional) in _PLAIN.items()}
             return cls(**plain, mail_params=tuple(params),
                        recipients=tuple(map(Recipient.from_obj, _req(obj, "recipients", list))),
-                       prepend=base64.b64decode(_req(obj, "prepend", str), validate=True))
+                       prepend=base64.b64decode(_req(obj, "prepend", str), validate=True),
+                       skip=_req(obj, "skip", int) if version >= 2 else 0)
         except (ValueError, TypeError, KeyError, RecursionError) as e:  # binascii.Error too
             raise SpoolCorrupt(f"{type(e).__name__}: {e}") from None
 

@@ -332,8 +332,8 @@ class QueueCli:
         return EXIT_OK
 
     def _message(self, entry: QueueEntry) -> bytes:
-        with self.spool.open_data(entry.qid) as f:
-            return entry.prepend + f.read()
+        with self.spool.open_outgoing(entry) as f:
+            return f.read()
 
     def _show_text(self, area: Area, entry: QueueEntry, now: float) -> None:
         def row(key: str, value: object) -> None:
@@ -343,8 +343,10 @@ class QueueCli:
         row("qid", entry.qid)
         row("area", area + {"hold": " (never delivered until released)",
                             "active": "", "deferred": ""}[area])
-        row("size", f"{entry.size} bytes" + (f" + {len(entry.prepend)} bytes of headers to "
-                                              "prepend" if entry.prepend else ""))
+        row("size", f"{entry.size} bytes" + (
+            f", relayed with its first {entry.skip} (the received header block) replaced by "
+            f"{len(entry.prepend)} bytes of edited headers" if entry.skip else
+            f" + {len(entry.prepend)} bytes of headers to prepend" if entry.prepend else ""))
         row("arrival", f"{_local(entry.arrival, '%Y-%m-%d %H:%M:%S %z')} "
                        f"({_span(now - entry.arrival)} ago)")
         row("sender", f"<{entry.sender}>")

@@ -12,7 +12,9 @@ Layout under the root (directories 0700, files 0600)::
     corrupt/                unreadable files moved aside, each with a ``.reason``; never deleted
     <area>/<qid>.json.tmp   a metadata write in progress
 
-Commit (``commit``): fsync the data, rename it to ``data/<qid>``, fsync ``data/``; write the
+Commit (``commit``): fsync the data, rename (or, with ``link``, hard-link: the receiving session
+keeps its name for the file until it is done, and the bytes are neither copied nor given a
+second inode) it to ``data/<qid>``, fsync ``data/``; write the
 metadata to ``<area>/<qid>.json.tmp``, fsync it, rename it to ``<area>/<qid>.json``, fsync the
 area. The metadata's appearance is the commit point, its removal (``remove``) the completion
 point. So after a crash, data without metadata was never acknowledged or is already delivered
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import itertools
 import json
 import logging
@@ -45,7 +48,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from gateway.durable import DirSync, fsync_dir
 from gateway.errors import SpoolError
@@ -103,6 +106,29 @@ def _free_name(directory: Path, name: str) -> Path:
     return path
 
 
+class _Joined(io.RawIOBase):
+    """``head``, then the rest of ``f`` (closed with this)."""
+
+    def __init__(self, head: bytes, f: BinaryIO) -> None:
+        self._head, self._f = memoryview(head), f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._head:
+            n = min(len(b), len(self._head))
+            b[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        return self._f.readinto(b)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
+
+
 class Spool:
     """One spool directory; safe to share between threads and processes (see the module doc)."""
 
@@ -134,10 +160,12 @@ class Spool:
         return None
 
     # -- commit -----------------------------------------------------------------------------
-    def commit(self, entry: QueueEntry, data_path: Path, area: Area = "active") -> None:
-        """Make ``data_path`` (renamed, so on the spool's filesystem) and ``entry`` durable in
-        ``area``. When this returns the caller may answer 250; any failure is a SpoolError and
-        leaves nothing of the message queued."""
+    def commit(self, entry: QueueEntry, data_path: Path, area: Area = "active", *,
+               link: bool = False) -> None:
+        """Make ``data_path`` (renamed, so on the spool's filesystem; with ``link`` hard-linked
+        instead, and the caller removes its own name later) and ``entry`` durable in ``area``.
+        When this returns the caller may answer 250; any failure is a SpoolError and leaves
+        nothing of the message queued."""
         qid, area = entry.qid, _check_area(area)
         final = self._data(qid)
         try:
@@ -153,7 +181,7 @@ class Spool:
             if self._find(qid) is not None or os.path.lexists(final):
                 raise SpoolError(f"commit {qid}: already queued")
             os.fsync(fd)
-            os.rename(data_path, final)
+            (os.link if link else os.rename)(data_path, final)
             renamed = True
             self._dirsync["data"].sync()
             self._write_meta(entry, area)
@@ -235,11 +263,22 @@ class Spool:
         return list(itertools.islice(due, max(limit, 0)))
 
     def open_data(self, qid: str) -> BinaryIO:
-        """The message bytes (without ``prepend``)."""
+        """The message bytes as stored (without ``prepend``, with the ``skip`` bytes)."""
         try:
             return open(self._data(qid), "rb")
         except FileNotFoundError:
             raise SpoolMissing(f"{qid}: no data") from None
+
+    def open_outgoing(self, entry: QueueEntry) -> BinaryIO:
+        """The message as it is relayed: ``prepend``, then the data after its first ``skip``
+        bytes."""
+        f = self.open_data(entry.qid)
+        try:
+            f.seek(entry.skip)
+        except BaseException:
+            f.close()
+            raise
+        return io.BufferedReader(_Joined(entry.prepend, f))
 
     # -- ownership and changes --------------------------------------------------------------
     @contextlib.contextmanager

@@ -14,6 +14,7 @@ A downstream that comes back is a new Sink on the same port (``sink_on(port)``).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import email
 import email.policy
@@ -501,12 +502,14 @@ def test_commit_failing_for_enospc_answers_451_and_loses_nothing_acked(gateway_f
         with RawSmtpClient(gw.address) as c:
             assert c.cmd("EHLO client.test").startswith("250")
             # MAIL passes the free-space check; then the disk fills while the transaction runs:
-            # DATA still fits in incoming/, the committed copy does not.
+            # DATA still fits in incoming/ (to the page), the commit's metadata does not.
             assert c.cmd("MAIL FROM:<bob@sender.test>").startswith("250 2.1.0")
             assert c.cmd("RCPT TO:<alice@example.test>").startswith("250 2.1.5")
-            filler = fill(spool, leave_bytes=len(body) + 120_000)
+            message = message_bytes("enospc-commit", body=body)
+            page = os.statvfs(spool).f_frsize
+            filler = fill(spool, leave_bytes=-(-len(message) // page) * page)
             assert c.cmd("DATA").startswith("354")
-            c.send(message_bytes("enospc-commit", body=body) + b".\r\n")
+            c.send(message + b".\r\n")
             reply = c.reply()
             m = re.fullmatch(r"451 4\.3\.0 Temporary local problem, try again later "
                              r"\((\w{16})\)", reply)
@@ -569,6 +572,39 @@ def test_full_spool_when_bouncing_does_not_deliver_twice(gateway_factory, tmp_pa
             assert bounce.rcpts == ("bob@sender.test",) and done["dsn"]
             wait_spool_empty(spool)
             assert len(with_tag(sink.messages, "bounce-full")) == 1
+
+
+def test_edited_headers_travel_in_the_metadata_and_arrive_in_place(gateway_factory):
+    """The received file is queued as it is (no copy): new header lines, or the whole edited
+    block (here a tagged Subject), go in the metadata; an edited block over 16 KiB is written
+    out with the message instead. Downstream gets the same bytes either way."""
+    port = free_port()
+    pad = "".join(f"X-Pad-{i:03d}: {'p' * 90}\r\n" for i in range(200)).encode()  # ~20 KB
+    gw = gateway_factory(queue_policy(port, actions={"rewrite_subject": 0}))
+    small_data = message_bytes("edited-small", body=b"body of small\r\n")
+    big_data = message_bytes("edited-big", body=b"body of big\r\n").replace(
+        b"\r\n\r\n", b"\r\n" + pad + b"\r\n", 1)
+    small, big = send(gw, "edited-small", data=small_data), send(gw, "edited-big", data=big_data)
+    spool = spool_dir(gw)
+    for qid in (small, big):
+        wait_delivery(gw, qid, "deferred")
+    meta = {q: json.loads((spool / "deferred" / f"{q}.json").read_bytes()) for q in (small, big)}
+    assert (spool / "data" / small).read_bytes() == small_data  # as received
+    assert meta[small]["skip"] == small_data.index(b"body of small")
+    assert b"Subject: [SPAM] queue test edited-small" in base64.b64decode(meta[small]["prepend"])
+    assert (meta[big]["skip"], meta[big]["prepend"]) == (0, "")  # written out whole
+    assert b"Subject: [SPAM] queue test edited-big" in (spool / "data" / big).read_bytes()
+    with sink_on(port) as sink:
+        msgs = sink.wait_for(2, timeout_s=10)
+        for tag, data in (("edited-small", small_data), ("edited-big", big_data)):
+            [m] = with_tag(msgs, tag)
+            head, _, body = m.data.partition(b"\r\n\r\n")
+            assert body == data.partition(b"\r\n\r\n")[2]
+            assert head.count(b"\r\nSubject: ") == 1
+            assert f"\r\nSubject: [SPAM] queue test {tag}\r\n".encode() in head + b"\r\n"
+            assert head.startswith(b"X-Spam-") or head.startswith(b"Received: ")
+            assert pad in head + b"\r\n" if tag == "edited-big" else b"X-Pad" not in head
+    wait_spool_empty(spool)
 
 
 # -- 7. kill -9 under load ----------------------------------------------------------------------

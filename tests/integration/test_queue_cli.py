@@ -133,7 +133,7 @@ def test_list_json_has_every_field(q: Queue) -> None:
         "decision": {"action": "accept", "score": 1.5}, "attempts": 1,
         "next_attempt": entry.next_attempt, "last_error": entry.last_error,
         "client_ip": "192.0.2.7", "helo": "client.sender.test", "delay_warned": None,
-        "mail_params": ["BODY=8BITMIME"], "prepend": "",
+        "mail_params": ["BODY=8BITMIME"], "prepend": "", "skip": 0,
         "recipients": [{"addr": "b@example.test", "notify": ["FAILURE"],
                         "orcpt": "rfc822;b@example.test", "state": "pending",
                         "last_reply": "451 4.4.1 refused", "attempts": 1}],

@@ -81,6 +81,7 @@ def full_entry(qid: str, size: int) -> QueueEntry:
                       last_reply="550 5.1.1 no such user", attempts=2),
         ),
         arrival=1_700_000_000.125, size=size, prepend=b"X-Spam-Score: 3.5\r\nX-Raw: \xff\x00\r\n",
+        skip=min(size, 3),
         decision={"action": "add_header", "score": 3.5, "by": "threshold",
                   "symbols": [{"name": "SPF_FAIL", "options": ("x", "y")}]},
         attempts=3, next_attempt=1_700_000_600.5, last_error="451 4.4.1 timed out",
@@ -132,6 +133,10 @@ def test_decision_is_normalised_and_read_only() -> None:
     lambda o: {**o, "attempts": "3"},
     lambda o: {**o, "attempts": True},
     lambda o: {**o, "prepend": "***"},
+    lambda o: {k: v for k, v in o.items() if k != "skip"},  # required from format 2 on
+    lambda o: {**o, "skip": -1},
+    lambda o: {**o, "skip": o["size"] + 1},
+    lambda o: {**o, "skip": "0"},
     lambda o: {**o, "recipients": []},
     lambda o: {**o, "recipients": [{**o["recipients"][0], "state": "lost"}]},
     lambda o: {**o, "recipients": ["x"]},
@@ -145,6 +150,47 @@ def test_malformed_metadata_is_spool_corrupt(mutate: Any) -> None:
     with pytest.raises(SpoolCorrupt):
         QueueEntry.from_json(bad if isinstance(bad, str) else json.dumps(bad))
     assert issubclass(SpoolCorrupt, SpoolError) and issubclass(SpoolError, MailgateError)
+
+
+def test_format_1_entries_are_still_read_with_skip_0() -> None:
+    entry = full_entry(new_qid(), 5)
+    old = json.loads(entry.to_json())
+    del old["skip"]
+    old["format"] = 1
+    assert QueueEntry.from_json(json.dumps(old)) == dataclasses.replace(entry, skip=0)
+
+
+def test_open_outgoing_is_prepend_then_data_after_skip(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    qid = new_qid()
+    data = b"Subject: old\r\nX-A: 1\r\n\r\n" + b"body line\r\n" * 40_000  # > one read
+    _, path = stage(spool, data, qid)
+    head = b"Received: by us\r\nSubject: [SPAM] old\r\n\r\n"
+    entry = dataclasses.replace(entry_for(qid, len(data)), prepend=head, skip=data.index(b"body"))
+    spool.commit(entry, path)
+    with spool.open_outgoing(entry) as f:
+        assert f.read() == head + data[entry.skip:]
+    with spool.open_outgoing(entry) as f:  # small reads cross the seam too
+        got = b"".join(iter(lambda: f.read(7), b""))
+    assert got == head + data[entry.skip:]
+    with spool.open_data(qid) as f:  # the data file is the message as received
+        assert f.read() == data
+
+
+def test_commit_by_link_keeps_the_callers_name_and_survives_its_removal(tmp_path: Path
+                                                                         ) -> None:
+    spool = Spool(tmp_path)
+    qid = new_qid()
+    _, path = stage(spool, payload(qid, 300), qid)
+    spool.commit(entry_for(qid, 300), path, link=True)
+    assert path.exists() and os.stat(path).st_ino == os.stat(tmp_path / "data" / qid).st_ino
+    path.unlink()  # the receiving session is done with its name
+    assert spool.load(qid)[1].size == 300
+    with spool.open_data(qid) as f:
+        assert f.read() == payload(qid, 300)
+    with spool.claim(qid):
+        spool.remove(qid)
+    assert not (tmp_path / "data" / qid).exists()
 
 
 def test_recipient_results_and_retry() -> None:
