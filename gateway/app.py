@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import resource
@@ -235,6 +236,11 @@ class Runtime:
 
     async def run_forever(self) -> None:
         await self.start()
+        # What start-up built (policy, filters, rule sets, Bayes tables) lives as long as the
+        # process: keep it out of the collector's full passes, which otherwise walk it all
+        # again and again under load (~3% of the CPU per message, measured with perf).
+        gc.collect()
+        gc.freeze()
         await self.stopped.wait()
         event(log, "stopped")
 

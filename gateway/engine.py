@@ -113,6 +113,7 @@ class Engine:
         self.background = background_filters(policy, self.pipeline.chain)
         self._decided_tasks: set[asyncio.Task[None]] = set()
         self.min_free_bytes = min_free_bytes(policy.limits.max_message_bytes)
+        self._room_until = 0.0  # loop time until which the last free-space check holds
 
     def attach_queue(self, spool: Spool, on_commit: Callable[[str], None]) -> None:
         """Give the engine the spool it commits to and what to call with each committed qid."""
@@ -177,8 +178,7 @@ class Engine:
             txn.decision = state.delayed
             assert state.delayed.reply is not None
             return state.delayed.reply.with_qid(txn.qid)
-        if self.queue_mode and self.spool is not None and not await asyncio.to_thread(
-                self.spool.has_room, self.min_free_bytes):
+        if self.queue_mode and self.spool is not None and not await self._has_room():
             log.error("spool %s: less than %d bytes free, refusing mail", self.spool.root,
                       self.min_free_bytes)
             return Reply(452, "4.3.1", f"Insufficient system storage ({txn.qid})")
@@ -255,6 +255,18 @@ class Engine:
             return R.RCPT_OK, ""
         return reply, "downstream"
 
+    async def _has_room(self) -> bool:
+        """The spool's free-space check for MAIL: asked of the filesystem at most every
+        ROOM_CHECK_S while there is room, at every MAIL while there is not. (A disk that fills
+        in between is still caught: the DATA write or the commit fails with a 4xx.)"""
+        assert self.spool is not None
+        now = asyncio.get_running_loop().time()
+        if now < self._room_until:
+            return True
+        ok = await asyncio.to_thread(self.spool.has_room, self.min_free_bytes)
+        self._room_until = now + ROOM_CHECK_S if ok else 0.0
+        return ok
+
     def _early(self, state: SessionState, txn: Transaction | None,
                stage_out: Iterable[FilterOutcome], stage: Stage,
                cls: PolicyClass | None = None) -> Decision | None:
@@ -263,12 +275,14 @@ class Engine:
         syms = [s for o in self._symbols(state, txn, stage_out) for s in o.result.symbols]
         return decide(syms, stage_out, cls, stage, 0.0)
 
-    async def on_data(self, state: SessionState, txn: Transaction, spool: Path, size: int
-                      ) -> Reply:
-        """End of DATA: run the message stage, decide, act; returns the final reply."""
+    async def on_data(self, state: SessionState, txn: Transaction, spool: Path, size: int,
+                      head: bytes | None = None) -> Reply:
+        """End of DATA: run the message stage, decide, act; returns the final reply. ``head``:
+        the file's first bytes as DATA wrote them (``HeadCapture``), else they are read."""
         txn.size = size
         cls = txn.cls or self.policy.default_class
-        message = await asyncio.to_thread(Message.from_spool, spool, size)
+        message = (Message.from_head(spool, size, head) if head is not None
+                   else await asyncio.to_thread(Message.from_spool, spool, size))
         if txn.pending:  # background filters (SPF) ran while RCPT and DATA streamed in
             txn.scorecard.add(await collect(txn.pending))
         out = await self.pipeline.run_stage(
@@ -525,6 +539,8 @@ def background_filters(policy: Policy, chain: Iterable[LoadedFilter]) -> frozens
             out.add(f.name)
     return frozenset(out)
 
+
+ROOM_CHECK_S = 0.5  # how long a passed free-space check stands (see Engine._has_room)
 
 # Above this, an edited header block is not kept in the queue's metadata (read by every queue
 # scan, rewritten on every retry): the message is written out with it instead.

@@ -64,6 +64,12 @@ class Message:
     def from_spool(cls, path: Path, size: int) -> Message:
         with path.open("rb") as f:
             head = f.read(min(size, MAX_HEADER_BYTES))
+        return cls.from_head(path, size, head)
+
+    @classmethod
+    def from_head(cls, path: Path, size: int, head: bytes) -> Message:
+        """From the file's first bytes, as far as its header block or MAX_HEADER_BYTES (a
+        ``HeadCapture`` of the DATA that wrote it): the same Message as ``from_spool``."""
         end = head.find(b"\r\n\r\n")
         if head.startswith(b"\r\n"):
             block = b"\r\n"
@@ -113,3 +119,26 @@ class Message:
             data = f.read(max_bytes)
         parser = email.parser.BytesParser(policy=email.policy.default)
         return cast(EmailMessage, parser.parsebytes(data))
+
+
+class HeadCapture:
+    """Keeps the first bytes written to a message file, up to the end of its header block or
+    MAX_HEADER_BYTES, so the end of DATA needs no read back (``Message.from_head``)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.done = False
+
+    def feed(self, data: bytes) -> None:
+        if self.done:
+            return
+        seen = len(self._buf)
+        self._buf += data[:MAX_HEADER_BYTES - seen]
+        if (self._buf.startswith(b"\r\n") or self._buf.find(b"\r\n\r\n", max(seen - 3, 0)) >= 0
+                or len(self._buf) >= MAX_HEADER_BYTES):
+            self.done = True
+
+    @property
+    def head(self) -> bytes:
+        return bytes(self._buf)
+

@@ -26,6 +26,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException, sslproto
 from gateway import replies as R
 from gateway.engine import SessionState, Transaction
 from gateway.logs import event
+from gateway.message import HeadCapture
 from gateway.qid import new_qid, new_session_id
 from gateway.replies import Reply
 from gateway.smtp import dsnparams
@@ -429,7 +430,8 @@ class SmtpServer(SMTP):
             try:
                 budget = self.engine.command_budget_s("DATA")
                 async with asyncio.timeout(budget):
-                    reply = await self.engine.on_data(st, txn, spool, outcome.size)
+                    reply = await self.engine.on_data(st, txn, spool, outcome.size,
+                                                      head=f.capture.head)
             except TimeoutError:
                 log.error("end-of-data processing timed out (qid %s)", txn.qid)
                 reply = Reply(451, "4.4.2", f"Timeout processing message ({txn.qid})")
@@ -539,6 +541,7 @@ class _open_spool:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.error: OSError | None = None
+        self.capture = HeadCapture()  # the header block, for the engine (no read back)
 
     def __enter__(self) -> _open_spool:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -546,6 +549,8 @@ class _open_spool:
         return self
 
     def write(self, data: bytes) -> None:
+        if not self.capture.done:
+            self.capture.feed(data)
         if self.error is None:
             try:
                 self.f.write(data)
