@@ -126,7 +126,7 @@ class Runtime:
         self._sockets = sockets
         engine = load_engine(policy_path)  # fully validated before anything touches the disk
         self.spool = Spool(engine.policy.spool.directory)
-        self.qmgr = QueueManager(self.spool, engine.policy)
+        self.qmgr = QueueManager(self.spool, engine.policy, engine.syncer)
         engine.attach_queue(self.spool, self.qmgr.kick)
         self.engine = engine
         self.tls_context = make_tls_context(self.engine.policy)

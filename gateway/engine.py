@@ -19,6 +19,7 @@ from gateway import quarantine
 from gateway import replies as R
 from gateway.decide import Decision, Scorecard, decide
 from gateway.dnsresolver import LimitedResolver
+from gateway.durable import Syncer
 from gateway.edits import (
     TraceInfo,
     build_headers,
@@ -114,6 +115,7 @@ class Engine:
         self._decided_tasks: set[asyncio.Task[None]] = set()
         self.min_free_bytes = min_free_bytes(policy.limits.max_message_bytes)
         self._room_until = 0.0  # loop time until which the last free-space check holds
+        self.syncer = Syncer()  # the fsyncs of concurrent commits, batched
 
     def attach_queue(self, spool: Spool, on_commit: Callable[[str], None]) -> None:
         """Give the engine the spool it commits to and what to call with each committed qid."""
@@ -353,7 +355,7 @@ class Engine:
                 entry = dataclasses.replace(
                     _entry(state, txn, message.size, time.time(), decision),
                     prepend=form[0], skip=form[1])
-                await asyncio.to_thread(self.spool.commit, entry, message.path, link=True)
+                await self.spool.commit_async(entry, message.path, self.syncer, link=True)
             else:
                 await asyncio.to_thread(self._write_and_commit, state, txn, message, headers,
                                         decision)

@@ -21,6 +21,7 @@ from dataclasses import replace
 
 from gateway import dsn
 from gateway.dnsresolver import DnsResolver
+from gateway.durable import Syncer
 from gateway.errors import RelayError, RelayTempError, SpoolError
 from gateway.logs import event
 from gateway.policy.schema import Policy, QueueConfig
@@ -48,9 +49,10 @@ def _domain(addr: str) -> str:
 
 
 class QueueManager:
-    def __init__(self, spool: Spool, policy: Policy) -> None:
+    def __init__(self, spool: Spool, policy: Policy, syncer: Syncer | None = None) -> None:
         self.spool = spool
         self.policy = policy
+        self.syncer = syncer or Syncer()  # shared with the engine's commits: fewer fsyncs
         self.pool = self._new_pool(policy)
         self.wakeup = asyncio.Event()
         self.busy: set[str] = set()
@@ -150,9 +152,12 @@ class QueueManager:
 
     async def _attempt(self, qid: str) -> None:
         try:
+            # Claim, read and release on the loop itself: a non-blocking flock and a small
+            # read on the local spool (thread trips for them cost more than the calls, and
+            # under load every trip means GIL hand-offs; the loop already writes DATA there).
             claim = self.spool.claim(qid)
             try:
-                area, entry = await asyncio.to_thread(claim.__enter__)
+                area, entry = claim.__enter__()
             except (SpoolBusy, SpoolMissing):
                 return
             try:
@@ -164,7 +169,7 @@ class QueueManager:
                 if area != "hold" and entry.next_attempt <= time.time():
                     await self._deliver(area, entry)
             finally:
-                await asyncio.to_thread(claim.__exit__, None, None, None)
+                claim.__exit__(None, None, None)
         except Exception:
             log.exception("delivery attempt failed (qid %s); pausing it", qid)
             self._not_before[qid] = time.time() + self.policy.queue.min_backoff_s
@@ -213,7 +218,7 @@ class QueueManager:
                 errors.append(f"DSN not queued: {e}")
             else:
                 self._latest[entry.qid] = entry
-                await asyncio.to_thread(self.spool.remove, entry.qid)
+                await self.spool.remove_async(entry.qid, self.syncer)
                 self._forget(entry.qid)
                 self._log(entry, "done", now, errors, dsn_note=note)
                 return
@@ -279,7 +284,7 @@ class QueueManager:
             else:
                 out[x.addr] = ("failed" if reply.is_perm else "pending", _text(reply))
         if accepted:
-            with await asyncio.to_thread(self.spool.open_outgoing, entry) as f:
+            with self.spool.open_outgoing(entry) as f:  # read on the loop, as sent
                 replies = await client.data(_read(f),
                                             accepted_rcpts=len(accepted))
             if len(replies) == 1 and len(accepted) > 1:

@@ -1,6 +1,9 @@
 """The durable queue on disk: commit accepted messages, claim them across processes, move them
 between areas, and bring the spool back to a consistent state after a crash. Blocking by design:
-callers on the event loop use ``asyncio.to_thread``.
+callers on the event loop use ``asyncio.to_thread``, except for the two calls made for every
+message, ``commit_async`` and ``remove_async``: there the loop makes the quick file-system calls
+itself and a ``durable.Syncer`` batches the fsyncs of all concurrent callers into one thread
+trip. Both forms run the same protocol (``_commit_steps``, ``_remove_steps``).
 
 Layout under the root (directories 0700, files 0600)::
 
@@ -50,7 +53,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gateway.durable import DirSync, fsync_dir
+from gateway.durable import DirSync, Syncer, SyncSteps, fsync_dir, run_steps
 from gateway.errors import SpoolError
 from gateway.logs import event
 from gateway.queue_entry import (
@@ -166,10 +169,23 @@ class Spool:
         instead, and the caller removes its own name later) and ``entry`` durable in ``area``.
         When this returns the caller may answer 250; any failure is a SpoolError and leaves
         nothing of the message queued."""
+        self._drive(self._commit_steps(entry, data_path, area, link, block=True))
+
+    async def commit_async(self, entry: QueueEntry, data_path: Path, syncer: Syncer,
+                           area: Area = "active", *, link: bool = False) -> None:
+        """``commit`` for the event loop: the loop makes the quick calls (open, link, rename,
+        the metadata write) itself and only the fsyncs go to ``syncer``, which does those of
+        all concurrent commits in one thread trip. Cancelled, it leaves nothing queued."""
+        await syncer.run(self._commit_steps(entry, data_path, area, link, block=False),
+                         self.root)
+
+    def _commit_steps(self, entry: QueueEntry, data_path: Path, area: Area, link: bool, *,
+                      block: bool) -> SyncSteps:
+        """The commit protocol; yields each fsync it needs (see ``SyncSteps``)."""
         qid, area = entry.qid, _check_area(area)
         final = self._data(qid)
         try:
-            fd = _lock_file(Path(data_path), block=True)
+            fd = _lock_file(Path(data_path), block=block)
         except OSError as e:
             raise SpoolError(f"commit {qid}: cannot open {data_path}: {e}") from e
         renamed = False
@@ -180,11 +196,11 @@ class Spool:
                                  f"entry says {entry.size}")
             if self._find(qid) is not None or os.path.lexists(final):
                 raise SpoolError(f"commit {qid}: already queued")
-            os.fsync(fd)
+            yield fd
             (os.link if link else os.rename)(data_path, final)
             renamed = True
-            self._dirsync["data"].sync()
-            self._write_meta(entry, area)
+            yield "data"
+            yield from self._meta_steps(entry, area)
         except BaseException as e:
             if renamed:  # we checked that no metadata existed: whatever is there is ours
                 for leftover in (self._meta(area, qid), final):
@@ -199,6 +215,9 @@ class Spool:
             os.close(fd)
 
     def _write_meta(self, entry: QueueEntry, area: Area) -> None:
+        self._drive(self._meta_steps(entry, area))
+
+    def _meta_steps(self, entry: QueueEntry, area: Area) -> SyncSteps:
         final = self._meta(area, entry.qid)
         tmp = final.with_name(final.name + _TMP)
         payload = entry.to_json().encode("ascii")
@@ -208,14 +227,24 @@ class Spool:
                 view = memoryview(payload)
                 while view:
                     view = view[os.write(fd, view):]
-                os.fsync(fd)
+                yield fd
             finally:
                 os.close(fd)
             os.rename(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        self._dirsync[area].sync()
+        yield area
+
+    def _drive(self, steps: SyncSteps) -> None:
+        """Run ``steps`` in this thread: each fsync at once (directories group-committed with
+        concurrent callers, ``DirSync``); a failed one is raised into the steps."""
+        def fsync(point: int | str) -> None:
+            if isinstance(point, int):
+                os.fsync(point)
+            else:
+                self._dirsync[point].sync()
+        run_steps(steps, fsync)
 
     # -- reading ----------------------------------------------------------------------------
     def _read(self, area: Area, qid: str) -> QueueEntry:
@@ -339,12 +368,19 @@ class Spool:
         order would leave metadata without data, indistinguishable from damage, which recovery
         must treat as corrupt. The area is fsync'd so a power cut does not resurrect the
         message (a redelivery); the data's unlink needs no fsync (an orphan is cleaned up)."""
+        self._drive(self._remove_steps(qid))
+
+    async def remove_async(self, qid: str, syncer: Syncer) -> None:
+        """``remove`` on the event loop, the area's fsync batched by ``syncer``."""
+        await syncer.run(self._remove_steps(qid), self.root)
+
+    def _remove_steps(self, qid: str) -> SyncSteps:
         self._require_claim(qid)
         area = self._find(qid)
         if area is None:
             raise SpoolMissing(f"{qid}: not queued")
         self._meta(area, qid).unlink()
-        self._dirsync[area].sync()
+        yield area
         self._data(qid).unlink(missing_ok=True)
 
     # -- free space -------------------------------------------------------------------------

@@ -3,6 +3,7 @@ of commit, recovery from every crash state, cross-process claims, and kill -9 du
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import fcntl
 import json
@@ -21,8 +22,9 @@ from typing import Any
 
 import pytest
 
-from gateway import queue_entry
+from gateway import durable, queue_entry
 from gateway import spool as spool_mod
+from gateway.durable import Syncer
 from gateway.errors import MailgateError, SpoolError
 from gateway.qid import new_qid
 from gateway.queue_entry import (
@@ -240,7 +242,8 @@ def test_commit_refuses_without_queueing_anything(tmp_path: Path) -> None:
         assert f.read() == b"12345"
 
 
-def test_commit_fsyncs_and_renames_in_the_durable_order(tmp_path: Path,
+@pytest.mark.parametrize("where", ["thread", "loop"])
+def test_commit_fsyncs_and_renames_in_the_durable_order(tmp_path: Path, where: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     spool = Spool(tmp_path)
     qid, path = stage(spool, b"hello")
@@ -257,7 +260,10 @@ def test_commit_fsyncs_and_renames_in_the_durable_order(tmp_path: Path,
 
     monkeypatch.setattr(spool_mod.os, "fsync", fsync)
     monkeypatch.setattr(spool_mod.os, "rename", rename)
-    spool.commit(entry_for(qid, 5), path, "deferred")
+    if where == "thread":
+        spool.commit(entry_for(qid, 5), path, "deferred")
+    else:
+        asyncio.run(spool.commit_async(entry_for(qid, 5), path, Syncer(), "deferred"))
     assert calls == [
         ("fsync", f"incoming/{qid}.tmp"),
         ("rename", f"incoming/{qid}.tmp", f"data/{qid}"),
@@ -266,6 +272,90 @@ def test_commit_fsyncs_and_renames_in_the_durable_order(tmp_path: Path,
         ("rename", f"deferred/{qid}.json.tmp", f"deferred/{qid}.json"),
         ("fsync", "deferred"),
     ]
+
+
+def test_concurrent_commits_on_the_loop_share_thread_trips(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path)
+    trips: list[int] = []
+    real = durable._fsync_all
+
+    def counted(targets: list[Any]) -> Any:
+        trips.append(len(targets))
+        time.sleep(0.01)
+        return real(targets)
+
+    monkeypatch.setattr(durable, "_fsync_all", counted)
+    staged = [stage(spool, payload(q, 100), q) for q in (new_qid() for _ in range(40))]
+
+    async def main() -> None:
+        syncer = Syncer()
+        await asyncio.gather(*(spool.commit_async(entry_for(q, 100), p, syncer, link=True)
+                               for q, p in staged))
+
+    asyncio.run(main())
+    assert sum(trips) == 40 * 4  # data, data/, metadata, active/ for each
+    assert len(trips) <= 8, trips  # not one trip per fsync: 4 rounds of 40 here
+    for q, _ in staged:
+        assert spool.load(q) == ("active", spool.load(q)[1]) and spool.load(q)[1].size == 100
+        with spool.open_data(q) as f:
+            assert f.read() == payload(q, 100)
+
+
+def test_a_failed_fsync_on_the_loop_fails_that_commit_only(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path)
+    (bad, bad_path), (good, good_path) = stage(spool, b"12345"), stage(spool, b"67890")
+    real = durable._fsync_all
+
+    def failing(targets: list[Any]) -> list[OSError | None]:
+        out = real(targets)
+        return [OSError(5, "I/O error") if isinstance(t, int)
+                and bad in os.readlink(f"/proc/self/fd/{t}") else e
+                for t, e in zip(targets, out, strict=True)]
+
+    monkeypatch.setattr(durable, "_fsync_all", failing)
+
+    async def main() -> list[Any]:
+        syncer = Syncer()
+        return await asyncio.gather(spool.commit_async(entry_for(bad, 5), bad_path, syncer),
+                                    spool.commit_async(entry_for(good, 5), good_path, syncer),
+                                    return_exceptions=True)
+
+    r_bad, r_good = asyncio.run(main())
+    assert isinstance(r_bad, SpoolError) and "I/O error" in str(r_bad) and r_good is None
+    assert spool.load(good)[0] == "active"
+    with pytest.raises(SpoolMissing):
+        spool.load(bad)
+    assert not (tmp_path / "data" / bad).exists()
+
+
+def test_a_commit_cancelled_on_the_loop_leaves_nothing_queued(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    spool = Spool(tmp_path)
+    qid, path = stage(spool, b"12345")
+    real = durable._fsync_all
+
+    def slow_dirs(targets: list[Any]) -> list[OSError | None]:
+        if any(isinstance(t, Path) for t in targets):
+            time.sleep(0.3)  # the cancel lands here: after the data's link, before metadata
+        return real(targets)
+
+    monkeypatch.setattr(durable, "_fsync_all", slow_dirs)
+
+    async def main() -> None:
+        task = asyncio.create_task(spool.commit_async(entry_for(qid, 5), path, Syncer(),
+                                                      link=True))
+        await asyncio.sleep(0.1)
+        assert (tmp_path / "data" / qid).exists()  # linked, waiting for data/'s fsync
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert not (tmp_path / "data" / qid).exists() and os.listdir(tmp_path / "active") == []
+    assert path.read_bytes() == b"12345"  # the caller's own name is left to the caller
 
 
 def where(root: Path, qid: str) -> list[str]:
