@@ -40,7 +40,6 @@ work by ``max_expanded_bytes`` and ``scan_time_s``.
 
 from __future__ import annotations
 
-import asyncio
 import bz2
 import email.message
 import email.utils
@@ -64,6 +63,7 @@ from gateway.filterapi import (
     Result,
     Symbol,
     Verdict,
+    offload,
 )
 from gateway.replies import Reply
 from gateway.services import Services
@@ -311,7 +311,7 @@ class AttachmentsFilter(Filter):
     async def on_message(self, ctx: FilterContext) -> Result:
         assert ctx.message is not None
         view = await mime.view(ctx.message)
-        return await asyncio.to_thread(self.check_view, view)
+        return await offload(ctx.message.size, self.check_view, view)
 
     # --- the scan (worker thread) -------------------------------------------------------
 

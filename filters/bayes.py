@@ -55,7 +55,16 @@ from filters._tokenizer import (
     tokenize,
 )
 from gateway import mime
-from gateway.filterapi import Action, ConfigError, Decided, Filter, FilterContext, Result, Symbol
+from gateway.filterapi import (
+    Action,
+    ConfigError,
+    Decided,
+    Filter,
+    FilterContext,
+    Result,
+    Symbol,
+    offload,
+)
 from gateway.logs import event
 from gateway.mime import MimeView
 from gateway.services import Services
@@ -167,11 +176,14 @@ class BayesFilter(Filter):
         assert msg is not None
         view = await mime.view(msg)
         if self.on_decided is None:
-            return await asyncio.to_thread(self.classify, view)
+            return await offload(msg.size, self.classify, view)
         # auto-learn needs the key and tokens later, when the spool file may be gone
-        ids = await asyncio.to_thread(self.token_ids, view)
-        result = await asyncio.to_thread(self.classify_ids, ids)
-        key = await asyncio.to_thread(_key_of, msg.path)
+        return await offload(msg.size, self._classify_for_learning, view, msg.path)
+
+    def _classify_for_learning(self, view: MimeView, path: Path) -> Result:
+        ids = self.token_ids(view)
+        result = self.classify_ids(ids)
+        key = _key_of(path)
         return Result(symbols=result.symbols, data={**result.data, "learn": (key, ids)})
 
     async def on_decided(self, ctx: FilterContext, decided: Decided) -> None:

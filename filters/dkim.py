@@ -12,14 +12,13 @@ order, for DMARC; ``aligned_domain`` is the lower-cased ``d=`` (the identifier D
 
 DNS: keys are *prefetched*. Each signature's ``s._domainkey.d`` TXT record is asked for
 concurrently with the async resolver, on the event loop, before verification; dkimpy (blocking)
-then runs in ``asyncio.to_thread`` with a ``dnsfunc`` that only reads that prefetched map. No
-worker thread ever waits on the loop, a lookup's outcome (timeout vs. NXDOMAIN vs. bad record)
+then runs with a ``dnsfunc`` that only reads that prefetched map (``offload``: on the loop for a
+small message, in a worker thread for a big one). Verification never waits on the loop, a lookup's outcome (timeout vs. NXDOMAIN vs. bad record)
 is known exactly, and the lookups share one deadline (``dns_timeout_s``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
 from collections.abc import Iterator, Mapping
@@ -34,7 +33,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from filters._dkimbody import BLOCK, body_hash
 from filters._dkimkeys import KeyAnswers, dnsfunc, prefetch, txt
 from gateway.dnsresolver import DnsAnswer, DnsResolver, per_message
-from gateway.filterapi import Filter, FilterContext, Result, Symbol
+from gateway.filterapi import Filter, FilterContext, Result, Symbol, offload
 from gateway.message import Message
 from gateway.policy.schema import DnsConfig
 from gateway.services import Services
@@ -102,7 +101,7 @@ class DkimVerifyFilter(Filter):
             return _settled(msg, POLICY,
                             f"message of {msg.size} bytes is over max_bytes ({self.max_bytes})")
         try:
-            verifier = await asyncio.to_thread(_load, msg, self.max_bytes, self.min_rsa_bits)
+            verifier = await offload(msg.size, _load, msg, self.max_bytes, self.min_rsa_bits)
         except dkim.DKIMException as e:  # a header block dkimpy cannot parse
             return _settled(msg, PERMERROR, f"unparsable message: {str(e)[:200]}")
         # dkimpy's own header list, so that our index is the idx dkimpy verifies
@@ -121,7 +120,7 @@ class DkimVerifyFilter(Filter):
             _judge_key(sig, keys.get(sig.key_name))
         todo = [s for s in todo if not s.result]
         if todo:
-            await asyncio.to_thread(_verify_all, verifier, todo, keys)
+            await offload(msg.size, _verify_all, verifier, todo, keys)
         return _result(sigs)
 
 

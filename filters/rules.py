@@ -24,7 +24,6 @@ directory, later definitions override earlier ones), ``max_scan_bytes`` (262144)
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import re
 import time
@@ -36,7 +35,7 @@ import regex
 
 import gateway.mime
 from filters._rulefile import Rule, RuleError, RuleSet, eval_meta, load_rules
-from gateway.filterapi import ConfigError, Filter, FilterContext, Result, Symbol
+from gateway.filterapi import ConfigError, Filter, FilterContext, Result, Symbol, offload
 from gateway.mime import MimeView
 from gateway.services import Services
 from gateway.settings import check_keys, integer, positive, str_list
@@ -208,7 +207,8 @@ class RulesFilter(Filter):
     async def on_message(self, ctx: FilterContext) -> Result:
         assert ctx.message is not None
         view = await gateway.mime.view(ctx.message)
-        hits, timed_out, ms = await asyncio.to_thread(self._run, view, ctx.message.path)
+        hits, timed_out, ms = await offload(ctx.message.size, self._run, view,
+                                            ctx.message.path)
         symbols = self.symbols(hits)
         if timed_out:  # a slow rule on this message: visible, never a hit
             symbols += (Symbol("RULES_TIMEOUT", tuple(timed_out[:10]), 0.0),)

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from typing import TYPE_CHECKING
 
+from gateway.filterapi import offload
+
 if TYPE_CHECKING:
     from gateway.message import Message
 
@@ -107,11 +109,12 @@ class MimeView:
 
 
 async def view(message: Message) -> MimeView:
-    """The message's MIME view, parsed once (in a worker thread) and shared."""
+    """The message's MIME view, parsed once (a big message in a worker thread: ``offload``)
+    and shared."""
     memo = message.memo
     fut = memo.get(_MEMO_KEY)
     if fut is None:
-        fut = asyncio.ensure_future(asyncio.to_thread(parse_message, message))
+        fut = asyncio.ensure_future(offload(message.size, parse_message, message))
         memo[_MEMO_KEY] = fut
     result: MimeView = await asyncio.shield(fut)
     return result

@@ -70,3 +70,21 @@ def test_a_bad_header_name_from_a_filter_is_a_filter_error(on_error, action):
         assert out.result.verdict is not None and out.result.verdict.reply is not None
         assert out.result.verdict.reply.render() == \
             "451 4.3.0 Temporary local problem, try again later"
+
+
+def test_offload_runs_small_work_on_the_loop_and_big_work_in_a_thread() -> None:
+    import asyncio
+    import threading
+
+    from gateway.filterapi import INLINE_MAX_BYTES, offload
+
+    def where(x: int) -> tuple[str, int]:
+        return threading.current_thread().name, x * 2
+
+    async def main() -> tuple[tuple[str, int], tuple[str, int]]:
+        return (await offload(INLINE_MAX_BYTES, where, 1),
+                await offload(INLINE_MAX_BYTES + 1, where, 2))
+
+    small, big = asyncio.run(main())
+    assert small == (threading.current_thread().name, 2)  # the loop's own thread
+    assert big[1] == 4 and big[0] != threading.current_thread().name
