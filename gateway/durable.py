@@ -59,17 +59,23 @@ class DirSync:
 
 def run_steps(steps: SyncSteps, fsync: Callable[[int | str], None]) -> None:
     """Drive ``steps`` in this thread, doing each fsync with ``fsync``."""
+    point = advance(steps, None)
+    while point is not None:
+        try:
+            fsync(point)
+        except BaseException as e:  # noqa: BLE001 - the steps clean up and re-raise
+            point = advance(steps, e)
+        else:
+            point = advance(steps, None)
+
+
+def advance(steps: SyncSteps, error: BaseException | None) -> int | str | None:
+    """Resume ``steps`` after its last fsync (``error`` raised into it, where it cleans up and
+    re-raises): the next fsync it asks for, or None when it is done. Both drivers use this."""
     try:
-        point = next(steps)
-        while True:
-            try:
-                fsync(point)
-            except BaseException as e:  # noqa: BLE001 - the steps clean up and re-raise
-                point = steps.throw(e)
-            else:
-                point = steps.send(None)
+        return steps.throw(error) if error is not None else steps.send(None)
     except StopIteration:
-        return
+        return None
 
 
 class Syncer:
@@ -93,17 +99,14 @@ class Syncer:
 
     async def run(self, steps: SyncSteps, root: Path) -> None:
         """Drive ``steps`` on the loop; directories are named relative to ``root``."""
-        try:
-            point = next(steps)
-            while True:
-                try:
-                    await self.sync(point if isinstance(point, int) else root / point)
-                except BaseException as e:  # noqa: BLE001 - the steps clean up and re-raise
-                    point = steps.throw(e)
-                else:
-                    point = steps.send(None)
-        except StopIteration:
-            return
+        point = advance(steps, None)
+        while point is not None:
+            try:
+                await self.sync(point if isinstance(point, int) else root / point)
+            except BaseException as e:  # noqa: BLE001 - the steps clean up and re-raise
+                point = advance(steps, e)
+            else:
+                point = advance(steps, None)
 
     async def _drain(self) -> None:
         batch: list[tuple[int | Path, asyncio.Future[None]]] = []
