@@ -13,6 +13,7 @@ Layout under the root (directories 0700, files 0600)::
     deferred/<qid>.json     metadata: waiting for ``next_attempt``
     hold/<qid>.json         metadata: quarantined or held by an operator; never due
     corrupt/                unreadable files moved aside, each with a ``.reason``; never deleted
+    spare/                  empty files kept for reuse as new ones (``gateway.spares``)
     <area>/<qid>.json.tmp   a metadata write in progress
 
 Commit (``commit``): fsync the data, rename (or, with ``link``, hard-link: the receiving session
@@ -70,6 +71,7 @@ from gateway.queue_entry import (
     _check_qid,
     is_qid,
 )
+from gateway.spares import SpareFiles
 
 log = logging.getLogger("mailgate.spool")
 
@@ -140,6 +142,7 @@ class Spool:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         for sub in ("incoming", *QUEUE_AREAS, "corrupt", "data"):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.spares = SpareFiles(self.root / "spare")  # inodes reused for new files
         self._held: set[str] = set()
         self._held_lock = threading.Lock()
         # concurrent commits, moves and removals share their directory fsyncs (group commit)
@@ -222,7 +225,11 @@ class Spool:
         tmp = final.with_name(final.name + _TMP)
         payload = entry.to_json().encode("ascii")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                fd = self.spares.create(tmp)
+            except FileExistsError:  # left by a crash (recovery removes those)
+                os.unlink(tmp)
+                fd = self.spares.create(tmp)
             try:
                 view = memoryview(payload)
                 while view:
@@ -379,9 +386,9 @@ class Spool:
         area = self._find(qid)
         if area is None:
             raise SpoolMissing(f"{qid}: not queued")
-        self._meta(area, qid).unlink()
+        self.spares.discard(self._meta(area, qid))
         yield area
-        self._data(qid).unlink(missing_ok=True)
+        self.spares.discard(self._data(qid), missing_ok=True)
 
     # -- free space -------------------------------------------------------------------------
     def free_bytes(self) -> int:

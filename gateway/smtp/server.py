@@ -32,6 +32,7 @@ from gateway.replies import Reply
 from gateway.smtp import dsnparams
 from gateway.smtp.address import AddressError, parse_mail_from, parse_rcpt_to
 from gateway.smtp.datareader import DataEOF, DataStatus, DataTimeout, read_data
+from gateway.spares import SpareFiles
 
 if TYPE_CHECKING:
     from gateway.app import Runtime
@@ -406,11 +407,12 @@ class SmtpServer(SMTP):
             else:
                 await self.reply(Reply(503, "5.5.1", "Need RCPT command"))
             return
+        spares = self.runtime.spool.spares
         spool = self.runtime.incoming_dir / f"{txn.qid}.tmp"
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             loop = asyncio.get_running_loop()
-            with _open_spool(spool) as f:
+            with _open_spool(spool, spares) as f:
                 outcome = await read_data(
                     self._reader, f.write, max_message_bytes=self.limits.max_message_bytes,
                     max_line_bytes=self.limits.max_line_bytes - 2,
@@ -448,7 +450,7 @@ class SmtpServer(SMTP):
             self._end_transaction(None, "aborted")
             self.end_reason = "eof-in-data"
         finally:
-            spool.unlink(missing_ok=True)
+            spares.discard(spool, missing_ok=True)
 
     def _data_problem(self, status: DataStatus) -> Reply | None:
         if status is DataStatus.OK:
@@ -534,17 +536,19 @@ class SmtpServer(SMTP):
 
 
 class _open_spool:
-    """A spool file for DATA, created exclusively with mode 0600, written in large buffers. A
+    """A spool file for DATA, created exclusively with mode 0600 (a spare inode when there is
+    one, ``gateway.spares``), written in large buffers. A
     write error (a full disk) is remembered, not raised: the rest of DATA must still be read to
     its end, or it would be taken for commands."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, spares: SpareFiles) -> None:
         self.path = path
+        self.spares = spares
         self.error: OSError | None = None
         self.capture = HeadCapture()  # the header block, for the engine (no read back)
 
     def __enter__(self) -> _open_spool:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = self.spares.create(self.path)
         self.f = os.fdopen(fd, "wb", buffering=READ_BUFFER_BYTES)
         return self
 

@@ -607,6 +607,30 @@ def test_edited_headers_travel_in_the_metadata_and_arrive_in_place(gateway_facto
     wait_spool_empty(spool)
 
 
+def test_spool_files_are_reused_and_never_carry_old_bytes(gateway_factory):
+    """Finished spool files are kept empty in spool/spare/ and reused for the next message's
+    DATA and metadata (gateway.spares). Each message here is smaller than the one before: a
+    reused file that kept old bytes would fail the commit's size check (no 250) or arrive
+    with a stale tail; a spool that did not reuse would pile up spares."""
+    with sink_on() as sink:
+        gw = gateway_factory(queue_policy(sink.port))
+        spool = spool_dir(gw)
+        sent: dict[str, bytes] = {}
+        for i, lines in enumerate((900, 3, 400, 0)):
+            tag = f"reuse-{i}"
+            body = b"".join(f"{tag} line {j:04d} {'x' * 50}\r\n".encode() for j in range(lines))
+            sent[tag] = message_bytes(tag, body=body)
+            qid = send(gw, tag, data=sent[tag])
+            wait_delivery(gw, qid, "done")
+            wait_spool_empty(spool)
+            spares = sorted((spool / "spare").iterdir())
+            assert len(spares) == 2, spares  # its DATA file and its metadata, nothing more
+            assert [p.stat().st_size for p in spares] == [0, 0]
+        for tag, data in sent.items():
+            [m] = with_tag(sink.messages, tag)
+            assert m.data.partition(b"\r\n\r\n")[2] == data.partition(b"\r\n\r\n")[2]
+
+
 # -- 7. kill -9 under load ----------------------------------------------------------------------
 
 def _load_client(gw: GatewayProcess, name: str, count: int, acked: dict[str, str],

@@ -418,14 +418,19 @@ def test_remove_deletes_metadata_before_data(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     spool = Spool(tmp_path)
     qid = committed(spool, 3).qid
-    order: list[str] = []
-    real_unlink = os.unlink
+    order: list[str] = []  # names taken away: unlinked, or renamed into spare/
+    real_unlink, real_rename = os.unlink, os.rename
 
     def unlink(path: Any, *args: Any, **kw: Any) -> None:
         order.append(os.path.relpath(path, tmp_path))
         real_unlink(path, *args, **kw)
 
+    def rename(src: Any, dst: Any, *args: Any, **kw: Any) -> None:
+        order.append(os.path.relpath(src, tmp_path))
+        real_rename(src, dst, *args, **kw)
+
     monkeypatch.setattr(spool_mod.os, "unlink", unlink)
+    monkeypatch.setattr(spool_mod.os, "rename", rename)
     with spool.claim(qid):
         spool.remove(qid)
     assert order == [f"active/{qid}.json", f"data/{qid}"]

@@ -1,0 +1,152 @@
+"""gateway.spares: finished spool files are kept empty and reused as new ones (no inode churn),
+without ever handing out old content, truncating a file that has another name, or replacing an
+existing file."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from gateway import spares as spares_mod
+from gateway.spares import SpareFiles, rename_noreplace
+from gateway.spool import Spool
+from tests.unit.test_spool import committed
+
+
+def write(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    path.chmod(0o600)
+
+
+def test_create_without_spares_makes_a_new_0600_file_and_never_replaces(tmp_path: Path) -> None:
+    spares = SpareFiles(tmp_path / "spare")
+    fd = spares.create(tmp_path / "a")
+    os.write(fd, b"abc")
+    os.close(fd)
+    st = os.stat(tmp_path / "a")
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_size == 3
+    with pytest.raises(FileExistsError):
+        spares.create(tmp_path / "a")
+    assert (tmp_path / "a").read_bytes() == b"abc"
+
+
+def test_discard_keeps_the_inode_empty_and_create_reuses_it(tmp_path: Path) -> None:
+    spares = SpareFiles(tmp_path / "spare")
+    write(tmp_path / "old", b"secret message body\r\n" * 100)
+    ino = os.stat(tmp_path / "old").st_ino
+    spares.discard(tmp_path / "old")
+    assert not (tmp_path / "old").exists()
+    [spare] = list((tmp_path / "spare").iterdir())
+    assert spare.stat().st_size == 0 and spare.stat().st_ino == ino  # content gone at once
+    fd = spares.create(tmp_path / "new")
+    os.write(fd, b"short")
+    os.close(fd)
+    assert os.stat(tmp_path / "new").st_ino == ino
+    assert (tmp_path / "new").read_bytes() == b"short"
+    assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o600
+    assert len(spares) == 0 and not list((tmp_path / "spare").iterdir())
+
+
+def test_a_file_with_another_name_is_unlinked_not_truncated(tmp_path: Path) -> None:
+    spares = SpareFiles(tmp_path / "spare")
+    write(tmp_path / "incoming", b"queued bytes")
+    os.link(tmp_path / "incoming", tmp_path / "data")
+    spares.discard(tmp_path / "incoming")
+    assert not (tmp_path / "incoming").exists()
+    assert (tmp_path / "data").read_bytes() == b"queued bytes"
+    assert len(spares) == 0 and not list((tmp_path / "spare").iterdir())
+
+
+def test_a_spare_with_content_left_by_a_crash_is_truncated_before_use(tmp_path: Path) -> None:
+    (tmp_path / "spare").mkdir()
+    write(tmp_path / "spare" / "Q1", b"old message, renamed but not yet truncated")
+    spares = SpareFiles(tmp_path / "spare")  # a restart finds it
+    assert len(spares) == 1
+    fd = spares.create(tmp_path / "new")
+    os.write(fd, b"new")
+    os.close(fd)
+    assert (tmp_path / "new").read_bytes() == b"new"
+
+
+def test_the_limit_bounds_the_spares_and_the_rest_are_unlinked(tmp_path: Path) -> None:
+    spares = SpareFiles(tmp_path / "spare", limit=2)
+    for name in "abc":
+        write(tmp_path / name, b"x")
+        spares.discard(tmp_path / name)
+    assert len(spares) == 2 and len(list((tmp_path / "spare").iterdir())) == 2
+    assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_missing_files(tmp_path: Path) -> None:
+    spares = SpareFiles(tmp_path / "spare")
+    with pytest.raises(FileNotFoundError):
+        spares.discard(tmp_path / "gone")
+    spares.discard(tmp_path / "gone", missing_ok=True)
+    assert len(spares) == 0
+
+
+def test_a_spare_taken_by_another_process_is_skipped(tmp_path: Path) -> None:
+    spares = SpareFiles(tmp_path / "spare")
+    for name in ("a", "b"):
+        write(tmp_path / name, b"x")
+        spares.discard(tmp_path / name)
+    other = SpareFiles(tmp_path / "spare")  # a second worker sees both
+    fd = other.create(tmp_path / "theirs")
+    os.close(fd)
+    fds = [spares.create(tmp_path / "mine1"), spares.create(tmp_path / "mine2")]
+    for fd in fds:
+        os.close(fd)
+    # one came from the spare the other worker left, the other is a new file; no error, no loss
+    assert {p.name for p in tmp_path.iterdir()} == {"spare", "theirs", "mine1", "mine2"}
+    assert not list((tmp_path / "spare").iterdir())
+
+
+def test_creating_over_an_existing_file_keeps_the_spare(tmp_path: Path) -> None:
+    spares = SpareFiles(tmp_path / "spare")
+    write(tmp_path / "a", b"x")
+    spares.discard(tmp_path / "a")
+    write(tmp_path / "taken", b"keep me")
+    with pytest.raises(FileExistsError):
+        spares.create(tmp_path / "taken")
+    assert (tmp_path / "taken").read_bytes() == b"keep me"
+    assert len(spares) == 1
+    os.close(spares.create(tmp_path / "free"))
+    assert len(spares) == 0
+
+
+@pytest.mark.parametrize("kernel_call", [True, False], ids=["renameat2", "fallback"])
+def test_rename_noreplace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                          kernel_call: bool) -> None:
+    if not kernel_call:
+        monkeypatch.setattr(spares_mod, "_renameat2", None)
+    elif spares_mod._renameat2 is None:
+        pytest.skip("no renameat2 in this libc")
+    write(tmp_path / "a", b"a")
+    write(tmp_path / "b", b"b")
+    with pytest.raises(FileExistsError):
+        rename_noreplace(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "b").read_bytes() == b"b"
+    with pytest.raises(FileNotFoundError):
+        rename_noreplace(tmp_path / "missing", tmp_path / "c")
+    rename_noreplace(tmp_path / "a", tmp_path / "c")
+    assert (tmp_path / "c").read_bytes() == b"a" and not (tmp_path / "a").exists()
+
+
+def test_the_spool_reuses_data_and_metadata_inodes(tmp_path: Path) -> None:
+    """A removed message's two files become the next message's metadata (and DATA file, via
+    the receiving session); what the next message stores is exactly its own."""
+    spool = Spool(tmp_path)
+    first = committed(spool, 5000)
+    with spool.claim(first.qid):
+        spool.remove(first.qid)
+    assert len(spool.spares) == 2
+    assert all(p.stat().st_size == 0 for p in (tmp_path / "spare").iterdir())
+    second = committed(spool, 7)
+    assert len(spool.spares) == 1  # its metadata took one
+    with spool.claim(second.qid):
+        assert spool.load(second.qid)[1] == second
+        with spool.open_data(second.qid) as f:
+            assert len(f.read()) == 7
