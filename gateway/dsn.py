@@ -31,8 +31,8 @@ Choices where the RFCs leave room:
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 import textwrap
 import time
 import unicodedata
@@ -198,6 +198,12 @@ class DsnRequest:
             raise DsnError("ENVID is empty or holds control characters")
 
 
+def _token() -> str:
+    """128 random bits in hex, for MIME boundaries (as ``secrets.token_hex(16)``, without
+    loading ``secrets`` and its imports into every process)."""
+    return os.urandom(16).hex()
+
+
 def parse_notify(value: str) -> frozenset[str]:
     """Parse the RFC 3461 NOTIFY value (``NEVER`` or a comma list of SUCCESS, FAILURE, DELAY)."""
     if not value.isascii():
@@ -270,9 +276,9 @@ def build_dsn(
     if returned.part is not None:
         msg.attach(returned.part)
     # A random boundary cannot be guessed by peers; only the returned original is checked.
-    boundary = "=_mailgate_" + secrets.token_hex(16)
+    boundary = "=_mailgate_" + _token()
     while boundary.encode("ascii") in returned.data:
-        boundary = "=_mailgate_" + secrets.token_hex(16)
+        boundary = "=_mailgate_" + _token()
     msg.set_boundary(boundary)
     ascii_only = req.sender.isascii() and from_addr.isascii()
     wire = msg.as_bytes(policy=_WIRE if ascii_only else _WIRE_UTF8)
@@ -425,7 +431,7 @@ def _raw_part(maintype: str, subtype: str, data: bytes, what: str) -> _Returned:
         params = "; charset=" + ("utf-8" if _is_utf8(data) else "unknown-8bit")
     part["Content-Type"] = f"{maintype}/{subtype}{params}"
     part["Content-Transfer-Encoding"] = "7bit" if data.isascii() else "8bit"
-    token = "=_mailgate_original_" + secrets.token_hex(16)
+    token = "=_mailgate_original_" + _token()
     part.set_payload(token)
     return _Returned(what, part, token.encode("ascii"), data)
 

@@ -28,8 +28,6 @@ import random
 from collections.abc import Collection
 from dataclasses import dataclass
 
-import dns.name
-
 from gateway.dnsresolver import DnsAnswer, DnsResolver
 
 MAX_HOSTS = 5
@@ -82,6 +80,7 @@ async def mx_route(domain: str, resolver: DnsResolver, *,
     if implicit:
         candidates = [(0, d)]
     else:
+        import dns.name  # loaded with the answer already (see gateway.dnsresolver)
         mx = [(int(r.preference), r.exchange) for r in ans.records]  # type: ignore[attr-defined]
         if all(exchange == dns.name.root for _, exchange in mx):
             return _fail(d, 556, "5.1.10", f"Recipient address has null MX ({d})")

@@ -683,7 +683,7 @@ def test_8bit_original_headers_stay_inside_their_part() -> None:
 
 def test_boundary_never_occurs_in_the_original(monkeypatch: pytest.MonkeyPatch) -> None:
     tokens = iter(["1" * 32, "2" * 32, "3" * 32])  # placeholder, boundary, next boundary
-    monkeypatch.setattr("gateway.dsn.secrets.token_hex", lambda n: next(tokens))
+    monkeypatch.setattr("gateway.dsn._token", lambda: next(tokens))
     trap = HEADER + b"\r\n--=_mailgate_" + b"2" * 32 + b"\r\nContent-Type: text/html\r\n\r\nx\r\n"
     dsn = build_dsn(request(ret="FULL"), [bounce()], trap)
     assert trap in dsn
