@@ -475,7 +475,10 @@ class Haraka(Target):
         self.logf = (self.workdir / "haraka.log").open("wb")
         self.proc = subprocess.Popen(
             ["node", str(binary), "-c", str(workdir)], cwd=workdir,
-            env={**os.environ, "NODE_OPTIONS": f"--require {preload}",
+            # HARAKA: the preload loads haraka-net-utils, and with it haraka-config, before
+            # Haraka has set this from -c; unset, haraka-config reads its own package's config
+            # directory and caches it (haraka-auth then ran as one process whatever nodes said)
+            env={**os.environ, "NODE_OPTIONS": f"--require {preload}", "HARAKA": str(workdir),
                  "BENCH_DNS": f"127.0.0.1:{env.dns.port}",
                  "BENCH_NET_UTILS": str(HARAKA_DIR / "node_modules" / "haraka-net-utils"),
                  **({"BENCH_PUBLIC_LOOPBACK": "1"} if self.auth else {})},
