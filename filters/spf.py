@@ -38,8 +38,9 @@ from typing import Any
 import dns.name
 import spf
 
-from gateway.dnsresolver import DnsAnswer, DnsResolver, Resolver, parse_nameserver, per_message
+from gateway.dnsresolver import DnsAnswer, DnsResolver, Resolver, per_message
 from gateway.filterapi import AddHeader, ConfigError, Filter, FilterContext, Result, Symbol
+from gateway.policy.loader import parse_nameserver
 from gateway.policy.schema import DnsConfig
 from gateway.services import Services
 from gateway.settings import boolean, check_keys, positive, str_list

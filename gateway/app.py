@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import resource
 import signal
 import socket
@@ -22,6 +21,7 @@ from gateway import replies as R
 from gateway.dnsresolver import DnsResolver
 from gateway.engine import Engine
 from gateway.errors import PolicyError
+from gateway.launch import LISTEN_BACKLOG, bind_listeners
 from gateway.logs import event
 from gateway.policy.loader import load_policy
 from gateway.policy.schema import Limits, Policy
@@ -32,28 +32,9 @@ from gateway.services import Services
 from gateway.spool import Spool
 
 log = logging.getLogger("mailgate")
-LISTEN_BACKLOG = 4096  # asyncio's default of 100 drops connections under load
 
 
 FD_RESERVE = 256  # descriptors kept free for the spool, filters, DNS, logs, the listeners
-
-
-def raise_fd_limit() -> int:
-    """Raise this process's open-file limit (RLIMIT_NOFILE) to its hard limit — the soft
-    default (often 1024) is far below what an MTA's connections need — and return it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        try:
-            hard = int(Path("/proc/sys/fs/nr_open").read_text())
-        except (OSError, ValueError):
-            hard = 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (OSError, ValueError) as e:
-            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, e)
-    return soft
 
 
 def fd_connection_cap(policy: Policy) -> int:
@@ -251,19 +232,6 @@ def recover_spool(spool: Spool) -> None:
     spool.recover()  # logs its own "spool-recovered" line
 
 
-def bind_listeners(policy: Policy) -> list[socket.socket]:
-    out = []
-    for lst in policy.listeners:
-        family = socket.AF_INET6 if ":" in lst.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((lst.host, lst.port))
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-        out.append(sock)
-    return out
-
-
 async def serve(policy_path: Path, sockets: list[socket.socket] | None = None, *,
                 recover: bool = True, worker: int = 0) -> int:
     try:
@@ -274,24 +242,3 @@ async def serve(policy_path: Path, sockets: list[socket.socket] | None = None, *
         return 2
     await runtime.run_forever()
     return 0
-
-
-def run(policy_path: Path) -> int:
-    """Start the gateway: in this process (``server.workers = 1``), or as a supervisor of N
-    worker processes sharing the listening sockets and the spool."""
-    try:
-        policy = load_engine(policy_path).policy
-    except PolicyError as e:
-        for p in e.problems:
-            log.error("%s", p)
-        return 2
-    raise_fd_limit()  # before forking: the workers inherit it
-    workers = policy.workers or os.cpu_count() or 1
-    if workers == 1:
-        return asyncio.run(serve(policy_path))
-    from gateway.workers import supervise
-
-    sockets = bind_listeners(policy)
-    recover_spool(Spool(policy.spool.directory))
-    return supervise(workers, lambda i: asyncio.run(
-        serve(policy_path, sockets, recover=False, worker=i)))

@@ -7,12 +7,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from gateway import __version__, queuecli
+from gateway import __version__
 
 DEFAULT_POLICY = Path("policies/default.toml")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, only_run: bool = False) -> argparse.ArgumentParser:
+    """The whole command line; ``only_run``: just ``run``, without importing the other
+    commands' modules (they load the spool, the quarantine and Bayes: memory the gateway's
+    supervisor process would otherwise carry for as long as it runs)."""
     parser = argparse.ArgumentParser(prog="mailgate", description="Inbound SMTP "
                                      "content-filtering gateway")
     parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
@@ -24,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="key=value lines (default) or JSON lines")
     run.add_argument("--log-level", default="info",
                      choices=("debug", "info", "warning", "error"))
+    if only_run:
+        return parser
+    from gateway import queuecli
+
     check = sub.add_parser("check-policy", help="validate a policy file and exit")
     check.add_argument("policy", type=Path)
     queue = sub.add_parser("queue", help="list and manage the queue (works whether the "
@@ -49,11 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(only_run=argv[:1] == ["run"]).parse_args(argv)
 
     if args.cmd == "check-policy":
         return check_policy(args.policy)
     if args.cmd == "queue":
+        from gateway import queuecli
         from gateway.logs import setup_logging
 
         setup_logging(args.log_format, "info")
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
         setup_logging(args.log_format, "info")
         return quarantinecli.run(args)
-    from gateway.app import run as run_gateway
+    from gateway.launch import run as run_gateway
     from gateway.logs import setup_logging
 
     setup_logging(args.log_format, args.log_level)

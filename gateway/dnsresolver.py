@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import logging
 import time
 from collections import OrderedDict
@@ -296,22 +295,3 @@ def _ns_text(ns: Any, default_port: int) -> str:
     else:
         address, port = getattr(ns, "address", str(ns)), getattr(ns, "port", default_port)
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
-def parse_nameserver(text: str) -> tuple[str, int]:
-    """``IP``, ``IP:PORT``, ``IPv6`` or ``[IPv6]:PORT`` (an address: the resolver's own name
-    cannot be looked up)."""
-    host, port = text.strip(), "53"
-    if host.startswith("["):
-        host, sep, port = host[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"must be IP, IP:PORT or [IPv6]:PORT, got {text!r}")
-    elif host.count(":") == 1:
-        host, _, port = host.partition(":")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"must be an IP address (optionally :PORT), got {text!r}") from None
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port in {text!r}")
-    return host, int(port)

@@ -9,7 +9,6 @@ the core applies once, when the message is relayed.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import re
 from collections.abc import Callable, Mapping
@@ -248,5 +247,8 @@ async def offload(size: int, func: Callable[..., T], /, *args: Any) -> T:
     or on the loop (pyspf's DNS): those always go to a thread."""
     if size <= INLINE_MAX_BYTES:
         return func(*args)
+    import asyncio  # here: the policy loader imports this module, and the supervisor
+    # process (gateway.launch) loads policies without ever running an event loop
+
     return await asyncio.to_thread(func, *args)
 

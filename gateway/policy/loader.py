@@ -17,7 +17,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from gateway.dnsresolver import parse_nameserver
 from gateway.errors import PolicyError
 from gateway.filterapi import Action, Stage
 from gateway.policy.schema import (
@@ -509,3 +508,22 @@ def _classes(c: Checker, data: Any, default: PolicyClass, filter_names: set[str]
         rules = _rules(c, t.get("rules"), f"{p}.rules") + default.rules
         out.append(PolicyClass(name, doms, scores, thresholds, rules, skips))
     return tuple(out)
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """``IP``, ``IP:PORT``, ``IPv6`` or ``[IPv6]:PORT`` (an address: the resolver's own name
+    cannot be looked up)."""
+    host, port = text.strip(), "53"
+    if host.startswith("["):
+        host, sep, port = host[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"must be IP, IP:PORT or [IPv6]:PORT, got {text!r}")
+    elif host.count(":") == 1:
+        host, _, port = host.partition(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"must be an IP address (optionally :PORT), got {text!r}") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return host, int(port)

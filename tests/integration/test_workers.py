@@ -6,11 +6,15 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from tests.support.gateway import base_policy
 from tests.support.sink import Sink
+from tests.support.toml import dumps
 
 
 def _alive(pid: int) -> bool:
@@ -62,3 +66,38 @@ def test_two_workers_deliver_everything_exactly_once_and_stop_together(gateway_f
         assert gw.stop() == 0
         for pid in (new, pids[1]):
             assert not _alive(pid)
+
+
+def _maps(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as f:
+        return f.read()
+
+
+def test_the_supervisor_holds_no_engine_and_a_bad_filter_exits_2(gateway_factory, tmp_path):
+    """The supervisor only forks and forwards signals: it never imports the SMTP server, the
+    engine or asyncio (whose ssl module alone is ~10 MB per process), the workers do. A filter
+    that cannot be built still fails the start with exit 2 before anything listens."""
+    with Sink() as sink:
+        gw = gateway_factory(base_policy(f"smtp://127.0.0.1:{sink.port}",
+                                         server={"workers": 2}))
+        pids = gw.wait_for(lambda e: e.get("event") == "workers")["pids"]
+        gw.wait_for(lambda e: e.get("event") == "listening" and e.get("worker") == 1)
+        assert gw.proc is not None
+        supervisor, worker = _maps(gw.proc.pid), _maps(pids[0])
+        assert "_ssl" in worker and "_asyncio" in worker  # the probe sees them where they are
+        assert "_ssl" not in supervisor and "_asyncio" not in supervisor
+        with smtplib.SMTP(*gw.address, timeout=20) as s:
+            s.sendmail("a@sender.test", ["alice@example.test"], b"Subject: s\r\n\r\nhi\r\n")
+        sink.wait_for(1, 20)
+    bad = base_policy("maildir:Maildir", server={"workers": 2},
+                      spool={"directory": str(tmp_path / "spool")},
+                      filters=[{"name": "rcpt", "recipients": ["@example.test"]},
+                               {"name": "nosuchfilter"}])
+    path = tmp_path / "bad.toml"
+    path.write_text(dumps(bad))
+    out = subprocess.run([sys.executable, "-m", "gateway", "run", "--policy", str(path)],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert out.returncode == 2, out.stderr
+    assert "filters.nosuchfilter: no such filter" in out.stderr
+    assert "listening" not in out.stderr and "workers" not in out.stderr
