@@ -92,11 +92,8 @@ class SmtpServer(SMTP):
         # its socket and its buffers at once. Left to the cyclic collector, ended sessions
         # piled up in its old generation: at 200 sessions, 400 dead ones and ~10 MB of RSS.
         self._client_connected_cb = None
-        task = self._handler_coroutine
-        if task is None or task.done():
-            self._writer = None  # type: ignore[assignment]
-        else:
-            task.add_done_callback(self._drop_writer)
+        if self._handler_coroutine is not None:  # done already: the callback runs next turn
+            self._handler_coroutine.add_done_callback(self._drop_writer)
 
     def _drop_writer(self, task: asyncio.Task[None]) -> None:
         self._writer = None  # type: ignore[assignment]
