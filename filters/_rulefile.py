@@ -32,6 +32,8 @@ from typing import Any
 
 import regex
 
+from filters._literals import Needle
+
 _sre: Any = importlib.import_module("re._parser")  # sre_parse, for the backtracking check
 _MAXREPEAT = _sre.MAXREPEAT
 
@@ -39,6 +41,7 @@ KINDS = ("header", "body", "rawbody", "full", "uri", "meta")
 _IGNORED = {"lang", "priority", "require_version", "reuse", "test"}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _FLAGS = {"i": re.I, "m": re.M, "s": re.S, "x": re.X, "g": 0, "o": 0}
+_QUANTIFIER = re.compile(r"\{(?:\d+(?:,\d*)?|,\d+)\}")
 _PAIRS = {"{": "}", "(": ")", "[": "]", "<": ">"}
 _HEADER_MODS = {"raw", "addr", "name"}
 DEFAULT_SCORE = 1.0  # SpamAssassin's score for a rule without a score line
@@ -63,6 +66,7 @@ class Rule:
     score: float = DEFAULT_SCORE
     description: str = ""
     tflags: tuple[str, ...] = ()
+    needle: Needle | None = None  # body-like rules: literals one of which a match must hold
 
     @property
     def is_subrule(self) -> bool:
@@ -278,6 +282,10 @@ def perl_to_python(pat: str) -> str:
                 out.append(f"(?P<{pat[i + 3:end]}>")
                 i = end + 1
                 continue
+        if c == "{" and not _QUANTIFIER.match(pat, i):  # Perl and re: a literal; regex
+            out.append("\\{")  # reads some ({e<=1}) as fuzzy matching
+            i += 1
+            continue
         if c == "$" and i + 1 < n and (pat[i + 1].isalpha() or pat[i + 1] in "{_"):
             raise ValueError("variable interpolation ($name) is not supported")
         if c == "@" and i + 1 < n and (pat[i + 1].isalpha() or pat[i + 1] == "{"):

@@ -15,7 +15,9 @@ Regexes are compiled once, when the policy is loaded. Matching runs in a worker 
 scans at most ``max_scan_bytes`` of each text part, each header, the URL list and the raw
 message, so a huge message costs no more than a small one. ``body``, ``rawbody`` and ``uri``
 patterns are matched once over their text with ``re.M`` added, so ``^``/``$`` anchor at each
-paragraph/line/URL as SpamAssassin's per-line matching does.
+paragraph/line/URL as SpamAssassin's per-line matching does. Those and ``full`` patterns get a
+needle when loaded (:mod:`filters._literals`): literals one of which every match contains; a
+text without any of them skips the regex.
 
 Settings: ``files`` (required: rule files, relative paths resolved against the policy file's
 directory, later definitions override earlier ones), ``max_scan_bytes`` (262144), ``prefix``
@@ -34,6 +36,7 @@ from typing import Any
 import regex
 
 import gateway.mime
+from filters._literals import Needle, fold, needle
 from filters._rulefile import Rule, RuleError, RuleSet, eval_meta, load_rules
 from gateway.filterapi import ConfigError, Filter, FilterContext, Result, Symbol, offload
 from gateway.mime import MimeView
@@ -42,6 +45,7 @@ from gateway.settings import check_keys, integer, positive, str_list
 
 DEFAULT_MAX_SCAN_BYTES = 256 * 1024
 _LINE_KINDS = ("body", "rawbody", "uri")  # matched with re.M added
+_TEXT_KINDS = (*_LINE_KINDS, "full")  # matched over one text per message: a needle first
 _WS = re.compile(r"[ \t\r\f\v\xa0]+")
 _PARA = re.compile(r"\n\s*\n")
 
@@ -58,6 +62,7 @@ class _Scan:
     def __init__(self, view: MimeView, raw: bytes, cap: int) -> None:
         self.view, self.raw, self.cap = view, raw, cap
         self._cache: dict[str, str] = {}
+        self._folded: dict[str, str] = {}
 
     def text(self, kind: str) -> str:
         t = self._cache.get(kind)
@@ -130,6 +135,17 @@ class _Scan:
         return out
 
 
+    def _lacks(self, kind: str, needle: Needle) -> bool:
+        """True when the text of ``kind`` holds none of the needle's strings: the rule's regex
+        cannot match it."""
+        text = self.text(kind)
+        if needle.folded:
+            f = self._folded.get(kind)
+            if f is None:
+                f = self._folded[kind] = fold(text)
+            text = f
+        return not needle.in_text(text)
+
     def _hit(self, rule: Rule, timeout_s: float) -> bool:
         if rule.kind == "header":
             value = self.header(rule)
@@ -138,6 +154,8 @@ class _Scan:
             found = rule.regex.search(rule.if_unset if value is None else value,
                                       timeout=timeout_s, concurrent=True)
             return (found is None) if rule.negate else (found is not None)
+        if rule.needle is not None and self._lacks(rule.kind, rule.needle):
+            return False
         return rule.regex.search(self.text(rule.kind), timeout=timeout_s,
                                  concurrent=True) is not None
 
@@ -170,9 +188,11 @@ class RulesFilter(Filter):
             rules = load_rules((base / f, f) for f in files)
         except RuleError as e:
             raise ConfigError("files", str(e)) from None
-        for rule in rules.rules.values():  # ^ and $ at each paragraph / line / URL
-            if rule.kind in _LINE_KINDS and rule.regex is not None:
+        for rule in rules.rules.values():
+            if rule.kind in _LINE_KINDS and rule.regex is not None:  # ^ and $ at each line
                 rule.regex = regex.compile(rule.regex.pattern, rule.regex.flags | regex.M)
+            if rule.kind in _TEXT_KINDS and rule.regex is not None:
+                rule.needle = needle(rule.regex.pattern, rule.regex.flags)
         return cls(rules, max_scan, prefix, positive(cfg, "rule_timeout_s", 0.1),
                    positive(cfg, "scan_budget_s", 2.0))
 

@@ -1,0 +1,183 @@
+"""The rules filter's literal prefilter (filters._literals): which literals a pattern requires,
+the case folding it relies on (checked against ``regex`` for every cased code point), that it
+never rules out a text the regex matches (random patterns and texts; the shipped rules on the
+SpamAssassin corpus), and that a rule whose needle is absent is not searched at all."""
+
+from __future__ import annotations
+
+import random
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import regex
+
+from filters._literals import Needle, fold, needle
+from filters._rulefile import compile_perl
+from filters.rules import RulesFilter, _Scan
+from gateway.mime import parse_bytes
+from gateway.services import Services
+from tests.support.gateway import REPO
+
+CORPUS = REPO.parent / "shared" / "corpora" / "spamassassin" / "train"
+
+
+def lits(pattern: str, flags: int = 0) -> tuple[str, ...] | None:
+    n = needle(pattern, flags)
+    return None if n is None else n.strings
+
+
+@pytest.mark.parametrize("pattern,flags,expected", [
+    ("viagra", 0, ("viagra",)),
+    ("Viagra", re.I, ("viagra",)),
+    (r"\bclick\s+here\b", re.I, ("click",)),  # the longest run
+    (r"(?:cheap|free)\s+pills", 0, ("pills",)),
+    (r"\b(?:cheap|free)\b", 0, ("cheap", "free")),  # one from each branch
+    (r"(?:cheap|\w+)pills?", 0, ("pill",)),  # a branch with no literal: the branch is useless
+    (r"(?:cheap|\w+)", 0, None),
+    (r"a(?:bc)?d", 0, ("a",)),  # an optional group requires nothing; ties keep the first
+    (r"(?:ab)+x", 0, ("ab",)),
+    (r"!{3,}", 0, ("!!!",)),
+    (r"x{2}y", 0, ("xxy",)),
+    (r"x{2,4}y", 0, ("xx",)),
+    (r"x*", 0, None),
+    (r"[abc]+\d", 0, None),
+    (r"(?=foo)\w+", 0, None),  # lookarounds count for nothing
+    (r"(?i:abc)d", 0, ("d",)),  # a group with its own flags counts for nothing
+    (r"(?i)abc", 0, ("abc",)),
+    (r"XJS\*C4J\.X", 0, ("XJS*C4J.X",)),
+    ("caf\u00e9s", 0, ("caf\u00e9s",)),  # case-sensitive: non-ASCII kept
+    ("caf\u00e9s", re.I, ("caf",)),  # folded: ASCII runs only
+    (r"a b", re.X, ("ab",)),
+    (r"\m", 0, None),  # not re syntax: no needle (the regex always runs)
+    (r"foo", int(regex.F), None),  # full case folding: flags it does not know
+    (r"foo", int(regex.V1), None),
+])
+def test_needles(pattern, flags, expected):
+    assert lits(pattern, flags) == expected
+
+
+def test_regex_flags_of_a_compiled_pattern_are_understood():
+    p = regex.compile(r"\bpills\b", regex.I | regex.M)
+    assert needle(p.pattern, p.flags) == Needle(("pills",), True)
+
+
+def _cased() -> list[str]:
+    return [c for c in map(chr, range(0x80, sys.maxunicode + 1))
+            if not 0xD800 <= ord(c) < 0xE000
+            and (c.lower() != c or c.upper() != c or c.casefold() != c or c.title() != c)]
+
+
+def test_fold_maps_every_character_regex_equates_with_an_ascii_one_to_that_one():
+    """The claim the folded test rests on: if ``regex`` (ignoring case) matches printable
+    ASCII ``a`` at a character ``c`` beyond ASCII, fold(c) is exactly a folded."""
+    asc = [chr(i) for i in range(0x21, 0x7F)]
+    pats = [(a, regex.compile(regex.escape(a), regex.I)) for a in asc]
+    seen = {}
+    for c in _cased():
+        for a, p in pats:
+            if p.fullmatch(c):
+                assert fold(c) == a.casefold(), (hex(ord(c)), a)
+                seen[c] = a
+    # what regex equates today: İ ı ſ K (if a new version adds one, the check above covers it)
+    assert {"\u0130", "\u0131", "\u017f", "\u212a"} <= set(seen)
+    anyascii = regex.compile(r"[!-~]", regex.I)  # and no uncased character at all
+    for cp in range(0x80, sys.maxunicode + 1):
+        if not 0xD800 <= cp < 0xE000 and anyascii.fullmatch(chr(cp)):
+            assert chr(cp) in seen, hex(cp)
+    for a in asc:
+        assert fold(a) == a.casefold() and len(fold(a)) == 1
+
+
+# -- soundness: a needle never rules out a text the regex matches --------------------------------
+
+_ATOMS = ["a", "b", "k", "s", "i", "ab", "ba", "KI", "S", r"\s", r"\w", ".", "[ab]", r"\d",
+          "!", "-", r"\b", "^", "$"]
+_TEXT = "abkisKIS!- \n1\u0130\u0131\u017f\u212a\u00e9\u00df"
+
+
+def _pattern(rng: random.Random, depth: int = 0) -> str:
+    parts = []
+    for _ in range(rng.randint(1, 4)):
+        r = rng.random()
+        if r < 0.15 and depth < 3:
+            alts = "|".join(_pattern(rng, depth + 1) for _ in range(rng.randint(1, 3)))
+            atom = rng.choice(["(?:%s)", "(%s)", "(?>%s)"]) % alts
+        else:
+            atom = rng.choice(_ATOMS)
+        if rng.random() < 0.3 and atom not in (r"\b", "^", "$"):
+            atom += rng.choice(["?", "*", "+", "{2}", "{0,2}", "{1,3}", "{2,}", "+?"])
+        parts.append(atom)
+    return "".join(parts)
+
+
+def test_random_patterns_and_texts_never_lose_a_match():
+    rng = random.Random(20261129)
+    checked = skipped = 0
+    for _ in range(3000):
+        pat = _pattern(rng)
+        flags = rng.choice([0, re.I, re.I | re.M, re.S])
+        n = needle(pat, flags)
+        if n is None:
+            continue
+        compiled = regex.compile(pat, flags)
+        for _ in range(20):
+            text = "".join(rng.choice(_TEXT) for _ in range(rng.randint(0, 12)))
+            hay = fold(text) if n.folded else text
+            if not n.in_text(hay):
+                skipped += 1
+                assert compiled.search(text) is None, (pat, flags, text, n)
+            checked += 1
+    assert checked > 20000 and skipped > 5000  # the check ran, and the needles did rule out
+
+
+def _shipped() -> RulesFilter:
+    return RulesFilter.from_config({"files": ["rules/default.cf"]},
+                                   Services(policy_dir=REPO / "policies"))
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason="shared/corpora not beside the repository")
+def test_shipped_rules_on_the_corpus_same_hits_with_and_without_needles():
+    f = _shipped()
+    with_needle = [r for r in f.rules.rules.values() if r.needle is not None]
+    assert len(with_needle) >= 20
+    ruled_out = 0
+    for path in sorted(CORPUS.glob("*/*")):
+        raw = path.read_bytes()
+        scan = _Scan(parse_bytes(raw), raw, f.max_scan_bytes)
+        for rule in with_needle:
+            hit = rule.regex.search(scan.text(rule.kind)) is not None
+            if scan._lacks(rule.kind, rule.needle):
+                ruled_out += 1
+                assert not hit, (path.name, rule.name)
+            assert scan._hit(rule, 1.0) is hit, (path.name, rule.name)
+    assert ruled_out > 1000
+
+
+class _Refuses:
+    pattern, flags = "x", 0
+
+    def search(self, *a: object, **k: object) -> None:
+        raise AssertionError("searched although its needle is absent")
+
+
+def test_a_rule_whose_needle_is_absent_is_not_searched(tmp_path: Path):
+    f = _shipped()
+    rule = f.rules.rules["PHARMA_WORDS"]
+    assert rule.needle is not None
+    raw = b"From: a@example.test\r\nSubject: notes\r\n\r\nthe meeting notes, attached\r\n"
+    rule.regex = _Refuses()
+    assert _Scan(parse_bytes(raw), raw, 65536)._hit(rule, 1.0) is False
+    spam = raw.replace(b"attached", b"cheap VIAGRA here")
+    with pytest.raises(AssertionError, match="searched"):
+        _Scan(parse_bytes(spam), spam, 65536)._hit(rule, 1.0)
+
+
+def test_perl_braces_that_are_no_quantifier_stay_literal():
+    """Perl (and re) read ``o{e<=1}`` as the literal text; regex would read fuzzy matching."""
+    compiled, _ = compile_perl(r"/foo{e<=1}/")
+    assert compiled.search("foo{e<=1}") and not compiled.search("fxo")
+    assert lits(compiled.pattern, compiled.flags) == ("foo{e<=1}",)
+    compiled, _ = compile_perl(r"/fo{2}x{1,}y{,2}/")
+    assert compiled.search("foox") and not compiled.search("fo{2}x")
