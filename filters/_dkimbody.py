@@ -22,6 +22,8 @@ _WSP = re.compile(rb"[\t ]+")
 
 
 def _relax(data: bytes) -> bytes:
+    if b"\t" not in data and b"  " not in data and b" \r\n" not in data:
+        return data  # every run of white space is one space inside a line: nothing to do
     return _WSP.sub(b" ", _TRAILING_WSP.sub(_CRLF, data))
 
 

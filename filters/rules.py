@@ -47,13 +47,20 @@ DEFAULT_MAX_SCAN_BYTES = 256 * 1024
 _LINE_KINDS = ("body", "rawbody", "uri")  # matched with re.M added
 _TEXT_KINDS = (*_LINE_KINDS, "full")  # matched over one text per message: a needle first
 _WS = re.compile(r"[ \t\r\f\v\xa0]+")
+_WS_ODD = "\t\r\f\v\xa0"  # white space that _WS turns into a space even alone
 _PARA = re.compile(r"\n\s*\n")
 
 
 def _paragraphs(text: str) -> str:
     """SpamAssassin-style body text: one paragraph per line, white space collapsed."""
-    return "\n".join(p for p in (_WS.sub(" ", " ".join(par.split("\n"))).strip()
-                                 for par in _PARA.split(text)) if p)
+    return "\n".join(p for p in map(_collapse, _PARA.split(text)) if p)
+
+
+def _collapse(par: str) -> str:
+    par = par.replace("\n", " ")
+    if "  " in par or any(c in par for c in _WS_ODD):  # (substring tests: far cheaper than
+        par = _WS.sub(" ", par)  # a regex pass that finds every single space)
+    return par.strip()
 
 
 class _Scan:

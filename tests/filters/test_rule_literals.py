@@ -181,3 +181,24 @@ def test_perl_braces_that_are_no_quantifier_stay_literal():
     assert lits(compiled.pattern, compiled.flags) == ("foo{e<=1}",)
     compiled, _ = compile_perl(r"/fo{2}x{1,}y{,2}/")
     assert compiled.search("foox") and not compiled.search("fo{2}x")
+
+
+# -- the substring shortcuts in front of whole-text regex passes ----------------------------------
+
+def test_shortcuts_give_what_the_regex_passes_give():
+    """_paragraphs and find_urls skip a regex pass when a substring test shows it would change
+    nothing: the results equal the plain regex formulation on random texts."""
+    from filters.rules import _PARA, _WS, _paragraphs
+    from gateway.mime import _TRAILING, _URL, find_urls
+
+    def paragraphs_plain(text: str) -> str:
+        return "\n".join(p for p in (_WS.sub(" ", " ".join(par.split("\n"))).strip()
+                                     for par in _PARA.split(text)) if p)
+
+    pieces = ["word", " ", "  ", "\n", "\n\n", "\t", "\xa0", "\r", "\f", "\v", "x", "WWW.",
+              "www.example.test", "http", "://", "HTTPS://a.test/x", ".", ")"]
+    rng = random.Random(5322)
+    for _ in range(5000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))
+        assert _paragraphs(text) == paragraphs_plain(text), repr(text)
+        assert find_urls(text) == [m.group(0).rstrip(_TRAILING) for m in _URL.finditer(text)]
