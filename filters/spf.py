@@ -8,13 +8,26 @@ domain checked), ``identity`` (``mailfrom`` or ``helo``), ``mechanism``, ``expla
 dependents such as DMARC. The RFC 7208 §4.6.4 limits (10 DNS-querying terms, 2 void lookups, 10
 MX/PTR names) are pyspf's.
 
-DNS: pyspf is blocking, so one check runs in a worker thread (``asyncio.to_thread``). pyspf does
-every lookup through its module-level ``spf.DNSLookup(name, qtype, strict, timeout)``; this
-module replaces that function once with a dispatcher that hands each lookup to the
-:class:`_Bridge` bound to the current thread, which runs ``DnsResolver.query`` on the event loop
-(``asyncio.run_coroutine_threadsafe``) and waits for it within what is left of the check's time
-budget. So the one async resolver (servers, deadlines, logging) serves SPF too, and a lookup
-outside a bound check is a TempError: pyspf never reaches the host resolver.
+DNS: pyspf is blocking and does every lookup through its module-level ``spf.DNSLookup(name,
+qtype, strict, timeout)``; this module replaces that function once with a dispatcher that hands
+each lookup to the answerer bound to the current thread, so the one async resolver (servers,
+deadlines, cache, per-message limits) serves SPF too, and a lookup outside a bound check is a
+TempError: pyspf never reaches the host resolver. A check runs in two ways:
+
+* replayed on the event loop (the usual case): pyspf runs inline with a :class:`_Replay`
+  answerer that answers from the lookups made so far and stops the run at the first one not
+  made yet (:class:`_NeedDns`); the check awaits that lookup and runs pyspf again from the
+  start. Evaluation is a pure function of the answers, so the last run — the first with no
+  missing lookup — is the check. A record needing N lookups costs N+1 short runs and no thread:
+  a thread trip per check (wake-ups, GIL hand-offs, a cross-thread call per lookup) cost more
+  than the runs under load.
+* in a worker thread (``asyncio.to_thread``) after ``INLINE_ROUNDS`` runs: a record with many
+  lookups goes on there with a :class:`_Bridge`, which runs each remaining lookup on the event
+  loop (``asyncio.run_coroutine_threadsafe``) and waits for it, so the loop never replays one
+  check more than that many times.
+
+Either way every lookup waits at most what is left of the check's time budget; one it does not
+get in time is a TempError for pyspf (SPF_TEMPERROR).
 
 Settings: ``check_timeout_s`` (the whole check's budget, default 10; keep it below the
 filter's pipeline ``timeout_s`` — that key belongs to the loader — so that a slow DNS gives
@@ -50,17 +63,44 @@ SYMBOLS = {r: f"SPF_{r.upper()}" for r in RESULTS}
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_DNS_TIMEOUT_S = 5.0
 
-_bound = threading.local()  # .bridge: the _Bridge of the check running in this thread
+INLINE_ROUNDS = 8  # pyspf runs on the event loop per check, at most; then a worker thread
+_OUT_OF_TIME = "no answer within the SPF time budget"
+
+_bound = threading.local()  # .bridge: the answerer of the check running in this thread
+Answers = dict[tuple[str, str], DnsAnswer]
+
+
+class _NeedDns(BaseException):
+    """Ends a replayed run at a lookup not made yet. A BaseException: pyspf has a bare
+    ``except: pass`` (around the exp= lookup) and must not turn it into a result — and if it
+    swallows one anyway, :attr:`_Replay.missed` still shows the run was incomplete."""
+
+
+class _Replay:
+    """Answers pyspf's lookups for one run on the event loop from the lookups made so far."""
+
+    def __init__(self, answers: Answers) -> None:
+        self.answers = answers
+        self.missed: list[tuple[str, str]] = []
+
+    def lookup(self, name: str, qtype: str) -> list[tuple[tuple[str, str], Any]]:
+        answer = self.answers.get((name, qtype))
+        if answer is None:
+            self.missed.append((name, qtype))
+            raise _NeedDns
+        return _to_pyspf(answer, name, qtype)
 
 
 class _Bridge:
-    """Answers pyspf's lookups for one check, from its worker thread, via the event loop."""
+    """Answers pyspf's lookups for one check, from its worker thread, via the event loop
+    (the lookups the replays made first)."""
 
     def __init__(self, resolver: Resolver, loop: asyncio.AbstractEventLoop,
-                 deadline: float) -> None:
+                 deadline: float, answers: Answers | None = None) -> None:
         self.resolver = resolver
         self.loop = loop
         self.deadline = deadline  # time.monotonic() value
+        self.answers = dict(answers or {})
         self.aborted = threading.Event()
         self.lookups = 0
         self._lock = threading.Lock()
@@ -74,6 +114,9 @@ class _Bridge:
                 self._pending.cancel()
 
     def lookup(self, name: str, qtype: str) -> list[tuple[tuple[str, str], Any]]:
+        known = self.answers.get((name, qtype))
+        if known is not None:
+            return _to_pyspf(known, name, qtype)
         remaining = self.deadline - time.monotonic()
         with self._lock:  # no gap between the abort check and publishing the pending lookup
             if self.aborted.is_set() or remaining <= 0:
@@ -85,8 +128,7 @@ class _Bridge:
             answer = fut.result(timeout=remaining)
         except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
             fut.cancel()
-            raise spf.TempError(f"DNS: {name}/{qtype}: no answer within the SPF time budget"
-                                ) from None
+            raise spf.TempError(f"DNS: {name}/{qtype}: {_OUT_OF_TIME}") from None
         finally:
             with self._lock:
                 self._pending = None
@@ -178,24 +220,37 @@ class SpfFilter(Filter):
 
     async def check(self, ip: str, mailfrom: str, helo: str, identity: str,
                     domain: str, resolver: Resolver | None = None) -> Result:
-        loop = asyncio.get_running_loop()
-        bridge = _Bridge(resolver or self.resolver, loop, time.monotonic() + self.timeout_s)
-        try:
-            result, mechanism, explanation, header = await asyncio.to_thread(
-                self._run, bridge, ip, mailfrom, helo)
-        except asyncio.CancelledError:
-            bridge.abort()
-            raise
+        resolver = resolver or self.resolver
+        deadline = time.monotonic() + self.timeout_s
+        answers: Answers = {}
+        for _ in range(INLINE_ROUNDS):
+            replay = _Replay(answers)
+            try:
+                out = self._run(replay, ip, mailfrom, helo)
+            except _NeedDns:
+                pass
+            if not replay.missed:
+                break
+            for name, qtype in replay.missed:
+                answers[(name, qtype)] = await _lookup(resolver, name, qtype, deadline)
+        else:
+            bridge = _Bridge(resolver, asyncio.get_running_loop(), deadline, answers)
+            try:
+                out = await asyncio.to_thread(self._run, bridge, ip, mailfrom, helo)
+            except asyncio.CancelledError:
+                bridge.abort()
+                raise
+        result, mechanism, explanation, header = out
         options = tuple(o for o in (mechanism, explanation) if o)
         edits = (AddHeader("Received-SPF", header),) if self.received_spf and header else ()
         return Result(symbols=(Symbol(SYMBOLS[result], options),), edits=edits,
                       data={"result": result, "domain": domain, "identity": identity,
                             "mechanism": mechanism, "explanation": explanation})
 
-    def _run(self, bridge: _Bridge, ip: str, mailfrom: str, helo: str
+    def _run(self, bridge: _Replay | _Bridge, ip: str, mailfrom: str, helo: str
              ) -> tuple[str, str, str, str]:
-        """One pyspf check, in a worker thread: (result, mechanism or error, explanation,
-        Received-SPF value)."""
+        """One pyspf check, on the loop (replayed) or in a worker thread (bridged): (result,
+        mechanism or error, explanation, Received-SPF value)."""
         _bound.bridge = bridge
         try:
             q = spf.query(i=ip, s=mailfrom, h=helo, receiver=self.receiver)
@@ -216,6 +271,19 @@ class SpfFilter(Filter):
             return result, str(text).partition("Error: ")[2] or str(text), "", header
         mechanism = str(q.mechanism or "")
         return result, mechanism, str(text) if result == "fail" else "", header
+
+
+async def _lookup(resolver: Resolver, name: str, qtype: str, deadline: float) -> DnsAnswer:
+    """One lookup for a replayed check, within what is left of its budget (past it: a
+    temperror answer, which pyspf gets as a TempError)."""
+    remaining = deadline - time.monotonic()
+    try:
+        if remaining <= 0:
+            raise TimeoutError
+        async with asyncio.timeout(remaining):
+            return await resolver.query(name, qtype)
+    except TimeoutError:
+        return DnsAnswer(name, qtype, "temperror", error=_OUT_OF_TIME)
 
 
 def _none(identity: str, domain: str, why: str) -> Result:

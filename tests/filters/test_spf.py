@@ -1,15 +1,18 @@
 """The spf filter: RFC 7208 results from a small zone on the loopback DNS server, the HELO
-identity for the null sender, time budgets, and settings validation."""
+identity for the null sender, time budgets, settings validation, and both ways a check runs
+(replayed on the event loop; in a worker thread past INLINE_ROUNDS lookups)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import spf
 
+import filters.spf
 from filters.spf import SpfFilter
 from gateway.filterapi import Client, ConfigError, FilterContext, Result, Stage
 from gateway.services import Services
@@ -33,6 +36,16 @@ mx.test.          60 IN MX 10 mail.mx.test.
 mail.mx.test.     60 IN A 192.0.2.25
 helo.test.        60 IN TXT "v=spf1 a -all"
 helo.test.        60 IN A 192.0.2.9
+chain.test.       60 IN TXT "v=spf1 include:c1.chain.test -all"
+c1.chain.test.    60 IN TXT "v=spf1 include:c2.chain.test -all"
+c2.chain.test.    60 IN TXT "v=spf1 include:c3.chain.test -all"
+c3.chain.test.    60 IN TXT "v=spf1 include:c4.chain.test -all"
+c4.chain.test.    60 IN TXT "v=spf1 include:c5.chain.test -all"
+c5.chain.test.    60 IN TXT "v=spf1 include:c6.chain.test -all"
+c6.chain.test.    60 IN TXT "v=spf1 include:c7.chain.test -all"
+c7.chain.test.    60 IN TXT "v=spf1 include:c8.chain.test ?all"
+c8.chain.test.    60 IN TXT "v=spf1 a:host.chain.test -all"
+host.chain.test.  60 IN A 192.0.2.77
 """
 
 
@@ -55,6 +68,15 @@ def mail(f: SpfFilter, sender: Address, ip: str = "192.0.2.9",
     return asyncio.run(f.on_mail(ctx))
 
 
+@pytest.fixture(params=["replayed", "threaded", "mixed"])
+def rounds(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each way a check can run: replayed on the loop (the default), all in a worker thread
+    (INLINE_ROUNDS 0), one replay then the thread with the answers so far (INLINE_ROUNDS 1)."""
+    n = {"replayed": filters.spf.INLINE_ROUNDS, "threaded": 0, "mixed": 1}[request.param]
+    monkeypatch.setattr(filters.spf, "INLINE_ROUNDS", n)
+    return str(request.param)
+
+
 def symbol(r: Result) -> str:
     assert len(r.symbols) == 1
     return r.symbols[0].name
@@ -72,15 +94,17 @@ def symbol(r: Result) -> str:
     ("temp.test", "192.0.2.9", "SPF_TEMPERROR"),
     ("mx.test", "192.0.2.25", "SPF_PASS"),
     ("mx.test", "192.0.2.26", "SPF_FAIL"),
+    ("chain.test", "192.0.2.77", "SPF_PASS"),  # 10 lookups: past INLINE_ROUNDS
+    ("chain.test", "192.0.2.78", "SPF_FAIL"),
 ])
-def test_each_result(ns: DnsServer, domain: str, ip: str, expected: str) -> None:
+def test_each_result(ns: DnsServer, rounds: str, domain: str, ip: str, expected: str) -> None:
     r = mail(make(ns.port), Address("alice", domain), ip=ip)
     assert symbol(r) == expected
     assert r.data["result"] == expected.removeprefix("SPF_").lower()
     assert r.data["domain"] == domain and r.data["identity"] == "mailfrom"
 
 
-def test_options_carry_mechanism_and_explanation(ns: DnsServer) -> None:
+def test_options_carry_mechanism_and_explanation(ns: DnsServer, rounds: str) -> None:
     p = mail(make(ns.port), Address("alice", "pass.test"))
     assert p.symbols[0].options == ("ip4:192.0.2.0/24",)
     assert p.data["mechanism"] == "ip4:192.0.2.0/24"
@@ -89,6 +113,27 @@ def test_options_carry_mechanism_and_explanation(ns: DnsServer) -> None:
     assert f.data["explanation"] == "192.0.2.9 may not send for fail.test"
     e = mail(make(ns.port), Address("alice", "perm.test"), ip="203.0.113.7")
     assert "bogus" in " ".join(e.symbols[0].options)
+
+
+def test_a_check_runs_on_the_loop_until_it_needs_more_than_inline_rounds_lookups(
+        ns: DnsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    trips: list[object] = []
+    real = asyncio.to_thread
+
+    async def to_thread(func: Any, *args: object) -> object:
+        trips.append(func)
+        return await real(func, *args)
+
+    monkeypatch.setattr(filters.spf.asyncio, "to_thread", to_thread)
+    before = len(ns.queries)
+    assert symbol(mail(make(ns.port), Address("a", "mx.test"), ip="192.0.2.25")) == "SPF_PASS"
+    assert symbol(mail(make(ns.port), Address("a", "fail.test"))) == "SPF_FAIL"
+    assert trips == []  # TXT, MX, A; TXT and the exp= TXT: replayed on the loop
+    assert len(ns.queries) - before == 5  # each lookup made once, however many replays
+    assert symbol(mail(make(ns.port), Address("a", "chain.test"), ip="192.0.2.77")) \
+        == "SPF_PASS"
+    assert len(trips) == 1  # 10 lookups: the thread took over after INLINE_ROUNDS
+    assert len(ns.queries) - before == 5 + 10
 
 
 def test_domain_is_checked_case_insensitively(ns: DnsServer) -> None:
@@ -132,7 +177,7 @@ def test_dead_nameserver_is_temperror_within_budget() -> None:
     assert elapsed < 1.5
 
 
-def test_time_budget_caps_the_whole_check(ns: DnsServer) -> None:
+def test_time_budget_caps_the_whole_check(ns: DnsServer, rounds: str) -> None:
     # each query may take 5 s, but the check as a whole has 0.5 s
     f = make(ns.port, dns_timeout_s=5, check_timeout_s=0.5)
     t0 = time.monotonic()
@@ -141,7 +186,7 @@ def test_time_budget_caps_the_whole_check(ns: DnsServer) -> None:
     assert time.monotonic() - t0 < 1.5
 
 
-def test_cancelled_check_stops_its_thread(ns: DnsServer) -> None:
+def test_cancelled_check_stops_its_thread(ns: DnsServer, rounds: str) -> None:
     f = make(ns.port, dns_timeout_s=5, check_timeout_s=5)
     ctx = FilterContext(stage=Stage.MAIL, qid="Q1", client=Client("192.0.2.9", 1),
                         sender=Address("alice", "slow.test"))
