@@ -1,4 +1,4 @@
-"""Literal prefilter for content rules: the strings one of which every match must contain.
+r"""Literal prefilter for content rules: the literals every match of a pattern must contain.
 
 A rule's regex is searched over the whole body (or raw body, URL list, raw message) of every
 message, and most rules miss on most messages. Before the regex runs, a cheap substring test
@@ -10,9 +10,11 @@ SpamAssassin's base-string extraction and Rspamd's multipattern prefilters do.
 literal characters is a required string; a group, an atomic group or a repeat of at least one
 contributes what its body requires; an alternation requires one string from each branch (so one
 of their union); anything else (classes, ``.``, anchors, lookarounds, back-references) requires
-nothing. Of everything a sequence requires, the needle keeps the set whose shortest string is
-longest. A pattern it cannot read, or whose flags it does not know, gets no needle: the regex
-always runs.
+nothing. A sequence requires all that its parts require: the needle is an OR of ANDs of
+strings (``/next\s+of\s+kin|nigeria/i``: ``next`` and ``kin``, or ``nigeria``), the ANDs
+multiplied out up to ``_MAX_TERMS`` alternatives (past that, the weaker parts are left out,
+which only makes the test pass more often). A pattern it cannot read, or whose flags it does
+not know, gets no needle: the regex always runs.
 
 Case-insensitive patterns keep only ASCII literals and are tested against :func:`fold` of the
 text. ``regex`` matches an ASCII letter, ignoring case, against exactly four characters beyond
@@ -37,17 +39,33 @@ _V0 = int(regex.V0)  # regex's default (re-compatible) behaviour, set in every c
 _REPEATS = (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT)
 _DOTTED = {0x130: "i", 0x131: "i"}  # İ ı: casefold() makes İ two characters and keeps ı
 _MAX_LEN = 64  # longer literals add nothing to the test
+_MAX_TERMS = 32  # alternatives (ANDs) in one needle at most
+
+Dnf = frozenset[frozenset[str]]  # an OR of ANDs of strings
 
 
 @dataclass(frozen=True)
 class Needle:
-    """At least one of ``strings`` is in every text the pattern matches (after :func:`fold`
-    when ``folded``)."""
-    strings: tuple[str, ...]
+    """Every text the pattern matches (after :func:`fold` when ``folded``) holds all the
+    strings of at least one of ``terms``."""
+    terms: tuple[tuple[str, ...], ...]
     folded: bool
 
-    def in_text(self, text: str) -> bool:
-        return any(s in text for s in self.strings)
+    def in_text(self, text: str, memo: dict[str, bool] | None = None) -> bool:
+        """Whether ``text`` may match. ``memo``: substring answers for this text, shared by
+        the needles tested against it (their strings repeat)."""
+        if memo is None:
+            memo = {}
+        for term in self.terms:
+            for s in term:
+                found = memo.get(s)
+                if found is None:
+                    found = memo[s] = s in text
+                if not found:
+                    break
+            else:
+                return True
+        return False
 
 
 def fold(text: str) -> str:
@@ -72,20 +90,49 @@ def needle(pattern: str, flags: int) -> Needle | None:
         return None
     folded = bool(flags & re.I)
     found = _required(list(parsed), folded)
-    if not found or not all(found):
+    if not found:
         return None
-    strings = tuple(sorted(s.casefold() if folded else s for s in found))
-    return Needle(strings, folded)
+    terms = {tuple(sorted({w.casefold() if folded else w for w in t}, key=lambda w: (-len(w), w)))
+             for t in found}  # the longest string of each first: the likeliest to be absent
+    return Needle(tuple(sorted(terms, key=lambda t: (-_strength(t), t))), folded)
 
 
-def _required(items: list[tuple[Any, Any]], folded: bool) -> frozenset[str] | None:
-    """One of the returned strings is in every match of the sequence; None: nothing known."""
-    options: list[frozenset[str]] = []
+def _strength(term: tuple[str, ...] | frozenset[str]) -> int:
+    return max(map(len, term))
+
+
+def _quality(dnf: Dnf) -> int:
+    """How rarely the weakest alternative of ``dnf`` holds, roughly: its longest string."""
+    return min(map(_strength, dnf))
+
+
+def _all_of(factors: list[Dnf]) -> Dnf | None:
+    """The AND of requirements, strongest first, multiplied out while it stays within
+    _MAX_TERMS (a factor left out weakens the needle, never wrongs it)."""
+    if not factors:
+        return None
+    factors = sorted(set(factors), key=_quality, reverse=True)
+    out = factors[0]
+    for f in factors[1:]:
+        product = frozenset(a | b for a in out for b in f)
+        if len(product) <= _MAX_TERMS:
+            out = product
+    return _absorbed(out)
+
+
+def _absorbed(dnf: Dnf) -> Dnf:
+    """Without the ANDs that hold another (``a`` OR ``a AND b`` is ``a``)."""
+    return frozenset(t for t in dnf if not any(o < t for o in dnf))
+
+
+def _required(items: list[tuple[Any, Any]], folded: bool) -> Dnf | None:
+    """What every match of the sequence holds (an OR of ANDs); None: nothing known."""
+    factors: list[Dnf] = []
     run: list[str] = []
 
     def end_run() -> None:
         if run:
-            options.append(frozenset(["".join(run)[:_MAX_LEN]]))
+            factors.append(frozenset([frozenset(["".join(run)[:_MAX_LEN]])]))
             run.clear()
 
     for op, av in items:
@@ -98,8 +145,13 @@ def _required(items: list[tuple[Any, Any]], folded: bool) -> frozenset[str] | No
             if av[1] != av[0]:
                 end_run()
             continue
+        if op is _sre.BRANCH and run:  # re's parser moves a common prefix out of the branches
+            # (next|nigeria: "n", then ext|igeria): put it back in front of each
+            prefix = [(_sre.LITERAL, ord(c)) for c in "".join(run)]
+            run.clear()
+            av = (av[0], [prefix + list(b) for b in av[1]])
         end_run()
-        sub: frozenset[str] | None = None
+        sub: Dnf | None = None
         if op is _sre.SUBPATTERN:
             _group, add, remove, body = av
             if not add and not remove:
@@ -111,10 +163,8 @@ def _required(items: list[tuple[Any, Any]], folded: bool) -> frozenset[str] | No
         elif op is _sre.BRANCH:
             branches = [_required(list(b), folded) for b in av[1]]
             if all(b is not None for b in branches):
-                sub = frozenset().union(*[b for b in branches if b is not None])
+                sub = _absorbed(frozenset().union(*[b for b in branches if b is not None]))
         if sub:
-            options.append(sub)
+            factors.append(sub)
     end_run()
-    if not options:
-        return None
-    return max(options, key=lambda o: (min(map(len, o)), -len(o)))
+    return _all_of(factors)

@@ -57,7 +57,7 @@ def _paragraphs(text: str) -> str:
 
 
 def _collapse(par: str) -> str:
-    par = par.replace("\n", " ")
+    par = par.replace("\r\n", " ").replace("\n", " ")  # (decoded text keeps the CRLFs)
     if "  " in par or any(c in par for c in _WS_ODD):  # (substring tests: far cheaper than
         par = _WS.sub(" ", par)  # a regex pass that finds every single space)
     return par.strip()
@@ -70,6 +70,7 @@ class _Scan:
         self.view, self.raw, self.cap = view, raw, cap
         self._cache: dict[str, str] = {}
         self._folded: dict[str, str] = {}
+        self._memo: dict[tuple[str, bool], dict[str, bool]] = {}  # needle strings seen
 
     def text(self, kind: str) -> str:
         t = self._cache.get(kind)
@@ -151,7 +152,7 @@ class _Scan:
             if f is None:
                 f = self._folded[kind] = fold(text)
             text = f
-        return not needle.in_text(text)
+        return not needle.in_text(text, self._memo.setdefault((kind, needle.folded), {}))
 
     def _hit(self, rule: Rule, timeout_s: float) -> bool:
         if rule.kind == "header":

@@ -23,33 +23,35 @@ from tests.support.gateway import REPO
 CORPUS = REPO.parent / "shared" / "corpora" / "spamassassin" / "train"
 
 
-def lits(pattern: str, flags: int = 0) -> tuple[str, ...] | None:
+def lits(pattern: str, flags: int = 0) -> tuple[tuple[str, ...], ...] | None:
     n = needle(pattern, flags)
-    return None if n is None else n.strings
+    return None if n is None else n.terms
 
 
 @pytest.mark.parametrize("pattern,flags,expected", [
-    ("viagra", 0, ("viagra",)),
-    ("Viagra", re.I, ("viagra",)),
-    (r"\bclick\s+here\b", re.I, ("click",)),  # the longest run
-    (r"(?:cheap|free)\s+pills", 0, ("pills",)),
-    (r"\b(?:cheap|free)\b", 0, ("cheap", "free")),  # one from each branch
-    (r"(?:cheap|\w+)pills?", 0, ("pill",)),  # a branch with no literal: the branch is useless
+    ("viagra", 0, (("viagra",),)),
+    ("Viagra", re.I, (("viagra",),)),
+    (r"\bclick\s+here\b", re.I, (("click", "here"),)),  # a sequence needs all its parts
+    (r"(?:cheap|free)\s+pills", 0, (("cheap", "pills"), ("pills", "free"))),
+    (r"\b(?:cheap|free)\b", 0, (("cheap",), ("free",))),  # one branch or the other
+    (r"next\s+of\s+kin|nigeria", re.I, (("nigeria",), ("next", "kin", "of"))),  # re's common
+    # prefix ("n") is put back in front of each branch
+    (r"(?:cheap|\w+)pills?", 0, (("pill",),)),  # a branch with no literal: the branch is useless
     (r"(?:cheap|\w+)", 0, None),
-    (r"a(?:bc)?d", 0, ("a",)),  # an optional group requires nothing; ties keep the first
-    (r"(?:ab)+x", 0, ("ab",)),
-    (r"!{3,}", 0, ("!!!",)),
-    (r"x{2}y", 0, ("xxy",)),
-    (r"x{2,4}y", 0, ("xx",)),
+    (r"a(?:bc)?d", 0, (("a", "d"),)),  # an optional group requires nothing
+    (r"(?:ab)+x", 0, (("ab", "x"),)),
+    (r"!{3,}", 0, (("!!!",),)),
+    (r"x{2}y", 0, (("xxy",),)),
+    (r"x{2,4}y", 0, (("xx", "y"),)),
     (r"x*", 0, None),
     (r"[abc]+\d", 0, None),
     (r"(?=foo)\w+", 0, None),  # lookarounds count for nothing
-    (r"(?i:abc)d", 0, ("d",)),  # a group with its own flags counts for nothing
-    (r"(?i)abc", 0, ("abc",)),
-    (r"XJS\*C4J\.X", 0, ("XJS*C4J.X",)),
-    ("caf\u00e9s", 0, ("caf\u00e9s",)),  # case-sensitive: non-ASCII kept
-    ("caf\u00e9s", re.I, ("caf",)),  # folded: ASCII runs only
-    (r"a b", re.X, ("ab",)),
+    (r"(?i:abc)d", 0, (("d",),)),  # a group with its own flags counts for nothing
+    (r"(?i)abc", 0, (("abc",),)),
+    (r"XJS\*C4J\.X", 0, (("XJS*C4J.X",),)),
+    ("caf\u00e9s", 0, (("caf\u00e9s",),)),  # case-sensitive: non-ASCII kept
+    ("caf\u00e9s", re.I, (("caf", "s"),)),  # folded: ASCII runs only
+    (r"a b", re.X, (("ab",),)),
     (r"\m", 0, None),  # not re syntax: no needle (the regex always runs)
     (r"foo", int(regex.F), None),  # full case folding: flags it does not know
     (r"foo", int(regex.V1), None),
@@ -58,9 +60,17 @@ def test_needles(pattern, flags, expected):
     assert lits(pattern, flags) == expected
 
 
+def test_the_ands_multiply_out_only_so_far():
+    """Six factors of two alternatives each: 64 ANDs; past _MAX_TERMS (32) a factor is left
+    out (a weaker needle, never a wrong one)."""
+    n = needle("(?:ab|cd)(?:ef|gh)(?:ij|kl)(?:mn|op)(?:qr|st)(?:uv|wx)", 0)
+    assert n is not None and len(n.terms) == 32
+    assert n.in_text("abefijmnqruv") and n.in_text("cdghklopstwx") and not n.in_text("ab ef")
+
+
 def test_regex_flags_of_a_compiled_pattern_are_understood():
     p = regex.compile(r"\bpills\b", regex.I | regex.M)
-    assert needle(p.pattern, p.flags) == Needle(("pills",), True)
+    assert needle(p.pattern, p.flags) == Needle((("pills",),), True)
 
 
 def _cased() -> list[str]:
@@ -178,7 +188,7 @@ def test_perl_braces_that_are_no_quantifier_stay_literal():
     """Perl (and re) read ``o{e<=1}`` as the literal text; regex would read fuzzy matching."""
     compiled, _ = compile_perl(r"/foo{e<=1}/")
     assert compiled.search("foo{e<=1}") and not compiled.search("fxo")
-    assert lits(compiled.pattern, compiled.flags) == ("foo{e<=1}",)
+    assert lits(compiled.pattern, compiled.flags) == (("foo{e<=1}",),)
     compiled, _ = compile_perl(r"/fo{2}x{1,}y{,2}/")
     assert compiled.search("foox") and not compiled.search("fo{2}x")
 

@@ -327,8 +327,10 @@ header  H     ALL =~ /q+r/
 """
     f = make(tmp_path, rules, max_scan_bytes=8192)
     line = b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa http://aaaaaaaaaaaaaaaaaaa.test/\n"
+    # the literals the rules need come first (NEEDLE, z, a URL with a b), so their needles let
+    # them run over the whole capped text, and fail only at its end
     data = (b"From: a@example.test\nSubject: " + b"q" * 900 + b"\n\n"
-            + line * (20_000_000 // len(line)))
+            + b"NEEDLE z http://b.test/\n" + line * (20_000_000 // len(line)))
     path = tmp_path / "big"
     path.write_bytes(crlf(data))
     msg = Message.from_spool(path, path.stat().st_size)
@@ -392,7 +394,9 @@ body FAST  /NEEDLE/
 """
     f = make(tmp_path, rules, max_scan_bytes=256 * 1024, rule_timeout_s=0.2,
              scan_budget_s=5.0)
-    data = b"From: a@example.test\nSubject: hostile\n\nNEEDLE " + b"a" * 200_000 + b"\n"
+    # every literal the slow rules need is there (b c d e z: their needles let them run),
+    # before the a's, so both still scan quadratically
+    data = b"From: a@example.test\nSubject: hostile\n\nNEEDLE bcdz " + b"a" * 200_000 + b"\n"
     t0 = time.monotonic()
     syms = run(f, tmp_path, data)
     elapsed = time.monotonic() - t0
