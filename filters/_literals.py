@@ -8,9 +8,9 @@ SpamAssassin's base-string extraction and Rspamd's multipattern prefilters do.
 :func:`needle` reads the pattern with the same parser the rule file's checks use (Python's
 ``re`` syntax is the rule files' contract: see :mod:`filters._rulefile`) and walks it: a run of
 literal characters is a required string; a group, an atomic group or a repeat of at least one
-contributes what its body requires; an alternation requires one string from each branch (so one
-of their union); anything else (classes, ``.``, anchors, lookarounds, back-references) requires
-nothing. A sequence requires all that its parts require: the needle is an OR of ANDs of
+contributes what its body requires; an alternation requires what one of its branches requires;
+anything else (classes, ``.``, anchors, lookarounds, back-references) requires nothing. A
+sequence requires all that its parts require: the needle is an OR of ANDs of
 strings (``/next\s+of\s+kin|nigeria/i``: ``next`` and ``kin``, or ``nigeria``), the ANDs
 multiplied out up to ``_MAX_TERMS`` alternatives (past that, the weaker parts are left out,
 which only makes the test pass more often). A pattern it cannot read, or whose flags it does

@@ -16,8 +16,8 @@ scans at most ``max_scan_bytes`` of each text part, each header, the URL list an
 message, so a huge message costs no more than a small one. ``body``, ``rawbody`` and ``uri``
 patterns are matched once over their text with ``re.M`` added, so ``^``/``$`` anchor at each
 paragraph/line/URL as SpamAssassin's per-line matching does. Those and ``full`` patterns get a
-needle when loaded (:mod:`filters._literals`): literals one of which every match contains; a
-text without any of them skips the regex.
+needle when loaded (:mod:`filters._literals`): the literals every match must contain (an OR
+of ANDs); a text that lacks them skips the regex.
 
 Settings: ``files`` (required: rule files, relative paths resolved against the policy file's
 directory, later definitions override earlier ones), ``max_scan_bytes`` (262144), ``prefix``
@@ -144,8 +144,8 @@ class _Scan:
 
 
     def _lacks(self, kind: str, needle: Needle) -> bool:
-        """True when the text of ``kind`` holds none of the needle's strings: the rule's regex
-        cannot match it."""
+        """True when the text of ``kind`` satisfies none of the needle's terms: the rule's
+        regex cannot match it."""
         text = self.text(kind)
         if needle.folded:
             f = self._folded.get(kind)
