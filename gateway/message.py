@@ -123,7 +123,9 @@ class Message:
 
 class HeadCapture:
     """Keeps the first bytes written to a message file, up to the end of its header block or
-    MAX_HEADER_BYTES, so the end of DATA needs no read back (``Message.from_head``)."""
+    MAX_HEADER_BYTES, so the end of DATA needs no read back (``Message.from_head``). Only the
+    header block is kept once its end is seen (not the body that came in the same block:
+    the capture lives as long as the transaction, through the filters and the commit)."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -134,8 +136,15 @@ class HeadCapture:
             return
         seen = len(self._buf)
         self._buf += data[:MAX_HEADER_BYTES - seen]
-        if (self._buf.startswith(b"\r\n") or self._buf.find(b"\r\n\r\n", max(seen - 3, 0)) >= 0
-                or len(self._buf) >= MAX_HEADER_BYTES):
+        if self._buf.startswith(b"\r\n"):
+            del self._buf[2:]
+            self.done = True
+            return
+        end = self._buf.find(b"\r\n\r\n", max(seen - 3, 0))
+        if end >= 0:
+            del self._buf[end + 4:]
+            self.done = True
+        elif len(self._buf) >= MAX_HEADER_BYTES:
             self.done = True
 
     @property
