@@ -40,19 +40,15 @@ work by ``max_expanded_bytes`` and ``scan_time_s``.
 
 from __future__ import annotations
 
-import bz2
 import email.message
 import email.utils
 import io
-import lzma
-import tarfile
 import time
 import unicodedata
-import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from gateway import mime
 from gateway.filterapi import (
@@ -68,6 +64,9 @@ from gateway.filterapi import (
 from gateway.replies import Reply
 from gateway.services import Services
 from gateway.settings import boolean, check_keys, integer, opt_str, positive, str_list
+
+if TYPE_CHECKING:
+    import zipfile
 
 # Gmail's refused-attachment list (support.google.com/mail/answer/6590), plus registry files,
 # VHDX, ClickOnce and shell-link variants. Disk images (iso, img, vhd, vhdx) are here because
@@ -411,6 +410,9 @@ class AttachmentsFilter(Filter):
         scan.tick(path)
 
     def scan_zip(self, scan: _Scan, path: str, data: bytes, depth: int) -> None:
+        import lzma  # the archive modules load with the first archive, not with the filter
+        import zipfile
+
         try:
             zf = zipfile.ZipFile(io.BytesIO(data))
             infos = zf.infolist()
@@ -491,6 +493,8 @@ class AttachmentsFilter(Filter):
         return bytes(buf), True
 
     def scan_tar(self, scan: _Scan, path: str, data: bytes, depth: int) -> None:
+        import tarfile
+
         try:
             tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
         except (tarfile.TarError, ValueError, OSError, EOFError):
@@ -527,6 +531,8 @@ class AttachmentsFilter(Filter):
         """A single compressed stream (gzip, bzip2, xz): the inner name (gzip FNAME, else the
         outer name without its compression suffix) checked, the content decompressed in
         chunks under the ratio and byte caps, then sniffed like any file."""
+        import lzma
+
         inner = _gzip_fname(data) if kind == "gzip" else None
         if not inner:
             inner = _strip_suffix(name.replace("\\", "/").rsplit("/", 1)[-1], kind)
@@ -568,6 +574,8 @@ class AttachmentsFilter(Filter):
 
 
 def _zip_infos(data: bytes) -> list[zipfile.ZipInfo] | None:
+    import zipfile
+
     try:
         return zipfile.ZipFile(io.BytesIO(data)).infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError):
@@ -625,6 +633,9 @@ def _strip_suffix(name: str, kind: str) -> str:
 
 def _decompress(kind: str, data: bytes) -> Iterator[bytes]:
     """The decompressed stream in chunks of at most CHUNK bytes (never more at once)."""
+    import bz2
+    import lzma
+
     if kind == "gzip":
         z = zlib.decompressobj(31)
         buf = data

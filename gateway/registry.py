@@ -9,7 +9,6 @@ filter implements are found once, here, at load time.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import importlib.util
 import inspect
 import sys
@@ -101,6 +100,8 @@ def _plugin(name: str, dirs: tuple[Path, ...]) -> tuple[Any, str] | None:
 
 
 def _entry_point(name: str) -> tuple[Any, str] | None:
+    import importlib.metadata  # 2-3 MB of modules a gateway on built-in filters never needs
+
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
             try:
