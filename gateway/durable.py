@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 
 # A durable change written as a generator: it makes its file-system calls itself and yields
 # each fsync it needs (an open file descriptor, or the name of a directory the driver knows),
 # resuming once that fsync has finished; a failed fsync is raised at the yield.
 SyncSteps = Generator[int | str, None, None]
+# Where a caller hands a chore nobody waits for (``Syncer.defer``).
+Defer = Callable[[Callable[[], None]], None]
 
 
 def fsync_dir(path: Path) -> None:
@@ -84,18 +86,30 @@ class Syncer:
     a batch is one trip to a worker thread, which fsyncs each file and each directory once,
     however many asked for it. So many concurrent commits cost a few thread trips rather than
     one each, and the loop's own calls never wait for the GIL behind a worker's dozen small
-    ones. A failed fsync fails each request it would have covered."""
+    ones. A failed fsync fails each request it would have covered.
+
+    ``defer`` hands the same thread small chores nobody waits for (emptying spare files): they
+    run after the batch's fsyncs. Chores pending when the loop stops are dropped."""
 
     def __init__(self) -> None:
         self._next: list[tuple[int | Path, asyncio.Future[None]]] = []
+        self._chores: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
 
     async def sync(self, target: int | Path) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._next.append((target, fut))
+        self._start()
+        await fut
+
+    def defer(self, chore: Callable[[], None]) -> None:
+        """Run ``chore`` in the worker thread with the next batch; it must not raise."""
+        self._chores.append(chore)
+        self._start()
+
+    def _start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._drain())
-        await fut
 
     async def run(self, steps: SyncSteps, root: Path) -> None:
         """Drive ``steps`` on the loop; directories are named relative to ``root``."""
@@ -111,9 +125,10 @@ class Syncer:
     async def _drain(self) -> None:
         batch: list[tuple[int | Path, asyncio.Future[None]]] = []
         try:
-            while self._next:
+            while self._next or self._chores:
                 batch, self._next = self._next, []
-                errors = await asyncio.to_thread(_fsync_all, [t for t, _ in batch])
+                chores, self._chores = self._chores, []
+                errors = await asyncio.to_thread(_batch, [t for t, _ in batch], chores)
                 for (_, fut), err in zip(batch, errors, strict=True):
                     if fut.done():  # its waiter was cancelled
                         continue
@@ -128,6 +143,15 @@ class Syncer:
                 if not fut.done():
                     fut.set_exception(OSError("fsync batch did not finish"))
             self._next = []
+
+
+def _batch(targets: list[int | Path], chores: Sequence[Callable[[], None]]
+           ) -> list[OSError | None]:
+    """One trip to a worker thread: the fsyncs, then the chores."""
+    out = _fsync_all(targets)
+    for chore in chores:
+        chore()
+    return out
 
 
 def _fsync_all(targets: list[int | Path]) -> list[OSError | None]:

@@ -54,7 +54,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gateway.durable import DirSync, Syncer, SyncSteps, fsync_dir, run_steps
+from gateway.durable import Defer, DirSync, Syncer, SyncSteps, fsync_dir, run_steps
 from gateway.errors import SpoolError
 from gateway.logs import event
 from gateway.queue_entry import (
@@ -378,17 +378,18 @@ class Spool:
         self._drive(self._remove_steps(qid))
 
     async def remove_async(self, qid: str, syncer: Syncer) -> None:
-        """``remove`` on the event loop, the area's fsync batched by ``syncer``."""
-        await syncer.run(self._remove_steps(qid), self.root)
+        """``remove`` on the event loop, the area's fsync batched by ``syncer``, and the
+        files emptied for reuse in its thread (``SpareFiles.discard``)."""
+        await syncer.run(self._remove_steps(qid, syncer.defer), self.root)
 
-    def _remove_steps(self, qid: str) -> SyncSteps:
+    def _remove_steps(self, qid: str, defer: Defer | None = None) -> SyncSteps:
         self._require_claim(qid)
         area = self._find(qid)
         if area is None:
             raise SpoolMissing(f"{qid}: not queued")
-        self.spares.discard(self._meta(area, qid))
+        self.spares.discard(self._meta(area, qid), defer=defer)
         yield area
-        self.spares.discard(self._data(qid), missing_ok=True)
+        self.spares.discard(self._data(qid), missing_ok=True, defer=defer)
 
     # -- free space -------------------------------------------------------------------------
     def free_bytes(self) -> int:

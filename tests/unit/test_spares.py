@@ -4,13 +4,17 @@ existing file."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway import spares as spares_mod
+from gateway.durable import Syncer
 from gateway.spares import SpareFiles, rename_noreplace
 from gateway.spool import Spool
 from tests.unit.test_spool import committed
@@ -150,3 +154,71 @@ def test_the_spool_reuses_data_and_metadata_inodes(tmp_path: Path) -> None:
         assert spool.load(second.qid)[1] == second
         with spool.open_data(second.qid) as f:
             assert len(f.read()) == 7
+
+
+def test_a_deferred_discard_renames_at_once_and_empties_when_the_chore_runs(
+        tmp_path: Path) -> None:
+    """``defer`` (the Syncer's thread): the name is gone at once, the file becomes a spare only
+    once emptied, and a file linked meanwhile is left whole."""
+    spares = SpareFiles(tmp_path / "spare")
+    chores: list[Any] = []
+    write(tmp_path / "done", b"delivered body\r\n" * 50)
+    spares.discard(tmp_path / "done", defer=chores.append)
+    assert not (tmp_path / "done").exists() and len(chores) == 1
+    assert len(spares) == 0  # not handed out while it still has content
+    [pending] = list((tmp_path / "spare").iterdir())
+    assert pending.stat().st_size == 800
+    chores.pop()()
+    assert pending.stat().st_size == 0 and len(spares) == 1
+    write(tmp_path / "other", b"x" * 10)
+    spares.discard(tmp_path / "other", defer=chores.append)
+    os.link(tmp_path / "spare" / "other", tmp_path / "kept")  # linked before the chore runs
+    chores.pop()()
+    assert (tmp_path / "kept").read_bytes() == b"x" * 10 and len(spares) == 1
+    spares.discard(tmp_path / "gone", missing_ok=True, defer=chores.append)
+    assert chores == []
+
+
+def test_a_deferred_chore_that_fails_logs_and_drops_the_spare(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    spares = SpareFiles(tmp_path / "spare")
+    chores: list[Any] = []
+    write(tmp_path / "done", b"body")
+    spares.discard(tmp_path / "done", defer=chores.append)
+
+    def broken(fd: int, size: int) -> None:
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(spares_mod.os, "ftruncate", broken)
+    chores.pop()()  # does not raise: nobody waits for it
+    assert "I/O error" in caplog.text and "spare" in caplog.text
+    assert len(spares) == 0 and not list((tmp_path / "spare").iterdir())
+
+
+def test_remove_on_the_loop_empties_both_files_in_the_syncer_thread(tmp_path: Path) -> None:
+    """The queue manager's removal: both files are out of the queue when it returns and are
+    empty spares once the batch that carried their chores has run."""
+    spool = Spool(tmp_path)
+    entry = committed(spool, 5000)
+    loop_thread = threading.get_ident()
+    where: list[int] = []
+    real = spool.spares._empty
+
+    def traced(spare: Path) -> None:
+        where.append(threading.get_ident())
+        real(spare)
+
+    spool.spares._empty = traced  # type: ignore[method-assign]
+
+    async def main() -> None:
+        syncer = Syncer()
+        with spool.claim(entry.qid):
+            await spool.remove_async(entry.qid, syncer)
+        await syncer.sync(tmp_path)  # a later batch: the chores ran by then
+
+    asyncio.run(main())
+    assert len(where) == 2 and loop_thread not in where
+    assert len(spool.spares) == 2
+    assert all(p.stat().st_size == 0 for p in (tmp_path / "spare").iterdir())
+    assert not (tmp_path / "data" / entry.qid).exists()
+    assert not list((tmp_path / "active").iterdir())
