@@ -140,7 +140,7 @@ class SpareFiles:
         if defer is None:
             self._empty(spare)
         else:
-            defer(functools.partial(self._empty_logged, spare))
+            defer(functools.partial(self._empty_later, str(spare)))
 
     def _empty(self, spare: Path) -> None:
         """Truncate a file just renamed into ``spare/`` and make it a spare."""
@@ -160,9 +160,19 @@ class SpareFiles:
             raise
         self._names.append(spare.name)
 
-    def _empty_logged(self, spare: Path) -> None:
-        """``_empty`` for a deferred call, which has no caller to raise to."""
+    def _empty_later(self, spare: str) -> None:
+        """The deferred ``_empty``, in the Syncer's thread: one call that releases the GIL (each
+        release costs a hand-off while the loop is busy), and nobody to raise to. The link
+        count was checked before the rename, and nothing links files in ``spare/``."""
         try:
-            self._empty(spare)
+            os.truncate(spare, 0)
+        except FileNotFoundError:  # another process took it already
+            return
         except OSError as e:
             log.error("spare file %s: %s", spare, e)
+            try:
+                os.unlink(spare)
+            except OSError:
+                pass
+            return
+        self._names.append(os.path.basename(spare))

@@ -159,7 +159,7 @@ def test_the_spool_reuses_data_and_metadata_inodes(tmp_path: Path) -> None:
 def test_a_deferred_discard_renames_at_once_and_empties_when_the_chore_runs(
         tmp_path: Path) -> None:
     """``defer`` (the Syncer's thread): the name is gone at once, the file becomes a spare only
-    once emptied, and a file linked meanwhile is left whole."""
+    once emptied, and one another process took meanwhile is left alone."""
     spares = SpareFiles(tmp_path / "spare")
     chores: list[Any] = []
     write(tmp_path / "done", b"delivered body\r\n" * 50)
@@ -172,9 +172,9 @@ def test_a_deferred_discard_renames_at_once_and_empties_when_the_chore_runs(
     assert pending.stat().st_size == 0 and len(spares) == 1
     write(tmp_path / "other", b"x" * 10)
     spares.discard(tmp_path / "other", defer=chores.append)
-    os.link(tmp_path / "spare" / "other", tmp_path / "kept")  # linked before the chore runs
+    os.rename(tmp_path / "spare" / "other", tmp_path / "taken")  # another worker took it
     chores.pop()()
-    assert (tmp_path / "kept").read_bytes() == b"x" * 10 and len(spares) == 1
+    assert (tmp_path / "taken").read_bytes() == b"x" * 10 and len(spares) == 1
     spares.discard(tmp_path / "gone", missing_ok=True, defer=chores.append)
     assert chores == []
 
@@ -186,10 +186,10 @@ def test_a_deferred_chore_that_fails_logs_and_drops_the_spare(
     write(tmp_path / "done", b"body")
     spares.discard(tmp_path / "done", defer=chores.append)
 
-    def broken(fd: int, size: int) -> None:
+    def broken(path: str, size: int) -> None:
         raise OSError(5, "I/O error")
 
-    monkeypatch.setattr(spares_mod.os, "ftruncate", broken)
+    monkeypatch.setattr(spares_mod.os, "truncate", broken)
     chores.pop()()  # does not raise: nobody waits for it
     assert "I/O error" in caplog.text and "spare" in caplog.text
     assert len(spares) == 0 and not list((tmp_path / "spare").iterdir())
@@ -202,13 +202,13 @@ def test_remove_on_the_loop_empties_both_files_in_the_syncer_thread(tmp_path: Pa
     entry = committed(spool, 5000)
     loop_thread = threading.get_ident()
     where: list[int] = []
-    real = spool.spares._empty
+    real = spool.spares._empty_later
 
-    def traced(spare: Path) -> None:
+    def traced(spare: str) -> None:
         where.append(threading.get_ident())
         real(spare)
 
-    spool.spares._empty = traced  # type: ignore[method-assign]
+    spool.spares._empty_later = traced  # type: ignore[method-assign]
 
     async def main() -> None:
         syncer = Syncer()
