@@ -5,10 +5,13 @@ threads, ``Syncer`` for coroutines on the event loop."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
+
+log = logging.getLogger("mailgate.spool")
 
 # A durable change written as a generator: it makes its file-system calls itself and yields
 # each fsync it needs (an open file descriptor, or the name of a directory the driver knows),
@@ -150,7 +153,10 @@ def _batch(targets: list[int | Path], chores: Sequence[Callable[[], None]]
     """One trip to a worker thread: the fsyncs, then the chores."""
     out = _fsync_all(targets)
     for chore in chores:
-        chore()
+        try:
+            chore()
+        except Exception:  # a bug in a chore must not fail the commits of this batch
+            log.exception("deferred chore failed")
     return out
 
 

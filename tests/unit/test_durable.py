@@ -60,3 +60,26 @@ def test_a_failed_fsync_raises_in_its_caller_and_the_next_caller_tries_again(
     ds.sync()  # the second fsync succeeds: no error left behind
     with pytest.raises(StopIteration):
         next(results)
+
+
+def test_deferred_chores_run_in_the_batch_thread_and_a_failing_one_fails_no_commit(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``Syncer.defer``: chores run in the worker thread with a batch, after its fsyncs; one
+    that raises is logged, and the fsync requests of the same batch still succeed."""
+    import asyncio
+
+    ran: list[int] = []
+
+    def broken() -> None:
+        raise RuntimeError("chore bug")
+
+    async def main() -> int:
+        syncer = durable.Syncer()
+        syncer.defer(lambda: ran.append(threading.get_ident()))
+        syncer.defer(broken)
+        await syncer.sync(tmp_path)  # same batch as the chores: must not fail
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert len(ran) == 1 and ran[0] != loop_thread
+    assert "deferred chore failed" in caplog.text and "chore bug" in caplog.text
