@@ -106,7 +106,7 @@ class Syncer:
         await fut
 
     def defer(self, chore: Callable[[], None]) -> None:
-        """Run ``chore`` in the worker thread with the next batch; it must not raise."""
+        """Run ``chore`` in the worker thread with the next batch (one that raises is logged)."""
         self._chores.append(chore)
         self._start()
 
