@@ -14,7 +14,8 @@ What stays true:
   fsync batch's worker thread (``discard(defer=)``; on the loop it cost ~10 % of queue mode's
   time): the file is in ``spare/`` with its content for that long, and becomes a spare only
   once empty. A crash (or a stop) between the rename and the truncation can leave one with
-  content; ``create`` truncates it before handing it out, and nothing else ever reads a spare.
+  content: ``Spool.recover`` empties those at start (``empty_leftovers``), ``create`` truncates
+  one before handing it out, and nothing else ever reads a spare.
 - a file with another name (a hard link: the DATA file a queue commit linked into ``data/``)
   is never truncated; discarding one name just unlinks it.
 - names and inode numbers mean nothing across uses. ``Spool.claim`` checks that the path still
@@ -91,6 +92,24 @@ class SpareFiles:
 
     def __len__(self) -> int:
         return len(self._names)
+
+    def empty_leftovers(self) -> int:
+        """Truncate the files in ``spare/`` that still hold content: a stop or a crash came
+        between a discard's rename and its truncation. Recovery calls this at start, so no
+        message content waits there past a restart. Safe beside live processes: the truncation
+        goes by path, and a spare another process takes is renamed away first. Returns how
+        many were emptied."""
+        emptied = 0
+        for name in os.listdir(self.directory):
+            path = self.directory / name
+            try:
+                st = os.lstat(path)
+                if stat.S_ISREG(st.st_mode) and st.st_size:
+                    os.truncate(path, 0)
+                    emptied += 1
+            except FileNotFoundError:  # taken meanwhile
+                continue
+        return emptied
 
     def create(self, path: Path) -> int:
         """A new empty file at ``path``, mode 0600, open for writing: like ``os.open(path,

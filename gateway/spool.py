@@ -85,6 +85,7 @@ class RecoveryReport:
     orphans_removed: int = 0  # data without metadata: never acknowledged, or delivered
     busy: int = 0  # skipped: locked by a live process
     queued: int = 0  # valid entries left in active/deferred/hold
+    spares_emptied: int = 0  # spare files a stop or crash left with content (gateway.spares)
     problems: tuple[str, ...] = ()  # one "path: reason" per file moved to corrupt/
 
 
@@ -420,11 +421,12 @@ class Spool:
         for name in sorted(os.listdir(self.root / "data")):
             with contextlib.suppress(FileNotFoundError):
                 self._recover_data(name, counts, problems)
+        counts["spares"] = self.spares.empty_leftovers()
         report = RecoveryReport(
             incoming_removed=counts["incoming"], temps_removed=counts["temps"],
             requeued=counts["requeued"], corrupt=len(problems),
             orphans_removed=counts["orphans"], busy=counts["busy"], queued=counts["queued"],
-            problems=tuple(problems))
+            spares_emptied=counts["spares"], problems=tuple(problems))
         event(log, "spool-recovered", root=str(self.root),
               **{k: v for k, v in vars(report).items() if k != "problems"})
         return report

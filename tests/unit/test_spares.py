@@ -222,3 +222,22 @@ def test_remove_on_the_loop_empties_both_files_in_the_syncer_thread(tmp_path: Pa
     assert all(p.stat().st_size == 0 for p in (tmp_path / "spare").iterdir())
     assert not (tmp_path / "data" / entry.qid).exists()
     assert not list((tmp_path / "active").iterdir())
+
+
+def test_recovery_empties_spares_a_stop_left_with_content(tmp_path: Path) -> None:
+    """A deferred truncation that never ran (the loop stopped first) leaves content in
+    ``spare/``; the next start's recovery empties it, and leaves other files alone."""
+    spool = Spool(tmp_path)
+    chores: list[Any] = []
+    entry = committed(spool, 5000)
+    with spool.claim(entry.qid):
+        steps = spool._remove_steps(entry.qid, chores.append)
+        for _ in steps:  # the area fsync point: skipped here
+            pass
+    assert len(chores) == 2 and all(p.stat().st_size for p in (tmp_path / "spare").iterdir())
+    os.symlink(tmp_path / "data", tmp_path / "spare" / "odd")  # not a regular file: untouched
+    report = Spool(tmp_path).recover()
+    assert report.spares_emptied == 2
+    assert all(p.stat().st_size == 0 for p in (tmp_path / "spare").iterdir()
+               if not p.is_symlink())
+    assert Spool(tmp_path).recover().spares_emptied == 0

@@ -537,7 +537,8 @@ def test_recover_every_crash_state(tmp_path: Path, caplog: pytest.LogCaptureFixt
             spool.load(qid)
 
     again = spool.recover(now=now)
-    assert dataclasses.astuple(again)[:-2] == (0,) * 6 and again.queued == 4
+    assert dataclasses.astuple(again)[:-3] == (0,) * 6 and again.queued == 4
+    assert again.spares_emptied == 0
 
 
 def test_recover_leaves_what_live_processes_lock(tmp_path: Path) -> None:
