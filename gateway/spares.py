@@ -97,14 +97,14 @@ class SpareFiles:
         """Truncate the files in ``spare/`` that still hold content: a stop or a crash came
         between a discard's rename and its truncation. Recovery calls this at start, so no
         message content waits there past a restart. Safe beside live processes: the truncation
-        goes by path, and a spare another process takes is renamed away first. Returns how
-        many were emptied."""
+        goes by path, a spare another process takes is renamed away first, and a file with
+        another name is left whole. Returns how many were emptied."""
         emptied = 0
         for name in os.listdir(self.directory):
             path = self.directory / name
             try:
                 st = os.lstat(path)
-                if stat.S_ISREG(st.st_mode) and st.st_size:
+                if stat.S_ISREG(st.st_mode) and st.st_size and st.st_nlink == 1:
                     os.truncate(path, 0)
                     emptied += 1
             except FileNotFoundError:  # taken meanwhile

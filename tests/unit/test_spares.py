@@ -236,8 +236,11 @@ def test_recovery_empties_spares_a_stop_left_with_content(tmp_path: Path) -> Non
             pass
     assert len(chores) == 2 and all(p.stat().st_size for p in (tmp_path / "spare").iterdir())
     os.symlink(tmp_path / "data", tmp_path / "spare" / "odd")  # not a regular file: untouched
+    write(tmp_path / "spare" / "linked", b"kept")
+    os.link(tmp_path / "spare" / "linked", tmp_path / "elsewhere")  # another name: untouched
     report = Spool(tmp_path).recover()
     assert report.spares_emptied == 2
+    assert (tmp_path / "elsewhere").read_bytes() == b"kept"
     assert all(p.stat().st_size == 0 for p in (tmp_path / "spare").iterdir()
-               if not p.is_symlink())
+               if not p.is_symlink() and p.name != "linked")
     assert Spool(tmp_path).recover().spares_emptied == 0
