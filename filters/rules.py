@@ -142,7 +142,6 @@ class _Scan:
                 out[name] = 1.0
         return out
 
-
     def _lacks(self, kind: str, needle: Needle) -> bool:
         """True when the text of ``kind`` satisfies none of the needle's terms: the rule's
         regex cannot match it."""

@@ -31,6 +31,7 @@ message is removed sees it cut short, where it used to see the unlinked file who
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -189,9 +190,7 @@ class SpareFiles:
             return
         except OSError as e:
             log.error("spare file %s: %s", spare, e)
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(spare)
-            except OSError:
-                pass
             return
         self._names.append(os.path.basename(spare))
