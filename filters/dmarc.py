@@ -40,14 +40,14 @@ Settings: ``enforce`` (bool, default true), ``trusted_arc_sealers`` (list of dom
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import getaddresses
 from typing import Any
 
-from publicsuffixlist import PublicSuffixList
-
+from filters._psl import suffix_list
 from filters.arc import aar_result
 from gateway.dnsresolver import DnsAnswer, DnsResolver, Resolver
 from gateway.filterapi import (
@@ -74,23 +74,15 @@ SETTINGS = {"enforce", "trusted_arc_sealers"}
 POLICIES = ("none", "quarantine", "reject")
 _DOWNGRADE = {"reject": "quarantine", "quarantine": "none", "none": "none"}
 
-_psl: PublicSuffixList | None = None
-
-
-def _list() -> PublicSuffixList:
-    global _psl
-    if _psl is None:
-        _psl = PublicSuffixList()  # the PSL bundled with the package: no network
-    return _psl
-
-
+@functools.lru_cache(maxsize=1024)
 def org_domain(domain: str) -> str:
     """The RFC 7489 §3.2 organizational domain (the domain itself if it is a public suffix)."""
-    return _list().privatesuffix(domain) or domain
+    return suffix_list().privatesuffix(domain) or domain
 
 
+@functools.lru_cache(maxsize=1024)
 def public_suffix(domain: str) -> str | None:
-    return _list().publicsuffix(domain)
+    return suffix_list().publicsuffix(domain)
 
 
 def aligned(a: str, b: str, mode: str) -> bool:
