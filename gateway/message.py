@@ -14,7 +14,7 @@ from typing import Any, BinaryIO, cast
 MAX_HEADER_BYTES = 1024 * 1024  # headers beyond this are treated as body for parsing
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Header:
     name: str
     value: str  # unfolded, undecoded (raw text with RFC 2047 words as sent)
@@ -49,7 +49,7 @@ def split_headers(header_block: bytes) -> list[Header]:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Message:
     """A spooled message: ``path`` holds the CRLF-clean, unstuffed message bytes."""
 
@@ -150,4 +150,12 @@ class HeadCapture:
     @property
     def head(self) -> bytes:
         return bytes(self._buf)
+
+    def take(self) -> bytes:
+        """The captured bytes, handed over: the capture keeps no copy of them afterwards (it
+        would live through the filters beside the Message made from them)."""
+        head = bytes(self._buf)
+        self._buf = bytearray()
+        self.done = True
+        return head
 

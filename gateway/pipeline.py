@@ -52,6 +52,9 @@ class Pipeline:
     def __init__(self, chain: Iterable[LoadedFilter]) -> None:
         self.chain = tuple(chain)
         self._by_stage = {s: tuple(f for f in self.chain if s in f.stages) for s in Stage}
+        # per stage, the order to start tasks in (requirements first) and each task's name
+        self._start = {s: tuple((f, f"filter:{f.name}:{s.value}")
+                                for f in _ordered(list(self._by_stage[s]))) for s in Stage}
         self.has_signers = any(f.signs for f in self.chain)
         self.has_deciders = any(f.decides for f in self.chain)
 
@@ -84,8 +87,9 @@ class Pipeline:
             return await self._call(f, stage, fctx)
 
         # Create tasks in dependency order so a dependent can find its requirements' tasks.
-        for f in _ordered(todo):
-            tasks[f.name] = asyncio.create_task(run(f), name=f"filter:{f.name}:{stage.value}")
+        for f, task_name in self._start[stage]:
+            if f.name in names_here:
+                tasks[f.name] = asyncio.create_task(run(f), name=task_name)
         waiting = dict(tasks)  # ``tasks`` stays whole: dependents look their requirements up
         if pending is not None:
             for name in background & tasks.keys():

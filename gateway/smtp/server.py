@@ -438,7 +438,7 @@ class SmtpServer(SMTP):
                 budget = self.engine.command_budget_s("DATA")
                 async with asyncio.timeout(budget):
                     reply = await self.engine.on_data(st, txn, spool, outcome.size,
-                                                      head=f.capture.head)
+                                                      head=f.capture.take())
             except TimeoutError:
                 log.error("end-of-data processing timed out (qid %s)", txn.qid)
                 reply = Reply(451, "4.4.2", f"Timeout processing message ({txn.qid})")

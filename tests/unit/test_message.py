@@ -52,3 +52,12 @@ def test_capture_stops_at_the_end_of_the_header_block() -> None:
     assert cap.done
     cap.feed(b"more body " * 1000)
     assert cap.head == b"From: a@b.test\r\n\r\n"  # the body that came along is not kept
+
+
+def test_take_hands_the_capture_over_and_keeps_no_copy() -> None:
+    cap = HeadCapture()
+    cap.feed(b"From: a@b.test\r\n\r\nbody\r\n")
+    assert cap.take() == b"From: a@b.test\r\n\r\n"
+    assert cap.head == b"" and cap.done
+    cap.feed(b"X: late\r\n\r\n")  # a feed after the hand-over keeps nothing either
+    assert cap.head == b""
