@@ -77,12 +77,15 @@ class Pipeline:
         results = dict(ctx.results)
         tasks: dict[str, asyncio.Task[FilterOutcome]] = {}
         names_here = {f.name for f in todo}
+        # one context for the filters that wait for none of this stage's (frozen: shareable)
+        first = dataclasses.replace(ctx, stage=stage, results=dict(results))
 
         async def run(f: LoadedFilter) -> FilterOutcome:
             waits = [tasks[r] for r in f.runs_after if r in names_here and r in tasks]
-            if waits:
-                for done in await asyncio.gather(*waits):
-                    results[done.name] = done.result
+            if not waits:
+                return await self._call(f, stage, first)
+            for done in await asyncio.gather(*waits):
+                results[done.name] = done.result
             fctx = dataclasses.replace(ctx, stage=stage, results=dict(results))
             return await self._call(f, stage, fctx)
 

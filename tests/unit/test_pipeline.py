@@ -64,6 +64,25 @@ def test_requires_waits_and_passes_the_result():
     assert list(out) == ["b", "a"]  # outcomes keep chain order
 
 
+def test_independent_filters_see_the_earlier_stages_results_only():
+    """Filters that require none of their stage's see the results the stage started with
+    (one shared snapshot), whatever finishes before they start; a dependent sees its
+    requirement's result on top."""
+    earlier = {"spf": Result(symbols=(Symbol("SPF_PASS"),))}
+    fast, slow = Sleepy("fast", 0.0), Sleepy("slow", 0.05)
+    late = Sleepy("late", 0.0)
+    dep = Sleepy("dep", 0.0, requires=("fast",))
+    p = Pipeline([loaded("fast", fast), loaded("dep", dep, requires=("fast",)),
+                  loaded("slow", slow), loaded("late", late)])
+    ctx = FilterContext(stage=Stage.MESSAGE, qid="Q1", client=Client("192.0.2.1", 25),
+                        results=earlier)
+    out = run(p, ctx)
+    assert fast.seen == slow.seen == late.seen == earlier
+    assert set(dep.seen) == {"spf", "fast"}
+    assert list(out) == ["fast", "dep", "slow", "late"]
+    assert dict(ctx.results) == earlier  # the caller's mapping is not written to
+
+
 @pytest.mark.parametrize("on_error,action", [("tempfail", Action.TEMPFAIL),
                                              ("reject", Action.REJECT),
                                              ("quarantine", Action.QUARANTINE),
