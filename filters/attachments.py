@@ -258,6 +258,7 @@ def extensions(name: str) -> list[str]:
 
 class AttachmentsFilter(Filter):
     name = "attachments"
+    local = True  # no DNS, no sockets: runs in its stage's coroutine
 
     def __init__(self, banned_ext: frozenset[str], banned_types: frozenset[str],
                  limits: Limits, action: Action | None, action_on: frozenset[str],

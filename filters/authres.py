@@ -78,6 +78,7 @@ def forged(message: Message | None, authserv_id: str) -> tuple[RemoveHeader, ...
 
 class AuthResultsFilter(Filter):
     name = "authres"
+    local = True  # no DNS, no sockets: runs in its stage's coroutine
     after = METHODS
 
     def __init__(self, authserv_id: str, methods: tuple[str, ...] = METHODS,

@@ -147,6 +147,7 @@ def band_symbols(prob: float) -> tuple[Symbol, ...]:
 
 class BayesFilter(Filter):
     name = "bayes"
+    local = True  # no DNS, no sockets: runs in its stage's coroutine
 
     def __init__(self, store: BayesStore, db_path: Path, classifier: Classifier,
                  tokenizer: TokenizerConfig, min_spam: int, min_ham: int,

@@ -23,6 +23,7 @@ SINGLETONS = ("date", "from", "sender", "reply-to", "to", "cc", "bcc", "message-
 
 class HeadersFilter(Filter):
     name = "headers"
+    local = True  # no DNS, no sockets: runs in its stage's coroutine
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], services: Services) -> HeadersFilter:

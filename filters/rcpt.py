@@ -38,6 +38,7 @@ def _read_map(path: Path) -> list[str]:
 
 class RcptFilter(Filter):
     name = "rcpt"
+    local = True  # no DNS, no sockets: runs in its stage's coroutine
 
     def __init__(self, addresses: frozenset[str], whole_domains: frozenset[str],
                  domains: frozenset[str]) -> None:

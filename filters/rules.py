@@ -169,6 +169,7 @@ class _Scan:
 
 class RulesFilter(Filter):
     name = "rules"
+    local = True  # no DNS, no sockets: runs in its stage's coroutine
 
     def __init__(self, rules: RuleSet, max_scan_bytes: int, prefix: str,
                  rule_timeout_s: float = 0.1, scan_budget_s: float = 2.0) -> None:

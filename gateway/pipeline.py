@@ -89,15 +89,30 @@ class Pipeline:
             fctx = dataclasses.replace(ctx, stage=stage, results=dict(results))
             return await self._call(f, stage, fctx)
 
+        # Local filters that wait for none of this stage's and that none waits for run here,
+        # one after another, once the others' tasks are started: no task of their own.
+        needed = {r for f in todo for r in f.runs_after}
+        here = [f for f in todo if f.local and f.name not in needed
+                and not any(r in names_here for r in f.runs_after)
+                and not (pending is not None and f.name in background)]
+        inline = {f.name for f in here}
         # Create tasks in dependency order so a dependent can find its requirements' tasks.
         for f, task_name in self._start[stage]:
-            if f.name in names_here:
+            if f.name in names_here and f.name not in inline:
                 tasks[f.name] = asyncio.create_task(run(f), name=task_name)
         waiting = dict(tasks)  # ``tasks`` stays whole: dependents look their requirements up
         if pending is not None:
             for name in background & tasks.keys():
                 pending[name] = waiting.pop(name)
-        outcomes = await asyncio.gather(*waiting.values())
+        outcomes: list[FilterOutcome] = []
+        try:
+            for f in here:
+                outcomes.append(await self._call(f, stage, first))
+        except BaseException:  # cancelled meanwhile: so are the tasks nobody will gather now
+            for task in waiting.values():
+                task.cancel()
+            raise
+        outcomes += await asyncio.gather(*waiting.values())
         by_name = {o.name: o for o in outcomes}
         return {f.name: by_name[f.name] for f in todo if f.name in by_name}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import FilterLoadError, PolicyError
-from gateway.filterapi import ConfigError, Stage, decides, hooks_of, signs
+from gateway.filterapi import ConfigError, Stage, decides, hooks_of, is_local, signs
 from gateway.policy.schema import FilterSpec, Policy
 from gateway.services import Services
 
@@ -37,6 +37,7 @@ class LoadedFilter:
     after: tuple[str, ...] = ()  # run after these when they are in the chain (ordering only)
     signs: bool = False  # implements on_sign (runs after the decision, on relayed mail)
     decides: bool = False  # implements on_decided (told the decision, in the background)
+    local: bool = False  # declares ``local = True``: run in its stage's coroutine, no task
 
     @property
     def runs_after(self) -> tuple[str, ...]:
@@ -157,7 +158,7 @@ def build_chain(policy: Policy, services: Services) -> tuple[LoadedFilter, ...]:
         after = tuple(getattr(instance, "after", ()) or ())
         out.append(LoadedFilter(spec.name, instance, stages, requires, spec.timeout_s,
                                 spec.on_error, origin, after, signs(instance),
-                                decides(instance)))
+                                decides(instance), is_local(instance)))
     names = {f.name for f in out}
     for f in out:
         for r in f.requires:

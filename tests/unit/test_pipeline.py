@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -117,3 +118,78 @@ def test_skip_and_stage_selection():
     out = asyncio.run(p.run_stage(Stage.MESSAGE, CTX, skip=frozenset({"a"})))
     assert list(out) == ["b"]
     assert asyncio.run(p.run_stage(Stage.RCPT, CTX)) == {}
+
+
+class Where(Sleepy):
+    """Records the task its hook ran in."""
+
+    def __init__(self, name: str, delay: float, requires: tuple[str, ...] = ()) -> None:
+        super().__init__(name, delay, requires)
+        self.task: asyncio.Task[object] | None = None
+
+    async def on_message(self, ctx: FilterContext) -> Result:
+        self.task = asyncio.current_task()
+        return await super().on_message(ctx)
+
+
+def local(name: str, inst: object, **kw: object) -> LoadedFilter:
+    return dataclasses.replace(loaded(name, inst, **kw), local=True)  # type: ignore[arg-type]
+
+
+def test_local_filters_run_in_the_stage_coroutine_concurrently_with_the_others():
+    a, b, net = Where("a", 0.2), Where("b", 0.0), Where("net", 0.2)
+    p = Pipeline([local("a", a), loaded("net", net), local("b", b)])
+
+    async def main() -> tuple[dict[str, object], asyncio.Task[object] | None, float]:
+        start = time.monotonic()
+        out = await p.run_stage(Stage.MESSAGE, CTX)
+        return out, asyncio.current_task(), time.monotonic() - start
+
+    out, caller, elapsed = asyncio.run(main())
+    assert a.task is caller and b.task is caller  # no task of their own
+    assert net.task is not caller and net.task is not None
+    assert net.task.get_name() == "filter:net:message"
+    assert elapsed < 0.35, f"local 0.2 s and task 0.2 s took {elapsed:.2f}s: not concurrent"
+    assert list(out) == ["a", "net", "b"]  # chain order, as always
+
+
+def test_a_local_filter_others_wait_for_or_that_waits_keeps_its_task():
+    a = Where("a", 0.05)
+    dep = Where("dep", 0.0, requires=("a",))
+    p = Pipeline([local("a", a), local("dep", dep, requires=("a",))])
+
+    async def main() -> asyncio.Task[object] | None:
+        await p.run_stage(Stage.MESSAGE, CTX)
+        return asyncio.current_task()
+
+    caller = asyncio.run(main())
+    assert a.task is not caller and dep.task is not caller
+    assert "a" in dep.seen and dep.seen["a"].symbols == (Symbol("A"),)
+
+
+def test_cancelled_while_a_local_filter_runs_cancels_the_started_tasks():
+    slow, net = Where("slow", 5), Where("net", 5)
+    p = Pipeline([local("slow", slow), loaded("net", net)])
+
+    async def main() -> None:
+        stage = asyncio.ensure_future(p.run_stage(Stage.MESSAGE, CTX))
+        await asyncio.sleep(0.05)
+        stage.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stage
+        await asyncio.sleep(0)
+        assert net.task is not None and net.task.cancelled()
+
+    asyncio.run(main())
+
+
+def test_the_registry_reads_local_from_the_filter():
+    from gateway.filterapi import is_local
+
+    class Plain:
+        local = "example.test"  # an unrelated attribute of that name is not the flag
+
+    class Flagged:
+        local = True
+
+    assert is_local(Flagged()) and not is_local(Plain()) and not is_local(object())

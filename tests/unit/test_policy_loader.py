@@ -613,3 +613,14 @@ def test_disabled_filters_are_not_built():
     chain = build_chain(policy, Services())
     assert [f.name for f in chain] == ["headers"]
     assert chain[0].stages == (Stage.MESSAGE,) and chain[0].origin == "built-in filters.headers"
+
+
+def test_builtin_filters_without_network_io_are_local():
+    policy = parse_policy({"domains": {"accepted": ["example.test"]}, "filters": [
+        {"name": "rcpt", "recipients": ["@example.test"]}, {"name": "headers"},
+        {"name": "spf"}, {"name": "dkim"}, {"name": "dmarc"}, {"name": "authres"},
+        {"name": "rules", "files": [str(Path(__file__).resolve().parents[2] / "policies/rules/default.cf")]}, {"name": "attachments"}]},
+        SRC)
+    chain = build_chain(policy, Services())
+    assert {f.name for f in chain if f.local} == {"rcpt", "headers", "authres", "rules",
+                                                  "attachments"}
