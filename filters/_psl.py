@@ -1,7 +1,7 @@
 """The Public Suffix List (``publicsuffixlist``'s bundled copy, no network) in less memory.
 
 The package keeps its ~11,000 rules as a ``frozenset`` of ``str``: 1.3 MB of a full-chain
-gateway that peaks at ~55 MB under load. :class:`CompactNames` holds the same rules in one
+gateway that peaks at ~53 MB under load. :class:`CompactNames` holds the same rules in one
 UTF-8 blob, the end offset of each rule, each rule's ``hash()`` and an open-addressing table of
 rule numbers (~0.4 MB, no object per rule) and answers the ``in`` tests the package's lookups
 make, exactly (a hash match is confirmed on the rule's bytes). :class:`SuffixList` is the
