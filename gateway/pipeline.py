@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from gateway.edits import raw_field
@@ -54,7 +54,7 @@ class Pipeline:
         self._by_stage = {s: tuple(f for f in self.chain if s in f.stages) for s in Stage}
         # per stage, the order to start tasks in (requirements first) and each task's name
         self._start = {s: tuple((f, f"filter:{f.name}:{s.value}")
-                                for f in _ordered(list(self._by_stage[s]))) for s in Stage}
+                                for f in _ordered(self._by_stage[s])) for s in Stage}
         self.has_signers = any(f.signs for f in self.chain)
         self.has_deciders = any(f.decides for f in self.chain)
 
@@ -213,7 +213,7 @@ def _error_verdict(f: LoadedFilter) -> Verdict | None:
     return verdict
 
 
-def _ordered(chain: list[LoadedFilter]) -> list[LoadedFilter]:
+def _ordered(chain: Sequence[LoadedFilter]) -> list[LoadedFilter]:
     """Topological order by ``requires`` and ``after`` (cycles are refused at load time)."""
     by_name = {f.name: f for f in chain}
     out: list[LoadedFilter] = []

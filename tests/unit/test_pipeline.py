@@ -65,12 +65,21 @@ def test_requires_waits_and_passes_the_result():
     assert list(out) == ["b", "a"]  # outcomes keep chain order
 
 
+class Kept(Sleepy):
+    """Also looks at its context's results again when it is done."""
+
+    async def on_message(self, ctx: FilterContext) -> Result:
+        result = await super().on_message(ctx)
+        self.seen_at_end = dict(ctx.results)
+        return result
+
+
 def test_independent_filters_see_the_earlier_stages_results_only():
     """Filters that require none of their stage's see the results the stage started with
     (one shared snapshot), whatever finishes before they start; a dependent sees its
     requirement's result on top."""
     earlier = {"spf": Result(symbols=(Symbol("SPF_PASS"),))}
-    fast, slow = Sleepy("fast", 0.0), Sleepy("slow", 0.05)
+    fast, slow = Sleepy("fast", 0.0), Kept("slow", 0.05)
     late = Sleepy("late", 0.0)
     dep = Sleepy("dep", 0.0, requires=("fast",))
     p = Pipeline([loaded("fast", fast), loaded("dep", dep, requires=("fast",)),
@@ -79,6 +88,7 @@ def test_independent_filters_see_the_earlier_stages_results_only():
                         results=earlier)
     out = run(p, ctx)
     assert fast.seen == slow.seen == late.seen == earlier
+    assert slow.seen_at_end == earlier  # its snapshot did not change while dep got "fast"
     assert set(dep.seen) == {"spf", "fast"}
     assert list(out) == ["fast", "dep", "slow", "late"]
     assert dict(ctx.results) == earlier  # the caller's mapping is not written to
