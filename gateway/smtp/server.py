@@ -69,6 +69,8 @@ class SmtpServer(SMTP):
         self.state: SessionState | None = None
         self.txn: Transaction | None = None
         self.idle = False
+        self._idle_since: float | None = None  # loop.time() a command read began waiting
+        self._idle_timer: asyncio.TimerHandle | None = None
         self.closing = False
         self.invalid = 0
         self.refused_rcpts = 0
@@ -92,6 +94,9 @@ class SmtpServer(SMTP):
         # its socket and its buffers at once. Left to the cyclic collector, ended sessions
         # piled up in its old generation: at 200 sessions, 400 dead ones and ~10 MB of RSS.
         self._client_connected_cb = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         if self._handler_coroutine is not None:  # done already: the callback runs next turn
             self._handler_coroutine.add_done_callback(self._drop_writer)
 
@@ -113,9 +118,12 @@ class SmtpServer(SMTP):
 
     async def push(self, status: Any) -> None:
         data = status.encode("utf-8") if isinstance(status, str) else status
-        if self.transport is None or self.transport.is_closing():
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
         self._writer.write(data + b"\r\n")
+        if transport.get_write_buffer_size() == 0 and not transport.is_closing():
+            return  # the kernel took it all: nothing to wait for (drain would return at once)
         async with asyncio.timeout(self.limits.idle_timeout_s):
             await self._writer.drain()
 
@@ -197,23 +205,42 @@ class SmtpServer(SMTP):
 
     async def _read_command(self) -> bytes | None:
         self.idle = True
+        self._idle_since = since = self.loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_at(since + self.limits.idle_timeout_s,
+                                                 self._idle_check)
         try:
-            async with asyncio.timeout(self.limits.idle_timeout_s):
-                try:
-                    line = await self._reader.readuntil(b"\n")
-                except asyncio.LimitOverrunError:
-                    await self._discard_long_line()
-                    return b""  # marks "too long"
+            try:
+                line = await self._reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError:
+                await self._discard_long_line()
+                return b""  # marks "too long"
         except asyncio.IncompleteReadError:
-            return None
-        except TimeoutError:
-            await self.close_with(R.TIMEOUT, "idle-timeout")
             return None
         finally:
             self.idle = False
+            self._idle_since = None
         if len(line) > self.limits.max_command_line_bytes:
             return b""
         return line
+
+    def _idle_check(self) -> None:
+        """The deadline of a command read (limits.idle_timeout_s): one timer per session that
+        re-arms itself for the read under way, rather than a timeout scope (a timer pushed and
+        cancelled) around each read. Past it: 421, and closing the connection ends the read."""
+        self._idle_timer = None
+        if self.transport is None or self.closing:
+            return
+        limit, now, since = self.limits.idle_timeout_s, self.loop.time(), self._idle_since
+        if since is not None and now - since >= limit:
+            self.runtime.background(self._idle_expired())
+            return
+        self._idle_timer = self.loop.call_at((now if since is None else since) + limit,
+                                             self._idle_check)
+
+    async def _idle_expired(self) -> None:
+        await self.close_with(R.TIMEOUT, "idle-timeout")
+        self._reader.feed_eof()  # the read ends now, even while the 421 waits for the client
 
     async def _discard_long_line(self) -> None:
         while True:

@@ -350,6 +350,25 @@ def test_idle_timeout(gateway_factory, after_ehlo):
     deliver_one(gw)
 
 
+def test_idle_timeout_counts_from_the_last_command(gateway_factory):
+    """The idle deadline applies to each command read on its own: a client that keeps talking
+    (a NOOP every 0.6 s for 3 s, with idle_timeout_s = 1) is never cut off; once it stops, it
+    gets the 421 one idle period later."""
+    gw = gateway_factory(limits_policy(idle_timeout_s=1))
+    with RawSmtpClient(gw.address) as c:
+        assert c.greeting.startswith("220 ")
+        for _ in range(5):
+            time.sleep(0.6)
+            assert c.cmd("NOOP").startswith("250 2.0.0"), "cut off while active"
+        t0 = time.monotonic()
+        assert c.reply().startswith("421 4.4.2 Timeout, closing connection (S")
+        waited = time.monotonic() - t0
+        assert c.closed()
+    assert 0.8 <= waited <= 3.0, waited
+    ev = connection_events(gw, 1)[0]
+    assert ev["end"] == "idle-timeout" and ev["commands"] == 5
+
+
 PLUGIN = textwrap.dedent('''
     """Test filters: one that sleeps at RCPT, one that sleeps at end of data."""
     import asyncio
