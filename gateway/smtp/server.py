@@ -118,10 +118,10 @@ class SmtpServer(SMTP):
 
     async def push(self, status: Any) -> None:
         data = status.encode("utf-8") if isinstance(status, str) else status
-        transport = self.transport
-        if transport is None or transport.is_closing():
+        if self.transport is None or self.transport.is_closing():
             return
         self._writer.write(data + b"\r\n")
+        transport = self._writer.transport  # self.transport's typed view (after STARTTLS too)
         if transport.get_write_buffer_size() == 0 and not transport.is_closing():
             return  # the kernel took it all: nothing to wait for (drain would return at once)
         async with asyncio.timeout(self.limits.idle_timeout_s):
