@@ -16,6 +16,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, I
 from types import TracebackType
 from typing import Any
 
+from gateway.deadline import Deadline
 from gateway.errors import RelayPermError, RelayTempError
 from gateway.replies import Reply
 
@@ -165,6 +166,7 @@ class DownstreamClient:
         self._command_timeout_s = command_timeout_s
         self._data_timeout_s = data_timeout_s
         self._closed = False
+        self._deadline = Deadline()  # each step's timeout, one timer per connection
         self._helo_name = "localhost"
         self.tls = False  # STARTTLS done
         self.greeting: Reply | None = None
@@ -321,7 +323,7 @@ class DownstreamClient:
             raise self._translate(ConnectionError("connection already closed"), "MAIL FROM",
                                   self._command_timeout_s)
         try:
-            async with asyncio.timeout(self._command_timeout_s):
+            async with self._deadline(self._command_timeout_s):
                 self._writer.write("".join(f"{x}\r\n" for x in lines).encode("utf-8"))
                 await self._writer.drain()
         except Exception as exc:
@@ -373,7 +375,7 @@ class DownstreamClient:
             return [reply] * count
         replies: list[Reply] = []
         try:
-            async with asyncio.timeout(self._data_timeout_s):
+            async with self._deadline(self._data_timeout_s):
                 await self._send_body(chunks)
                 while len(replies) < count:
                     replies.append(parse_reply(await self._read_lines()))
@@ -416,6 +418,7 @@ class DownstreamClient:
         if self._closed:
             return
         self._closed = True
+        self._deadline.close()
         try:
             self._writer.close()
         except RuntimeError:  # event loop already closed
@@ -445,7 +448,7 @@ class DownstreamClient:
             msg = f"downstream {self.peer}: {step}: connection already closed"
             raise RelayTempError(msg, code=451, status="4.4.2", text=msg)
         try:
-            async with asyncio.timeout(timeout_s):
+            async with self._deadline(timeout_s):
                 if line is not None:
                     self._writer.write(line.encode("utf-8") + b"\r\n")
                     await self._writer.drain()

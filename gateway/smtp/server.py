@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.smtp import SMTP, TLSSetupException, sslproto
 
 from gateway import replies as R
+from gateway.deadline import Deadline
 from gateway.engine import SessionState, Transaction
 from gateway.logs import event
 from gateway.message import HeadCapture
@@ -71,6 +72,7 @@ class SmtpServer(SMTP):
         self.idle = False
         self._idle_since: float | None = None  # loop.time() a command read began waiting
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._budget = Deadline()  # each command's processing budget, one timer per session
         self.closing = False
         self.invalid = 0
         self.refused_rcpts = 0
@@ -97,6 +99,7 @@ class SmtpServer(SMTP):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        self._budget.close()
         if self._handler_coroutine is not None:  # done already: the callback runs next turn
             self._handler_coroutine.add_done_callback(self._drop_writer)
 
@@ -163,7 +166,7 @@ class SmtpServer(SMTP):
             if admitted is not None:
                 await self.close_with(admitted, "connection-limit")
                 return
-            async with asyncio.timeout(self.limits.command_timeout_s):
+            async with self._budget(self.limits.command_timeout_s):
                 refusal = await self.engine.on_connect(st)
             if refusal is not None and refusal.code == 421:
                 await self.close_with(refusal, "refused")
@@ -277,7 +280,7 @@ class SmtpServer(SMTP):
             await handler(self, arg)
             return
         try:
-            async with asyncio.timeout(budget := self.engine.command_budget_s(verb)):
+            async with self._budget(budget := self.engine.command_budget_s(verb)):
                 await handler(self, arg)
         except TimeoutError:
             qid = self.txn.qid if self.txn else (self.state.sid if self.state else "-")
@@ -462,8 +465,7 @@ class SmtpServer(SMTP):
                 await self.reply(reply)
                 return
             try:
-                budget = self.engine.command_budget_s("DATA")
-                async with asyncio.timeout(budget):
+                async with self._budget(self.engine.command_budget_s("DATA")):
                     reply = await self.engine.on_data(st, txn, spool, outcome.size,
                                                       head=f.capture.take())
             except TimeoutError:

@@ -1,0 +1,168 @@
+"""gateway.deadline.Deadline: asyncio.timeout's behaviour, reusable, with one timer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gateway.deadline import Deadline
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_expires_like_asyncio_timeout() -> None:
+    async def main() -> tuple[float, bool]:
+        d = Deadline()
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            async with d(0.05):
+                await asyncio.sleep(5)
+        return time.monotonic() - t0, d.expired()
+
+    waited, expired_after = run(main())
+    assert 0.04 <= waited < 1.0, waited
+    assert expired_after is False  # reset once the scope is left
+
+
+def test_a_wait_that_ends_in_time_is_untouched_and_the_object_is_reusable() -> None:
+    async def main() -> list[str]:
+        d = Deadline()
+        out = []
+        for i in range(3):
+            async with d(1.0):
+                await asyncio.sleep(0.01)
+                out.append(f"ok{i}")
+        with pytest.raises(TimeoutError):
+            async with d(0.05):
+                await asyncio.sleep(5)
+        async with d(1.0):  # usable again after an expiry
+            await asyncio.sleep(0.01)
+            out.append("after")
+        return out
+
+    assert run(main()) == ["ok0", "ok1", "ok2", "after"]
+
+
+def test_a_shorter_deadline_after_a_longer_one_still_fires_on_time() -> None:
+    async def main() -> float:
+        d = Deadline()
+        async with d(30):  # arms a timer 30 s out
+            await asyncio.sleep(0)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            async with d(0.05):  # must not wait for that timer
+                await asyncio.sleep(5)
+        return time.monotonic() - t0
+
+    assert run(main()) < 1.0
+
+
+def test_an_early_timer_rearms_for_the_wait_under_way() -> None:
+    """The first scope's timer (0.1 s) fires during the second scope (deadline 0.4 s): the
+    second wait is not cut short, and still expires at its own deadline."""
+    async def main() -> float:
+        d = Deadline()
+        async with d(0.1):
+            await asyncio.sleep(0)
+        t0 = time.monotonic()
+        async with d(0.4):
+            await asyncio.sleep(0.25)  # past the first timer, before this deadline
+        with pytest.raises(TimeoutError):
+            async with d(0.3):
+                await asyncio.sleep(5)
+        return time.monotonic() - t0
+
+    assert 0.5 <= run(main()) < 1.5
+
+
+def test_one_timer_for_many_waits() -> None:
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        calls = 0
+        call_at = loop.call_at
+
+        def counting(*a, **k):  # type: ignore[no-untyped-def]
+            nonlocal calls
+            calls += 1
+            return call_at(*a, **k)
+
+        loop.call_at = counting  # type: ignore[method-assign]
+        d = Deadline()
+        for _ in range(200):
+            async with d(60):
+                await asyncio.sleep(0)
+        d.close()
+        return calls
+
+    assert run(main()) == 1
+
+
+def test_an_outside_cancellation_stays_a_cancellation() -> None:
+    async def main() -> str:
+        d = Deadline()
+
+        async def waiter() -> None:
+            async with d(10):
+                await asyncio.sleep(5)
+
+        task = asyncio.create_task(waiter())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        except TimeoutError:
+            return "timeout"
+        return "finished"
+
+    assert run(main()) == "cancelled"
+
+
+def test_nested_with_asyncio_timeout_the_inner_one_wins() -> None:
+    async def main() -> str:
+        d = Deadline()
+        try:
+            async with d(10):
+                try:
+                    async with asyncio.timeout(0.05):
+                        await asyncio.sleep(5)
+                except TimeoutError:
+                    return "inner"
+        except TimeoutError:
+            return "outer"
+        return "none"
+
+    assert run(main()) == "inner"
+
+
+def test_the_outer_deadline_expires_through_an_inner_scope() -> None:
+    async def main() -> str:
+        d = Deadline()
+        try:
+            async with d(0.05):
+                try:
+                    async with asyncio.timeout(10):
+                        await asyncio.sleep(5)
+                except TimeoutError:
+                    return "inner"
+        except TimeoutError:
+            return "outer"
+        return "none"
+
+    assert run(main()) == "outer"
+
+
+def test_one_scope_at_a_time() -> None:
+    async def main() -> None:
+        d = Deadline()
+        async with d(1):
+            with pytest.raises(RuntimeError, match="already entered"):
+                async with d(1):
+                    pass
+
+    run(main())
