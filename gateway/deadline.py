@@ -60,13 +60,12 @@ class Deadline:
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         task, self._task, self._when = self._task, None, None
         if self._expired:
-            self._expired = False
             assert task is not None
             if task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
                 raise TimeoutError from exc
 
     def expired(self) -> bool:
-        """Did the open scope's deadline pass (its task is being cancelled)?"""
+        """Did the deadline of the scope open now, or else of the last one, pass?"""
         return self._expired
 
     def close(self) -> None:
@@ -83,7 +82,7 @@ class Deadline:
         self._timer = None
         when = self._when
         if when is None or self._expired:
-            return  # no wait under way: the next scope arms a timer of its own
+            return  # no wait under way (the next scope arms a timer), or it expired already
         if self._loop.time() >= when:
             self._expired = True
             assert self._task is not None

@@ -83,6 +83,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from gateway.deadline import Deadline
 from gateway.errors import MailgateError
 
 __all__ = [
@@ -297,12 +298,15 @@ async def read_data(
     bare_newline: Literal["reject", "normalize"] = "reject",
     idle_timeout_s: float,
     deadline: float,
+    scope: Deadline | None = None,
 ) -> DataOutcome:
     """Read one DATA phase (after the 354 reply) up to and including ``<CRLF>.<CRLF>``.
 
     Content goes to ``write`` in block-sized pieces. Bytes after the terminator stay in
-    ``reader``. ``deadline`` is a ``loop.time()`` value. Raises :class:`DataTimeout` and
-    :class:`DataEOF`; errors set on the reader by its protocol propagate unchanged.
+    ``reader``. ``deadline`` is a ``loop.time()`` value. ``scope``: the connection's
+    ``Deadline`` for the reads (else one ``asyncio.timeout`` each). Raises
+    :class:`DataTimeout` and :class:`DataEOF`; errors set on the reader by its protocol
+    propagate unchanged.
     """
     if bare_newline not in ("reject", "normalize"):
         raise ValueError(f"bare_newline must be 'reject' or 'normalize', not {bare_newline!r}")
@@ -315,7 +319,8 @@ async def read_data(
         now = loop.time()
         if now >= deadline:
             raise DataTimeout(f"DATA deadline passed after {scanner.wire} bytes")
-        timeout = asyncio.timeout_at(min(deadline, now + idle_timeout_s))
+        limit = min(deadline, now + idle_timeout_s)
+        timeout = asyncio.timeout_at(limit) if scope is None else scope(limit - now)
         try:
             async with timeout:
                 block = await reader.read(BLOCK_SIZE)

@@ -72,7 +72,7 @@ class SmtpServer(SMTP):
         self.idle = False
         self._idle_since: float | None = None  # loop.time() a command read began waiting
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._budget = Deadline()  # each command's processing budget, one timer per session
+        self._budget = Deadline()  # command budgets and DATA's reads: one timer per session
         self.closing = False
         self.invalid = 0
         self.refused_rcpts = 0
@@ -453,7 +453,7 @@ class SmtpServer(SMTP):
                     max_line_bytes=self.limits.max_line_bytes - 2,
                     bare_newline=self.limits.bare_lf,
                     idle_timeout_s=self.limits.data_block_timeout_s,
-                    deadline=loop.time() + self.limits.data_timeout_s)
+                    deadline=loop.time() + self.limits.data_timeout_s, scope=self._budget)
             reply = self._data_problem(outcome.status)
             if reply is None and f.error is not None:
                 log.error("spool write failed (qid %s): %s", txn.qid, f.error)

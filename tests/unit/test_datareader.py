@@ -15,6 +15,7 @@ from typing import Literal, TypeVar, cast
 
 import pytest
 
+from gateway.deadline import Deadline
 from gateway.errors import MailgateError
 from gateway.smtp.datareader import (
     BLOCK_SIZE,
@@ -548,7 +549,8 @@ def test_100mb_without_newline_is_consumed_in_bounded_memory() -> None:
 # --------------------------------------------------------------------------- timeouts and EOF
 
 
-def test_idle_timeout_raises_data_timeout() -> None:
+@pytest.mark.parametrize("scoped", [False, True])
+def test_idle_timeout_raises_data_timeout(scoped: bool) -> None:
     async def main() -> float:
         reader = asyncio.StreamReader()
         reader.feed_data(b"partial line")
@@ -556,14 +558,16 @@ def test_idle_timeout_raises_data_timeout() -> None:
         start = loop.time()
         with pytest.raises(DataTimeout) as info:
             await read_data(reader, lambda _: None, max_message_bytes=1000,
-                            idle_timeout_s=0.05, deadline=start + 10)
+                            idle_timeout_s=0.05, deadline=start + 10,
+                            scope=Deadline() if scoped else None)
         assert isinstance(info.value, TimeoutError) and isinstance(info.value, MailgateError)
         return loop.time() - start
 
     assert 0.04 < arun(main()) < 2
 
 
-def test_deadline_raises_data_timeout_even_when_the_client_keeps_trickling() -> None:
+@pytest.mark.parametrize("scoped", [False, True])
+def test_deadline_raises_data_timeout_even_when_the_client_keeps_trickling(scoped: bool) -> None:
     async def main() -> float:
         reader = asyncio.StreamReader()
 
@@ -578,7 +582,8 @@ def test_deadline_raises_data_timeout_even_when_the_client_keeps_trickling() -> 
         try:
             with pytest.raises(DataTimeout):
                 await read_data(reader, lambda _: None, max_message_bytes=1000,
-                                idle_timeout_s=1, deadline=start + 0.15)
+                                idle_timeout_s=1, deadline=start + 0.15,
+                                scope=Deadline() if scoped else None)
         finally:
             feeder.cancel()
         return loop.time() - start
@@ -586,27 +591,31 @@ def test_deadline_raises_data_timeout_even_when_the_client_keeps_trickling() -> 
     assert 0.1 < arun(main()) < 1
 
 
-def test_deadline_already_passed() -> None:
+@pytest.mark.parametrize("scoped", [False, True])
+def test_deadline_already_passed(scoped: bool) -> None:
     async def main() -> None:
         reader = asyncio.StreamReader()
         reader.feed_data(b".\r\n")
         loop = asyncio.get_running_loop()
         with pytest.raises(DataTimeout):
             await read_data(reader, lambda _: None, max_message_bytes=1000,
-                            idle_timeout_s=1, deadline=loop.time() - 1)
+                            idle_timeout_s=1, deadline=loop.time() - 1,
+                            scope=Deadline() if scoped else None)
         assert await asyncio.wait_for(reader.read(100), 1) == b".\r\n"  # nothing consumed
 
     arun(main())
 
 
-def test_protocol_timeout_error_is_not_mistaken_for_our_timeout() -> None:
+@pytest.mark.parametrize("scoped", [False, True])
+def test_protocol_timeout_error_is_not_mistaken_for_our_timeout(scoped: bool) -> None:
     async def main() -> None:
         reader = asyncio.StreamReader()
         reader.set_exception(TimeoutError(110, "Connection timed out"))
         loop = asyncio.get_running_loop()
         with pytest.raises(TimeoutError) as info:
             await read_data(reader, lambda _: None, max_message_bytes=1000,
-                            idle_timeout_s=1, deadline=loop.time() + 5)
+                            idle_timeout_s=1, deadline=loop.time() + 5,
+                            scope=Deadline() if scoped else None)
         assert not isinstance(info.value, DataTimeout)
 
     arun(main())

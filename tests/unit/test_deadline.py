@@ -25,7 +25,7 @@ def test_expires_like_asyncio_timeout() -> None:
 
     waited, expired_after = run(main())
     assert 0.04 <= waited < 1.0, waited
-    assert expired_after is False  # reset once the scope is left
+    assert expired_after is True  # as asyncio.Timeout.expired(): kept until the next scope
 
 
 def test_a_wait_that_ends_in_time_is_untouched_and_the_object_is_reusable() -> None:
@@ -36,15 +36,18 @@ def test_a_wait_that_ends_in_time_is_untouched_and_the_object_is_reusable() -> N
             async with d(1.0):
                 await asyncio.sleep(0.01)
                 out.append(f"ok{i}")
+            out.append(f"expired={d.expired()}")
         with pytest.raises(TimeoutError):
             async with d(0.05):
                 await asyncio.sleep(5)
         async with d(1.0):  # usable again after an expiry
             await asyncio.sleep(0.01)
             out.append("after")
+        out.append(f"expired={d.expired()}")
         return out
 
-    assert run(main()) == ["ok0", "ok1", "ok2", "after"]
+    assert run(main()) == ["ok0", "expired=False", "ok1", "expired=False", "ok2",
+                           "expired=False", "after", "expired=False"]
 
 
 def test_a_shorter_deadline_after_a_longer_one_still_fires_on_time() -> None:
