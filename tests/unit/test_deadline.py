@@ -126,13 +126,18 @@ def test_an_outside_cancellation_stays_a_cancellation() -> None:
     assert run(main()) == "cancelled"
 
 
-def test_nested_with_asyncio_timeout_the_inner_one_wins() -> None:
+@pytest.mark.parametrize(("outer_s", "inner_s", "fires"),
+                         [(10, 0.05, "inner"), (0.05, 10, "outer")])
+def test_nested_with_asyncio_timeout_the_earlier_deadline_fires(outer_s: float, inner_s: float,
+                                                                 fires: str) -> None:
+    """A Deadline around an asyncio.timeout: the inner scope's expiry is the inner's to
+    handle, and the outer's expiry passes through the inner scope as a cancellation."""
     async def main() -> str:
         d = Deadline()
         try:
-            async with d(10):
+            async with d(outer_s):
                 try:
-                    async with asyncio.timeout(0.05):
+                    async with asyncio.timeout(inner_s):
                         await asyncio.sleep(5)
                 except TimeoutError:
                     return "inner"
@@ -140,24 +145,7 @@ def test_nested_with_asyncio_timeout_the_inner_one_wins() -> None:
             return "outer"
         return "none"
 
-    assert run(main()) == "inner"
-
-
-def test_the_outer_deadline_expires_through_an_inner_scope() -> None:
-    async def main() -> str:
-        d = Deadline()
-        try:
-            async with d(0.05):
-                try:
-                    async with asyncio.timeout(10):
-                        await asyncio.sleep(5)
-                except TimeoutError:
-                    return "inner"
-        except TimeoutError:
-            return "outer"
-        return "none"
-
-    assert run(main()) == "outer"
+    assert run(main()) == fires
 
 
 def test_one_scope_at_a_time() -> None:
