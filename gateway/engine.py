@@ -352,9 +352,8 @@ class Engine:
             if form is not None:
                 # The received file becomes the queue's data file as it is (a hard link, no
                 # copy, no second inode); the new header lines travel in the metadata.
-                entry = dataclasses.replace(
-                    _entry(state, txn, message.size, time.time(), decision),
-                    prepend=form[0], skip=form[1])
+                entry = _entry(state, txn, message.size, time.time(), decision,
+                               prepend=form[0], skip=form[1])
                 await self.spool.commit_async(entry, message.path, self.syncer, link=True)
             else:
                 await asyncio.to_thread(self._write_and_commit, state, txn, message, headers,
@@ -513,9 +512,9 @@ class Engine:
 
 
 def _entry(state: SessionState, txn: Transaction, size: int, arrival: float,
-           decision: dict[str, Any]) -> QueueEntry:
+           decision: dict[str, Any], *, prepend: bytes = b"", skip: int = 0) -> QueueEntry:
     """The queue record of an accepted transaction (queued or quarantined)."""
-    return QueueEntry(
+    return QueueEntry(prepend=prepend, skip=skip,
         qid=txn.qid, sender=txn.sender.addr, mail_params=tuple(txn.mail_params),
         envid=txn.envid, ret=txn.ret,
         recipients=tuple(QRecipient(addr=r.addr, notify=txn.dsn[r.addr][0],

@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, cast
 
@@ -23,7 +23,7 @@ QUEUE_AREAS: tuple[Area, ...] = ("active", "deferred", "hold")
 _PRECEDENCE: tuple[Area, ...] = ("hold", "deferred", "active")  # which copy wins a duplicate
 RecipientState = Literal["pending", "delivered", "failed"]
 _STATES = ("pending", "delivered", "failed")
-_QID_CHARS = frozenset(ALPHABET)
+
 _META, _TMP = ".json", ".tmp"
 
 
@@ -40,7 +40,7 @@ class SpoolCorrupt(SpoolError):
 
 
 def is_qid(name: str) -> bool:
-    return len(name) == 16 and all(c in _QID_CHARS for c in name)
+    return len(name) == 16 and not name.strip(ALPHABET)  # strip leaves "" iff all are in it
 
 
 def min_free_bytes(max_message_bytes: int) -> int:
@@ -159,6 +159,8 @@ class QueueEntry:
         """Record one delivery attempt's outcome per address: ``{addr: (state, reply)}``.
         ``"pending"`` means a temporary failure. Each listed pending recipient gets one more
         attempt counted; naming an unknown or already final recipient is a ValueError."""
+        if not results:
+            return self
         pending = {r.addr for r in self.pending}
         for addr in results:
             if addr not in pending:
@@ -167,14 +169,24 @@ class QueueEntry:
         for r in self.recipients:
             if r.state == "pending" and r.addr in results:
                 state, reply = results[r.addr]
-                r = replace(r, state=state, last_reply=reply, attempts=r.attempts + 1)
+                r = Recipient(addr=r.addr, notify=r.notify, orcpt=r.orcpt, state=state,
+                              last_reply=reply, attempts=r.attempts + 1)
             out.append(r)
-        return replace(self, recipients=tuple(out))
+        return self._with(recipients=tuple(out))
 
     def with_retry(self, next_attempt: float, error: str | None) -> QueueEntry:
         """One more attempt made; try again at ``next_attempt``."""
-        return replace(self, attempts=self.attempts + 1, next_attempt=next_attempt,
-                       last_error=error)
+        return self._with(attempts=self.attempts + 1, next_attempt=next_attempt,
+                          last_error=error)
+
+    def _with(self, **changes: Any) -> QueueEntry:
+        """``replace`` for changes that keep what ``__post_init__`` checks and normalises (the
+        same recipients with new outcomes, one more attempt): the other fields are shared as
+        they are, not normalised again — the decision's JSON round trip and freezing were most
+        of the cost of a ``replace``, twice per delivered message."""
+        new = object.__new__(QueueEntry)
+        new.__dict__.update(self.__dict__, **changes)
+        return new
 
     def to_json(self) -> str:
         """One JSON object: the fields, ``format``, and ``prepend`` in base64."""

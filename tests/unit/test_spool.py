@@ -209,6 +209,35 @@ def test_recipient_results_and_retry() -> None:
         entry.with_recipient_results({"nobody@example.test": ("failed", "550")})
     retry = entry.with_retry(123.0, "421 busy")
     assert (retry.attempts, retry.next_attempt, retry.last_error) == (4, 123.0, "421 busy")
+    assert entry.with_recipient_results({}) is entry
+
+
+def test_recipient_results_and_retry_equal_a_fully_checked_entry() -> None:
+    """The derived entries skip __post_init__: each must equal what a full construction (and
+    a JSON round trip) makes of the same fields, and must not change the entry it came from."""
+    entry = full_entry(new_qid(), 1)
+    before = entry.to_json()
+    derived = [entry.with_recipient_results({"one@example.test": ("delivered", "250 ok")}),
+               entry.with_retry(123.0, "421 busy")]
+    for d in derived:
+        assert type(d) is QueueEntry and d is not entry
+        assert d == dataclasses.replace(d) == QueueEntry.from_json(d.to_json())
+        assert isinstance(d.recipients, tuple) and d.decision is entry.decision
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            d.attempts = 9  # type: ignore[misc]
+    assert entry.to_json() == before
+
+
+@pytest.mark.parametrize("name", ["0123456789ABCDEF", "ZZZZZZZZZZZZZZZZ"])
+def test_is_qid_accepts(name: str) -> None:
+    assert queue_entry.is_qid(name)
+
+
+@pytest.mark.parametrize("name", ["", "0123456789ABCDE", "0123456789ABCDEFG",
+                                  "0123456789ABCDEU", "U123456789ABCDEF", "01234567U9ABCDEF",
+                                  "0123456789abcdef", "0123456789ABCDE ", "0123456789ABCDE\n"])
+def test_is_qid_refuses(name: str) -> None:
+    assert not queue_entry.is_qid(name)
 
 
 # -- layout, commit, transitions ----------------------------------------------------------------
