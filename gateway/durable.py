@@ -98,6 +98,7 @@ class Syncer:
         self._next: list[tuple[int | Path, asyncio.Future[None]]] = []
         self._chores: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
+        self._dirs: dict[tuple[Path, str], Path] = {}  # (root, name) -> root / name, made once
 
     async def sync(self, target: int | Path) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -119,7 +120,13 @@ class Syncer:
         point = advance(steps, None)
         while point is not None:
             try:
-                await self.sync(point if isinstance(point, int) else root / point)
+                if isinstance(point, int):
+                    await self.sync(point)
+                else:
+                    path = self._dirs.get((root, point))
+                    if path is None:
+                        path = self._dirs[(root, point)] = root / point
+                    await self.sync(path)
             except BaseException as e:  # noqa: BLE001 - the steps clean up and re-raise
                 point = advance(steps, e)
             else:

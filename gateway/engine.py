@@ -137,16 +137,16 @@ class Engine:
              ) -> FilterContext:
         outcomes = state.outcomes + (txn.scorecard.outcomes if txn else [])
         results = {o.name: o.result for o in outcomes}
-        base = FilterContext(stage=stage, qid=txn.qid if txn else state.sid,
-                             client=state.client(), results=results)
-        if txn is not None:
-            if txn.dns is None and self.services.resolver is not None:
-                txn.dns = self.services.resolver.limited()
-            base = dataclasses.replace(
-                base, sender=txn.sender, recipients=tuple(txn.rcpts), dns=txn.dns,
-                sender_params=_params_dict(txn.mail_params),
-                policy_class=(txn.cls or self.policy.default_class).name)
-        return dataclasses.replace(base, **kw) if kw else base
+        if txn is None:
+            return FilterContext(**{"stage": stage, "qid": state.sid, "client": state.client(),
+                                    "results": results, **kw})
+        if txn.dns is None and self.services.resolver is not None:
+            txn.dns = self.services.resolver.limited()
+        return FilterContext(**{
+            "stage": stage, "qid": txn.qid, "client": state.client(), "results": results,
+            "sender": txn.sender, "recipients": tuple(txn.rcpts), "dns": txn.dns,
+            "sender_params": _params_dict(txn.mail_params),
+            "policy_class": (txn.cls or self.policy.default_class).name, **kw})
 
     def _symbols(self, state: SessionState, txn: Transaction | None,
                  extra: Iterable[FilterOutcome] = ()) -> list[FilterOutcome]:

@@ -69,6 +69,11 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+class _ReadFromJson(dict[str, Any]):
+    """A decision as ``json.loads`` made it: ``__post_init__`` need not normalise it through
+    JSON again (it still freezes it)."""
+
+
 def _thaw(value: Any) -> Any:
     if isinstance(value, Mapping):
         return dict(value)
@@ -140,7 +145,9 @@ class QueueEntry:
             raise ValueError(f"skip must be within 0..size ({self.size}), not {self.skip}")
         # Normalised through JSON now, so a loaded entry equals the one committed, and a value
         # JSON cannot hold fails here rather than at commit time.
-        decision = json.loads(json.dumps(self.decision, default=_thaw))
+        decision = self.decision
+        if type(decision) is not _ReadFromJson:  # that one is JSON's own output already
+            decision = json.loads(json.dumps(decision, default=_thaw))
         object.__setattr__(self, "decision", _freeze(decision))
         object.__setattr__(self, "mail_params", tuple(self.mail_params))
         object.__setattr__(self, "recipients", tuple(self.recipients))
@@ -208,6 +215,8 @@ class QueueEntry:
                 raise ValueError("mail_params: not a list of strings")
             plain = {k: (_opt if optional else _req)(obj, k, kind)
                      for k, (kind, optional) in _PLAIN.items()}
+            if type(plain.get("decision")) is dict:
+                plain["decision"] = _ReadFromJson(plain["decision"])
             return cls(**plain, mail_params=tuple(params),
                        recipients=tuple(map(Recipient.from_obj, _req(obj, "recipients", list))),
                        prepend=base64.b64decode(_req(obj, "prepend", str), validate=True),

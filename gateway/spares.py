@@ -64,7 +64,7 @@ def _load_renameat2() -> object | None:
 _renameat2 = _load_renameat2()
 
 
-def rename_noreplace(src: Path, dst: Path) -> None:
+def rename_noreplace(src: str | Path, dst: str | Path) -> None:
     """``rename(src, dst)`` that fails with FileExistsError instead of replacing ``dst``."""
     global _renameat2
     if _renameat2 is not None:
@@ -85,6 +85,7 @@ class SpareFiles:
 
     def __init__(self, directory: Path, limit: int = SPARE_LIMIT) -> None:
         self.directory = directory
+        self._prefix = f"{directory}{os.sep}"  # spare names joined as strings: no Path per file
         self.limit = limit
         directory.mkdir(mode=0o700, exist_ok=True)
         # those left by earlier runs or other workers; a name another process takes first is
@@ -122,7 +123,7 @@ class SpareFiles:
             except IndexError:  # another thread took the last one
                 break
             try:
-                rename_noreplace(self.directory / name, path)
+                rename_noreplace(self._prefix + name, path)
             except FileNotFoundError:  # taken by another process
                 continue
             except BaseException:  # FileExistsError: ``path`` exists; the spare stays one
@@ -151,7 +152,7 @@ class SpareFiles:
                     or not stat.S_ISREG(st.st_mode)):
                 os.unlink(path)
                 return
-            spare = self.directory / path.name
+            spare = self._prefix + path.name
             os.rename(path, spare)
         except FileNotFoundError:
             if missing_ok:
@@ -160,9 +161,9 @@ class SpareFiles:
         if defer is None:
             self._empty(spare)
         else:
-            defer(functools.partial(self._empty_later, str(spare)))
+            defer(functools.partial(self._empty_later, spare))
 
-    def _empty(self, spare: Path) -> None:
+    def _empty(self, spare: str) -> None:
         """Truncate a file just renamed into ``spare/`` and make it a spare."""
         try:
             fd = os.open(spare, _REUSE)
@@ -178,7 +179,7 @@ class SpareFiles:
         except OSError:
             os.unlink(spare)
             raise
-        self._names.append(spare.name)
+        self._names.append(os.path.basename(spare))
 
     def _empty_later(self, spare: str) -> None:
         """The deferred ``_empty``, in the Syncer's thread: one call that releases the GIL (each

@@ -226,6 +226,11 @@ def test_recipient_results_and_retry_equal_a_fully_checked_entry() -> None:
         with pytest.raises(dataclasses.FrozenInstanceError):
             d.attempts = 9  # type: ignore[misc]
     assert entry.to_json() == before
+    loaded = QueueEntry.from_json(before)  # its decision skips the JSON round trip: still frozen
+    assert isinstance(loaded.decision, queue_entry.MappingProxyType)
+    assert isinstance(loaded.decision["symbols"], tuple)
+    assert isinstance(loaded.decision["symbols"][0], queue_entry.MappingProxyType)
+    assert loaded == entry
 
 
 @pytest.mark.parametrize("name", ["0123456789ABCDEF", "ZZZZZZZZZZZZZZZZ"])
