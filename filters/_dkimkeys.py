@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import filters._dkimcrypto  # noqa: F401 - dkimpy with linear int <-> bytes (see there)
 from gateway.dnsresolver import DnsAnswer, Resolver
 
 KeyAnswers = dict[str, DnsAnswer | None]  # key name -> answer; None: cut by the deadline

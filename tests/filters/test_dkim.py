@@ -278,3 +278,28 @@ def test_bad_settings_are_config_errors(cfg, key):
     with pytest.raises(ConfigError) as e:
         DkimVerifyFilter.from_config(cfg, Services())
     assert e.value.key == key
+
+
+def test_linear_int_conversions_match_dkimpys_own() -> None:
+    """filters/_dkimcrypto.py replaces dkimpy's quadratic int2str/str2int: same results."""
+    import random
+
+    import dkim.crypto
+
+    from filters import _dkimcrypto
+
+    orig_int2str, orig_str2int = _dkimcrypto.ORIGINAL
+    assert dkim.crypto.int2str is _dkimcrypto.int2str
+    assert dkim.crypto.str2int is _dkimcrypto.str2int
+    rng = random.Random(6376)
+    numbers = [0, 1, 255, 256, 65535, 65536, 2**2048 - 1, 2**4096 + 12345]
+    numbers += [rng.getrandbits(rng.randrange(1, 4200)) for _ in range(300)]
+    for n in numbers:
+        for length in (-1, 0, 1, 2, 3, 128, 256, 257, 512):
+            want = orig_int2str(n, length)  # a number too long for length: its low bytes
+            got = _dkimcrypto.int2str(n, length)
+            assert got == want and type(got) is type(want), (n, length)
+        raw = n.to_bytes(max(1, (n.bit_length() + 7) // 8), "big")
+        assert _dkimcrypto.str2int(raw) == orig_str2int(raw) == n
+    assert _dkimcrypto.str2int(b"") == orig_str2int(b"") == 0
+    assert _dkimcrypto.str2int(b"\x00\x00\x01") == orig_str2int(b"\x00\x00\x01") == 1
