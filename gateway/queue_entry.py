@@ -23,7 +23,6 @@ QUEUE_AREAS: tuple[Area, ...] = ("active", "deferred", "hold")
 _PRECEDENCE: tuple[Area, ...] = ("hold", "deferred", "active")  # which copy wins a duplicate
 RecipientState = Literal["pending", "delivered", "failed"]
 _STATES = ("pending", "delivered", "failed")
-
 _META, _TMP = ".json", ".tmp"
 
 
