@@ -181,7 +181,8 @@ class Runtime:
             log.warning("reload: spool.directory changes need a restart; keeping %s",
                         old.spool.directory)
         engine.attach_queue(self.spool, self.qmgr.kick)
-        self.engine, self.tls_context = engine, tls
+        old_engine, self.engine, self.tls_context = self.engine, engine, tls
+        self.background(old_engine.close())
         self.connections.fd_cap = fd_connection_cap(engine.policy)  # the relay mode may change
         self.background(self.qmgr.reconfigure(engine.policy))
         event(log, "reloaded", policy=str(self.policy_path),
@@ -213,6 +214,7 @@ class Runtime:
                 if s.transport is not None:
                     s.transport.close()
         await self.qmgr.stop(max(0.0, deadline - loop.time()))
+        await self.engine.close()
         self.stopped.set()
 
     async def run_forever(self) -> None:

@@ -36,6 +36,7 @@ from gateway.policy.schema import Policy, PolicyClass
 from gateway.queue_entry import QueueEntry, min_free_bytes
 from gateway.queue_entry import Recipient as QRecipient
 from gateway.registry import LoadedFilter
+from gateway.relay.pool import DownstreamPool
 from gateway.relay.proxy import ProxyRelay
 from gateway.relay.transport import transport_for
 from gateway.replies import Reply
@@ -116,6 +117,15 @@ class Engine:
         self.min_free_bytes = min_free_bytes(policy.limits.max_message_bytes)
         self._room_until = 0.0  # loop time until which the last free-space check holds
         self.syncer = Syncer()  # the fsyncs of concurrent commits, batched
+        # proxy mode: downstream connections reused between client transactions
+        self.proxy_pool = DownstreamPool(policy.relay, self.helo_name,
+                                         max_per_destination=policy.queue.max_per_destination,
+                                         idle_s=policy.relay.connection_reuse_s)
+
+    async def close(self) -> None:
+        """This engine is done with (shutdown, or replaced by a reload): close the idle
+        downstream connections; the ones in use are closed when their transactions end."""
+        await self.proxy_pool.close()
 
     def attach_queue(self, spool: Spool, on_commit: Callable[[str], None]) -> None:
         """Give the engine the spool it commits to and what to call with each committed qid."""
@@ -245,7 +255,7 @@ class Engine:
             txn.scorecard.add(out.values())
             return R.RCPT_OK, ""
         if txn.relay is None:
-            txn.relay = ProxyRelay(transport, p.relay, self.helo_name, txn.qid)
+            txn.relay = ProxyRelay(transport, p.relay, self.proxy_pool, txn.qid)
         reply = await txn.relay.add_rcpt(
             txn.sender, txn.mail_params + dsnparams.mail_dsn_params(txn.ret, txn.envid), rcpt,
             dsnparams.rcpt_dsn_params(notify, orcpt))

@@ -329,7 +329,7 @@ def _transport(c: Checker, path: str, text: Any) -> Transport | None:
 def _relay(c: Checker, data: Any) -> RelayConfig:
     t = c.table(data, "relay", {"mode", "downstream", "transport", "connect_timeout_s",
                                 "command_timeout_s", "data_timeout_s", "helo_name", "starttls",
-                                "tls_policy", "tls_ca_file"})
+                                "tls_policy", "tls_ca_file", "connection_reuse_s"})
     levels = ("none", "may", "encrypt", "verify")
     tls_policy = {}
     for host, level in c.table(t.get("tls_policy"), "relay.tls_policy", None).items():
@@ -371,6 +371,8 @@ def _relay(c: Checker, data: Any) -> RelayConfig:
         helo_name=c.string(t, "helo_name", "relay", None),
         starttls=c.string(t, "starttls", "relay", "may", levels),
         tls_policy=tls_policy, tls_ca_file=Path(ca_file) if ca_file else None,
+        connection_reuse_s=float(c.number(t, "connection_reuse_s", "relay",
+                                          d.connection_reuse_s, minimum=0)),
     )
 
 

@@ -70,6 +70,9 @@ class RelayConfig:
     starttls: TlsLevel = "may"  # to the downstream: none | may | encrypt | verify
     tls_policy: Mapping[str, TlsLevel] = field(default_factory=dict)  # downstream host -> level
     tls_ca_file: Path | None = None  # for "verify" (default: the system's CAs)
+    # proxy mode: keep an idle downstream connection for the next transaction this long
+    # (0 = a new connection for each); queue mode has queue.connection_reuse_s
+    connection_reuse_s: float = 5.0
 
     def tls_level(self, host: str) -> TlsLevel:
         return self.tls_policy.get(host.lower(), self.starttls)

@@ -1,6 +1,9 @@
-"""Downstream connections for the queue manager: at most ``max_per_destination`` at once per
-transport, and connections reused between messages (RSET, then the next MAIL) for a short idle
-time instead of a new TCP + greeting + EHLO for every message."""
+"""Downstream connections reused between messages (the next MAIL follows the end of data; RSET
+first after a transaction left open) for a short idle time, instead of a new TCP + greeting +
+EHLO (+ STARTTLS) and QUIT for every message. The queue manager takes them with ``session``, at
+most ``max_per_destination`` at once per transport; proxy mode with ``acquire``/``release``,
+one per client transaction (the client sessions are its limit). An idle connection is closed
+once it has waited ``idle_s``, by a timer armed while any wait."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from gateway.relay.connect import connect_transport
 from gateway.relay.transport import Transport
 
 PROBE_AFTER_S = 1.0  # an idle connection older than this is checked with RSET before reuse
+REAP_SLACK_S = 0.05  # the idle timer fires this much after the oldest connection is due
 
 
 @dataclass
@@ -40,6 +44,8 @@ class DownstreamPool:
         self.closed = False  # after a reload: connections are closed, not parked
         self.opened = 0  # connections made (for logs and tests)
         self.reused = 0
+        self._reaper: asyncio.TimerHandle | None = None  # armed while connections are idle
+        self._reaping: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
     async def session(self, t: Transport) -> AsyncIterator[DownstreamClient]:
@@ -57,11 +63,23 @@ class DownstreamPool:
                 except BaseException:
                     client.close()
                     raise
-                await self._release(t, client)
+                await self.release(t, client)
         finally:
             self._users[t] -= 1
             if not self._users[t]:  # nobody holds or waits: forget it (one per MX domain)
                 del self._users[t], self._sems[t]
+
+    async def acquire(self, t: Transport, *, reuse: bool = True
+                      ) -> tuple[DownstreamClient, bool]:
+        """A connected client for ``t``, without the per-destination limit: an idle one
+        (``True``: reused, so it may turn out stale at the next command) or, without one or
+        ``reuse``, a new one. Give it back with ``release``; after an error it is closed
+        already (``DownstreamClient``)."""
+        await self._reap()
+        client = await self._reuse(t) if reuse else None
+        if client is not None:
+            return client, True
+        return await self._connect(t), False
 
     async def _reap(self) -> None:
         """Close idle connections past ``idle_s`` for every destination, not only the one in
@@ -106,21 +124,46 @@ class DownstreamPool:
             return item.client
         return None
 
-    async def _release(self, t: Transport, client: DownstreamClient) -> None:
+    async def release(self, t: Transport, client: DownstreamClient) -> None:
+        """Park ``client`` for reuse (after an RSET if a transaction is open), or QUIT it when
+        reuse is off, the pool closed or the RSET refused."""
         if client.closed or self.idle_s <= 0 or self.closed:
             await client.quit()
             return
-        if not client.in_transaction:  # ended by its data: ready for the next MAIL as is
-            self._idle.setdefault(t, []).append(_Idle(client))
-            return
-        try:
-            reply = await client.rset()
-        except RelayError:
-            return
-        if not reply.is_ok:
-            await client.quit()
-            return
+        if client.in_transaction:  # else ended by its data: ready for the next MAIL as is
+            try:
+                reply = await client.rset()
+            except RelayError:
+                return
+            if not reply.is_ok:
+                await client.quit()
+                return
+            if self.closed:  # closed during the RSET
+                await client.quit()
+                return
         self._idle.setdefault(t, []).append(_Idle(client))
+        self._arm_reaper()
+
+    def _arm_reaper(self) -> None:
+        """Close idle connections when the oldest has waited ``idle_s``: without this they
+        would linger (half-closed once the peer times out) until the next message."""
+        if self._reaper is not None or self.closed or not self._idle:
+            return
+        oldest = min(i.since for items in self._idle.values() for i in items)
+        delay = max(0.0, oldest + self.idle_s - time.monotonic()) + REAP_SLACK_S
+        self._reaper = asyncio.get_running_loop().call_later(delay, self._reap_idle)
+
+    def _reap_idle(self) -> None:
+        self._reaper = None
+        task = asyncio.get_running_loop().create_task(self._reap_then_rearm())
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
+
+    async def _reap_then_rearm(self) -> None:
+        try:
+            await self._reap()
+        finally:
+            self._arm_reaper()
 
     async def _connect(self, t: Transport) -> DownstreamClient:
         self.opened += 1
@@ -128,6 +171,9 @@ class DownstreamPool:
 
     async def close(self) -> None:
         self.closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         items = [i for lst in self._idle.values() for i in lst]
         for lst in self._idle.values():
             lst.clear()  # nobody can take one while we close them

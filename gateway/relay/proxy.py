@@ -4,6 +4,11 @@ answer goes back to the client), the message after the message stage; the client
 when the downstream said 250. A downstream that is down, slow or drops the connection gives
 ``451 4.4.x`` — never a 250 for mail that was not delivered.
 
+Downstream connections come from a ``DownstreamPool`` and go back to it after the transaction
+(``relay.connection_reuse_s``): the next client's transaction starts with MAIL on the same
+connection. A reused connection that turns out dead at MAIL (the downstream closed it while it
+waited) is replaced by a new one, once, so reuse never costs the client a 451.
+
 For ``maildir:`` the "downstream" is a local Maildir: each recipient's copy is fsync'd before the
 250.
 """
@@ -20,7 +25,7 @@ from gateway.errors import RelayError
 from gateway.policy.schema import RelayConfig
 from gateway.relay import maildir
 from gateway.relay.client import DownstreamClient
-from gateway.relay.connect import connect_transport
+from gateway.relay.pool import DownstreamPool
 from gateway.relay.transport import Transport
 from gateway.replies import Reply
 from gateway.smtp.address import Address
@@ -37,6 +42,10 @@ def _temp(e: RelayError) -> Reply:
     return DOWNSTREAM_DOWN if e.status == "4.4.1" else DOWNSTREAM_LOST
 
 
+def _text(reply: Reply) -> str:
+    return f"{reply.code} {reply.status} {reply.text}".strip()
+
+
 def _closing(reply: Reply) -> bool:
     """A 421 closes the downstream connection; the client's own session goes on, so it must
     not see a 421 (RFC 5321 3.8): it gets 451 4.4.2 instead."""
@@ -45,11 +54,12 @@ def _closing(reply: Reply) -> bool:
 
 @dataclass
 class ProxyRelay:
-    """One transaction's downstream side. Not reusable across transactions."""
+    """One transaction's downstream side. Not reusable across transactions (its connection
+    is: ``close`` and ``abort`` give it back to ``pool``)."""
 
     transport: Transport
     cfg: RelayConfig
-    helo_name: str
+    pool: DownstreamPool
     qid: str
     client: DownstreamClient | None = None
     mail_reply: Reply | None = None
@@ -58,40 +68,52 @@ class ProxyRelay:
 
     async def _open(self, sender: Address, mail_params: list[str]) -> Reply:
         t = self.transport
-        try:
-            self.client = await connect_transport(t, self.cfg, self.helo_name)
-        except RelayError as e:
-            log.warning("downstream %s: %s (qid %s)", t, e, self.qid)
-            self.last_result = f"connect failed: {e}"
-            return DOWNSTREAM_DOWN if not e.permanent else Reply(e.code, e.status, e.text)
-        params: list[str] = []
-        ext = self.client.extensions
-        for p in mail_params:
-            key = p.split("=", 1)[0].upper()
-            if key == "SMTPUTF8" and "SMTPUTF8" not in ext:
-                await self.abort()
-                return NO_SMTPUTF8
-            if key == "BODY" and "8BITMIME" not in ext:
-                continue
-            if key in ("SIZE", "BODY", "SMTPUTF8") and (key != "SIZE" or "SIZE" in ext):
-                params.append(p)
-            elif key in ("RET", "ENVID") and "DSN" in ext:
-                params.append(p)
-        try:
-            reply = await self.client.mail(sender.addr, params)
-        except RelayError as e:
-            self.client = None
-            self.last_result = f"MAIL failed: {e}"
-            return _temp(e)
-        if _closing(reply):
-            self.client = None
-            self.last_result = f"MAIL {reply.code} {reply.status} (downstream closed)"
-            self.mail_reply = DOWNSTREAM_LOST
-            return DOWNSTREAM_LOST
-        if not reply.is_ok:
-            self.last_result = f"MAIL {reply.code} {reply.status}"
-            self.mail_reply = reply
-        return reply
+        reuse = True
+        while True:
+            try:
+                client, reused = await self.pool.acquire(t, reuse=reuse)
+            except RelayError as e:
+                log.warning("downstream %s: %s (qid %s)", t, e, self.qid)
+                self.last_result = f"connect failed: {e}"
+                return DOWNSTREAM_DOWN if not e.permanent else Reply(e.code, e.status, e.text)
+            self.client = client
+            params: list[str] = []
+            ext = client.extensions
+            for p in mail_params:
+                key = p.split("=", 1)[0].upper()
+                if key == "SMTPUTF8" and "SMTPUTF8" not in ext:
+                    await self.abort()
+                    return NO_SMTPUTF8
+                if key == "BODY" and "8BITMIME" not in ext:
+                    continue
+                if key in ("SIZE", "BODY", "SMTPUTF8") and (key != "SIZE" or "SIZE" in ext):
+                    params.append(p)
+                elif key in ("RET", "ENVID") and "DSN" in ext:
+                    params.append(p)
+            try:
+                reply = await client.mail(sender.addr, params)
+            except RelayError as e:
+                self.client = None
+                if reused:  # it died while it waited in the pool: a new connection
+                    log.debug("reused downstream connection to %s lost at MAIL: %s", t, e)
+                    reuse = False
+                    continue
+                self.last_result = f"MAIL failed: {e}"
+                return _temp(e)
+            if _closing(reply):
+                self.client = None
+                if reused:
+                    log.debug("reused downstream connection to %s closed at MAIL: %s", t,
+                              _text(reply))
+                    reuse = False
+                    continue
+                self.last_result = f"MAIL {reply.code} {reply.status} (downstream closed)"
+                self.mail_reply = DOWNSTREAM_LOST
+                return DOWNSTREAM_LOST
+            if not reply.is_ok:
+                self.last_result = f"MAIL {reply.code} {reply.status}"
+                self.mail_reply = reply
+            return reply
 
     async def add_rcpt(self, sender: Address, mail_params: list[str], rcpt: Address,
                        rcpt_params: list[str]) -> Reply:
@@ -174,16 +196,12 @@ class ProxyRelay:
         return Reply(250, "2.0.0", f"Ok: queued as {self.qid}")
 
     async def close(self) -> None:
+        """The transaction is over: the connection goes back to the pool."""
         if self.client is not None:
             client, self.client = self.client, None
-            await client.quit()
+            await self.pool.release(self.transport, client)
 
     async def abort(self) -> None:
-        """The client gave up, or the policy refused the message: drop the downstream side."""
-        if self.client is not None:
-            client, self.client = self.client, None
-            try:
-                await client.rset()
-            except RelayError:
-                pass
-            await client.quit()
+        """The client gave up, or the policy refused the message: end the downstream
+        transaction (RSET) and give the connection back to the pool."""
+        await self.close()

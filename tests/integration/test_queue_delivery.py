@@ -1,5 +1,6 @@
-"""Delivery to the downstream: connections reused between messages and limited per destination
-(queue mode), failover across several downstream hosts (both modes)."""
+"""Delivery to the downstream: connections reused between messages (both modes: between
+deliveries in queue mode, between client sessions in proxy mode), closed once idle, limited per
+destination (queue mode), failover across several downstream hosts (both modes)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,93 @@ def test_no_reuse_when_turned_off(gateway_factory):
             _send(gw, 1, i)
             sink.wait_for(i + 1, 10)
         assert sink.connections == 3
+
+
+def _session(gw, i: int, date: bool = True) -> tuple[int, bytes]:
+    """One client session with one message (``date``: with a Date: header); the reply to
+    its data."""
+    head = "Date: Mon, 1 Jan 2024 10:00:00 +0000\r\n" if date else ""
+    with smtplib.SMTP(*gw.address, timeout=20) as s:
+        s.ehlo("client.test")
+        s.mail("a@sender.test")
+        s.rcpt("alice@example.test")
+        return s.data(f"{head}Subject: m{i}\r\n\r\nbody {i}\r\n".encode())
+
+
+def _proxy(sink: Sink, reuse_s: float, **sections):
+    return base_policy(f"smtp://127.0.0.1:{sink.port}",
+                       relay={"mode": "proxy", "connection_reuse_s": reuse_s}, **sections)
+
+
+def _subjects(sink: Sink) -> list[str]:
+    return [email.message_from_bytes(m.data)["Subject"] for m in sink.messages]
+
+
+def test_proxy_mode_reuses_connections_between_client_sessions(gateway_factory):
+    with Sink() as sink:
+        gw = gateway_factory(_proxy(sink, 5))
+        for i in range(5):  # five clients one after another, each in lockstep with the sink
+            code, text = _session(gw, i)
+            assert code == 250, text
+        assert _subjects(sink) == [f"m{i}" for i in range(5)]
+        assert sink.connections == 1, f"{sink.connections} downstream connections for 5 clients"
+        assert sum(1 for c in sink.commands if c.upper().startswith("EHLO")) == 1
+        assert "QUIT" not in sink.commands
+
+
+def test_proxy_mode_resets_a_refused_transaction_and_reuses_the_connection(gateway_factory):
+    with Sink() as sink:
+        gw = gateway_factory(_proxy(sink, 5, scores={"HEADERS_MISSING_DATE": 1.0},
+                                    actions={"reject": 0.1}))
+        code, _ = _session(gw, 0, date=False)  # refused by the policy after the downstream RCPT
+        assert code == 550
+        code, text = _session(gw, 1)
+        assert code == 250, text
+        assert _subjects(sink) == ["m1"] and sink.connections == 1
+        cmds = [c.split(":")[0] for c in sink.commands]
+        assert cmds == ["EHLO mx.gateway.test", "MAIL FROM", "RCPT TO", "RSET",
+                        "MAIL FROM", "RCPT TO", "DATA"], sink.commands
+
+
+def test_proxy_mode_no_reuse_when_turned_off(gateway_factory):
+    with Sink() as sink:
+        gw = gateway_factory(_proxy(sink, 0))
+        for i in range(3):
+            assert _session(gw, i)[0] == 250
+        assert sink.connections == 3
+        deadline = time.monotonic() + 5  # each QUIT is sent after the client's 250
+        while sink.commands.count("QUIT") < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sink.commands.count("QUIT") == 3
+
+
+def test_proxy_mode_replaces_a_reused_connection_the_downstream_closes_at_mail(gateway_factory):
+    """A server that takes one message per connection answers the next MAIL with 421 and
+    hangs up: the client still gets 250, through a new connection, never a 451."""
+    with Sink(messages_per_connection=1) as sink:
+        gw = gateway_factory(_proxy(sink, 5))
+        for i in range(3):
+            code, text = _session(gw, i)
+            assert code == 250, text
+        assert _subjects(sink) == ["m0", "m1", "m2"] and sink.connections == 3
+        assert sum(1 for c in sink.commands if c.startswith("MAIL")) == 5  # 2 met a 421
+
+
+@pytest.mark.parametrize("mode", ["proxy", "queue"])
+def test_idle_downstream_connections_are_closed_after_connection_reuse_s(gateway_factory,
+                                                                          mode):
+    with Sink() as sink:
+        gw = gateway_factory(base_policy(
+            f"smtp://127.0.0.1:{sink.port}",
+            relay={"mode": mode, "connection_reuse_s": 0.3},
+            queue={"scan_interval_s": 0.2, "connection_reuse_s": 0.3}))
+        assert _session(gw, 0)[0] == 250
+        sink.wait_for(1, 10)
+        assert sink.open_connections == 1  # kept for the next message
+        deadline = time.monotonic() + 5
+        while sink.open_connections and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sink.open_connections == 0 and sink.commands[-1] == "QUIT"
 
 
 def test_per_destination_concurrency_is_capped(gateway_factory):

@@ -143,8 +143,13 @@ def sink() -> Iterator[Sink]:
         yield s
 
 
+# The downstream connection is kept for reuse only briefly, so that its QUIT (Postfix: its
+# "disconnect" line) soon marks the end of everything the downstream was sent.
+RELAY = {"connection_reuse_s": 0.3}
+
+
 def _gateway(gateway_factory: Any, sink: Sink, bare_lf: str) -> GatewayProcess:
-    policy = base_policy(f"smtp://127.0.0.1:{sink.port}",
+    policy = base_policy(f"smtp://127.0.0.1:{sink.port}", relay=RELAY,
                          limits={"idle_timeout_s": 5, "command_timeout_s": 5, "bare_lf": bare_lf})
     return gateway_factory(policy)
 
@@ -298,7 +303,7 @@ def postfix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostfixInstanc
 
 def _module_gateway(tmp_path_factory: pytest.TempPathFactory, pf: PostfixInstance,
                     bare_lf: str) -> Iterator[GatewayProcess]:
-    policy = base_policy(f"smtp://127.0.0.1:{pf.port}",
+    policy = base_policy(f"smtp://127.0.0.1:{pf.port}", relay=RELAY,
                          limits={"idle_timeout_s": 5, "command_timeout_s": 5, "bare_lf": bare_lf})
     gw = GatewayProcess(Path(tmp_path_factory.mktemp(f"gw-pf-{bare_lf}")), policy)
     with gw:

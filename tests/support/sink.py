@@ -63,6 +63,9 @@ class Behaviour:
     delay_s: float = 0.0
     delay_on: frozenset[str] | None = None  # command names (and "GREETING"); None: every reply
     ehlo_extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    # after this many messages on one connection the next MAIL gets 421 and the connection
+    # closes, as servers with a per-connection message limit do (0: no limit)
+    messages_per_connection: int = 0
 
 
 def _normalise_replies(replies: Mapping[str, str | Reply]) -> dict[str, str]:
@@ -164,6 +167,7 @@ class _Session:
         self.writer = writer
         self.buf = bytearray()
         self.helo = ""
+        self.received = 0  # messages on this connection
         self.reset()
 
     def reset(self) -> None:
@@ -270,6 +274,8 @@ class _Session:
                 return await self.send(verb, "503 5.5.1 Bad sequence of commands")
             if m is None or m[1].upper() != "FROM":
                 return await self.send(verb, "501 5.5.4 Syntax: MAIL FROM:<address>")
+            if self.b.messages_per_connection and self.received >= self.b.messages_per_connection:
+                return await self.send(verb, "421 4.7.0 Too many messages on this connection")
             code = await self.send(verb, self._pick(verb, "250 2.1.0 Ok", m[2]))
             if code // 100 == 2:
                 self.mail_from, self.mail_params = m[2], tuple(m[3].split())
@@ -318,6 +324,7 @@ class _Session:
             mail_params=self.mail_params, rcpts=tuple(self.rcpts),
             rcpt_params=tuple(self.rcpt_params), raw=raw, data=unstuff(raw),
             replies=tuple(replies), reads=reads))
+        self.received += 1
         self.reset()
         if self.b.drop_after_data:
             return -1
@@ -343,6 +350,7 @@ class Sink:
                  replies: Mapping[str, str | Reply] | None = None, drop_after_data: bool = False,
                  delay_s: float = 0.0, delay_on: Collection[str] | None = None,
                  ehlo_extensions: Sequence[str] = DEFAULT_EXTENSIONS,
+                 messages_per_connection: int = 0,
                  host: str = "127.0.0.1", port: int = 0,
                  unix_path: str | None = None) -> None:
         self.behaviour = Behaviour(
@@ -350,7 +358,8 @@ class Sink:
             replies=_normalise_replies(replies or {}), drop_after_data=drop_after_data,
             delay_s=delay_s,
             delay_on=None if delay_on is None else frozenset(c.upper() for c in delay_on),
-            ehlo_extensions=tuple(ehlo_extensions))
+            ehlo_extensions=tuple(ehlo_extensions),
+            messages_per_connection=messages_per_connection)
         self.host = host
         self._port = port  # 0: any free port (see ``port`` once started)
         self.unix_path = unix_path
