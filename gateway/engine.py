@@ -288,9 +288,11 @@ class Engine:
         return decide(syms, stage_out, cls, stage, 0.0)
 
     async def on_data(self, state: SessionState, txn: Transaction, spool: Path, size: int,
-                      head: bytes | None = None) -> Reply:
+                      head: bytes | None = None, spool_fd: int | None = None) -> Reply:
         """End of DATA: run the message stage, decide, act; returns the final reply. ``head``:
-        the file's first bytes as DATA wrote them (``HeadCapture``), else they are read."""
+        the file's first bytes as DATA wrote them (``HeadCapture``), else they are read.
+        ``spool_fd``: the DATA writer's descriptor of ``spool``, still open (the queue commit
+        locks and fsyncs it: ``Spool.commit_async``)."""
         txn.size = size
         cls = txn.cls or self.policy.default_class
         message = (Message.from_head(spool, size, head) if head is not None
@@ -310,7 +312,7 @@ class Engine:
         if self.pipeline.has_deciders:
             self._tell_decided(state, txn, message, card, cls, d)
         if self.queue_mode:
-            return await self._queue(state, txn, message, card, cls, d)
+            return await self._queue(state, txn, message, card, cls, d, spool_fd)
         relay = txn.relay
         assert relay is not None
         if d.action.refuses:
@@ -336,7 +338,8 @@ class Engine:
             txn, rcpt, message_chunks(message, headers)))
 
     async def _queue(self, state: SessionState, txn: Transaction, message: Message,
-                     card: Scorecard, cls: PolicyClass, d: Decision) -> Reply:
+                     card: Scorecard, cls: PolicyClass, d: Decision,
+                     spool_fd: int | None = None) -> Reply:
         """Queue mode: the answer is ours. Accepted mail is committed durably (fsync) to the
         spool before the 250; the queue manager delivers it."""
         if d.action.refuses:
@@ -364,7 +367,8 @@ class Engine:
                 # copy, no second inode); the new header lines travel in the metadata.
                 entry = _entry(state, txn, message.size, time.time(), decision,
                                prepend=form[0], skip=form[1])
-                await self.spool.commit_async(entry, message.path, self.syncer, link=True)
+                await self.spool.commit_async(entry, message.path, self.syncer, link=True,
+                                              fd=spool_fd)
             else:
                 await asyncio.to_thread(self._write_and_commit, state, txn, message, headers,
                                         decision)

@@ -94,14 +94,21 @@ def _lock_file(path: Path, *, block: bool) -> int:
     gone (or now names another inode), BlockingIOError when locked and ``block`` is false."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
-        held, now = os.fstat(fd), os.stat(path)
-        if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
-            raise FileNotFoundError(path)
+        _lock_fd(fd, path, block=block)
         return fd
     except BaseException:
         os.close(fd)
         raise
+
+
+def _lock_fd(fd: int, path: Path | str, *, block: bool) -> None:
+    """flock the open file ``fd`` exclusively, checking that ``path`` still names it
+    (FileNotFoundError if not, BlockingIOError when locked and ``block`` is false)."""
+    fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+    held, now = os.fstat(fd), os.stat(path)
+    if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        raise FileNotFoundError(path)
 
 
 def _free_name(directory: Path, name: str) -> Path:
@@ -181,20 +188,29 @@ class Spool:
         self._drive(self._commit_steps(entry, data_path, area, link, block=True))
 
     async def commit_async(self, entry: QueueEntry, data_path: Path, syncer: Syncer,
-                           area: Area = "active", *, link: bool = False) -> None:
+                           area: Area = "active", *, link: bool = False,
+                           fd: int | None = None) -> None:
         """``commit`` for the event loop: the loop makes the quick calls (open, link, rename,
         the metadata write) itself and only the fsyncs go to ``syncer``, which does those of
-        all concurrent commits in one thread trip. Cancelled, it leaves nothing queued."""
-        await syncer.run(self._commit_steps(entry, data_path, area, link, block=False),
+        all concurrent commits in one thread trip. Cancelled, it leaves nothing queued.
+        ``fd``: the caller's own open descriptor of ``data_path`` (the DATA writer's, flushed),
+        locked and fsync'd instead of a new one, unlocked again and left open: closed only
+        after the fsync, the file's last close has nothing left to write back (ext4 starts
+        the writeback of a file rewritten from size 0 at its close, on the loop)."""
+        await syncer.run(self._commit_steps(entry, data_path, area, link, block=False, fd=fd),
                          self.root)
 
     def _commit_steps(self, entry: QueueEntry, data_path: Path, area: Area, link: bool, *,
-                      block: bool) -> SyncSteps:
+                      block: bool, fd: int | None = None) -> SyncSteps:
         """The commit protocol; yields each fsync it needs (see ``SyncSteps``)."""
         qid, area = entry.qid, _check_area(area)
         final = self._data(qid)
+        own = fd is None
         try:
-            fd = _lock_file(Path(data_path), block=block)
+            if fd is None:
+                fd = _lock_file(Path(data_path), block=block)
+            else:
+                _lock_fd(fd, data_path, block=block)
         except OSError as e:
             raise SpoolError(f"commit {qid}: cannot open {data_path}: {e}") from e
         renamed = False
@@ -221,7 +237,10 @@ class Spool:
                 raise SpoolError(f"commit {qid}: {e}") from e
             raise
         finally:
-            os.close(fd)
+            if own:
+                os.close(fd)
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _write_meta(self, entry: QueueEntry, area: Area) -> None:
         self._drive(self._meta_steps(entry, area))

@@ -444,10 +444,12 @@ class SmtpServer(SMTP):
             return
         spares = self.runtime.spool.spares
         spool = self.runtime.incoming_dir / f"{txn.qid}.tmp"
+        f: _open_spool | None = None
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             loop = asyncio.get_running_loop()
-            with _open_spool(spool, spares) as f:
+            # queue mode: the file stays open for the commit (see Spool.commit_async)
+            with _open_spool(spool, spares, keep_open=self.engine.queue_mode) as f:
                 outcome = await read_data(
                     self._reader, f.write, max_message_bytes=self.limits.max_message_bytes,
                     max_line_bytes=self.limits.max_line_bytes - 2,
@@ -467,7 +469,7 @@ class SmtpServer(SMTP):
             try:
                 async with self._budget(self.engine.command_budget_s("DATA")):
                     reply = await self.engine.on_data(st, txn, spool, outcome.size,
-                                                      head=f.capture.take())
+                                                      head=f.capture.take(), spool_fd=f.fd)
             except TimeoutError:
                 log.error("end-of-data processing timed out (qid %s)", txn.qid)
                 reply = Reply(451, "4.4.2", f"Timeout processing message ({txn.qid})")
@@ -484,6 +486,8 @@ class SmtpServer(SMTP):
             self._end_transaction(None, "aborted")
             self.end_reason = "eof-in-data"
         finally:
+            if f is not None:
+                f.close()
             spares.discard(spool, missing_ok=True)
 
     def _data_problem(self, status: DataStatus) -> Reply | None:
@@ -588,9 +592,10 @@ class _open_spool:
     write error (a full disk) is remembered, not raised: the rest of DATA must still be read to
     its end, or it would be taken for commands."""
 
-    def __init__(self, path: Path, spares: SpareFiles) -> None:
+    def __init__(self, path: Path, spares: SpareFiles, *, keep_open: bool = False) -> None:
         self.path = path
         self.spares = spares
+        self.keep_open = keep_open  # leaving the block flushes; ``close`` closes
         self.error: OSError | None = None
         self.capture = HeadCapture()  # the header block, for the engine (no read back)
 
@@ -598,6 +603,15 @@ class _open_spool:
         fd = self.spares.create(self.path)
         self.f = os.fdopen(fd, "wb", buffering=SPOOL_BUFFER_BYTES)
         return self
+
+    @property
+    def fd(self) -> int | None:
+        """The open descriptor (flushed), or None once closed."""
+        return None if self.f.closed else self.f.fileno()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # a write error was seen at the flush already
+            self.f.close()
 
     def write(self, data: bytes) -> None:
         if not self.capture.done:
@@ -610,6 +624,9 @@ class _open_spool:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            self.f.close()
+            if self.keep_open:
+                self.f.flush()
+            else:
+                self.f.close()
         except OSError as e:
             self.error = self.error or e

@@ -308,6 +308,58 @@ def test_commit_fsyncs_and_renames_in_the_durable_order(tmp_path: Path, where: s
     ]
 
 
+def test_commit_on_the_callers_descriptor_fsyncs_it_and_leaves_it_open_unlocked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DATA writer's descriptor is locked and fsync'd by the commit, then unlocked (the
+    queue manager claims the message at once) and left open for its owner to close."""
+    spool = Spool(tmp_path)
+    qid = new_qid()
+    path = spool.incoming_path(qid)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(n: int) -> None:
+        synced.append(n)
+        real_fsync(n)
+
+    monkeypatch.setattr(spool_mod.os, "fsync", fsync)
+    try:
+        os.write(fd, payload(qid, 50))
+        asyncio.run(spool.commit_async(entry_for(qid, 50), path, Syncer(), link=True, fd=fd))
+        assert synced[0] == fd  # the caller's descriptor, no second one opened for it
+        os.fstat(fd)  # still open
+        with spool.claim(qid) as (area, entry):  # not locked any more
+            assert area == "active" and entry.size == 50
+        with spool.open_data(qid) as f:
+            assert f.read() == payload(qid, 50)
+    finally:
+        os.close(fd)
+
+
+def test_commit_on_a_descriptor_its_path_no_longer_names_is_refused(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    qid = new_qid()
+    path = spool.incoming_path(qid)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, payload(qid, 50))
+        os.unlink(path)
+        path.write_bytes(payload(qid, 50))  # another file at that name now
+        with pytest.raises(SpoolError, match="cannot open"):
+            asyncio.run(spool.commit_async(entry_for(qid, 50), path, Syncer(), link=True,
+                                           fd=fd))
+        with pytest.raises(spool_mod.SpoolMissing):
+            spool.load(qid)
+        other = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)  # another open of that file
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the descriptor was unlocked
+        finally:
+            os.close(other)
+    finally:
+        os.close(fd)
+
+
 def test_concurrent_commits_on_the_loop_share_thread_trips(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     spool = Spool(tmp_path)
