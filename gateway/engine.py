@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -102,6 +104,20 @@ class Transaction:
     pending: dict[str, asyncio.Task[FilterOutcome]] = field(default_factory=dict)
 
 
+OnCommit = Callable[[str, QueueEntry | None, int | None], None]
+
+
+def _hand_over(fd: int) -> int | None:
+    """A descriptor of its own for the queue manager, sharing the lock ``fd`` holds (one open
+    file: the lock lasts until both are closed); None, with the lock released, if there is
+    no descriptor to spare."""
+    try:
+        return os.dup(fd)
+    except OSError:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+
+
 class Engine:
     def __init__(self, policy: Policy, chain: Iterable[LoadedFilter], services: Services
                  ) -> None:
@@ -110,7 +126,8 @@ class Engine:
         self.services = services
         self.helo_name = policy.relay.helo_name or policy.hostname
         self.spool: Spool | None = None  # queue mode commits here (attach_queue)
-        self.on_commit: Callable[[str], None] | None = None
+        # called with each committed qid, its entry and its claim's descriptor (or Nones)
+        self.on_commit: OnCommit | None = None
         self.queue_mode = policy.relay.mode == "queue"
         self.background = background_filters(policy, self.pipeline.chain)
         self._decided_tasks: set[asyncio.Task[None]] = set()
@@ -127,7 +144,7 @@ class Engine:
         downstream connections; the ones in use are closed when their transactions end."""
         await self.proxy_pool.close()
 
-    def attach_queue(self, spool: Spool, on_commit: Callable[[str], None]) -> None:
+    def attach_queue(self, spool: Spool, on_commit: OnCommit) -> None:
         """Give the engine the spool it commits to and what to call with each committed qid."""
         self.spool, self.on_commit = spool, on_commit
 
@@ -358,6 +375,8 @@ class Engine:
             return signed
         headers = signed
         assert self.spool is not None
+        entry: QueueEntry | None = None
+        lock: int | None = None  # the committed message's claim, for the queue manager
         try:
             decision = {"action": d.action.value, "score": d.score, "by": d.by,
                         "class": cls.name, "symbols": [s.name for s in card.symbols(cls)]}
@@ -367,8 +386,12 @@ class Engine:
                 # copy, no second inode); the new header lines travel in the metadata.
                 entry = _entry(state, txn, message.size, time.time(), decision,
                                prepend=form[0], skip=form[1])
+                keep = spool_fd is not None and self.on_commit is not None
                 await self.spool.commit_async(entry, message.path, self.syncer, link=True,
-                                              fd=spool_fd)
+                                              fd=spool_fd, keep_lock=keep)
+                if keep:
+                    assert spool_fd is not None
+                    lock = _hand_over(spool_fd)
             else:
                 await asyncio.to_thread(self._write_and_commit, state, txn, message, headers,
                                         decision)
@@ -378,7 +401,7 @@ class Engine:
             return Reply(451, "4.3.0", f"Temporary local problem, try again later ({txn.qid})")
         txn.queued = "queued"
         if self.on_commit is not None:
-            self.on_commit(txn.qid)
+            self.on_commit(txn.qid, entry, lock)
         return Reply(250, "2.0.0", f"Ok: queued as {txn.qid}")
 
     def _write_and_commit(self, state: SessionState, txn: Transaction, message: Message,

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from gateway import dsn
 from gateway.dnsresolver import DnsResolver
@@ -48,6 +49,14 @@ def _domain(addr: str) -> str:
     return addr.rpartition("@")[2].lower()
 
 
+@dataclass(frozen=True, slots=True)
+class _Handed:
+    """A fresh commit's entry and the descriptor holding its lock (see ``QueueManager.kick``)."""
+
+    entry: QueueEntry
+    lock: int
+
+
 class QueueManager:
     def __init__(self, spool: Spool, policy: Policy, syncer: Syncer | None = None) -> None:
         self.spool = spool
@@ -63,7 +72,9 @@ class QueueManager:
         self._slots = asyncio.Semaphore(policy.queue.max_active)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
-        self._fresh: deque[str] = deque()  # committed here, due now: no scan needed
+        # committed here, due now: no scan needed; with the commit's entry and claim (the
+        # locked descriptor) when the engine handed them over (``kick``)
+        self._fresh: deque[tuple[str, _Handed | None]] = deque()
         self._rescan = False
 
     @staticmethod
@@ -78,14 +89,29 @@ class QueueManager:
         old, self.policy, self.pool = self.pool, policy, self._new_pool(policy)
         await old.close()
 
-    def kick(self, qid: str | None = None) -> None:
+    def kick(self, qid: str | None = None, entry: QueueEntry | None = None,
+             lock: int | None = None) -> None:
         """Look now rather than at the next scan: ``qid`` was just committed to active/ by this
         process (delivered without a directory scan), or with no qid, something changed on disk
-        (a DSN, a flush) and the spool should be scanned."""
+        (a DSN, a flush) and the spool should be scanned.
+
+        ``entry`` and ``lock``: what the commit wrote and a descriptor that has held the
+        message's lock since (``Spool.commit_async(keep_lock=True)``), now this manager's to
+        close: its delivery needs no claim of its own and no read of the metadata. Taken while
+        the backlog of fresh commits is short; otherwise (or if an attempt for it was started
+        from a scan meanwhile) closed at once, which releases the lock for the usual claim."""
         if qid is None:
             self._rescan = True
         else:
-            self._fresh.append(qid)
+            handed = None
+            if lock is not None:
+                if (entry is None or qid in self.busy or self._stopping
+                        or len(self._fresh) >= self._batch):
+                    os.close(lock)
+                else:
+                    handed = _Handed(entry, lock)
+                    self.busy.add(qid)  # no scan starts another attempt for it
+            self._fresh.append((qid, handed))
         self.wakeup.set()
 
     async def run(self) -> None:
@@ -107,7 +133,11 @@ class QueueManager:
                     next_scan = min(next_scan, time.monotonic() + RESCAN_AFTER_FULL_S)
             while self._fresh and not self._stopping and not self._rescan \
                     and time.monotonic() < next_scan:
-                await self._dispatch([self._fresh.popleft()])
+                qid, handed = self._fresh.popleft()
+                if handed is None:
+                    await self._dispatch([qid])
+                else:
+                    await self._dispatch_handed(qid, handed)
             if self._rescan or self._fresh:
                 continue
             with contextlib.suppress(TimeoutError):
@@ -139,10 +169,37 @@ class QueueManager:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    async def _dispatch_handed(self, qid: str, handed: _Handed) -> None:
+        """Start the attempt for a fresh commit handed over with its claim (already busy)."""
+        started = False
+        try:
+            if not self._stopping:
+                await self._slots.acquire()
+                if self._stopping:
+                    self._slots.release()
+                    return
+                task = asyncio.create_task(self._attempt(qid, handed), name=f"deliver:{qid}")
+                started = True
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            if not started:  # stopping or cancelled: the lock goes, the message stays queued
+                os.close(handed.lock)
+                self.busy.discard(qid)
+
+    def _drop_handed(self) -> None:
+        """Release the claims of fresh commits not yet started (stopping: they stay queued)."""
+        for qid, handed in self._fresh:
+            if handed is not None:
+                os.close(handed.lock)
+                self.busy.discard(qid)
+        self._fresh.clear()
+
     async def stop(self, grace_s: float) -> None:
         """Stop picking new work; let attempts in flight finish for ``grace_s`` (the rest are
         cancelled: their messages stay queued and are retried after a restart)."""
         self._stopping = True
+        self._drop_handed()
         self.wakeup.set()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
@@ -150,12 +207,14 @@ class QueueManager:
                 t.cancel()
         await self.pool.close()
 
-    async def _attempt(self, qid: str) -> None:
+    async def _attempt(self, qid: str, handed: _Handed | None = None) -> None:
         try:
             # Claim, read and release on the loop itself: a non-blocking flock and a small
             # read on the local spool (thread trips for them cost more than the calls, and
             # under load every trip means GIL hand-offs; the loop already writes DATA there).
-            claim = self.spool.claim(qid)
+            # A fresh commit handed over comes with its claim and entry: neither is needed.
+            claim = (self.spool.claim(qid) if handed is None
+                     else self.spool.claimed(qid, handed.lock, handed.entry))
             try:
                 area, entry = claim.__enter__()
             except (SpoolBusy, SpoolMissing):

@@ -33,8 +33,10 @@ locked, the owner checks that the path still names the locked inode, then reads 
 ``update``/``move``/``remove`` require a claim held through this ``Spool`` object. ``commit``
 holds the same lock on the data inode from before its rename until the metadata is durable, and
 ``recover`` takes it before touching a message, so recovery never races a commit, a delivery or
-another worker. The kernel drops the lock when its holder dies (kill -9 included). Locks belong
-to open file descriptions: do not fork while holding a claim.
+another worker. A commit may keep that lock (``keep_lock``) and hand it on as the message's
+claim (``claimed``: the queue manager delivers a fresh commit without locking or reading it
+again). The kernel drops the lock when its holder dies (kill -9 included). Locks belong to open
+file descriptions: do not fork while holding a claim.
 """
 
 from __future__ import annotations
@@ -189,19 +191,22 @@ class Spool:
 
     async def commit_async(self, entry: QueueEntry, data_path: Path, syncer: Syncer,
                            area: Area = "active", *, link: bool = False,
-                           fd: int | None = None) -> None:
+                           fd: int | None = None, keep_lock: bool = False) -> None:
         """``commit`` for the event loop: the loop makes the quick calls (open, link, rename,
         the metadata write) itself and only the fsyncs go to ``syncer``, which does those of
         all concurrent commits in one thread trip. Cancelled, it leaves nothing queued.
         ``fd``: the caller's own open descriptor of ``data_path`` (the DATA writer's, flushed),
         locked and fsync'd instead of a new one, unlocked again and left open: closed only
         after the fsync, the file's last close has nothing left to write back (ext4 starts
-        the writeback of a file rewritten from size 0 at its close, on the loop)."""
-        await syncer.run(self._commit_steps(entry, data_path, area, link, block=False, fd=fd),
-                         self.root)
+        the writeback of a file rewritten from size 0 at its close, on the loop). With
+        ``keep_lock`` a successful commit leaves ``fd`` locked: the message's claim, held
+        since before its metadata appeared, for ``claimed``."""
+        await syncer.run(self._commit_steps(entry, data_path, area, link, block=False, fd=fd,
+                                            keep_lock=keep_lock), self.root)
 
     def _commit_steps(self, entry: QueueEntry, data_path: Path, area: Area, link: bool, *,
-                      block: bool, fd: int | None = None) -> SyncSteps:
+                      block: bool, fd: int | None = None, keep_lock: bool = False
+                      ) -> SyncSteps:
         """The commit protocol; yields each fsync it needs (see ``SyncSteps``)."""
         qid, area = entry.qid, _check_area(area)
         final = self._data(qid)
@@ -213,7 +218,7 @@ class Spool:
                 _lock_fd(fd, data_path, block=block)
         except OSError as e:
             raise SpoolError(f"commit {qid}: cannot open {data_path}: {e}") from e
-        renamed = False
+        renamed = done = False
         try:
             size = os.fstat(fd).st_size
             if size != entry.size:
@@ -226,6 +231,7 @@ class Spool:
             renamed = True
             yield "data"
             yield from self._meta_steps(entry, area)
+            done = True
         except BaseException as e:
             if renamed:  # we checked that no metadata existed: whatever is there is ours
                 for leftover in (self._meta(area, qid), final):
@@ -239,7 +245,7 @@ class Spool:
         finally:
             if own:
                 os.close(fd)
-            else:
+            elif not (keep_lock and done):
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _write_meta(self, entry: QueueEntry, area: Area) -> None:
@@ -366,6 +372,30 @@ class Spool:
         finally:
             with self._held_lock:
                 self._held.discard(qid)
+
+    @contextlib.contextmanager
+    def claimed(self, qid: str, fd: int, entry: QueueEntry, area: Area = "active"
+                ) -> Iterator[tuple[Area, QueueEntry]]:
+        """``claim`` for a message this process committed with ``keep_lock``: ``fd`` (its own
+        descriptor, closed at the end of the block) has held the lock since before the
+        metadata appeared, so nobody else can have changed it and ``entry`` is what is on
+        disk: no lock to take, nothing to read. SpoolBusy if claimed here already."""
+        try:
+            with self._held_lock:
+                if _check_qid(qid) in self._held:
+                    raise SpoolBusy(f"{qid}: already claimed in this process")
+                self._held.add(qid)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            yield area, entry
+        finally:
+            try:
+                os.close(fd)
+            finally:
+                with self._held_lock:
+                    self._held.discard(qid)
 
     def _require_claim(self, qid: str) -> None:
         with self._held_lock:

@@ -337,6 +337,28 @@ def test_commit_on_the_callers_descriptor_fsyncs_it_and_leaves_it_open_unlocked(
         os.close(fd)
 
 
+def test_a_kept_lock_is_the_claim_until_claimed_closes_it(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    qid = new_qid()
+    path = spool.incoming_path(qid)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, payload(qid, 50))
+    entry = entry_for(qid, 50)
+    asyncio.run(spool.commit_async(entry, path, Syncer(), link=True, fd=fd, keep_lock=True))
+    with pytest.raises(spool_mod.SpoolBusy):  # locked since the commit
+        with spool.claim(qid):
+            pass
+    with spool.claimed(qid, fd, entry) as (area, got):
+        assert (area, got) == ("active", entry)
+        with pytest.raises(spool_mod.SpoolBusy):  # one owner in this process too
+            with spool.claim(qid):
+                pass
+    with pytest.raises(OSError):  # claimed closed the descriptor
+        os.fstat(fd)
+    with spool.claim(qid) as (area, got):  # and the lock with it
+        assert got == entry
+
+
 def test_commit_on_a_descriptor_its_path_no_longer_names_is_refused(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     qid = new_qid()
