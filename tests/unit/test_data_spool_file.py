@@ -1,0 +1,37 @@
+"""The DATA spool file (gateway/smtp/server.py ``_open_spool``): written in buffers; in queue
+mode left open, flushed and without its buffer, for the commit to lock and fsync."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+from gateway.smtp.server import SPOOL_BUFFER_BYTES, _open_spool
+from gateway.spares import SpareFiles
+
+
+def _write(tmp_path: Path, keep_open: bool) -> tuple[_open_spool, Path, bytes]:
+    path = tmp_path / "incoming" / "Q.tmp"
+    path.parent.mkdir()
+    data = b"Subject: x\r\n\r\n" + b"y" * (SPOOL_BUFFER_BYTES // 2)  # fits the buffer
+    with _open_spool(path, SpareFiles(tmp_path / "spare"), keep_open=keep_open) as f:
+        f.write(data)
+    return f, path, data
+
+
+def test_kept_open_it_is_flushed_unbuffered_and_still_open(tmp_path: Path) -> None:
+    f, path, data = _write(tmp_path, keep_open=True)
+    try:
+        assert path.read_bytes() == data  # on the file, not in a buffer
+        assert f.fd is not None and os.fstat(f.fd).st_size == len(data)
+        assert not isinstance(f.f, io.BufferedWriter)  # its buffer is freed
+        assert f.error is None and f.capture.take().startswith(b"Subject: x\r\n")
+    finally:
+        f.close()
+    assert f.fd is None
+
+
+def test_otherwise_it_is_closed_at_the_end_of_data(tmp_path: Path) -> None:
+    f, path, data = _write(tmp_path, keep_open=False)
+    assert f.fd is None and path.read_bytes() == data
