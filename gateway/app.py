@@ -40,9 +40,9 @@ FD_RESERVE = 256  # descriptors kept free for the spool, filters, DNS, logs, the
 def fd_connection_cap(policy: Policy) -> int:
     """How many client connections this process's open-file limit carries: two descriptors per
     session (its socket, and the spool file while DATA streams in and is committed, or the
-    downstream connection in proxy mode), three per delivery in flight (claim, data file, downstream connection:
-    ``queue.max_active``) and FD_RESERVE kept for the rest. Past it a client gets 421 rather
-    than the accept loop running out of descriptors."""
+    downstream connection in proxy mode), three per delivery in flight (claim, data file,
+    downstream connection: ``queue.max_active``) and FD_RESERVE kept for the rest. Past it a
+    client gets 421 rather than the accept loop running out of descriptors."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY:
         return policy.limits.max_connections
