@@ -5,6 +5,7 @@ destination (queue mode), failover across several downstream hosts (both modes).
 from __future__ import annotations
 
 import email
+import signal
 import smtplib
 import socket
 import threading
@@ -116,6 +117,38 @@ def test_proxy_mode_replaces_a_reused_connection_the_downstream_closes_at_mail(g
             assert code == 250, text
         assert _subjects(sink) == ["m0", "m1", "m2"] and sink.connections == 3
         assert sum(1 for c in sink.commands if c.startswith("MAIL")) == 5  # 2 met a 421
+
+
+def test_proxy_mode_reload_closes_the_old_policys_idle_connections(gateway_factory):
+    """A reload brings new relay settings: the connections kept under the old ones are
+    closed (QUIT), and the next client's transaction opens one under the new."""
+    with Sink() as sink:
+        gw = gateway_factory(_proxy(sink, 30))
+        assert _session(gw, 0)[0] == 250
+        assert sink.open_connections == 1  # kept for the next client
+        before = len(gw.events("reloaded"))
+        gw.write_policy(_proxy(sink, 20))
+        gw.signal(signal.SIGHUP)
+        gw.wait_for(lambda e: e.get("event") == "reloaded"
+                    and len(gw.events("reloaded")) > before)
+        deadline = time.monotonic() + 5
+        while sink.open_connections and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sink.open_connections == 0 and sink.commands[-1] == "QUIT"
+        assert _session(gw, 1)[0] == 250
+        assert _subjects(sink) == ["m0", "m1"] and sink.connections == 2
+
+
+def test_proxy_mode_shutdown_says_quit_on_idle_connections(gateway_factory):
+    with Sink() as sink:
+        gw = gateway_factory(_proxy(sink, 30))
+        assert _session(gw, 0)[0] == 250
+        assert sink.open_connections == 1
+        assert gw.stop() == 0
+        deadline = time.monotonic() + 5
+        while sink.open_connections and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sink.commands[-1] == "QUIT" and sink.open_connections == 0
 
 
 @pytest.mark.parametrize("mode", ["proxy", "queue"])
