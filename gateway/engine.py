@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import fcntl
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -105,17 +103,6 @@ class Transaction:
 
 
 OnCommit = Callable[[str, QueueEntry | None, int | None], None]
-
-
-def _hand_over(fd: int) -> int | None:
-    """A descriptor of its own for the queue manager, sharing the lock ``fd`` holds (one open
-    file: the lock lasts until both are closed); None, with the lock released, if there is
-    no descriptor to spare."""
-    try:
-        return os.dup(fd)
-    except OSError:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
 
 
 class Engine:
@@ -386,12 +373,9 @@ class Engine:
                 # copy, no second inode); the new header lines travel in the metadata.
                 entry = _entry(state, txn, message.size, time.time(), decision,
                                prepend=form[0], skip=form[1])
-                keep = spool_fd is not None and self.on_commit is not None
-                await self.spool.commit_async(entry, message.path, self.syncer, link=True,
-                                              fd=spool_fd, keep_lock=keep)
-                if keep:
-                    assert spool_fd is not None
-                    lock = _hand_over(spool_fd)
+                lock = await self.spool.commit_async(
+                    entry, message.path, self.syncer, link=True, fd=spool_fd,
+                    keep_lock=self.on_commit is not None)
             else:
                 await asyncio.to_thread(self._write_and_commit, state, txn, message, headers,
                                         decision)

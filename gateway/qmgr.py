@@ -183,16 +183,20 @@ class QueueManager:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         finally:
-            if not started:  # stopping or cancelled: the lock goes, the message stays queued
-                os.close(handed.lock)
-                self.busy.discard(qid)
+            if not started:  # stopping or cancelled
+                self._release_handed(qid, handed)
+
+    def _release_handed(self, qid: str, handed: _Handed) -> None:
+        """Give up a claim handed over and not used: the lock goes, the message stays queued
+        (for a scan, or the next start)."""
+        os.close(handed.lock)
+        self.busy.discard(qid)
 
     def _drop_handed(self) -> None:
-        """Release the claims of fresh commits not yet started (stopping: they stay queued)."""
+        """Release the claims of fresh commits not yet started (stopping)."""
         for qid, handed in self._fresh:
             if handed is not None:
-                os.close(handed.lock)
-                self.busy.discard(qid)
+                self._release_handed(qid, handed)
         self._fresh.clear()
 
     async def stop(self, grace_s: float) -> None:

@@ -191,7 +191,7 @@ class Spool:
 
     async def commit_async(self, entry: QueueEntry, data_path: Path, syncer: Syncer,
                            area: Area = "active", *, link: bool = False,
-                           fd: int | None = None, keep_lock: bool = False) -> None:
+                           fd: int | None = None, keep_lock: bool = False) -> int | None:
         """``commit`` for the event loop: the loop makes the quick calls (open, link, rename,
         the metadata write) itself and only the fsyncs go to ``syncer``, which does those of
         all concurrent commits in one thread trip. Cancelled, it leaves nothing queued.
@@ -199,10 +199,20 @@ class Spool:
         locked and fsync'd instead of a new one, unlocked again and left open: closed only
         after the fsync, the file's last close has nothing left to write back (ext4 starts
         the writeback of a file rewritten from size 0 at its close, on the loop). With
-        ``keep_lock`` a successful commit leaves ``fd`` locked: the message's claim, held
-        since before its metadata appeared, for ``claimed``."""
+        ``keep_lock`` (and ``fd``) the lock is kept and a descriptor of its own is returned:
+        the message's claim, held since before its metadata appeared, for ``claimed`` (None,
+        the lock released, if no descriptor is to be had)."""
+        keep = keep_lock and fd is not None
         await syncer.run(self._commit_steps(entry, data_path, area, link, block=False, fd=fd,
-                                            keep_lock=keep_lock), self.root)
+                                            keep_lock=keep), self.root)
+        if not keep:
+            return None
+        assert fd is not None
+        try:
+            return os.dup(fd)  # one open file with ``fd``: the lock lasts until both close
+        except OSError:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
 
     def _commit_steps(self, entry: QueueEntry, data_path: Path, area: Area, link: bool, *,
                       block: bool, fd: int | None = None, keep_lock: bool = False
@@ -353,12 +363,7 @@ class Spool:
         """Own ``qid`` exclusively (across processes) for the ``with`` block; yields its area and
         metadata as read under the lock. SpoolBusy if another owner holds it (or, with ``wait``,
         blocks until released), SpoolMissing if it is no longer queued."""
-        _check_qid(qid)
-        with self._held_lock:
-            if qid in self._held:
-                raise SpoolBusy(f"{qid}: already claimed in this process")
-            self._held.add(qid)
-        try:
+        with self._held_here(qid):
             try:
                 fd = _lock_file(self._data(qid), block=wait)
             except FileNotFoundError:
@@ -369,9 +374,6 @@ class Spool:
                 yield self.load(qid)
             finally:
                 os.close(fd)
-        finally:
-            with self._held_lock:
-                self._held.discard(qid)
 
     @contextlib.contextmanager
     def claimed(self, qid: str, fd: int, entry: QueueEntry, area: Area = "active"
@@ -380,22 +382,24 @@ class Spool:
         descriptor, closed at the end of the block) has held the lock since before the
         metadata appeared, so nobody else can have changed it and ``entry`` is what is on
         disk: no lock to take, nothing to read. SpoolBusy if claimed here already."""
-        try:
-            with self._held_lock:
-                if _check_qid(qid) in self._held:
-                    raise SpoolBusy(f"{qid}: already claimed in this process")
-                self._held.add(qid)
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(os.close, fd)  # whatever happens, last
+            stack.enter_context(self._held_here(qid))
             yield area, entry
+
+    @contextlib.contextmanager
+    def _held_here(self, qid: str) -> Iterator[None]:
+        """``qid`` is claimed through this object for the block (SpoolBusy if it already is)."""
+        _check_qid(qid)
+        with self._held_lock:
+            if qid in self._held:
+                raise SpoolBusy(f"{qid}: already claimed in this process")
+            self._held.add(qid)
+        try:
+            yield
         finally:
-            try:
-                os.close(fd)
-            finally:
-                with self._held_lock:
-                    self._held.discard(qid)
+            with self._held_lock:
+                self._held.discard(qid)
 
     def _require_claim(self, qid: str) -> None:
         with self._held_lock:

@@ -135,10 +135,7 @@ class DownstreamPool:
                 reply = await client.rset()
             except RelayError:
                 return
-            if not reply.is_ok:
-                await client.quit()
-                return
-            if self.closed:  # closed during the RSET
+            if not reply.is_ok or self.closed:  # refused, or the pool closed meanwhile
                 await client.quit()
                 return
         self._idle.setdefault(t, []).append(_Idle(client))

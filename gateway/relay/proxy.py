@@ -42,10 +42,6 @@ def _temp(e: RelayError) -> Reply:
     return DOWNSTREAM_DOWN if e.status == "4.4.1" else DOWNSTREAM_LOST
 
 
-def _text(reply: Reply) -> str:
-    return f"{reply.code} {reply.status} {reply.text}".strip()
-
-
 def _closing(reply: Reply) -> bool:
     """A 421 closes the downstream connection; the client's own session goes on, so it must
     not see a 421 (RFC 5321 3.8): it gets 451 4.4.2 instead."""
@@ -94,26 +90,25 @@ class ProxyRelay:
                 reply = await client.mail(sender.addr, params)
             except RelayError as e:
                 self.client = None
-                if reused:  # it died while it waited in the pool: a new connection
-                    log.debug("reused downstream connection to %s lost at MAIL: %s", t, e)
-                    reuse = False
-                    continue
-                self.last_result = f"MAIL failed: {e}"
-                return _temp(e)
-            if _closing(reply):
+                if not reused:
+                    self.last_result = f"MAIL failed: {e}"
+                    return _temp(e)
+                lost = str(e)
+            else:
+                if not _closing(reply):
+                    if not reply.is_ok:
+                        self.last_result = f"MAIL {reply.code} {reply.status}"
+                        self.mail_reply = reply
+                    return reply
                 self.client = None
-                if reused:
-                    log.debug("reused downstream connection to %s closed at MAIL: %s", t,
-                              _text(reply))
-                    reuse = False
-                    continue
-                self.last_result = f"MAIL {reply.code} {reply.status} (downstream closed)"
-                self.mail_reply = DOWNSTREAM_LOST
-                return DOWNSTREAM_LOST
-            if not reply.is_ok:
-                self.last_result = f"MAIL {reply.code} {reply.status}"
-                self.mail_reply = reply
-            return reply
+                if not reused:
+                    self.last_result = f"MAIL {reply.code} {reply.status} (downstream closed)"
+                    self.mail_reply = DOWNSTREAM_LOST
+                    return DOWNSTREAM_LOST
+                lost = reply.render()
+            # it died while it waited in the pool: once more, on a new connection
+            log.debug("reused downstream connection to %s lost at MAIL: %s", t, lost)
+            reuse = False
 
     async def add_rcpt(self, sender: Address, mail_params: list[str], rcpt: Address,
                        rcpt_params: list[str]) -> Reply:

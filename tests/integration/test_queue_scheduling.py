@@ -117,8 +117,9 @@ async def _commit_kept(spool: Spool, syncer: Syncer, i: int) -> tuple[str, Queue
         entry = QueueEntry(qid=qid, sender="a@sender.test",
                            recipients=(Recipient(addr="r@example.test"),),
                            arrival=time.time(), size=len(data))
-        await spool.commit_async(entry, path, syncer, link=True, fd=fd, keep_lock=True)
-        return qid, entry, os.dup(fd)
+        lock = await spool.commit_async(entry, path, syncer, link=True, fd=fd, keep_lock=True)
+        assert lock is not None
+        return qid, entry, lock
     finally:
         os.close(fd)
         path.unlink()

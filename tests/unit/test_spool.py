@@ -344,17 +344,20 @@ def test_a_kept_lock_is_the_claim_until_claimed_closes_it(tmp_path: Path) -> Non
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.write(fd, payload(qid, 50))
     entry = entry_for(qid, 50)
-    asyncio.run(spool.commit_async(entry, path, Syncer(), link=True, fd=fd, keep_lock=True))
+    lock = asyncio.run(spool.commit_async(entry, path, Syncer(), link=True, fd=fd,
+                                          keep_lock=True))
+    assert lock is not None and lock != fd
+    os.close(fd)  # the writer is done with it: the lock stays, held by the descriptor returned
     with pytest.raises(spool_mod.SpoolBusy):  # locked since the commit
         with spool.claim(qid):
             pass
-    with spool.claimed(qid, fd, entry) as (area, got):
+    with spool.claimed(qid, lock, entry) as (area, got):
         assert (area, got) == ("active", entry)
         with pytest.raises(spool_mod.SpoolBusy):  # one owner in this process too
             with spool.claim(qid):
                 pass
     with pytest.raises(OSError):  # claimed closed the descriptor
-        os.fstat(fd)
+        os.fstat(lock)
     with spool.claim(qid) as (area, got):  # and the lock with it
         assert got == entry
 
