@@ -18,6 +18,7 @@ from typing import Any
 
 from gateway import quarantine
 from gateway import replies as R
+from gateway.dnsextras import defer_package_metadata
 from gateway.dnsresolver import DnsResolver
 from gateway.engine import Engine
 from gateway.errors import PolicyError
@@ -79,6 +80,7 @@ class ConnectionCounter:
 
 def load_engine(path: Path) -> Engine:
     """Load and fully validate a policy (filters built); raises PolicyError."""
+    defer_package_metadata()  # before a filter imports dnspython (gateway/dnsextras.py)
     policy = load_policy(path)
     services = Services(hostname=policy.hostname, resolver=DnsResolver(policy.dns),
                         policy_dir=Path(path).parent)

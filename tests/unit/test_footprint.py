@@ -104,3 +104,85 @@ def test_ended_sessions_are_freed_at_once_not_by_the_cyclic_collector(tmp_path: 
     assert result["made"] == 5
     assert result["alive"] == 0, result
     assert not {"SmtpServer", "StreamReader", "StreamWriter", "Task"} & set(result["garbage"])
+
+
+METADATA_PROBE = """
+import json, sys
+from pathlib import Path
+from gateway.app import Runtime
+Runtime(Path(sys.argv[1]))
+import dns._features
+out = {"stand_in": type(sys.modules["importlib.metadata"]).__name__,
+       "loaded": sorted(m for m in ("zipfile", "csv", "tempfile") if m in sys.modules),
+       "features": {f: dns._features.have(f) for f in dns._features._requirements}}
+from importlib.metadata import version
+out["dnspython"] = version("dnspython")
+out["after"] = type(sys.modules["importlib.metadata"]).__name__
+print(json.dumps(out))
+"""
+
+REFERENCE_PROBE = """
+import json, importlib.metadata, dns._features
+print(json.dumps({"features": {f: dns._features.have(f) for f in dns._features._requirements},
+                  "dnspython": importlib.metadata.version("dnspython")}))
+"""
+
+
+def _probe(code: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).parents[2], env=env)
+    assert out.returncode == 0, out.stderr
+    result: dict[str, Any] = json.loads(out.stdout.splitlines()[-1])
+    return result
+
+
+def test_dns_filters_do_not_load_importlib_metadata_and_dnspython_sees_the_same_extras(
+        tmp_path: Path) -> None:
+    """dnspython asks importlib.metadata about its optional extras at import (2.1 MB with
+    zipfile, csv, tempfile): the gateway answers "off" for the extras whose packages are not
+    there, as dnspython would, and importlib.metadata still works when asked."""
+    filters = [{"name": "rcpt", "recipients": ["@example.test"]}, {"name": "spf"},
+               {"name": "dkim"}, {"name": "dmarc"}]
+    policy = base_policy("smtp://127.0.0.1:2525", spool={"directory": str(tmp_path / "spool")},
+                         filters=filters)
+    path = tmp_path / "policy.toml"
+    path.write_text(dumps(policy))
+    got = _probe(METADATA_PROBE, str(path))
+    want = _probe(REFERENCE_PROBE)
+    assert got["stand_in"] == "_Deferred"
+    assert got["loaded"] == []
+    assert got["features"] == want["features"]
+    assert got["dnspython"] == want["dnspython"]  # the stand-in loads the real module
+    assert got["after"] == "module"
+
+
+PRESENT_EXTRA_PROBE = """
+import json, sys
+from gateway.dnsextras import defer_package_metadata
+first = defer_package_metadata()
+untouched = "dns" not in sys.modules
+import dns._features
+forced = dict(dns._features._cache)
+before = type(sys.modules["importlib.metadata"]).__name__
+have = dns._features.have("idna")
+print(json.dumps({"first": first, "untouched": untouched, "again": defer_package_metadata(), "forced": forced,
+                  "before": before, "have": have,
+                  "after": type(sys.modules["importlib.metadata"]).__name__}))
+"""
+
+
+def test_an_extra_whose_package_is_present_is_left_to_dnspythons_version_check(
+        tmp_path: Path) -> None:
+    """An importable "idna" (here without an installed distribution, so its version is
+    unknown) is not forced off: dnspython asks importlib.metadata, which loads then."""
+    (tmp_path / "idna").mkdir()
+    (tmp_path / "idna" / "__init__.py").write_text("")
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path.cwd())])}
+    got = _probe(PRESENT_EXTRA_PROBE, env=env)
+    assert got["first"] is True and got["again"] is False and got["untouched"] is True
+    assert "idna" not in got["forced"] and got["forced"].get("dnssec") is False
+    assert got["before"] == "_Deferred"
+    assert got["have"] is False  # no installed distribution: dnspython's own answer
+    assert got["after"] == "module"

@@ -1,0 +1,99 @@
+"""dnspython's optional extras, answered without loading ``importlib.metadata``.
+
+On import, dnspython asks ``importlib.metadata`` for the versions of the packages behind its
+optional extras (``dns._features.have``: DNSSEC, DoH, DoQ, IDNA 2008, trio, WMI). Loading
+``importlib.metadata`` brings ``zipfile``, ``csv``, ``tempfile`` and ``importlib.resources``
+with it: 2.1 MB of resident memory per gateway process running DNS filters, to learn that
+packages which are not installed are not installed.
+
+:func:`defer_package_metadata` runs before the policy's filters are imported. It puts a
+stand-in for ``importlib.metadata`` in ``sys.modules`` that loads the real module at the first
+attribute asked of it, and a one-shot import hook: right after ``dns._features`` has run (if
+a filter imports dnspython at all), each extra one of whose packages no import can find gets
+the answer dnspython would reach, "off", through dnspython's own ``dns._features.force``. An
+extra whose packages are all present is left to dnspython's version check, which then loads
+``importlib.metadata`` as before; so does an entry-point filter (gateway/registry.py).
+(``importlib.util.LazyLoader`` cannot serve: on 3.11 the import statement itself reads the
+lazy module's ``__spec__``, which loads it.)
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import importlib.util
+import sys
+import types
+from typing import Any
+
+METADATA = "importlib.metadata"
+FEATURES = "dns._features"
+
+
+class _Deferred(types.ModuleType):
+    """In ``sys.modules`` for a module not loaded yet: the first attribute it lacks loads the
+    real module (which takes its place there and on the parent package) and is read from it."""
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):  # the import system's probes (__path__, __file__, ...)
+            raise AttributeError(attr)
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), attr)
+
+
+class _FeaturesHook:
+    """A ``sys.meta_path`` finder for ``dns._features`` alone, removed at its first use: it
+    finds the module the usual way and runs :func:`_force_absent` after the module's code."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None
+                  ) -> importlib.machinery.ModuleSpec | None:
+        if name != FEATURES:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenForce(spec.loader)  # type: ignore[assignment]  # duck-typed
+        return spec
+
+
+class _ThenForce:
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        module: types.ModuleType | None = self.loader.create_module(spec)
+        return module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self.loader.exec_module(module)
+        _force_absent(module)
+
+    def __getattr__(self, attr: str) -> Any:  # get_source and the like, for tracebacks
+        return getattr(self.loader, attr)
+
+
+def defer_package_metadata() -> bool:
+    """Set up the above; False (and nothing changed) when either module is already loaded."""
+    if METADATA in sys.modules or FEATURES in sys.modules:
+        return False
+    stand_in = _Deferred(METADATA)
+    sys.modules[METADATA] = stand_in
+    importlib.metadata = stand_in  # what an import binds
+    sys.meta_path.insert(0, _FeaturesHook())
+    return True
+
+
+def _force_absent(features: Any) -> None:
+    requirements: dict[str, list[str]] = getattr(features, "_requirements", {})
+    for feature, needs in requirements.items():
+        packages = [need.split(">=")[0].strip().replace("-", "_") for need in needs]
+        if any(_absent(p) for p in packages):
+            features.force(feature, False)
+
+
+def _absent(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is None
+    except (ImportError, ValueError):
+        return True
