@@ -32,9 +32,21 @@ def _kv_value(v: Any) -> str:
     return s
 
 
+_last_second: tuple[int, str] = (-1, "")  # the last second formatted, and its text
+
+
 def _ts(record: logging.LogRecord) -> str:
-    t = time.gmtime(record.created)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z"
+    global _last_second
+    second, text = _last_second  # one read: threads log too
+    if second != int(record.created):  # a message's few lines share their second: format once
+        second = int(record.created)
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _last_second = (second, text)
+    return f"{text}.{int(record.msecs):03d}Z"
+
+
+# json.dumps with options builds its encoder per call; one line a message and more deserve one
+_encode_line = json.JSONEncoder(default=str, ensure_ascii=False).encode
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -63,7 +75,7 @@ class JsonFormatter(logging.Formatter):
             out["msg"] = record.getMessage()
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return _encode_line(out)
 
 
 def setup_logging(fmt: str = "kv", level: str = "info") -> None:

@@ -79,6 +79,11 @@ def _thaw(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+# json.dumps with options builds its encoder per call: these run for every message
+_encode_decision = json.JSONEncoder(default=_thaw).encode
+_encode_entry = json.JSONEncoder(default=_thaw, separators=(",", ":")).encode
+
+
 @dataclass(frozen=True, kw_only=True)
 class Recipient:
     addr: str
@@ -146,7 +151,7 @@ class QueueEntry:
         # JSON cannot hold fails here rather than at commit time.
         decision = self.decision
         if type(decision) is not _ReadFromJson:  # that one is JSON's own output already
-            decision = json.loads(json.dumps(decision, default=_thaw))
+            decision = json.loads(_encode_decision(decision))
         object.__setattr__(self, "decision", _freeze(decision))
         object.__setattr__(self, "mail_params", tuple(self.mail_params))
         object.__setattr__(self, "recipients", tuple(self.recipients))
@@ -200,7 +205,7 @@ class QueueEntry:
                "mail_params": self.mail_params,
                "recipients": [r.to_obj() for r in self.recipients],
                "prepend": base64.b64encode(self.prepend).decode("ascii"), "skip": self.skip}
-        return json.dumps(obj, default=_thaw, separators=(",", ":"))
+        return _encode_entry(obj)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> QueueEntry:
