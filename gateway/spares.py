@@ -113,7 +113,7 @@ class SpareFiles:
                 continue
         return emptied
 
-    def create(self, path: Path) -> int:
+    def create(self, path: Path | str) -> int:
         """A new empty file at ``path``, mode 0600, open for writing: like ``os.open(path,
         O_WRONLY | O_CREAT | O_EXCL, 0o600)`` (FileExistsError if ``path`` exists), but reusing
         a spare when there is one."""
@@ -139,7 +139,7 @@ class SpareFiles:
             return fd
         return os.open(path, _CREATE, 0o600)
 
-    def discard(self, path: Path, *, missing_ok: bool = False,
+    def discard(self, path: Path | str, *, missing_ok: bool = False,
                 defer: Defer | None = None) -> None:
         """Delete ``path`` (FileNotFoundError if it is missing, unless ``missing_ok``) like an
         unlink, keeping its inode as a spare when it has no other name and there is room.
@@ -152,7 +152,7 @@ class SpareFiles:
                     or not stat.S_ISREG(st.st_mode)):
                 os.unlink(path)
                 return
-            spare = self._prefix + path.name
+            spare = self._prefix + os.path.basename(path)
             os.rename(path, spare)
         except FileNotFoundError:
             if missing_ok:

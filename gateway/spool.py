@@ -91,7 +91,7 @@ class RecoveryReport:
     problems: tuple[str, ...] = ()  # one "path: reason" per file moved to corrupt/
 
 
-def _lock_file(path: Path, *, block: bool) -> int:
+def _lock_file(path: Path | str, *, block: bool) -> int:
     """Open ``path`` and flock it exclusively; returns the fd. FileNotFoundError when the path is
     gone (or now names another inode), BlockingIOError when locked and ``block`` is false."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -111,6 +111,11 @@ def _lock_fd(fd: int, path: Path | str, *, block: bool) -> None:
     if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
         fcntl.flock(fd, fcntl.LOCK_UN)
         raise FileNotFoundError(path)
+
+
+def _unlink_missing_ok(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _free_name(directory: Path, name: str) -> Path:
@@ -167,11 +172,11 @@ class Spool:
         """Where DATA for ``qid`` streams in before ``commit``."""
         return self._dirs["incoming"] / f"{_check_qid(qid)}{_TMP}"
 
-    def _data(self, qid: str) -> Path:
-        return self._dirs["data"] / _check_qid(qid)
+    def _data(self, qid: str) -> str:
+        return self._prefix["data"] + _check_qid(qid)
 
-    def _meta(self, area: Area, qid: str) -> Path:
-        return self._dirs[area] / f"{_check_qid(qid)}{_META}"
+    def _meta(self, area: Area, qid: str) -> str:
+        return f"{self._prefix[area]}{_check_qid(qid)}{_META}"
 
     def _find(self, qid: str) -> Area | None:
         name = f"{_check_qid(qid)}{_META}"
@@ -246,7 +251,7 @@ class Spool:
             if renamed:  # we checked that no metadata existed: whatever is there is ours
                 for leftover in (self._meta(area, qid), final):
                     try:  # each on its own: an unusable area must not keep the data file
-                        leftover.unlink(missing_ok=True)
+                        _unlink_missing_ok(leftover)
                     except OSError as cleanup:
                         log.error("commit %s: cannot remove %s: %s", qid, leftover, cleanup)
             if isinstance(e, OSError):
@@ -263,7 +268,7 @@ class Spool:
 
     def _meta_steps(self, entry: QueueEntry, area: Area) -> SyncSteps:
         final = self._meta(area, entry.qid)
-        tmp = final.with_name(final.name + _TMP)
+        tmp = final + _TMP
         payload = entry.to_json().encode("ascii")
         try:
             try:
@@ -280,7 +285,7 @@ class Spool:
                 os.close(fd)
             os.rename(tmp, final)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            _unlink_missing_ok(tmp)
             raise
         yield area
 
