@@ -41,14 +41,17 @@ class TraceInfo:
 
 
 def received_header(t: TraceInfo, now: float | None = None) -> bytes:
+    return fold("Received", received_value(t, now))
+
+
+def received_value(t: TraceInfo, now: float | None = None) -> str:
+    """The Received: field's value, unfolded."""
     helo = t.helo or "unknown"
     ip = f"IPv6:{t.client_ip}" if ":" in t.client_ip else t.client_ip
-    parts = [f"from {helo} ([{ip}])", f"by {t.hostname} (mailgate)", f"with {t.protocol}",
-             f"id {t.qid}"]
-    if t.rcpt:
-        parts.append(f"for <{t.rcpt}>")
+    rcpt = f" for <{t.rcpt}>" if t.rcpt else ""
     date = email.utils.formatdate(now, localtime=False, usegmt=True)
-    return fold("Received", " ".join(parts) + f"; {date}")
+    return (f"from {helo} ([{ip}]) by {t.hostname} (mailgate) with {t.protocol} id {t.qid}"
+            f"{rcpt}; {date}")
 
 
 def raw_field(name: str, value: str) -> bytes:
@@ -66,6 +69,8 @@ def raw_field(name: str, value: str) -> bytes:
 
 
 def _sanitize(value: str) -> str:
+    if "\r" not in value and "\n" not in value:
+        return value
     return re.sub(r"[\r\n]+", " ", value)
 
 

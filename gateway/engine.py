@@ -25,7 +25,7 @@ from gateway.edits import (
     build_headers,
     message_chunks,
     queued_form,
-    received_header,
+    received_value,
 )
 from gateway.errors import SpoolError
 from gateway.filterapi import Action, Client, Decided, FilterContext, RemoveHeader, Stage
@@ -446,11 +446,10 @@ class Engine:
         if h.received:
             proto = ("UTF8SMTP" if txn.utf8 else "ESMTP" if state.esmtp else "SMTP") + \
                 ("S" if state.tls else "")
-            raw = received_header(TraceInfo(self.policy.hostname, txn.qid, state.client_ip,
-                                            state.helo, proto,
-                                            txn.rcpts[0].addr if len(txn.rcpts) == 1 else None))
-            name, _, value = raw.decode("utf-8").partition(":")
-            out.append((name, " ".join(value.split())))
+            value = received_value(TraceInfo(self.policy.hostname, txn.qid, state.client_ip,
+                                             state.helo, proto,
+                                             txn.rcpts[0].addr if len(txn.rcpts) == 1 else None))
+            out.append(("Received", " ".join(value.split())))
         if h.spam_headers:
             pre = h.spam_header_prefix
             t = cls.thresholds

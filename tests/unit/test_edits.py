@@ -61,3 +61,38 @@ def test_an_edited_header_block_over_the_cap_is_not_kept_in_the_metadata(tmp_pat
                               subject_tag="")
     assert queued_form(m, untouched, max_prepend_bytes=100) == (  # new lines are never capped
         b"X-Long: " + b"x" * 500 + b"\r\n", 0)
+
+
+@pytest.mark.parametrize("rcpt", [None, "user@example.test", '"two  spaces"@example.test'])
+@pytest.mark.parametrize("ip", ["192.0.2.7", "2001:db8::7"])
+def test_the_received_value_is_the_folded_header_unfolded(ip: str, rcpt: str | None) -> None:
+    """The engine puts ``received_value`` (whitespace runs collapsed) through the header
+    builder, which folds it: the same field ``received_header`` gives (spamd's filter)."""
+    from gateway.edits import TraceInfo, received_header, received_value
+
+    t = TraceInfo("mx.example.test", "06H2G6HK9XSA9BT9", ip, "client.example.test",
+                  "ESMTPS", rcpt)
+    folded = received_header(t, 1764410000.0)
+    value = received_value(t, 1764410000.0)
+    assert folded.startswith(b"Received: from client.example.test ([")
+    assert b"\r\n\t" in folded  # long enough to be folded
+    name, _, unfolded = folded.decode().partition(":")
+    assert name == "Received" and " ".join(unfolded.split()) == " ".join(value.split())
+    ip_text = f"IPv6:{ip}" if ":" in ip else ip
+    rcpt_text = f" for <{rcpt}>" if rcpt else ""
+    assert value == (f"from client.example.test ([{ip_text}]) by mx.example.test (mailgate) with "
+                     f"ESMTPS id 06H2G6HK9XSA9BT9{rcpt_text}; Sat, 29 Nov 2025 09:53:20 GMT")
+    built = build_headers(message_stub(), [("Received", " ".join(value.split()))], [],
+                          action=Action.ACCEPT, subject_tag="")
+    collapsed = rcpt is not None and "  " in rcpt  # as the engine's value had been before
+    assert built == (folded.replace(b"two  spaces", b"two spaces") if collapsed else folded)
+
+
+def message_stub() -> Message:
+    return Message.from_head(Path("/nonexistent"), 2, b"\r\n")
+
+
+def test_header_values_lose_their_line_breaks() -> None:
+    built = build_headers(message_stub(), [("X-Note", "one\r\ntwo\nthree")], [],
+                          action=Action.ACCEPT, subject_tag="")
+    assert built == b"X-Note: one two three\r\n"
