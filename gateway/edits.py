@@ -81,6 +81,11 @@ def build_headers(message: Message, prepend: Iterable[tuple[str, str]], edits: I
     removes = [e for e in edits if isinstance(e, RemoveHeader)]
     adds = [e for e in edits if isinstance(e, AddHeader)]
     out.extend(fold(e.name, _sanitize(e.value)) for e in adds)
+    if action is not Action.REWRITE_SUBJECT and not _may_remove(message, removes):
+        lines = message.header_lines  # nothing in the block changes: copy it whole
+        if lines is not None:
+            out.append(lines)
+            return b"".join(out)
     tagged = False
     for h in message.headers:
         if any(_removes(r, h) for r in removes):
@@ -94,6 +99,19 @@ def build_headers(message: Message, prepend: Iterable[tuple[str, str]], edits: I
     if action is Action.REWRITE_SUBJECT and not tagged:
         out.append(fold("Subject", subject_tag))
     return b"".join(out)
+
+
+def _may_remove(message: Message, removes: list[RemoveHeader]) -> bool:
+    """Whether any of ``removes`` may name a header of ``message``: False when none of their
+    names (ASCII) occurs anywhere in the header block, in any case."""
+    if not removes:
+        return False
+    block = message.header_bytes.lower()
+    for r in removes:
+        name = r.name.lower()
+        if not name.isascii() or name.encode() in block:
+            return True
+    return False
 
 
 def _removes(r: RemoveHeader, h: Header) -> bool:

@@ -56,9 +56,31 @@ class Message:
     path: Path
     size: int
     header_bytes: bytes  # the header block including the blank line that ends it (if any)
-    headers: tuple[Header, ...]
     # what filters derive from the message once and share (e.g. gateway.mime's parse)
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    _headers: tuple[Header, ...] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def headers(self) -> tuple[Header, ...]:
+        """The header block split into headers, at first use: a relay whose filters read no
+        header never splits it (``edits.build_headers`` copies an unedited block whole)."""
+        headers = self._headers
+        if headers is None:
+            headers = tuple(split_headers(self.header_bytes))
+            object.__setattr__(self, "_headers", headers)
+        return headers
+
+    @property
+    def header_lines(self) -> bytes | None:
+        """The header block without the blank line that ends it: the headers' ``raw`` bytes
+        joined, read off the block without splitting it. None when the block's last line has
+        no CRLF (only the split form then says what the headers are)."""
+        block = self.header_bytes
+        if block.endswith(b"\r\n\r\n") or block == b"\r\n":
+            return block[:-2]
+        if block.endswith(b"\r\n") or not block:
+            return block
+        return None
 
     @classmethod
     def from_spool(cls, path: Path, size: int) -> Message:
@@ -80,7 +102,7 @@ class Message:
         else:  # no end of headers within the cap: keep whole lines only
             cut = head.rfind(b"\r\n")
             block = head[: cut + 2] if cut >= 0 else b""
-        return cls(path, size, block, tuple(split_headers(block)))
+        return cls(path, size, block)
 
     @property
     def body_offset(self) -> int:

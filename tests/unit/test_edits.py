@@ -96,3 +96,34 @@ def test_header_values_lose_their_line_breaks() -> None:
     built = build_headers(message_stub(), [("X-Note", "one\r\ntwo\nthree")], [],
                           action=Action.ACCEPT, subject_tag="")
     assert built == b"X-Note: one two three\r\n"
+
+
+EXTRA_SHAPES = {
+    **SHAPES,
+    "folded and odd lines": b"Received: from a\r\n\tby b\r\n  leading: space\r\nX-Spam-Flag: YES\r\n"
+                            b"Subject: s\r\n\r\nbody\r\n",
+    "no CRLF after the last header": b"From: a@b.test\r\nSubject: hi",
+    "capped block": b"From: a@b.test\r\n" + b"X-Long: " + b"y" * 40 + b"\r\n",
+}
+
+
+@pytest.mark.parametrize("shape", EXTRA_SHAPES)
+@pytest.mark.parametrize("remove", [None, "X-Absent", "x-spam-", "Subject"])
+def test_an_unedited_header_block_is_copied_whole_as_the_split_headers_would_give_it(
+        tmp_path: Path, shape: str, remove: str | None) -> None:
+    """``build_headers`` copies the block without splitting it when no edit can touch it; the
+    result is what the header-by-header path gives (forced here by a removal whose non-ASCII
+    name matches nothing)."""
+    data = EXTRA_SHAPES[shape]
+    edits = [RemoveHeader(remove, name_prefix=remove.endswith("-"))] if remove else []
+    prepend = [("Received", "from x by y; date")]
+    m = message(tmp_path, data)
+    got = build_headers(m, prepend, edits, action=Action.ACCEPT, subject_tag="[SPAM]")
+    copied = m._headers is None  # the block was never split
+    slow = build_headers(message(tmp_path, data), prepend, [*edits, RemoveHeader("ñ-none")],
+                         action=Action.ACCEPT, subject_tag="[SPAM]")
+    assert got == slow
+    name = (remove or "").lower().encode()
+    touched = remove is not None and name in data.lower().split(b"\r\n\r\n")[0]
+    complete = data.split(b"\r\n\r\n")[0].endswith(b"\r\n") or b"\r\n\r\n" in data or not data
+    assert copied == (not touched and complete), (copied, touched, complete)
