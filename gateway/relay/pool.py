@@ -52,7 +52,7 @@ class DownstreamPool:
         """A connected client for one transaction; give it back by leaving the block normally
         (kept for reuse, after an RSET if a transaction is still open) — an exception closes
         it."""
-        await self._reap()
+        await self._reap_unless_timed()
         sem = self._sems.setdefault(t, asyncio.Semaphore(self.max_per_destination))
         self._users[t] = self._users.get(t, 0) + 1
         try:
@@ -75,11 +75,18 @@ class DownstreamPool:
         (``True``: reused, so it may turn out stale at the next command) or, without one or
         ``reuse``, a new one. Give it back with ``release``; after an error it is closed
         already (``DownstreamClient``)."""
-        await self._reap()
+        await self._reap_unless_timed()
         client = await self._reuse(t) if reuse else None
         if client is not None:
             return client, True
         return await self._connect(t), False
+
+    async def _reap_unless_timed(self) -> None:
+        """``_reap`` before taking a connection, unless the reaper's timer is set to do it
+        (it is whenever connections are idle): a scan of every idle connection for each
+        message cost more than the reaping, at a few hundred of them."""
+        if self._reaper is None:
+            await self._reap()
 
     async def _reap(self) -> None:
         """Close idle connections past ``idle_s`` for every destination, not only the one in
@@ -89,8 +96,10 @@ class DownstreamPool:
         now = time.monotonic()
         expired: list[_Idle] = []
         for t, items in list(self._idle.items()):
-            keep = [i for i in items if now - i.since <= self.idle_s and not i.client.closed]
-            expired += [i for i in items if not any(i is k for k in keep)]
+            keep: list[_Idle] = []
+            for i in items:
+                (keep if now - i.since <= self.idle_s and not i.client.closed
+                 else expired).append(i)
             items[:] = keep
             if not items:
                 del self._idle[t]
