@@ -43,6 +43,7 @@ writes it), the domain in A-label form, the path as written including ``<>``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import string
 import unicodedata
@@ -487,6 +488,7 @@ def _quote_local(local: str) -> str:
 # --- domains ---------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)  # the same few domains come in message after message
 def _domain_key(domain: str) -> str:
     """Validate a Domain (LDH labels or U-labels) and return its lower-case A-label form."""
     if not domain:
