@@ -169,7 +169,8 @@ class Engine:
     # -- stages ---------------------------------------------------------------------------
     async def on_connect(self, state: SessionState) -> Reply | None:
         """None to greet normally, or the refusal to greet with (554)."""
-        out = await self.pipeline.run_stage(Stage.CONNECT, self._ctx(Stage.CONNECT, state, None))
+        out = (await self.pipeline.run_stage(Stage.CONNECT, self._ctx(Stage.CONNECT, state, None))
+               if self.pipeline.has(Stage.CONNECT) else {})
         state.outcomes.extend(out.values())
         d = self._early(state, None, out.values(), Stage.CONNECT)
         if d is not None:
@@ -184,7 +185,8 @@ class Engine:
     async def on_helo(self, state: SessionState) -> None:
         state.outcomes = [o for o in state.outcomes if o.stage is Stage.CONNECT]
         state.delayed = None
-        out = await self.pipeline.run_stage(Stage.HELO, self._ctx(Stage.HELO, state, None))
+        out = (await self.pipeline.run_stage(Stage.HELO, self._ctx(Stage.HELO, state, None))
+               if self.pipeline.has(Stage.HELO) else {})
         state.outcomes.extend(out.values())
         state.delayed = self._early(state, None, out.values(), Stage.HELO)
 
@@ -198,8 +200,9 @@ class Engine:
             log.error("spool %s: less than %d bytes free, refusing mail", self.spool.root,
                       self.min_free_bytes)
             return Reply(452, "4.3.1", f"Insufficient system storage ({txn.qid})")
-        out = await self.pipeline.run_stage(Stage.MAIL, self._ctx(Stage.MAIL, state, txn),
-                                            background=self.background, pending=txn.pending)
+        out = (await self.pipeline.run_stage(Stage.MAIL, self._ctx(Stage.MAIL, state, txn),
+                                             background=self.background, pending=txn.pending)
+               if self.pipeline.has(Stage.MAIL) else {})
         txn.scorecard.add(out.values())
         d = self._early(state, txn, out.values(), Stage.MAIL)
         if d is not None:
@@ -246,7 +249,7 @@ class Engine:
             return SPLIT_TRANSPORT, "split:transport"
         out = await self.pipeline.run_stage(
             Stage.RCPT, self._ctx(Stage.RCPT, state, txn, rcpt=rcpt, policy_class=cls.name),
-            skip=cls.skip_filters)
+            skip=cls.skip_filters) if self.pipeline.has(Stage.RCPT) else {}
         d = self._early(state, txn, out.values(), Stage.RCPT, cls)
         if d is not None:
             assert d.reply is not None
@@ -305,7 +308,7 @@ class Engine:
             txn.scorecard.add(await collect(txn.pending))
         out = await self.pipeline.run_stage(
             Stage.MESSAGE, self._ctx(Stage.MESSAGE, state, txn, message=message),
-            skip=cls.skip_filters)
+            skip=cls.skip_filters) if self.pipeline.has(Stage.MESSAGE) else {}
         txn.scorecard.add(out.values())
         all_out = self._symbols(state, txn)
         card = Scorecard(all_out)

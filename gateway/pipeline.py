@@ -58,6 +58,10 @@ class Pipeline:
         self.has_signers = any(f.signs for f in self.chain)
         self.has_deciders = any(f.decides for f in self.chain)
 
+    def has(self, stage: Stage) -> bool:
+        """Whether any filter runs at ``stage`` (else the caller need not build a context)."""
+        return bool(self._by_stage[stage])
+
     async def run_stage(self, stage: Stage, ctx: FilterContext,
                         skip: frozenset[str] = frozenset(),
                         background: frozenset[str] = frozenset(),
@@ -72,7 +76,7 @@ class Pipeline:
             return {}
         if len(todo) == 1 and not (pending is not None and todo[0].name in background):
             f = todo[0]  # the common case of a stage with one filter: no task, no gather
-            fctx = dataclasses.replace(ctx, stage=stage, results=dict(ctx.results))
+            fctx = ctx if ctx.stage is stage else dataclasses.replace(ctx, stage=stage)
             return {f.name: await self._call(f, stage, fctx)}
         results = dict(ctx.results)
         tasks: dict[str, asyncio.Task[FilterOutcome]] = {}

@@ -128,6 +128,23 @@ def test_skip_and_stage_selection():
     out = asyncio.run(p.run_stage(Stage.MESSAGE, CTX, skip=frozenset({"a"})))
     assert list(out) == ["b"]
     assert asyncio.run(p.run_stage(Stage.RCPT, CTX)) == {}
+    # what the engine asks before building a stage's context
+    assert p.has(Stage.MESSAGE) and not p.has(Stage.RCPT) and not p.has(Stage.CONNECT)
+
+
+def test_a_lone_filter_sees_the_stage_it_runs_at():
+    """One filter at a stage runs on the caller's context, re-staged if it was made for
+    another stage."""
+    seen: list[Stage] = []
+
+    class Stages(Sleepy):
+        async def on_message(self, ctx):
+            seen.append(ctx.stage)
+            return await super().on_message(ctx)
+
+    p = Pipeline([loaded("s", Stages("s", 0))])
+    assert list(asyncio.run(p.run_stage(Stage.MESSAGE, dataclasses.replace(CTX, stage=Stage.RCPT))))
+    assert seen == [Stage.MESSAGE]
 
 
 class Where(Sleepy):
