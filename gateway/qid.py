@@ -7,6 +7,7 @@ creation time; within a millisecond they stay unique per process.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import os
 import threading
@@ -17,12 +18,13 @@ _counter = itertools.count(int.from_bytes(os.urandom(2), "big"))
 _lock = threading.Lock()
 
 
-def _encode(n: int, width: int) -> str:
-    out = []
-    for _ in range(width):
-        n, r = divmod(n, 32)
-        out.append(ALPHABET[r])
-    return "".join(reversed(out))
+# RFC 4648 base32 writes 5-bit groups most significant first, as the IDs do: its output, its
+# alphabet swapped for Crockford's, is the encoding (80 bits: 16 characters, no padding)
+_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", ALPHABET.encode())
+
+
+def _encode(n: int) -> str:
+    return base64.b32encode(n.to_bytes(10, "big")).translate(_CROCKFORD).decode("ascii")
 
 
 def new_qid() -> str:
@@ -30,7 +32,7 @@ def new_qid() -> str:
     with _lock:
         seq = next(_counter) & 0xFFFF
     tail = ((os.getpid() & 0xFFFF) << 16) | seq
-    return _encode((ms << 32) | tail, 16)
+    return _encode((ms << 32) | tail)
 
 
 def new_session_id() -> str:
