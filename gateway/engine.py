@@ -162,6 +162,18 @@ class Engine:
             "sender_params": _params_dict(txn.mail_params),
             "policy_class": (txn.cls or self.policy.default_class).name, **kw})
 
+    async def _run_stage(self, stage: Stage, state: SessionState, txn: Transaction | None, *,
+                         skip: frozenset[str] = frozenset(),
+                         background: frozenset[str] = frozenset(),
+                         pending: dict[str, asyncio.Task[FilterOutcome]] | None = None,
+                         **ctx: Any) -> dict[str, FilterOutcome]:
+        """``Pipeline.run_stage`` on a context with ``ctx``'s fields; none is made for a stage
+        no filter runs at."""
+        if not self.pipeline.has(stage):
+            return {}
+        return await self.pipeline.run_stage(stage, self._ctx(stage, state, txn, **ctx),
+                                             skip, background, pending)
+
     def _symbols(self, state: SessionState, txn: Transaction | None,
                  extra: Iterable[FilterOutcome] = ()) -> list[FilterOutcome]:
         return [*state.outcomes, *(txn.scorecard.outcomes if txn else []), *extra]
@@ -169,8 +181,7 @@ class Engine:
     # -- stages ---------------------------------------------------------------------------
     async def on_connect(self, state: SessionState) -> Reply | None:
         """None to greet normally, or the refusal to greet with (554)."""
-        out = (await self.pipeline.run_stage(Stage.CONNECT, self._ctx(Stage.CONNECT, state, None))
-               if self.pipeline.has(Stage.CONNECT) else {})
+        out = await self._run_stage(Stage.CONNECT, state, None)
         state.outcomes.extend(out.values())
         d = self._early(state, None, out.values(), Stage.CONNECT)
         if d is not None:
@@ -185,8 +196,7 @@ class Engine:
     async def on_helo(self, state: SessionState) -> None:
         state.outcomes = [o for o in state.outcomes if o.stage is Stage.CONNECT]
         state.delayed = None
-        out = (await self.pipeline.run_stage(Stage.HELO, self._ctx(Stage.HELO, state, None))
-               if self.pipeline.has(Stage.HELO) else {})
+        out = await self._run_stage(Stage.HELO, state, None)
         state.outcomes.extend(out.values())
         state.delayed = self._early(state, None, out.values(), Stage.HELO)
 
@@ -200,9 +210,8 @@ class Engine:
             log.error("spool %s: less than %d bytes free, refusing mail", self.spool.root,
                       self.min_free_bytes)
             return Reply(452, "4.3.1", f"Insufficient system storage ({txn.qid})")
-        out = (await self.pipeline.run_stage(Stage.MAIL, self._ctx(Stage.MAIL, state, txn),
-                                             background=self.background, pending=txn.pending)
-               if self.pipeline.has(Stage.MAIL) else {})
+        out = await self._run_stage(Stage.MAIL, state, txn, background=self.background,
+                                    pending=txn.pending)
         txn.scorecard.add(out.values())
         d = self._early(state, txn, out.values(), Stage.MAIL)
         if d is not None:
@@ -247,9 +256,8 @@ class Engine:
         current = txn.relay.transport if txn.relay is not None else None
         if current is not None and transport != current:
             return SPLIT_TRANSPORT, "split:transport"
-        out = await self.pipeline.run_stage(
-            Stage.RCPT, self._ctx(Stage.RCPT, state, txn, rcpt=rcpt, policy_class=cls.name),
-            skip=cls.skip_filters) if self.pipeline.has(Stage.RCPT) else {}
+        out = await self._run_stage(Stage.RCPT, state, txn, skip=cls.skip_filters, rcpt=rcpt,
+                                    policy_class=cls.name)
         d = self._early(state, txn, out.values(), Stage.RCPT, cls)
         if d is not None:
             assert d.reply is not None
@@ -306,9 +314,8 @@ class Engine:
                    else await asyncio.to_thread(Message.from_spool, spool, size))
         if txn.pending:  # background filters (SPF) ran while RCPT and DATA streamed in
             txn.scorecard.add(await collect(txn.pending))
-        out = await self.pipeline.run_stage(
-            Stage.MESSAGE, self._ctx(Stage.MESSAGE, state, txn, message=message),
-            skip=cls.skip_filters) if self.pipeline.has(Stage.MESSAGE) else {}
+        out = await self._run_stage(Stage.MESSAGE, state, txn, skip=cls.skip_filters,
+                                    message=message)
         txn.scorecard.add(out.values())
         all_out = self._symbols(state, txn)
         card = Scorecard(all_out)
