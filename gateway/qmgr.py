@@ -32,6 +32,7 @@ from gateway.relay import maildir
 from gateway.relay.client import DownstreamClient
 from gateway.relay.pool import DownstreamPool
 from gateway.relay.transport import Transport, transport_for
+from gateway.replies import Reply
 from gateway.smtp import dsnparams
 from gateway.spool import Spool
 
@@ -329,9 +330,13 @@ class QueueManager:
                   or (p.upper().startswith("BODY=") and "8BITMIME" in ext)]
         if "DSN" in ext:  # the downstream takes over the DSN duty for what it accepts
             params += dsnparams.mail_dsn_params(entry.ret, entry.envid)
-        mail, rcpt_replies = await client.envelope(entry.sender, params, [
-            (x.addr, dsnparams.rcpt_dsn_params(x.notify, x.orcpt) if "DSN" in ext else [])
-            for x in rcpts])
+        envelope = [(x.addr, dsnparams.rcpt_dsn_params(x.notify, x.orcpt)
+                     if "DSN" in ext else []) for x in rcpts]
+        data: Reply | None = None  # the reply to a DATA pipelined with the envelope
+        if "PIPELINING" in ext:  # MAIL, RCPTs and DATA in one round trip (RFC 2920)
+            mail, rcpt_replies, data = await client.envelope_data(entry.sender, params, envelope)
+        else:
+            mail, rcpt_replies = await client.envelope(entry.sender, params, envelope)
         if mail.code == 503:  # "bad sequence" at MAIL: the session, not the message, is wrong
             # (a 503 to RCPT may be a server's policy refusal: that one is final) — never
             # bounce for it; drop this connection and try again later
@@ -348,8 +353,11 @@ class QueueManager:
                 out[x.addr] = ("failed" if reply.is_perm else "pending", _text(reply))
         if accepted:
             with self.spool.open_outgoing(entry) as f:  # read on the loop, as sent
-                replies = await client.data(_read(f),
-                                            accepted_rcpts=len(accepted))
+                if data is None:
+                    replies = await client.data(_read(f), accepted_rcpts=len(accepted))
+                else:
+                    replies = await client.after_data(data, _read(f),
+                                                      accepted_rcpts=len(accepted))
             if len(replies) == 1 and len(accepted) > 1:
                 replies = replies * len(accepted)
             for x, reply in zip(accepted, replies, strict=False):

@@ -317,8 +317,36 @@ class DownstreamClient:
             if not mail.is_ok:
                 return mail, []
             return mail, [await self.rcpt(a, p) for a, p in rcpts]
+        mail, replies, _ = await self._pipelined(sender, params, rcpts, data=False)
+        return mail, replies
+
+    async def envelope_data(self, sender: str, params: Sequence[str],
+                            rcpts: Sequence[tuple[str, Sequence[str]]]
+                            ) -> tuple[Reply, list[Reply], Reply]:
+        """MAIL, every RCPT and DATA in one write (the server must offer PIPELINING: RFC 2920
+        lets DATA end a group), so a transaction costs one round trip before the message.
+        Returns the MAIL reply, one reply per RCPT if MAIL was accepted, and the DATA reply.
+        After a 354 the caller sends the message with ``after_data`` if a recipient was
+        accepted; if none was (a server should then refuse DATA, but may not), the message is
+        ended here with a lone dot, as RFC 2920 3.1 asks, and the transaction is over."""
+        if "PIPELINING" not in self.extensions:
+            raise ValueError(f"downstream {self.peer} does not offer PIPELINING")
+        mail, replies, data = await self._pipelined(sender, params, rcpts, data=True)
+        assert data is not None
+        if data.code == 354 and not any(r.is_ok for r in replies):
+            if self._lmtp:  # replies to an LMTP message without recipients: none or one?
+                self.close()
+            else:
+                await self.after_data(data, (), accepted_rcpts=1)  # "." CRLF and its reply
+        return mail, replies, data
+
+    async def _pipelined(self, sender: str, params: Sequence[str],
+                         rcpts: Sequence[tuple[str, Sequence[str]]], *, data: bool
+                         ) -> tuple[Reply, list[Reply], Reply | None]:
         lines = [self._line("MAIL FROM", f"MAIL FROM:{_angle(sender)}", sender, params)]
         lines += [self._line("RCPT TO", f"RCPT TO:{_angle(a)}", a, p) for a, p in rcpts]
+        if data:
+            lines.append("DATA")
         if self._closed:
             raise self._translate(ConnectionError("connection already closed"), "MAIL FROM",
                                   self._command_timeout_s)
@@ -332,12 +360,13 @@ class DownstreamClient:
         mail = await self._exchange("MAIL FROM", None, self._command_timeout_s)
         self.in_transaction = mail.is_ok
         replies: list[Reply] = []
-        for _ in rcpts:
+        for step in ["RCPT TO"] * len(rcpts) + (["DATA"] if data else []):
             if self._closed:  # a 421 ended the session: the rest gets the same answer
                 replies.append(replies[-1] if replies else mail)
                 continue
-            replies.append(await self._exchange("RCPT TO", None, self._command_timeout_s))
-        return mail, replies if mail.is_ok else []
+            replies.append(await self._exchange(step, None, self._command_timeout_s))
+        reply_to_data = replies.pop() if data else None
+        return mail, replies if mail.is_ok else [], reply_to_data
 
     def _line(self, step: str, line: str, arg: str, params: Sequence[str]) -> str:
         try:
@@ -362,11 +391,15 @@ class DownstreamClient:
         the missing ones are returned as ``451 4.4.2`` replies so that delivered recipients are
         not retried. An exception raised by ``chunks`` closes the client and propagates as is.
         """
-        count = accepted_rcpts if self._lmtp else 1
-        if count < 1:
-            self.close()
-            raise ValueError("LMTP DATA needs at least one accepted recipient")
+        self._data_replies(accepted_rcpts)
         reply = await self._exchange("DATA", "DATA", self._command_timeout_s)
+        return await self.after_data(reply, chunks, accepted_rcpts=accepted_rcpts)
+
+    async def after_data(self, reply: Reply, chunks: AsyncIterable[bytes] | Iterable[bytes], *,
+                         accepted_rcpts: int = 1) -> list[Reply]:
+        """``data`` from the server's reply to DATA on: the message after a 354, else that
+        reply (once per recipient for LMTP)."""
+        count = self._data_replies(accepted_rcpts)
         if reply.code != 354:
             if reply.code < 400:
                 self.close()
@@ -396,6 +429,15 @@ class DownstreamClient:
             self.close()
         self.in_transaction = False  # the final reply(s) to the data end it, whatever they say
         return replies
+
+    def _data_replies(self, accepted_rcpts: int) -> int:
+        """How many replies end the data: one per accepted recipient for LMTP, else one."""
+        if not self._lmtp:
+            return 1
+        if accepted_rcpts < 1:
+            self.close()
+            raise ValueError("LMTP DATA needs at least one accepted recipient")
+        return accepted_rcpts
 
     async def quit(self) -> None:
         """Say QUIT and close; best effort, never raises (cancellation still propagates)."""

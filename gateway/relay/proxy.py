@@ -1,6 +1,7 @@
 """Proxy-mode relay (Postfix ``smtpd_proxy_filter`` semantics): one downstream transaction in
 lockstep with the client's. RCPT is forwarded as it arrives (the downstream's per-recipient
-answer goes back to the client), the message after the message stage; the client gets 250 only
+answer goes back to the client; the first one in the same write as MAIL when the downstream
+offers PIPELINING, RFC 2920), the message after the message stage; the client gets 250 only
 when the downstream said 250. A downstream that is down, slow or drops the connection gives
 ``451 4.4.x`` — never a 250 for mail that was not delivered.
 
@@ -62,7 +63,11 @@ class ProxyRelay:
     accepted: list[Address] = field(default_factory=list)
     last_result: str = "not relayed"
 
-    async def _open(self, sender: Address, mail_params: list[str]) -> Reply:
+    async def _open(self, sender: Address, mail_params: list[str], rcpt: Address,
+                    rcpt_params: list[str]) -> tuple[Reply, Reply | None]:
+        """A connection and MAIL on it; with PIPELINING the first RCPT goes in the same
+        write (RFC 2920). Returns the MAIL reply and, when it was sent along and MAIL was
+        accepted, the RCPT reply."""
         t = self.transport
         reuse = True
         while True:
@@ -71,7 +76,8 @@ class ProxyRelay:
             except RelayError as e:
                 log.warning("downstream %s: %s (qid %s)", t, e, self.qid)
                 self.last_result = f"connect failed: {e}"
-                return DOWNSTREAM_DOWN if not e.permanent else Reply(e.code, e.status, e.text)
+                return (DOWNSTREAM_DOWN if not e.permanent else Reply(e.code, e.status, e.text),
+                        None)
             self.client = client
             params: list[str] = []
             ext = client.extensions
@@ -79,32 +85,38 @@ class ProxyRelay:
                 key = p.split("=", 1)[0].upper()
                 if key == "SMTPUTF8" and "SMTPUTF8" not in ext:
                     await self.abort()
-                    return NO_SMTPUTF8
+                    return NO_SMTPUTF8, None
                 if key == "BODY" and "8BITMIME" not in ext:
                     continue
                 if key in ("SIZE", "BODY", "SMTPUTF8") and (key != "SIZE" or "SIZE" in ext):
                     params.append(p)
                 elif key in ("RET", "ENVID") and "DSN" in ext:
                     params.append(p)
+            first: Reply | None = None
             try:
-                reply = await client.mail(sender.addr, params)
+                if "PIPELINING" in ext:
+                    reply, replies = await client.envelope(
+                        sender.addr, params, [(rcpt.addr, rcpt_params if "DSN" in ext else [])])
+                    first = replies[0] if replies else None
+                else:
+                    reply = await client.mail(sender.addr, params)
             except RelayError as e:
                 self.client = None
                 if not reused:
                     self.last_result = f"MAIL failed: {e}"
-                    return _temp(e)
+                    return _temp(e), None
                 lost = str(e)
             else:
                 if not _closing(reply):
                     if not reply.is_ok:
                         self.last_result = f"MAIL {reply.code} {reply.status}"
                         self.mail_reply = reply
-                    return reply
+                    return reply, first
                 self.client = None
                 if not reused:
                     self.last_result = f"MAIL {reply.code} {reply.status} (downstream closed)"
                     self.mail_reply = DOWNSTREAM_LOST
-                    return DOWNSTREAM_LOST
+                    return DOWNSTREAM_LOST, None
                 lost = reply.render()
             # it died while it waited in the pool: once more, on a new connection
             log.debug("reused downstream connection to %s lost at MAIL: %s", t, lost)
@@ -118,18 +130,22 @@ class ProxyRelay:
             return R.RCPT_OK
         if self.mail_reply is not None:
             return self.mail_reply
+        first: Reply | None = None
         if self.client is None:
-            reply = await self._open(sender, mail_params)
+            reply, first = await self._open(sender, mail_params, rcpt, rcpt_params)
             if not reply.is_ok:
                 return reply
         assert self.client is not None
-        try:
-            reply = await self.client.rcpt(
-                rcpt.addr, rcpt_params if "DSN" in self.client.extensions else [])
-        except RelayError as e:
-            self.client = None
-            self.last_result = f"RCPT failed: {e}"
-            return _temp(e)
+        if first is not None:  # sent with MAIL
+            reply = first
+        else:
+            try:
+                reply = await self.client.rcpt(
+                    rcpt.addr, rcpt_params if "DSN" in self.client.extensions else [])
+            except RelayError as e:
+                self.client = None
+                self.last_result = f"RCPT failed: {e}"
+                return _temp(e)
         if _closing(reply):
             self.client = None
             self.last_result = f"RCPT {reply.code} {reply.status} (downstream closed)"

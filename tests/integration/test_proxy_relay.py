@@ -13,6 +13,8 @@ import socket
 import time
 from typing import Any
 
+import pytest
+
 from tests.support.gateway import GatewayProcess, base_policy
 from tests.support.sink import Sink
 
@@ -138,6 +140,25 @@ def test_250_only_after_the_downstream_accepted(gateway_factory):
     assert res.data is not None and res.data[0] == 250
     assert res.data_s >= 1.0, f"250 came {res.data_s:.3f}s after DATA, before the downstream"
     assert len(got) == 1 and got[0].rcpts == (ALICE,)
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_mail_and_the_first_rcpt_go_downstream_in_one_group_when_pipelining(gateway_factory,
+                                                                            pipelining):
+    # with PIPELINING the sink holds its MAIL reply until a RCPT arrives: only a relay that
+    # sends the first RCPT with MAIL gets through; without it, one command at a time
+    ext = ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES") if pipelining else ("8BITMIME",)
+    bad = "bad@example.test"
+    with Sink(hold_until="RCPT" if pipelining else None, ehlo_extensions=ext,
+              replies={f"RCPT:{bad}": "550 5.1.1 no such user"}) as sink:
+        gw = gateway_factory(smtp_policy(sink))
+        for first, then in ((ALICE, CAROL), (bad, ALICE)):  # the 2nd on the reused connection
+            res = transact(gw, [first, then])
+            assert [c for c, _ in res.rcpts] == [250 if first == ALICE else 550, 250]
+            assert res.data is not None and res.data[0] == 250
+        msgs = sink.wait_for(2)
+    assert [m.rcpts for m in msgs] == [(ALICE, CAROL), (ALICE,)]
+    assert sink.connections == 1
 
 
 # -- per-recipient answers ---------------------------------------------------------------------

@@ -390,6 +390,38 @@ def test_5xx_for_one_recipient_delivers_the_other_and_bounces_with_a_dsn(gateway
         assert len(sink.messages) == 2  # one copy, one DSN; nothing sent twice
 
 
+# -- 3b. the downstream transaction: DATA pipelined with the envelope, a refused DATA ---------
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_delivery_pipelines_data_with_the_envelope_when_offered(gateway_factory, pipelining):
+    # with PIPELINING the sink holds its replies until DATA arrives: only a client that sends
+    # MAIL, RCPT and DATA in one group gets through; without it, one command at a time
+    ext = ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES") if pipelining else ("8BITMIME",)
+    with sink_on(hold_until="DATA" if pipelining else None, ehlo_extensions=ext) as sink:
+        gw = gateway_factory(queue_policy(sink.port))
+        qids = [send(gw, f"pipe{i}") for i in range(2)]
+        for qid in qids:
+            done = wait_delivery(gw, qid, "done")
+            assert done["rcpts"]["alice@example.test"].startswith("delivered: 250")
+        assert [len(with_tag(sink.messages, f"pipe{i}")) for i in range(2)] == [1, 1]
+        wait_spool_empty(spool_dir(gw))
+
+
+def test_a_refused_data_defers_on_4xx_and_bounces_on_5xx(gateway_factory):
+    port = free_port()
+    gw = gateway_factory(queue_policy(port))
+    with sink_on(port, replies={"DATA": "451 4.3.0 spool busy"}) as busy:
+        qid = send(gw, "refused-data")
+        assert "451 4.3.0 spool busy" in deferred_meta(spool_dir(gw), qid)["last_error"]
+        assert busy.messages == []
+    with sink_on(port, replies={"DATA": "554 5.7.1 content refused"}) as refusing:
+        done = wait_delivery(gw, qid, "done")
+        assert done["rcpts"] == {"alice@example.test": "failed: 554 5.7.1 content refused"}
+        dsn_ev = gw.wait_for(lambda e: e.get("event") == "dsn" and e.get("original") == qid)
+        assert dsn_ev["rcpts"] == ["alice@example.test"] and dsn_ev["action"] == "failed"
+        assert with_tag(refusing.messages, "refused-data") == []
+
+
 # -- 4. no DSN to the null sender ------------------------------------------------------------------
 
 def test_failure_of_a_null_sender_message_sends_no_dsn(gateway_factory):

@@ -66,6 +66,12 @@ class Behaviour:
     # after this many messages on one connection the next MAIL gets 421 and the connection
     # closes, as servers with a per-connection message limit do (0: no limit)
     messages_per_connection: int = 0
+    # hold the replies of a transaction from its MAIL on until this command arrives ("RCPT",
+    # "DATA"): a server that only answers a client that pipelines them (RFC 2920)
+    hold_until: str | None = None
+    # answer DATA with 354 even when no recipient was accepted, as RFC 2920 3.1 warns a
+    # server may (a conforming one says 503/554)
+    data_without_rcpts: bool = False
 
 
 def _normalise_replies(replies: Mapping[str, str | Reply]) -> dict[str, str]:
@@ -168,6 +174,7 @@ class _Session:
         self.buf = bytearray()
         self.helo = ""
         self.received = 0  # messages on this connection
+        self.held: list[bytes] | None = None  # replies held back (``hold_until``)
         self.reset()
 
     def reset(self) -> None:
@@ -222,9 +229,13 @@ class _Session:
         if self.b.delay_s and (self.b.delay_on is None or cmd in self.b.delay_on):
             await asyncio.sleep(self.b.delay_s)
         lines = [ln for ln in re.split(r"\r?\n", text) if ln]
-        self.writer.write(b"".join(ln.encode("utf-8") + b"\r\n" for ln in lines))
-        async with asyncio.timeout(WRITE_TIMEOUT_S):
-            await self.writer.drain()
+        wire = b"".join(ln.encode("utf-8") + b"\r\n" for ln in lines)
+        if self.held is not None:
+            self.held.append(wire)
+        else:
+            self.writer.write(wire)
+            async with asyncio.timeout(WRITE_TIMEOUT_S):
+                await self.writer.drain()
         try:
             return int(lines[0][:3])
         except (IndexError, ValueError):
@@ -244,6 +255,11 @@ class _Session:
             self.server.commands.append(text)
             verb, _, arg = text.partition(" ")
             verb = verb.upper()
+            if self.b.hold_until and verb == "MAIL":
+                self.held = []
+            elif verb == self.b.hold_until and self.held is not None:
+                self.writer.write(b"".join(self.held))
+                self.held = None
             if refusing and verb != "QUIT":
                 code = await self.send(verb, "503 5.5.1 Bad sequence of commands")
             else:
@@ -302,7 +318,7 @@ class _Session:
         return await self.send(verb, "500 5.5.2 Command unrecognized")
 
     async def data(self) -> int:
-        if self.mail_from is None or not self.rcpts:
+        if self.mail_from is None or not (self.rcpts or self.b.data_without_rcpts):
             return await self.send("DATA", "503 5.5.1 Need MAIL and RCPT first")
         code = await self.send("DATA", self._pick("DATA", "354 End data with <CR><LF>.<CR><LF>"))
         if code != 354:
@@ -350,8 +366,8 @@ class Sink:
                  replies: Mapping[str, str | Reply] | None = None, drop_after_data: bool = False,
                  delay_s: float = 0.0, delay_on: Collection[str] | None = None,
                  ehlo_extensions: Sequence[str] = DEFAULT_EXTENSIONS,
-                 messages_per_connection: int = 0,
-                 host: str = "127.0.0.1", port: int = 0,
+                 messages_per_connection: int = 0, hold_until: str | None = None,
+                 data_without_rcpts: bool = False, host: str = "127.0.0.1", port: int = 0,
                  unix_path: str | None = None) -> None:
         self.behaviour = Behaviour(
             lmtp=lmtp, greeting=greeting.render() if isinstance(greeting, Reply) else greeting,
@@ -359,7 +375,8 @@ class Sink:
             delay_s=delay_s,
             delay_on=None if delay_on is None else frozenset(c.upper() for c in delay_on),
             ehlo_extensions=tuple(ehlo_extensions),
-            messages_per_connection=messages_per_connection)
+            messages_per_connection=messages_per_connection, hold_until=hold_until,
+            data_without_rcpts=data_without_rcpts)
         self.host = host
         self._port = port  # 0: any free port (see ``port`` once started)
         self.unix_path = unix_path

@@ -621,3 +621,95 @@ def test_envelope_with_refused_mail_returns_no_rcpt_replies() -> None:
 
         mail, rcpts, after = asyncio.run(go())
     assert (mail.code, rcpts, after.code) == (451, [], 250)
+
+
+def test_envelope_data_sends_mail_rcpts_and_data_in_one_group() -> None:
+    # the sink answers nothing of a transaction until DATA is there: a client that waited
+    # for the MAIL reply first would time out
+    with Sink(hold_until="DATA", replies={"RCPT:bad@x.test": "550 5.1.1 no such user"}
+              ) as sink:
+        async def go() -> tuple[Reply, list[Reply], Reply, list[Reply]]:
+            client = await _connect(sink)
+            mail, rcpts, data = await client.envelope_data(
+                "s@x.test", [], [("a@x.test", []), ("bad@x.test", []), ("b@x.test", [])])
+            end = await client.after_data(data, [MSG], accepted_rcpts=2)
+            assert not client.in_transaction
+            again = await client.envelope_data("s@x.test", [], [("c@x.test", [])])
+            end2 = await client.after_data(again[2], [MSG])
+            await client.quit()
+            return mail, rcpts, data, end + end2
+
+        mail, rcpts, data, ends = asyncio.run(go())
+        msgs = sink.wait_for(2)
+    assert mail.code == 250 and [r.code for r in rcpts] == [250, 550, 250]
+    assert data.code == 354 and [r.code for r in ends] == [250, 250]
+    assert [m.rcpts for m in msgs] == [("a@x.test", "b@x.test"), ("c@x.test",)]
+    assert msgs[0].data == MSG and msgs[1].data == MSG
+
+
+def test_envelope_data_refused_data_leaves_the_transaction_to_reset() -> None:
+    with Sink(replies={"DATA": "451 4.3.0 not now"}) as sink:
+        async def go() -> tuple[Reply, list[Reply], bool, Reply]:
+            client = await _connect(sink)
+            _, _, data = await client.envelope_data("s@x.test", [], [("a@x.test", [])])
+            ends = await client.after_data(data, [MSG])
+            pending = client.in_transaction
+            after = await client.rset()
+            await client.quit()
+            return data, ends, pending, after
+
+        data, ends, pending, after = asyncio.run(go())
+    assert data.code == 451 and ends == [data] and pending and after.code == 250
+    assert sink.messages == []
+
+
+@pytest.mark.parametrize("conforming", [True, False])
+def test_envelope_data_without_an_accepted_rcpt_sends_no_message(conforming: bool) -> None:
+    # RFC 2920 3.1: a server should refuse DATA when no RCPT was accepted; if it says 354 all
+    # the same, the client ends the data at once with a lone dot
+    with Sink(replies={"RCPT": "550 5.1.1 no such user"},
+              data_without_rcpts=not conforming) as sink:
+        async def go() -> tuple[Reply, Reply, bool]:
+            client = await _connect(sink)
+            _, rcpts, data = await client.envelope_data("s@x.test", [], [("a@x.test", [])])
+            assert [r.code for r in rcpts] == [550]
+            after = await client.rset()  # the stream is in step: the dot's reply was read
+            closed = client.closed
+            await client.quit()
+            return data, after, closed
+
+        data, after, closed = asyncio.run(go())
+        assert after.code == 250 and not closed
+        if conforming:
+            assert data.code == 503 and sink.messages == []
+        else:
+            assert data.code == 354
+            [msg] = sink.wait_for(1)
+            assert msg.raw == b"" and msg.rcpts == ()
+    assert sink.commands[-3:] == ["DATA", "RSET", "QUIT"]
+
+
+def test_envelope_data_lmtp_without_an_accepted_rcpt_closes() -> None:
+    with Sink(lmtp=True, replies={"RCPT": "550 5.1.1 no such user"},
+              data_without_rcpts=True) as sink:
+        async def go() -> tuple[Reply, bool]:
+            client = await _connect(sink, lmtp=True)
+            _, _, data = await client.envelope_data("s@x.test", [], [("a@x.test", [])])
+            return data, client.closed
+
+        data, closed = asyncio.run(go())
+        assert data.code == 354 and closed and sink.messages == []
+
+
+def test_envelope_data_needs_pipelining() -> None:
+    with Sink(ehlo_extensions=("8BITMIME",)) as sink:
+        async def go() -> None:
+            client = await _connect(sink)
+            try:
+                await client.envelope_data("s@x.test", [], [("a@x.test", [])])
+            finally:
+                await client.quit()
+
+        with pytest.raises(ValueError, match="PIPELINING"):
+            asyncio.run(go())
+    assert not any(c.startswith("MAIL") for c in sink.commands)
