@@ -1,18 +1,39 @@
 """DKIM key records for the dkim and arc filters: fetched concurrently through the gateway's
 async resolver *before* dkimpy runs, then served to dkimpy's ``dnsfunc`` from that map, so
 no worker thread ever waits on DNS and each lookup's outcome (timeout, NXDOMAIN, record) is
-known exactly. Also: reading a signing key file."""
+known exactly. Also: reading a signing key file, and key records parsed once (``evaluate_pk``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
+
+import dkim
 
 import filters._dkimcrypto  # noqa: F401 - dkimpy with linear int <-> bytes (see there)
 from gateway.dnsresolver import DnsAnswer, Resolver
 
 KeyAnswers = dict[str, DnsAnswer | None]  # key name -> answer; None: cut by the deadline
+
+_evaluate_pk = dkim.evaluate_pk
+
+
+@functools.lru_cache(maxsize=256)  # a few hundred bytes and one public key each
+def evaluate_pk(name: bytes | str, s: bytes | str | None) -> tuple[Any, ...]:
+    """``dkim.evaluate_pk`` that parses each key record once: a verification asked it twice
+    per signature (our key check, then dkimpy's own lookup), and each time decoded the base64
+    and walked the ASN.1 of the same key. The result (the public key, its size, k=, whether
+    s=tlsrpt) depends on the arguments alone, and a record that fails raises each time
+    (``lru_cache`` keeps no exception). Installed as ``dkim.evaluate_pk``, which dkimpy's
+    ``load_pk_from_dns`` calls (DKIM and ARC); the key objects are only read."""
+    return tuple(_evaluate_pk(name, s))
+
+
+dkim.evaluate_pk = evaluate_pk
 
 
 async def prefetch(resolver: Resolver, names: Iterable[str], timeout_s: float

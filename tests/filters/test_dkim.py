@@ -11,6 +11,7 @@ from typing import Any
 import dkim
 import pytest
 
+from filters import _dkimkeys
 from filters.dkim import DkimVerifyFilter
 from gateway.dnsresolver import DnsResolver
 from gateway.filterapi import Client, ConfigError, FilterContext, Result, Stage
@@ -19,6 +20,8 @@ from gateway.policy.schema import DnsConfig
 from gateway.services import Services
 from tests.support import tally
 from tests.support.dnsserver import DnsServer, silent_udp_port
+
+_ORIGINAL_EVALUATE_PK = _dkimkeys._evaluate_pk
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "dkim-dkimpy" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"DKIM corpus not found at {DATA}")
@@ -186,6 +189,33 @@ def test_two_signatures_one_good_one_bad_both_reported(tmp_path, ns):
     res, _ = run(tmp_path, both, ns.port)
     assert [r for _, _, r in results(res)] == ["fail", "pass"]  # header order: newest on top
     assert names(res) == {"DKIM_PASS", "DKIM_FAIL"}
+
+
+def test_a_key_record_is_parsed_once_and_a_bad_one_every_time(tmp_path, ns, monkeypatch):
+    calls: list[bytes | str] = []
+
+    def counting(name: bytes | str, s: bytes | str | None) -> Any:
+        calls.append(s or b"")
+        return _ORIGINAL_EVALUATE_PK(name, s)
+
+    monkeypatch.setattr(_dkimkeys, "_evaluate_pk", counting)
+    _dkimkeys.evaluate_pk.cache_clear()
+    data = crlf((DATA / "test.message").read_bytes())
+    res, _ = run(tmp_path, signed(data, "test", "test.private"), ns.port)
+    assert results(res) == [("example.com", "test", "pass")]
+    first = len(calls)
+    assert first >= 1
+    for _ in range(2):  # the same key again: no parse; a wrong signature still fails
+        res, _ = run(tmp_path, signed(data, "test", "test.private"), ns.port)
+        assert results(res) == [("example.com", "test", "pass")]
+    res, _ = run(tmp_path, signed(data, "test", "1024_testkey.key"), ns.port)
+    assert names(res) == {"DKIM_FAIL"}
+    assert len(calls) == first
+    for _ in range(2):  # a failing record is parsed (and fails) every time
+        with pytest.raises(dkim.KeyFormatError):
+            dkim.evaluate_pk(b"x._domainkey.example.com", b"v=DKIM1; k=rsa; p=")
+    assert len(calls) == first + 2
+    _dkimkeys.evaluate_pk.cache_clear()
 
 
 # -- key problems ------------------------------------------------------------------------------
