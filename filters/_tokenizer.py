@@ -30,13 +30,13 @@ Bounds: at most ``max_text_chars`` of body text and ``max_tokens`` tokens per me
 
 from __future__ import annotations
 
-import email.utils
 import functools
 import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from gateway.headeraddr import addresses
 from gateway.mime import MimeView, url_host
 
 DEFAULT_SKIP_HEADERS = (
@@ -179,7 +179,7 @@ def _received(value: str, bag: _Bag) -> None:
 
 
 def _addresses(field: str, value: str, bag: _Bag) -> None:
-    pairs = email.utils.getaddresses([value])[:50]
+    pairs = addresses(value)[:50]
     if field in _RCPT_FIELDS:
         bag.add(f"{field}:count:{min(len(pairs), 10)}")
     for realname, addr in pairs:

@@ -44,7 +44,6 @@ import functools
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from email.utils import getaddresses
 from typing import Any
 
 from filters._psl import suffix_list
@@ -59,6 +58,7 @@ from gateway.filterapi import (
     Symbol,
     Verdict,
 )
+from gateway.headeraddr import addresses
 from gateway.policy.schema import DnsConfig
 from gateway.replies import Reply
 from gateway.services import Services
@@ -150,7 +150,7 @@ def from_domains(values: list[str]) -> tuple[list[str], str]:
         return [], "no From header"
     if len(values) > 1:
         return [], f"{len(values)} From headers"
-    addrs = getaddresses([" ".join(values[0].split())])
+    addrs = addresses(" ".join(values[0].split()))
     domains: list[str] = []
     for _, addr in addrs:
         local, at, dom = addr.rpartition("@")

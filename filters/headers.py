@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway.filterapi import Filter, FilterContext, Result, Symbol
+from gateway.headeraddr import addresses
 from gateway.services import Services
 from gateway.settings import check_keys
 
@@ -43,7 +44,7 @@ class HeadersFilter(Filter):
         elif len(froms) > 1:
             out.append(Symbol("HEADERS_MULTIPLE_FROM"))
         else:
-            addrs = email.utils.getaddresses(froms)
+            addrs = addresses(froms[0])
             if not any("@" in a for _, a in addrs):
                 out.append(Symbol("HEADERS_BAD_FROM", (froms[0][:100],)))
         dates = msg.get_all("Date")

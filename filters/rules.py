@@ -39,6 +39,7 @@ import gateway.mime
 from filters._literals import Needle, fold, needle
 from filters._rulefile import Rule, RuleError, RuleSet, eval_meta, load_rules
 from gateway.filterapi import ConfigError, Filter, FilterContext, Result, Symbol, offload
+from gateway.headeraddr import addresses
 from gateway.mime import MimeView
 from gateway.services import Services
 from gateway.settings import check_keys, integer, positive, str_list
@@ -106,7 +107,8 @@ class _Scan:
             wanted = ("to", "cc") if name == "tocc" else (name,)
             values = [v[:self.cap] for k, v in headers if k.lower() in wanted]
         if values and rule.modifier in ("addr", "name"):
-            pairs = email.utils.getaddresses(values)
+            pairs = (addresses(values[0]) if len(values) == 1
+                     else email.utils.getaddresses(values))
             first = pairs[0] if pairs else ("", "")
             values = [first[1] if rule.modifier == "addr" else first[0]]
         value = "\n".join(values)[:self.cap] if values else ""

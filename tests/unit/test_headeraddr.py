@@ -1,0 +1,47 @@
+"""gateway.headeraddr: getaddresses parsed once per value, the same answers."""
+
+from __future__ import annotations
+
+import email.utils
+
+import pytest
+
+from gateway import headeraddr
+from gateway.headeraddr import MAX_CACHED, addresses
+
+VALUES = [
+    "alice@example.test",
+    "Alice <alice@example.test>",
+    '"Smith, Bob" <bob@example.test>, carol@example.test',
+    "undisclosed-recipients:;",
+    "Team: a@x.test, b@y.test;",
+    "=?utf-8?q?J=C3=B6rg?= <joerg@example.test>",
+    '"a  b"@example.test',
+    "no address at all",
+    "<@route.test:x@example.test>",
+    "",
+    "Bob <bob@example.test> (comment)",
+    "Mallory <mallory@evil.test>  <alice@example.test>",
+]
+
+
+@pytest.mark.parametrize("value", VALUES)
+def test_same_pairs_as_getaddresses(value: str) -> None:
+    assert list(addresses(value)) == email.utils.getaddresses([value])
+
+
+def test_a_value_is_parsed_once() -> None:
+    headeraddr._cached.cache_clear()
+    first = addresses("Alice <alice@example.test>")
+    again = addresses("Alice <alice@example.test>")
+    assert again is first  # the same tuple: not parsed again
+    assert headeraddr._cached.cache_info().hits == 1
+
+
+def test_a_long_value_is_parsed_each_time_and_not_kept() -> None:
+    headeraddr._cached.cache_clear()
+    value = ", ".join(f"user{i}@example.test" for i in range(60))
+    assert len(value) > MAX_CACHED
+    assert list(addresses(value)) == email.utils.getaddresses([value])
+    assert addresses(value) is not addresses(value)
+    assert headeraddr._cached.cache_info().currsize == 0
