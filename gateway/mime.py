@@ -232,13 +232,16 @@ def decode_header(value: str) -> str:
 
 
 def _filename(part: email.message.Message) -> str | None:
+    """The part's file name: Content-Disposition's ``filename``, else Content-Type's ``name``
+    (as ``get_filename`` looks them up). A part whose headers hold neither word has none, and
+    its parameters are not parsed (the stdlib parses them in pure Python)."""
+    if ("filename" not in str(part.get("Content-Disposition", "")).lower()
+            and "name" not in str(part.get("Content-Type", "")).lower()):
+        return None
     try:
         name = part.get_filename()
     except Exception:
         return None
-    if name is None:
-        ctype_name = part.get_param("name")
-        name = ctype_name if isinstance(ctype_name, str) else None
     return decode_header(name) if name else None
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email
+import email.policy
 from pathlib import Path
+
+import pytest
 
 from gateway import mime
 from gateway.message import Message
@@ -103,3 +107,26 @@ def test_the_streamed_parse_of_a_spool_file_equals_the_parse_of_its_bytes(
     path.write_bytes(head + body)
     cut = mime.parse_message(Message.from_spool(path, len(head + body)))
     assert cut.truncated and cut == mime.parse_bytes(head + body)
+
+
+@pytest.mark.parametrize("headers,expected", [
+    ("Content-Type: text/plain\r\n", None),
+    ("Content-Type: application/pdf; NAME=\"a.pdf\"\r\n", "a.pdf"),
+    ("Content-Type: application/pdf\r\nContent-Disposition: attachment; FileName=b.pdf\r\n",
+     "b.pdf"),
+    ("Content-Type: application/pdf; name=ct.pdf\r\n"
+     "Content-Disposition: attachment; filename=cd.pdf\r\n", "cd.pdf"),
+    ("Content-Type: application/pdf; name=ct.pdf\r\nContent-Disposition: inline\r\n", "ct.pdf"),
+    ("Content-Type: application/pdf\r\n"
+     "Content-Disposition: attachment; filename*=utf-8''%C3%A9t%C3%A9.pdf\r\n", "été.pdf"),
+    ("Content-Type: application/pdf; name=\"=?utf-8?q?r=C3=A9sum=C3=A9.pdf?=\"\r\n",
+     "résumé.pdf"),
+    ("Content-Type: application/pdf; name=\"\"\r\n", None),
+    ("Content-Type: text/plain; x-name-ish=1\r\nContent-Disposition: attachment\r\n", None),
+    ("Content-Disposition: attachment; filename=only.bin\r\n", "only.bin"),
+])
+def test_file_names_as_the_stdlib_finds_them(headers: str, expected: str | None) -> None:
+    part = email.message_from_string(headers + "\r\nx\r\n", policy=email.policy.compat32)
+    assert mime._filename(part) == expected
+    name = part.get_filename()  # the stdlib's lookup, decoded as mime does
+    assert (mime.decode_header(name) if name else None) == expected
