@@ -51,7 +51,7 @@ from typing import Any
 import dns.name
 import spf
 
-from gateway.dnsresolver import DnsAnswer, DnsResolver, Resolver, per_message
+from gateway.dnsresolver import DnsAnswer, DnsResolver, Resolver, answer_now, per_message
 from gateway.filterapi import AddHeader, ConfigError, Filter, FilterContext, Result, Symbol
 from gateway.policy.loader import parse_nameserver
 from gateway.policy.schema import DnsConfig
@@ -79,12 +79,19 @@ class _NeedDns(BaseException):
 class _Replay:
     """Answers pyspf's lookups for one run on the event loop from the lookups made so far."""
 
-    def __init__(self, answers: Answers) -> None:
+    def __init__(self, answers: Answers, resolver: Resolver | None = None,
+                 deadline: float = 0.0) -> None:
         self.answers = answers
         self.missed: list[tuple[str, str]] = []
+        self.resolver = resolver  # for answers it has without waiting (cached), in time
+        self.deadline = deadline  # time.monotonic() value
 
     def lookup(self, name: str, qtype: str) -> list[tuple[tuple[str, str], Any]]:
         answer = self.answers.get((name, qtype))
+        if answer is None and self.resolver is not None and time.monotonic() < self.deadline:
+            answer = answer_now(self.resolver, name, qtype)
+            if answer is not None:
+                self.answers[(name, qtype)] = answer
         if answer is None:
             self.missed.append((name, qtype))
             raise _NeedDns
@@ -224,7 +231,7 @@ class SpfFilter(Filter):
         deadline = time.monotonic() + self.timeout_s
         answers: Answers = {}
         for _ in range(INLINE_ROUNDS):
-            replay = _Replay(answers)
+            replay = _Replay(answers, resolver, deadline)
             try:
                 out = self._run(replay, ip, mailfrom, helo)
             except _NeedDns:

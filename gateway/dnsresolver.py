@@ -166,6 +166,23 @@ class DnsResolver:
         # shield: a caller cancelled while waiting must not cancel the query for the others
         return _as_asked(await asyncio.shield(shared), name, rdtype)
 
+    def query_nowait(self, name: str, rdtype: str) -> DnsAnswer | None:
+        """``query``'s answer when the cache has it (counted as a hit), else None: nothing
+        asked, nothing counted."""
+        import dns.exception
+        import dns.name
+        if not self._cache:
+            return None
+        try:
+            key = (dns.name.from_text(name).to_text().lower(), rdtype.upper())
+        except dns.exception.DNSException:
+            return None  # ``query`` answers that one
+        hit = self._cached(key)
+        if hit is None:
+            return None
+        self.cache_hits += 1
+        return _as_asked(hit, name, rdtype)
+
     def _done(self, key: tuple[str, str], fut: asyncio.Future[DnsAnswer]) -> None:
         if self._inflight.get(key) is fut:
             del self._inflight[key]
@@ -259,6 +276,27 @@ class LimitedResolver:
                              error=f"per-message DNS lookup limit ({self.limit}) reached")
         self.count += 1
         return await self.resolver.query(name, rdtype)
+
+    def query_nowait(self, name: str, rdtype: str) -> DnsAnswer | None:
+        """``query``'s answer when it needs no waiting (a cached answer, or the temperror past
+        the limit), counted as ``query`` counts it; else None, nothing counted."""
+        if self.count >= self.limit:
+            self.refused += 1
+            return DnsAnswer(name, rdtype, "temperror",
+                             error=f"per-message DNS lookup limit ({self.limit}) reached")
+        answer = answer_now(self.resolver, name, rdtype)
+        if answer is not None:
+            self.count += 1
+        return answer
+
+
+def answer_now(resolver: Resolver, name: str, rdtype: str) -> DnsAnswer | None:
+    """What ``resolver.query(name, rdtype)`` would give at once, when it can give it without
+    waiting (a cached answer), counted as that query; else None and nothing counted. For the
+    callers that run synchronous code between lookups (SPF's replays): a cached answer costs
+    them no await and no second run. A resolver without ``query_nowait`` never answers here."""
+    nowait = getattr(resolver, "query_nowait", None)
+    return None if nowait is None else nowait(name, rdtype)
 
 
 def per_message(view: Resolver | None, resolver: Resolver) -> Resolver:

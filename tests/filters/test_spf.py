@@ -14,6 +14,7 @@ import spf
 
 import filters.spf
 from filters.spf import SpfFilter
+from gateway.dnsresolver import DnsResolver
 from gateway.filterapi import Client, ConfigError, FilterContext, Result, Stage
 from gateway.services import Services
 from gateway.smtp.address import NULL, Address
@@ -134,6 +135,43 @@ def test_a_check_runs_on_the_loop_until_it_needs_more_than_inline_rounds_lookups
         == "SPF_PASS"
     assert len(trips) == 1  # 10 lookups: the thread took over after INLINE_ROUNDS
     assert len(ns.queries) - before == 5 + 10
+
+
+def test_cached_answers_need_no_second_run_and_count_against_the_message_limit(
+        ns: DnsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs: list[str] = []
+    real = SpfFilter._run
+
+    def counting(self: SpfFilter, *args: Any) -> Any:
+        runs.append("run")
+        return real(self, *args)
+
+    monkeypatch.setattr(SpfFilter, "_run", counting)
+    f = make(ns.port)
+    resolver = f.resolver
+    assert isinstance(resolver, DnsResolver)
+
+    async def check(domain: str, ip: str = "192.0.2.25", limit: int = 20) -> Result:
+        lim = resolver.limited(limit)
+        ctx = FilterContext(stage=Stage.MAIL, qid="Q1", client=Client(ip, 1, helo="c.test"),
+                            sender=Address("a", domain), dns=lim)
+        r = await f.on_mail(ctx)
+        counts.append(lim.count)
+        return r
+
+    async def main() -> list[str]:
+        cold = await check("mx.test")
+        cold_runs = len(runs)
+        warm = await check("mx.test")
+        assert len(runs) - cold_runs == 1  # every answer cached: one run, no replay
+        starved = await check("mx.test", limit=1)  # TXT from the cache, then the limit
+        return [symbol(cold), symbol(warm), symbol(starved), str(cold_runs)]
+
+    counts: list[int] = []
+    cold, warm, starved, cold_runs = asyncio.run(main())
+    assert (cold, warm, starved) == ("SPF_PASS", "SPF_PASS", "SPF_TEMPERROR")
+    assert int(cold_runs) == 4  # TXT, MX, A each missed once: four runs
+    assert counts == [3, 3, 1]  # cache hits count as lookups, as an awaited query's do
 
 
 def test_domain_is_checked_case_insensitively(ns: DnsServer) -> None:

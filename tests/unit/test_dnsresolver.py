@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gateway.dnsresolver import DnsAnswer, DnsResolver, LimitedResolver
+from gateway.dnsresolver import DnsAnswer, DnsResolver, LimitedResolver, answer_now
 from gateway.errors import PolicyError
 from gateway.policy.loader import parse_policy
 from gateway.policy.schema import DnsConfig
@@ -270,6 +270,37 @@ def test_limited_resolver_answers_temperror_after_its_limit_without_asking():
         assert (await other.query("c.test", "A")).status == "temperror"
         assert other.count == 1 and lim.count == 3
 
+    with DnsServer(ZONE) as ns:
+        asyncio.run(main(ns))
+
+
+def test_query_nowait_answers_from_the_cache_only_and_counts_like_query():
+    async def main(ns: DnsServer) -> None:
+        r = make(ns)
+        assert r.query_nowait("long.test", "A") is None  # not cached: nothing asked
+        assert asked(ns, "long.test") == 0 and r.cache_hits == 0
+        await r.query("long.test", "A")
+        await r.query("short.test", "A")
+        hit = r.query_nowait("LONG.test.", "a")
+        assert hit is not None and addresses(hit) == ["127.0.0.2"]
+        assert (hit.name, hit.rdtype) == ("LONG.test.", "a") and r.cache_hits == 1
+        assert r.query_nowait("bad..name", "A") is None  # query() gives its permerror
+        lim = r.limited(2)
+        assert lim.query_nowait("c.test", "A") is None and lim.count == 0
+        assert lim.query_nowait("long.test", "A") is not None and lim.count == 1
+        await asyncio.sleep(PAST_TTL_S)
+        assert lim.query_nowait("short.test", "A") is None and lim.count == 1  # expired
+        assert answer_now(lim, "long.test", "A") is not None and lim.exhausted
+        over = lim.query_nowait("long.test", "A")
+        assert over is not None and over.status == "temperror" and lim.refused == 1
+        assert asked(ns, "long.test") == 1
+
+    class Plain:  # a resolver with query() only
+        async def query(self, name: str, rdtype: str) -> DnsAnswer:
+            raise AssertionError("not asked")
+
+    assert answer_now(Plain(), "long.test", "A") is None
+    assert LimitedResolver(Plain(), 5).query_nowait("long.test", "A") is None
     with DnsServer(ZONE) as ns:
         asyncio.run(main(ns))
 
