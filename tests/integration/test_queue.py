@@ -422,6 +422,30 @@ def test_a_refused_data_defers_on_4xx_and_bounces_on_5xx(gateway_factory):
         assert with_tag(refusing.messages, "refused-data") == []
 
 
+def test_lmtp_downstream_gets_per_recipient_outcomes_with_data_pipelined(gateway_factory):
+    # LMTP (RFC 2033, PIPELINING always offered): MAIL, three RCPTs and DATA in one group, then
+    # one reply per accepted recipient after the data
+    port = free_port()
+    policy = queue_policy(port)
+    policy["relay"]["downstream"] = f"lmtp://127.0.0.1:{port}"
+    gw = gateway_factory(policy)
+    with sink_on(port, lmtp=True, hold_until="DATA",
+                 replies={"RCPT:bad@example.test": BAD_REPLY,
+                          "DATA_END:carol@example.test": "452 4.2.2 mailbox full"}) as sink:
+        qid = send(gw, "lmtp", rcpts=("alice@example.test", "bad@example.test",
+                                      "carol@example.test"))
+        meta = deferred_meta(spool_dir(gw), qid)
+        [msg] = with_tag(sink.messages, "lmtp")
+        assert msg.rcpts == ("alice@example.test", "carol@example.test")
+        assert msg.replies[1] == "452 4.2.2 mailbox full"
+    states = {r["addr"]: r["state"] for r in meta["recipients"]}
+    assert states == {"alice@example.test": "delivered", "bad@example.test": "failed",
+                      "carol@example.test": "pending"}
+    ev = wait_delivery(gw, qid, "deferred")
+    assert ev["rcpts"]["alice@example.test"].startswith("delivered: 250 2.1.5")
+    assert ev["rcpts"]["bad@example.test"] == f"failed: {BAD_REPLY}"
+
+
 # -- 4. no DSN to the null sender ------------------------------------------------------------------
 
 def test_failure_of_a_null_sender_message_sends_no_dsn(gateway_factory):
