@@ -85,5 +85,9 @@ def setup_logging(fmt: str = "kv", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Neither format shows where a line was logged from: skip the stack walk (findCaller) that
+    # logging makes for every record to fill in file, line and function (the logging HOWTO's
+    # "Optimization": set ``logging._srcfile`` to None).
+    logging._srcfile = None
     # aiosmtpd logs every command at INFO; our own lines say what matters.
     logging.getLogger("mail.log").setLevel(logging.WARNING)

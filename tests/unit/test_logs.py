@@ -7,7 +7,7 @@ import json
 import logging
 import time
 
-from gateway.logs import EVENT_ATTR, JsonFormatter, KeyValueFormatter
+from gateway.logs import EVENT_ATTR, JsonFormatter, KeyValueFormatter, setup_logging
 
 
 def _record(created: float, **fields: object) -> logging.LogRecord:
@@ -40,3 +40,25 @@ def test_json_lines_keep_non_ascii_and_render_other_values_as_text() -> None:
     parsed = json.loads(line)
     assert "héllo" in line and parsed["helo"] == "héllo" and parsed["size"] == 3
     assert parsed["when"] == str(object) and parsed["event"] == "message"
+
+
+def test_setup_logging_skips_the_callers_stack_walk() -> None:
+    """Neither format shows where a line came from, so records are made without the stack walk
+    (file, line and function stay unknown)."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging._srcfile)
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    try:
+        setup_logging("json", "info")
+        root.addHandler(Keep())
+        logging.getLogger("mailgate.test").info("hello")
+    finally:
+        root.handlers[:], level, logging._srcfile = saved
+        root.setLevel(level)
+    [record] = seen
+    assert (record.lineno, record.funcName) == (0, "(unknown function)")
