@@ -153,7 +153,7 @@ class DnsResolver:
             qname = dns.name.from_text(name)
         except dns.exception.DNSException as e:
             return DnsAnswer(name, rdtype, "permerror", error=f"bad domain name: {e}")
-        key = (qname.to_text().lower(), rdtype.upper())
+        key = _cache_key(qname, rdtype)
         hit = self._cached(key)
         if hit is not None:
             self.cache_hits += 1
@@ -174,7 +174,7 @@ class DnsResolver:
         if not self._cache:
             return None
         try:
-            key = (dns.name.from_text(name).to_text().lower(), rdtype.upper())
+            key = _cache_key(dns.name.from_text(name), rdtype)
         except dns.exception.DNSException:
             return None  # ``query`` answers that one
         hit = self._cached(key)
@@ -305,6 +305,11 @@ def per_message(view: Resolver | None, resolver: Resolver) -> Resolver:
     if isinstance(view, LimitedResolver) and view.resolver is resolver:
         return view
     return resolver
+
+
+def _cache_key(qname: dns.name.Name, rdtype: str) -> tuple[str, str]:
+    """The cache's (and in-flight sharing's) key: the absolute name lower-cased, the type."""
+    return qname.to_text().lower(), rdtype.upper()
 
 
 def _as_asked(answer: DnsAnswer, name: str, rdtype: str) -> DnsAnswer:
