@@ -12,7 +12,7 @@ public-key operation (one per signature verified, DKIM or ARC) and 6 ms for a pr
 (two ``pow`` of 1024 bits, CRT; one per DKIM signature made, two per ARC seal). ``powmod``
 gives the same numbers through OpenSSL: ``BN_mod_exp_mont_consttime`` for a long exponent
 (a private key's: no timing that depends on it), ``BN_mod_exp`` for a short one (a public
-key's) or an even modulus; about 25 us and 0.6 ms, calls included (tests/filters/test_dkimcrypto.py
+key's) or an even modulus; about 30 us and 0.65 ms, calls included (tests/filters/test_dkimcrypto.py
 compares it with ``pow``). It is reached through ctypes, holding the GIL, in the libcrypto that Python's
 ``_hashlib`` already has loaded, so it adds no library to the process (the ``cryptography``
 package would have added 6.5 MB of RSS to each worker, gmpy2 8 MB); where that libcrypto or
@@ -56,7 +56,7 @@ class _LibCrypto:
         import _hashlib  # OpenSSL's hashes: CPython links it against libcrypto
 
         # dlsym searches its dependencies too. PyDLL: the GIL is kept during the calls (each
-        # release would be a hand-off to the fsync thread; the longest call is ~0.25 ms)
+        # release would be a hand-off to the fsync thread; the longest call is ~0.3 ms)
         lib = ctypes.PyDLL(_hashlib.__file__)
         ptr, int_ = ctypes.c_void_p, ctypes.c_int
         self.ctx_new = self._fn(lib.BN_CTX_new, ptr, [])
@@ -67,6 +67,7 @@ class _LibCrypto:
         self.bn2binpad = self._fn(lib.BN_bn2binpad, int_, [ptr, ctypes.c_char_p, int_])
         self.mod_exp = self._fn(lib.BN_mod_exp, int_, [ptr] * 5)
         self.mod_exp_ct = self._fn(lib.BN_mod_exp_mont_consttime, int_, [ptr] * 6)
+        self.clear_errors = self._fn(lib.ERR_clear_error, None, [])
 
     @staticmethod
     def _fn(fn: Any, restype: Any, argtypes: list[Any]) -> Callable[..., Any]:
@@ -95,6 +96,7 @@ class _LibCrypto:
                   else self.mod_exp(out, b, e, m, ctx))  # a public exponent: no secret
             buf = ctypes.create_string_buffer(size)
             if not ok or self.bn2binpad(out, buf, size) != size:
+                self.clear_errors()  # not left for the next OpenSSL user to report
                 raise ArithmeticError("BN_mod_exp failed")
             return int.from_bytes(buf.raw, "big")
         finally:

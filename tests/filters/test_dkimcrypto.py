@@ -128,3 +128,18 @@ def test_dkimpy_signs_and_verifies_through_openssl(monkeypatch: pytest.MonkeyPat
     assert slow == fast
     assert dkim.verify(fast + msg, dnsfunc=dns) is True
     assert len(calls) == 4
+
+
+def test_a_failed_exponentiation_raises_and_clears_openssls_errors(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    lib = _dkimcrypto._LIB
+    assert lib is not None
+    cleared: list[int] = []
+    real_clear = lib.clear_errors
+    monkeypatch.setattr(lib, "mod_exp", lambda *a: 0)
+    monkeypatch.setattr(lib, "clear_errors", lambda: cleared.append(1) or real_clear())
+    with pytest.raises(ArithmeticError):
+        _dkimcrypto.powmod(5, 65537, 2 ** 127 - 1)
+    assert cleared == [1]
+    monkeypatch.undo()
+    assert _dkimcrypto.powmod(5, 65537, 2 ** 127 - 1) == builtins.pow(5, 65537, 2 ** 127 - 1)
