@@ -198,17 +198,23 @@ def test_perl_braces_that_are_no_quantifier_stay_literal():
 def test_shortcuts_give_what_the_regex_passes_give():
     """_paragraphs and find_urls skip a regex pass when a substring test shows it would change
     nothing: the results equal the plain regex formulation on random texts."""
-    from filters.rules import _PARA, _WS, _paragraphs
+    from filters.rules import _PARA, _paragraphs, _squeeze
     from gateway.mime import _TRAILING, _URL, find_urls
 
+    ws = re.compile(r"[ \t\r\f\v\xa0]+")  # SpamAssassin's white space, each run one space
+
     def paragraphs_plain(text: str) -> str:
-        return "\n".join(p for p in (_WS.sub(" ", " ".join(par.split("\n"))).strip()
+        return "\n".join(p for p in (ws.sub(" ", " ".join(par.split("\n"))).strip()
                                      for par in _PARA.split(text)) if p)
 
     pieces = ["word", " ", "  ", "\n", "\n\n", "\t", "\xa0", "\r", "\f", "\v", "x", "WWW.",
-              "www.example.test", "http", "://", "HTTPS://a.test/x", ".", ")"]
+              "www.example.test", "http", "://", "HTTPS://a.test/x", ".", ")", " " * 7,
+              "\r\n", " \t\xa0 \r"]
     rng = random.Random(5322)
     for _ in range(5000):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))
         assert _paragraphs(text) == paragraphs_plain(text), repr(text)
+        assert _squeeze(text) == ws.sub(" ", text), repr(text)
         assert find_urls(text) == [m.group(0).rstrip(_TRAILING) for m in _URL.finditer(text)]
+    long_run = "a" + " " * 1000 + "\t" * 3 + "b\r"
+    assert _squeeze(long_run) == ws.sub(" ", long_run) == "a b "
