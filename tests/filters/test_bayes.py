@@ -88,6 +88,50 @@ def test_tokenizer_html_is_reduced_and_caps_apply():
     assert "w00007" in capped and "w00008" not in capped  # 8 words of 7 chars
 
 
+def test_tokenizer_words_are_the_plain_loops_also_when_the_bag_fills():
+    """_words takes each distinct word once: the tokens, and which ones a full bag keeps,
+    are those of the plain loop over every word (a repeat adds nothing its first use did
+    not)."""
+    import random
+
+    from filters._tokenizer import _MAX_WORD, _MIN_WORD, _STRIP, _Bag, _words
+
+    def plain(text: str, prefix: str, bag: _Bag) -> None:
+        for w in text.lower().split():
+            if bag.full:
+                return
+            w = w.strip(_STRIP)
+            n = len(w)
+            if n < _MIN_WORD:
+                continue
+            if n <= _MAX_WORD:
+                bag.tokens.add(prefix + w)
+            elif "@" in w and "://" not in w:
+                name, _, domain = w.rpartition("@")
+                bag.add(f"{prefix}email name:{name[:40]}")
+                for label in domain.split(".")[-3:]:
+                    if label:
+                        bag.add(f"{prefix}email addr:{label[:40]}")
+            elif w.startswith(("http:", "https:", "www.", "ftp:")):
+                continue
+            else:
+                bag.add(f"{prefix}skip:{w[0]} {n // 10 * 10}")
+
+    words = ["Win", "win!", "money", "(money)", "a", "to", "ab", "the", "x" * 13, "y" * 25,
+             "joe@mail.example.test", "JOE@Mail.Example.Test", "http://a.test/x", "www.b.test",
+             "über", "naïve-café", "...", "e-mail", "mail@", "@host.test"]
+    rng = random.Random(2045)
+    for _ in range(3000):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(0, 40)))
+        cap = rng.choice([1, 2, 3, 5, 8, 13, 5000])
+        got, want = _Bag(cap), _Bag(cap)
+        got.tokens.add("header:x")
+        want.tokens.add("header:x")
+        _words(text, "subject:" if cap == 3 else "", got)
+        plain(text, "subject:" if cap == 3 else "", want)
+        assert got.tokens == want.tokens, (text, cap)
+
+
 def test_message_key_ignores_headers_on_top_and_mbox_line():
     key = message_key(MSG)
     assert message_key(b"X-Spam-Score: 3\r\n" + MSG.replace(b"\n", b"\r\n")) == key
