@@ -12,12 +12,12 @@ public-key operation (one per signature verified, DKIM or ARC) and 6 ms for a pr
 (two ``pow`` of 1024 bits, CRT; one per DKIM signature made, two per ARC seal). ``powmod``
 gives the same numbers through OpenSSL: ``BN_mod_exp_mont_consttime`` for a long exponent
 (a private key's: no timing that depends on it), ``BN_mod_exp`` for a short one (a public
-key's) or an even modulus; about 30 us and 0.65 ms, calls included (tests/filters/test_dkimcrypto.py
-compares it with ``pow``). It is reached through ctypes, holding the GIL, in the libcrypto that Python's
-``_hashlib`` already has loaded, so it adds no library to the process (the ``cryptography``
-package would have added 6.5 MB of RSS to each worker, gmpy2 8 MB); where that libcrypto or
-its symbols are missing, or for anything but non-negative integers with a modulus above 1,
-it is the built-in ``pow``. Installed as ``pow`` in ``dkim.crypto``'s namespace (dkimpy's only
+key's) or an even modulus; about 30 us and 0.65 ms, calls included
+(tests/filters/test_dkimcrypto.py compares it with ``pow``). It is reached through ctypes,
+holding the GIL, in the libcrypto that Python's ``_hashlib`` already has loaded, so it adds no
+library to the process (the ``cryptography`` package would have added 6.5 MB of RSS to each
+worker, gmpy2 8 MB); where that libcrypto or its symbols are missing, or for anything but
+non-negative integers with a modulus above 1, it is the built-in ``pow``. Installed as ``pow`` in ``dkim.crypto``'s namespace (dkimpy's only
 modular exponentiations: ``rsa_encrypt`` and ``rsa_decrypt``), whose code is otherwise
 unchanged: the padding checks, the comparisons and the errors stay dkimpy's own.
 
@@ -40,8 +40,13 @@ def int2str(n: int, length: int = -1) -> bytearray:
     ``length`` bytes (its low ones, as dkimpy's loop keeps)."""
     assert n >= 0
     if length < 0:
-        return bytearray(n.to_bytes(max(1, (n.bit_length() + 7) // 8), "big"))
+        return bytearray(_bytes(n))
     return bytearray((n & ((1 << (8 * length)) - 1)).to_bytes(length, "big"))
+
+
+def _bytes(n: int) -> bytes:
+    """``n >= 0`` big-endian in the fewest bytes (at least one)."""
+    return n.to_bytes(max(1, (n.bit_length() + 7) // 8), "big")
 
 
 def str2int(s: bytes | bytearray) -> int:
@@ -104,10 +109,6 @@ class _LibCrypto:
                 self.free(bn)
             if ctx:
                 self.ctx_free(ctx)
-
-
-def _bytes(n: int) -> bytes:
-    return n.to_bytes(max(1, (n.bit_length() + 7) // 8), "big")
 
 
 def _load() -> _LibCrypto | None:

@@ -57,12 +57,12 @@ def _paragraphs(text: str) -> str:
 
 
 def _collapse(par: str) -> str:
-    return _squeeze(par.replace("\r\n", " ").replace("\n", " ")).strip()  # (decoded text
-    # keeps the CRLFs)
+    # one line per paragraph (decoded text keeps the CRLFs)
+    return _squeeze(par.replace("\r\n", " ").replace("\n", " ")).strip()
 
 
 def _squeeze(text: str) -> str:
-    """Each run of spaces, tabs, CRs, FFs, VTs and no-break spaces as one space: what
+    r"""Each run of spaces, tabs, CRs, FFs, VTs and no-break spaces as one space: what
     ``re.sub(r"[ \t\r\f\v\xa0]+", " ", text)`` gives, by substring replacements, which
     skip through the text at memchr speed where the regex tried every position and made a
     piece of every single space (2 ms at 64 KiB; a lone CR, as a text cut after one has,
