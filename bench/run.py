@@ -121,9 +121,9 @@ class Scenario:
 # -- the message ----------------------------------------------------------------------------------
 # The body's words: English's commonest at the head of a vocabulary of 20,000 made-up ones (a
 # seeded generator, so every run sends the same text), drawn with Zipf frequencies. Distinct
-# words as in real prose: ~360 of a 4 KiB body's ~600, ~3,600 of a 64 KiB body's ~11,000. (The
-# bench's text used to repeat 40 words, which flattered content filters that do less work per
-# distinct word: the Bayes tokenizer, the rules' word scans.)
+# words as in real prose: ~350 of a 4 KiB body's ~570, ~3,600 of a 64 KiB body's ~11,100. (The
+# bench's text used to repeat 40 words, which flattered the content filters that work per
+# distinct word: the Bayes tokenizer and its lookups.)
 _COMMON = ("the of and to a in is it you that he was for on are with as i his they be at one "
            "have this from or had by not word but what some we can out other were all there "
            "when up use your how said an each she which do their time if will way about many "
