@@ -27,7 +27,7 @@ from typing import Literal, Protocol
 
 Outcome = Literal["learned", "known", "relearned", "forgotten", "unknown"]
 Klass = Literal["spam", "ham"]
-_BATCH_VARS = 900  # host parameters per IN (...) query, under SQLite's old 999 limit
+_UNINITIALISED = ("no such table: totals", "no such table: tokens")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (token INTEGER PRIMARY KEY, spam INTEGER NOT NULL DEFAULT 0,
@@ -106,7 +106,7 @@ class SqliteReader:
             row = conn.execute("SELECT nspam, nham FROM totals WHERE id = 0").fetchone()
             counts = _counts(conn, tokens)
         except sqlite3.OperationalError as e:
-            if "no such table" not in str(e):
+            if str(e) not in _UNINITIALISED:
                 raise
             return Snapshot(0, 0, {})  # created but not yet initialised by `mailgate learn`
         finally:
@@ -125,13 +125,17 @@ class SqliteReader:
 
 
 def _counts(conn: sqlite3.Connection, tokens: Sequence[int]) -> dict[int, tuple[int, int]]:
-    out: dict[int, tuple[int, int]] = {}
-    for i in range(0, len(tokens), _BATCH_VARS):
-        chunk = tokens[i:i + _BATCH_VARS]
-        q = f"SELECT token, spam, ham FROM tokens WHERE token IN ({','.join('?' * len(chunk))})"
-        for token, spam, ham in conn.execute(q, chunk):
-            out[token] = (spam, ham)
-    return out
+    # One statement for any number of tokens: they go in as one JSON array, which SQLite's
+    # json_each (built in since 3.38) turns into rows to join on the primary key. An
+    # ``IN (?, …)`` list needs a statement per list length, and the connection caches each
+    # compiled one: up to 128 per connection (one per classifying thread), 18 MB for 128 of
+    # 773 to 900 values (measured), the lengths a message's last chunk of tokens takes.
+    return {token: (spam, ham) for token, spam, ham in conn.execute(_COUNTS, (
+        "[" + ",".join(map(str, tokens)) + "]",))}
+
+
+_COUNTS = ("SELECT t.token, t.spam, t.ham FROM json_each(?) AS j "
+           "JOIN tokens AS t ON t.token = j.value")
 
 
 class SqliteStore(SqliteReader):

@@ -9,7 +9,11 @@ the core applies once, when the message is relayed.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import enum
+import functools
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -249,16 +253,33 @@ INLINE_MAX_BYTES = 64 * 1024
 
 async def offload(size: int, func: Callable[..., T], /, *args: Any) -> T:
     """Run CPU-bound ``func(*args)`` over an input of ``size`` bytes (usually the message's):
-    on the event loop when it is small, in a worker thread (``asyncio.to_thread``) when it is
-    large, so the loop keeps serving other sessions during a long scan. The GIL lets only one
-    of them run Python at a time anyway, and under load a thread trip (wake-up, GIL hand-offs)
-    costs more than a small scan: measured on the full chain at 4 KiB, inlining cut the CPU per
-    message by about a fifth and the peak RSS by 13 MB. Not for calls that wait on the network
-    or on the loop (pyspf's DNS): those always go to a thread."""
+    on the event loop when it is small, in the process's one CPU thread when it is large, so
+    the loop keeps serving other sessions during a long scan. Under load a thread trip
+    (wake-up, GIL hand-offs) costs more than a small scan: measured on the full chain at
+    4 KiB, inlining cut the CPU per message by about a fifth and the peak RSS by 13 MB.
+
+    One thread, not a pool: the GIL lets only one of them run Python at a time anyway, and
+    each thread of a pool held a message's parse, tokens and SQLite connection of its own.
+    On the full chain at 20 sessions × 64 KiB the one thread cut the peak RSS from 56 to
+    46 MB against ``asyncio.to_thread`` (its pool: 6 threads here), at the same msgs/s.
+    Not for calls that wait on the network or on the loop (pyspf's DNS): those go to
+    ``asyncio.to_thread``."""
     if size <= INLINE_MAX_BYTES:
         return func(*args)
     import asyncio  # here: the policy loader imports this module, and the supervisor
     # process (gateway.launch) loads policies without ever running an event loop
 
-    return await asyncio.to_thread(func, *args)
+    call = functools.partial(contextvars.copy_context().run, func, *args)  # as to_thread
+    return await asyncio.get_running_loop().run_in_executor(_cpu_thread(), call)
 
+
+_CPU: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def _cpu_thread() -> concurrent.futures.ThreadPoolExecutor:
+    if not _CPU:
+        _CPU.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mailgate-cpu"))
+    return _CPU[0]
+
+
+os.register_at_fork(after_in_child=_CPU.clear)  # a forked child has no thread of its own

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
+import re
 from pathlib import Path
 
 import pytest
@@ -209,6 +211,32 @@ def test_store_learn_twice_relearn_forget(tmp_path):
     assert snap.counts == {3: (0, 1), 4: (0, 1)}  # tokens at zero are deleted
     reader.close()
     store.close()
+
+
+def test_snapshot_looks_up_any_number_of_tokens_with_one_statement(tmp_path):
+    """Every 64-bit id (the extremes too) is found, whatever the number of tokens asked for,
+    and always with the same SQL: the connection caches one compiled statement per distinct
+    text, ~150 KB apiece at hundreds of values, so one per token count piled up."""
+    rng = random.Random(7)
+    known = [-2**63, 2**63 - 1, 0, -1, 1] + [rng.getrandbits(64) - 2**63 for _ in range(3000)]
+    store = SqliteStore(tmp_path / "b.db")
+    store.apply([Change("A", "spam", known[::2]), Change("B", "ham", known[1::2])])
+    store.close()
+    reader = SqliteReader(tmp_path / "b.db")
+    statements: set[str] = set()
+    for n in (0, 1, 5, 899, 900, 901, 2500, 3005):
+        asked = known[:n] + [rng.getrandbits(64) - 2**63 for _ in range(n)]  # half unknown
+        conn = reader._conn()
+        assert conn is not None
+        conn.set_trace_callback(statements.add)
+        snap = reader.snapshot(asked)
+        conn.set_trace_callback(None)
+        assert snap.counts == {t: ((1, 0) if i % 2 == 0 else (0, 1))
+                               for i, t in enumerate(known[:n])}
+    # the callback sees the SQL with its values filled in: take them out again
+    texts = {re.sub(r"'[^']*'|-?\b\d+\b", "?", s) for s in statements if "tokens" in s}
+    assert len(texts) == 1, texts
+    reader.close()
 
 
 def test_store_batch_is_one_transaction(tmp_path):

@@ -88,3 +88,71 @@ def test_offload_runs_small_work_on_the_loop_and_big_work_in_a_thread() -> None:
     small, big = asyncio.run(main())
     assert small == (threading.current_thread().name, 2)  # the loop's own thread
     assert big[1] == 4 and big[0] != threading.current_thread().name
+
+
+def test_offload_runs_big_work_one_call_at_a_time_in_one_thread() -> None:
+    """One CPU thread per process (a pool's threads each held a message's working set), the
+    caller's context variables visible in it as with ``asyncio.to_thread``."""
+    import asyncio
+    import contextvars
+    import threading
+    import time
+
+    from gateway.filterapi import INLINE_MAX_BYTES, offload
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    lock = threading.Lock()
+    running: list[int] = []
+    peak: list[int] = [0]
+
+    def work(i: int) -> tuple[str, str, int]:
+        with lock:
+            running.append(i)
+            peak[0] = max(peak[0], len(running))
+        time.sleep(0.02)  # the GIL is free: a pool would overlap these
+        with lock:
+            running.remove(i)
+        return threading.current_thread().name, var.get(), i
+
+    async def one(i: int) -> tuple[str, str, int]:
+        var.set(f"call {i}")
+        return await offload(INLINE_MAX_BYTES + 1, work, i)
+
+    async def main() -> list[tuple[str, str, int]]:
+        return list(await asyncio.gather(*(one(i) for i in range(6))))
+
+    out = asyncio.run(main())
+    assert [(v, i) for _, v, i in out] == [(f"call {i}", i) for i in range(6)]
+    assert len({name for name, _, _ in out}) == 1
+    assert out[0][0].startswith("mailgate-cpu")
+    assert peak[0] == 1
+
+
+def test_offload_in_a_forked_child_gets_a_thread_of_its_own() -> None:
+    """The supervisor forks its workers: a child must not queue work for its parent's CPU
+    thread, which does not exist in the child (the call would never return)."""
+    import asyncio
+    import os
+    import threading
+
+    from gateway.filterapi import INLINE_MAX_BYTES, offload
+
+    def name() -> str:
+        return threading.current_thread().name
+
+    asyncio.run(offload(INLINE_MAX_BYTES + 1, name))  # the parent's thread exists
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            out = asyncio.run(asyncio.wait_for(offload(INLINE_MAX_BYTES + 1, name), 5))
+            os.write(w, out.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        got = os.read(r, 100).decode()
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    assert got.startswith("mailgate-cpu")
