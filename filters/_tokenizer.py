@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -228,9 +229,20 @@ def _urls(urls: Iterable[str], bag: _Bag) -> None:
 
 
 def token_id(token: str) -> int:
-    """A token as a signed 64-bit integer (the store keeps hashes, not strings)."""
-    return int.from_bytes(hashlib.blake2b(token.encode("utf-8", "surrogatepass"),
-                                          digest_size=8).digest(), "big", signed=True)
+    """A token as a signed 64-bit integer (the store keeps hashes, not strings): the first 8
+    bytes of its UTF-8 BLAKE2b-64 digest, big-endian. Stored in every token database: never
+    change it."""
+    return _INT64(_blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8).digest())[0]
+
+
+def token_ids(tokens: Iterable[str]) -> tuple[int, ...]:
+    """``token_id`` of each token, the call inlined (a 64 KiB message has ~3,600 tokens)."""
+    return tuple([_INT64(_blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8)
+                         .digest())[0] for t in tokens])
+
+
+_blake2b = hashlib.blake2b
+_INT64 = struct.Struct(">q").unpack
 
 
 def message_key(raw: bytes) -> str:

@@ -51,7 +51,7 @@ from filters._tokenizer import (
     DEFAULT_SKIP_HEADERS,
     TokenizerConfig,
     message_key,
-    token_id,
+    token_ids,
     tokenize,
 )
 from gateway import mime
@@ -217,7 +217,7 @@ class BayesFilter(Filter):
         return self.classify_ids(self.token_ids(view))
 
     def token_ids(self, view: MimeView) -> tuple[int, ...]:
-        return tuple(token_id(t) for t in tokenize(view, self.tokenizer))
+        return token_ids(tokenize(view, self.tokenizer))
 
     def classify_ids(self, ids: tuple[int, ...]) -> Result:
         """Blocking: look up, combine."""

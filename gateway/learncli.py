@@ -174,7 +174,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     out = out or sys.stdout
     err = err or sys.stderr
     from filters._bayesstore import Change, SqliteStore
-    from filters._tokenizer import message_key, token_id, tokenize
+    from filters._tokenizer import message_key, token_ids, tokenize
     from gateway.mime import parse_bytes
 
     try:
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 if raw is None:
                     raise OSError("cannot read")
                 tokens = tokenize(parse_bytes(raw), tok_cfg)
-                batch.append(Change(message_key(raw), klass, [token_id(t) for t in tokens]))
+                batch.append(Change(message_key(raw), klass, token_ids(tokens)))
             except Exception as e:  # a message we cannot parse: count it, go on
                 counts["errors"] += 1
                 if progress.tty:

@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from filters._bayesstore import Change, SqliteReader, SqliteStore
-from filters._tokenizer import TokenizerConfig, message_key, token_id, tokenize
+from filters._tokenizer import (
+    TokenizerConfig,
+    message_key,
+    token_id,
+    token_ids,
+    tokenize,
+)
 from filters.bayes import BayesFilter, Classifier, band_symbols, chi2_combine, chi2q
 from gateway.filterapi import Client, ConfigError, FilterContext, Stage, Symbol
 from gateway.message import Message
@@ -145,6 +151,11 @@ def test_message_key_ignores_headers_on_top_and_mbox_line():
 def test_token_ids_are_stable_signed_64_bit():
     assert token_id("viagra") == token_id("viagra") != token_id("Viagra")
     assert -(2 ** 63) <= token_id("x") < 2 ** 63
+    # the ids are in every token database: they never change (BLAKE2b-64, big-endian, signed)
+    pinned = {"viagra": 8223545574696691031, "subject:free": 9093268465980176995,
+              "\udcff x": 4953351630531825701, "": -1970711489451281740}
+    assert {t: token_id(t) for t in pinned} == pinned
+    assert token_ids(pinned) == tuple(pinned.values())
 
 
 # -- combiner --------------------------------------------------------------------------------
