@@ -17,6 +17,7 @@ connection per thread; the writer is ``mailgate learn``. WAL lets them run at th
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -136,6 +137,18 @@ def _counts(conn: sqlite3.Connection, tokens: Sequence[int]) -> dict[int, tuple[
 
 _COUNTS = ("SELECT t.token, t.spam, t.ham FROM json_each(?) AS j "
            "JOIN tokens AS t ON t.token = j.value")
+_JSON_PROBE = "SELECT value FROM json_each('[1]')"
+
+
+def json_each_missing() -> str | None:
+    """None when this Python's SQLite has ``json_each``, which the lookups need; else why."""
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        try:
+            conn.execute(_JSON_PROBE).fetchall()
+        except sqlite3.OperationalError as e:
+            return (f"this Python's SQLite ({sqlite3.sqlite_version}) has no json_each ({e}); "
+                    "Bayes needs SQLite 3.38 or later, or one built with JSON1")
+    return None
 
 
 class SqliteStore(SqliteReader):

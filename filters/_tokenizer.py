@@ -232,7 +232,7 @@ def token_id(token: str) -> int:
     """A token as a signed 64-bit integer (the store keeps hashes, not strings): the first 8
     bytes of its UTF-8 BLAKE2b-64 digest, big-endian. Stored in every token database: never
     change it."""
-    return _INT64(_blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8).digest())[0]
+    return token_ids((token,))[0]
 
 
 def token_ids(tokens: Iterable[str]) -> tuple[int, ...]:

@@ -46,7 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filters._bayesstore import BayesStore, Change, Klass, SqliteReader, SqliteStore
+from filters._bayesstore import (
+    BayesStore,
+    Change,
+    Klass,
+    SqliteReader,
+    SqliteStore,
+    json_each_missing,
+)
 from filters._tokenizer import (
     DEFAULT_SKIP_HEADERS,
     TokenizerConfig,
@@ -168,6 +175,8 @@ class BayesFilter(Filter):
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], services: Services) -> BayesFilter:
         settings = parse_settings(cfg, services.hostname)
+        if (why := json_each_missing()) is not None:
+            raise ConfigError("db_path", why)
         return cls(SqliteReader(settings.db_path), settings.db_path, settings.classifier,
                    settings.tokenizer, settings.min_spam, settings.min_ham,
                    settings.autolearn_spam_at, settings.autolearn_ham_below)

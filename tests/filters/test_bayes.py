@@ -301,6 +301,19 @@ def test_bad_settings(cfg, key):
     assert exc.value.key == key
 
 
+def test_an_sqlite_without_json_each_is_a_policy_error(monkeypatch):
+    """The lookups join on json_each: without it the policy does not load, and says why,
+    rather than every message's Bayes check failing."""
+    import filters._bayesstore as store
+
+    assert store.json_each_missing() is None  # this Python's SQLite has it
+    monkeypatch.setattr(store, "_JSON_PROBE", "SELECT value FROM json_each_absent('[1]')")
+    with pytest.raises(ConfigError) as exc:
+        BayesFilter.from_config({}, Services())
+    assert exc.value.key == "db_path"
+    assert "no json_each" in exc.value.reason and "3.38" in exc.value.reason
+
+
 def test_settings_defaults():
     f = BayesFilter.from_config({}, Services())
     assert f.db_path == Path("bayes.db") and (f.min_spam, f.min_ham) == (200, 200)
