@@ -1,7 +1,8 @@
 """The rules filter end to end: the real gateway (proxy relay to the sink) loading the default
 rule set (policies/rules/default.cf, by absolute path) and a local rule file next to the policy
 (relative path, resolved against the policy's directory). GTUBE is refused at end of data by
-score and never relayed; ordinary mail goes through with the rules' symbols in the log; a
+score and never relayed; ordinary mail goes through with the rules' symbols in the log; big
+messages sent at once (their scans in the worker's CPU thread) each get their own verdict; a
 broken rule file makes ``mailgate check-policy`` fail naming file and line."""
 
 from __future__ import annotations
@@ -103,6 +104,38 @@ within thirty days; tell us if anything looks wrong and we will send a corrected
     assert ev["score"] == 2.0
     relayed = world.sink.wait_for(relayed_before + 1)[-1]
     assert b"invoice at" in relayed.data and b"Message-ID: <inv-1@partner.test>" in relayed.data
+
+
+@pytest.mark.skipif(not GTUBE.is_file(), reason=f"GTUBE message not found at {GTUBE}")
+def test_big_messages_at_once_each_get_their_own_verdict(world):
+    """Messages over filterapi.INLINE_MAX_BYTES have their parse and scan run in the worker's
+    one CPU thread, queued one after another: sent at the same time, each still gets its own
+    verdict (GTUBE refused, the others relayed with their own symbols)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.filterapi import INLINE_MAX_BYTES
+
+    lines = 2 * INLINE_MAX_BYTES // 60
+    filler = b"".join(b"Line %d of the quarterly report, nothing to see here at all.\n" % i
+                      for i in range(lines))
+    gtube = GTUBE.read_bytes() + b"\n" + filler
+    invoice = (b"From: Bob <bob@partner.test>\nTo: alice@example.test\nSubject: invoice %d\n"
+               b"Message-ID: <big-%d@partner.test>\n\nYour invoice is attached below.\n\n")
+    plain = [invoice % (i, i) + filler for i in range(3)]
+    assert all(len(crlf(m)) > 2 * INLINE_MAX_BYTES for m in [gtube, *plain])
+    relayed_before = len(world.sink.messages)
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(world.send, [plain[0], gtube, plain[1], plain[2]]))
+    codes = [code for code, _ in replies]
+    assert codes == [250, 550, 250, 250], replies
+    ev = world.gw.message_event(QID_RE.search(replies[1][1]).group(1))
+    assert ev["action"] == "reject" and "GTUBE(1000)" in ev["symbols"]
+    for _, text in (replies[0], replies[2], replies[3]):
+        ev = world.gw.message_event(text.rsplit(" ", 1)[1])
+        assert ev["action"] == "accept" and "LOCAL_PARTNER_INVOICE(-1.5)" in ev["symbols"], ev
+    relayed = world.sink.wait_for(relayed_before + 3)[relayed_before:]
+    assert sorted(m.data.count(b"quarterly report") for m in relayed) == [lines] * 3
+    assert b"GTUBE" not in b"".join(m.data for m in relayed)
 
 
 def test_rule_file_error_fails_check_policy_naming_file_and_line(tmp_path):
