@@ -34,7 +34,8 @@ the facts Amavis calls BANNED) is refused with ``554 5.7.1`` naming the file; ``
 quarantines it instead; ``"none"`` leaves everything to the policy's scores and rules. Each
 symbol carries a default score (used when the policy's ``[scores]`` has none).
 
-The scan runs in a worker thread; memory is bounded by ``max_nested_bytes`` per nesting level,
+The scan runs through ``offload`` (on the event loop for a message up to 64 KiB, in the
+worker's CPU thread above); memory is bounded by ``max_nested_bytes`` per nesting level,
 work by ``max_expanded_bytes`` and ``scan_time_s``.
 """
 
@@ -313,7 +314,7 @@ class AttachmentsFilter(Filter):
         view = await mime.view(ctx.message)
         return await offload(ctx.message.size, self.check_view, view)
 
-    # --- the scan (worker thread) -------------------------------------------------------
+    # --- the scan (blocking: offload) ---------------------------------------------------
 
     def check_view(self, view: mime.MimeView) -> Result:
         scan = _Scan(self.banned_ext, self.limits,

@@ -13,8 +13,9 @@ order, for DMARC; ``aligned_domain`` is the lower-cased ``d=`` (the identifier D
 DNS: keys are *prefetched*. Each signature's ``s._domainkey.d`` TXT record is asked for
 concurrently with the async resolver, on the event loop, before verification; dkimpy (blocking)
 then runs with a ``dnsfunc`` that only reads that prefetched map (``offload``: on the loop for a
-small message, in a worker thread for a big one). Verification never waits on the loop, a lookup's outcome (timeout vs. NXDOMAIN vs. bad record)
-is known exactly, and the lookups share one deadline (``dns_timeout_s``).
+small message, in the worker's CPU thread for a big one). Verification never waits on the
+loop, a lookup's outcome (timeout vs. NXDOMAIN vs. bad record) is known exactly, and the
+lookups share one deadline (``dns_timeout_s``).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class DkimVerifyFilter(Filter):
 
 
 def _load(msg: Message, max_bytes: int, min_rsa_bits: int) -> dkim.DKIM:
-    """Runs in a worker thread: the header block parsed by dkimpy (the body is hashed from the
+    """Blocking (``offload``): the header block parsed by dkimpy (the body is hashed from the
     spool by _SpoolVerifier); the whole message (capped) when the spooled header block was cut."""
     if msg.header_bytes.endswith(b"\r\n\r\n") or len(msg.header_bytes) == msg.size:
         return _SpoolVerifier(msg, min_rsa_bits)
@@ -171,7 +172,7 @@ class _SpoolVerifier(dkim.DKIM):
 
 
 def _verify_all(verifier: dkim.DKIM, sigs: list[Signature], served: KeyAnswers) -> None:
-    """Runs in a worker thread: dkimpy verification, DNS answered from ``served`` only."""
+    """Blocking (``offload``): dkimpy verification, DNS answered from ``served`` only."""
     lookup = dnsfunc(served)
     for sig in sigs:
         try:

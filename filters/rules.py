@@ -11,9 +11,10 @@ expressions over other rules). Each rule that hits is reported as a symbol named
 scored 0 in its file is disabled (reported never, still usable by metas). The file syntax is
 parsed by :mod:`filters._rulefile`.
 
-Regexes are compiled once, when the policy is loaded. Matching runs in a worker thread and
-scans at most ``max_scan_bytes`` of each text part, each header, the URL list and the raw
-message, so a huge message costs no more than a small one. ``body``, ``rawbody`` and ``uri``
+Regexes are compiled once, when the policy is loaded. Matching runs through ``offload`` (on
+the event loop for a message up to 64 KiB, in the worker's CPU thread above) and scans at most
+``max_scan_bytes`` of each text part, each header, the URL list and the raw message, so a huge
+message costs no more than a small one. ``body``, ``rawbody`` and ``uri``
 patterns are matched once over their text with ``re.M`` added, so ``^``/``$`` anchor at each
 paragraph/line/URL as SpamAssassin's per-line matching does. Those and ``full`` patterns get a
 needle when loaded (:mod:`filters._literals`): the literals every match must contain (an OR
