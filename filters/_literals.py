@@ -168,3 +168,97 @@ def _required(items: list[tuple[Any, Any]], folded: bool) -> Dnf | None:
             factors.append(sub)
     end_run()
     return _all_of(factors)
+
+
+_EDGES = re.compile(r"(\\b)?\(\?:(.*)\)(\\b)?", re.S)  # \b(?:A|B|…)\b, either \b optional
+
+
+def alternatives(pattern: str, flags: int) -> tuple[str, ...] | None:
+    r"""One pattern per alternative of ``pattern``, which together match where it matches:
+    ``\b(?:A|B)\b`` gives ``\b(?:A)\b`` and ``\b(?:B)\b``, and ``A|B`` gives ``A`` and ``B``
+    (a sequence distributes over an alternation). Searched one by one, each alternative gets a
+    needle of its own and, most often, a leading literal the regex engine can look for, where
+    the whole alternation is tried at every position of the text.
+
+    None when the pattern has no such form, or the split is not proved: no capturing group
+    (numbering, back-references), no inline or verbose flags, and each alternative, parsed
+    alone, must give the very branch the whole pattern's parse has (re's parser moves a
+    prefix all branches share out of them, or makes one-character branches a class: no split
+    then)."""
+    flags = int(flags) & ~_V0
+    if flags & ~_KNOWN_FLAGS or flags & re.X:
+        return None
+    try:
+        parsed = _sre.parse(pattern, flags)
+    except (re.error, RecursionError, OverflowError):
+        return None
+    if parsed.state.groups != 1 or (int(parsed.state.flags) | re.U) != (flags | re.U):
+        return None
+    items = list(parsed)
+    shapes = []  # (head, alternatives' text, tail): "A|B", or "\b(?:A|B)\b" (re inlines the group)
+    if len(items) == 1 and items[0][0] is _sre.BRANCH:
+        shapes.append(("", pattern, ""))
+    if m := _EDGES.fullmatch(pattern):
+        head, tail = m.group(1) or "", m.group(3) or ""
+        at = (_sre.AT, _sre.AT_BOUNDARY)
+        if [(op, av) for op, av in items if op is not _sre.BRANCH] == [at] * (bool(head)
+                                                                             + bool(tail)) \
+                and len(items) == bool(head) + 1 + bool(tail) \
+                and items[bool(head)][0] is _sre.BRANCH:
+            shapes.append((head, m.group(2), tail))
+    branch = next((av[1] for op, av in items if op is _sre.BRANCH), None)
+    for head, body, tail in shapes:
+        parts = _split_bars(body)
+        if parts is None or branch is None or len(parts) != len(branch) \
+                or not all(_parses_as(p, flags, sub) for p, sub in zip(parts, branch, strict=True)):
+            continue
+        if head or tail:
+            return tuple(f"{head}(?:{p}){tail}" for p in parts)
+        return tuple(parts)
+    return None
+
+
+def _parses_as(part: str, flags: int, sub: Any) -> bool:
+    try:
+        return _tree(_sre.parse(part, flags)) == _tree(sub)
+    except (re.error, RecursionError, OverflowError):
+        return False
+
+
+def _split_bars(body: str) -> list[str] | None:
+    """``body`` cut at each ``|`` outside escapes, classes and groups."""
+    parts, depth, start, i, n = [], 0, 0, 0, len(body)
+    while i < n:
+        c = body[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "[":  # a class: ']' first (or after '^') is a member, escapes inside
+            i += 1
+            if i < n and body[i] == "^":
+                i += 1
+            if i < n and body[i] == "]":
+                i += 1
+            while i < n and body[i] != "]":
+                i += 2 if body[i] == "\\" else 1
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth < 0:
+                return None
+        elif c == "|" and depth == 0:
+            parts.append(body[start:i])
+            start = i + 1
+        i += 1
+    if depth:
+        return None
+    parts.append(body[start:])
+    return parts
+
+
+def _tree(node: Any) -> Any:
+    """A parse (re._parser's SubPattern, its lists and tuples) as nested tuples, to compare."""
+    if isinstance(node, _sre.SubPattern | list | tuple):
+        return tuple(_tree(x) for x in node)
+    return node

@@ -67,6 +67,9 @@ class Rule:
     description: str = ""
     tflags: tuple[str, ...] = ()
     needle: Needle | None = None  # body-like rules: literals one of which a match must hold
+    # body-like rules of the form \b(?:A|B|…)\b: each alternative's own regex and needle,
+    # searched one by one (filters._literals.alternatives); () when not split
+    alternatives: tuple[tuple[Any, Needle | None], ...] = ()
 
     @property
     def is_subrule(self) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import regex
 
-from filters._literals import Needle, fold, needle
+from filters._literals import Needle, alternatives, fold, needle
 from filters._rulefile import compile_perl
 from filters.rules import RulesFilter, _Scan
 from gateway.mime import parse_bytes
@@ -178,10 +178,67 @@ def test_a_rule_whose_needle_is_absent_is_not_searched(tmp_path: Path):
     assert rule.needle is not None
     raw = b"From: a@example.test\r\nSubject: notes\r\n\r\nthe meeting notes, attached\r\n"
     rule.regex = _Refuses()
+    assert rule.alternatives  # split: each alternative behind its own needle
+    rule.alternatives = tuple((_Refuses(), n) for _, n in rule.alternatives)
     assert _Scan(parse_bytes(raw), raw, 65536)._hit(rule, 1.0) is False
     spam = raw.replace(b"attached", b"cheap VIAGRA here")
     with pytest.raises(AssertionError, match="searched"):
         _Scan(parse_bytes(spam), spam, 65536)._hit(rule, 1.0)
+
+
+# -- alternatives: \b(?:A|B)\b searched as \b(?:A)\b, then \b(?:B)\b ------------------------------
+
+@pytest.mark.parametrize(("pattern", "flags", "expected"), [
+    (r"\b(?:act\s+now|buy\s+(?:now|today))\b", re.I,
+     (r"\b(?:act\s+now)\b", r"\b(?:buy\s+(?:now|today))\b")),
+    (r"\b(?:ab|cd)", 0, (r"\b(?:ab)", r"\b(?:cd)")),
+    (r"(?:ab|cd)", 0, ("ab", "cd")),
+    (r"(?:ab)|(?:cd)|e\|f", 0, ("(?:ab)", "(?:cd)", r"e\|f")),
+    (r"\b(?:[a|b]x|y[)|(]y|\(z\|)\b", 0, (r"\b(?:[a|b]x)\b", r"\b(?:y[)|(]y)\b", r"\b(?:\(z\|)\b")),
+    (r"\b(?:[]|]x|yy)\b", 0, (r"\b(?:[]|]x)\b", r"\b(?:yy)\b")),
+    ("abc", 0, None),  # nothing to split
+    ("a|b", 0, None),  # re's parser made it a class [ab]
+    (r"\b(?:order\s+now|order\s+today)\b", re.I, None),  # the shared prefix is moved out
+    ("(ab|cd)", 0, None),  # a capturing group
+    (r"(?:ab|cd)\1", 0, None),  # a back-reference (no group 1: no pattern at all)
+    ("(?>ab|cd)", 0, None),  # atomic: the first alternative that matches is final
+    (r"\b(?:ab|cd)x", 0, None),  # something after the group other than \b
+    ("^(?:ab|cd)$", 0, None),  # anchors other than \b around it
+    ("(?s)ab|cd", 0, None),  # an inline flag the split would keep on one side only
+    ("ab|cd", re.X, None),  # verbose: comments and spaces are the parser's
+    ("ab|(cd", 0, None),  # no pattern
+])
+def test_alternatives(pattern, flags, expected):
+    assert alternatives(pattern, flags) == expected
+
+
+def test_random_alternations_split_match_exactly_where_the_whole_does():
+    """Each alternative searched alone: some match exactly when the whole pattern does."""
+    rng = random.Random(20261130)
+    split = checked = hits = 0
+    for _ in range(3000):
+        alts = [_pattern(rng, 1) for _ in range(rng.randint(2, 4))]
+        pat = rng.choice([r"\b(?:%s)\b", "(?:%s)", "%s", r"\b(?:%s)"]) % "|".join(alts)
+        flags = rng.choice([0, re.I, re.I | re.M, re.S])
+        parts = alternatives(pat, flags)
+        if parts is None:
+            continue
+        split += 1
+        whole = regex.compile(pat, flags)
+        each = [regex.compile(p, flags) for p in parts]
+        for _ in range(20):
+            text = "".join(rng.choice(_TEXT) for _ in range(rng.randint(0, 12)))
+            found = whole.search(text) is not None
+            assert any(e.search(text) for e in each) is found, (pat, flags, text, parts)
+            checked += 1
+            hits += found
+    assert split > 1000 and hits > 2000 and checked - hits > 2000
+
+
+def test_shipped_alternation_rules_are_split():
+    rules = _shipped().rules.rules
+    split = {name for name, r in rules.items() if r.alternatives}
+    assert {"URGENT_ACTION", "ADVANCE_FEE", "MONEY_PHRASES", "PHARMA_WORDS"} <= split
 
 
 def test_perl_braces_that_are_no_quantifier_stay_literal():
