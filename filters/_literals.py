@@ -182,9 +182,9 @@ def alternatives(pattern: str, flags: int) -> tuple[str, ...] | None:
 
     None when the pattern has no such form, or the split is not proved: no capturing group
     (numbering, back-references), no inline or verbose flags, and each alternative, parsed
-    alone, must give the very branch the whole pattern's parse has (re's parser moves a
-    prefix all branches share out of them, or makes one-character branches a class: no split
-    then)."""
+    alone, must give the whole pattern's parse of it: re's parser moves what all alternatives
+    begin with out in front of the branch (``order\s+now|order\s+today``), which the check
+    puts back; one-character alternatives it makes a class, which is not split."""
     flags = int(flags) & ~_V0
     if flags & ~_KNOWN_FLAGS or flags & re.X:
         return None
@@ -195,22 +195,25 @@ def alternatives(pattern: str, flags: int) -> tuple[str, ...] | None:
     if parsed.state.groups != 1 or (int(parsed.state.flags) | re.U) != (flags | re.U):
         return None
     items = list(parsed)
-    shapes = []  # (head, alternatives' text, tail): "A|B", or "\b(?:A|B)\b" (re inlines the group)
-    if len(items) == 1 and items[0][0] is _sre.BRANCH:
-        shapes.append(("", pattern, ""))
-    if m := _EDGES.fullmatch(pattern):
+    at = (_sre.AT, _sre.AT_BOUNDARY)
+    where = [i for i, (op, _) in enumerate(items) if op is _sre.BRANCH]
+    if len(where) != 1:
+        return None
+    k = where[0]
+    branch = items[k][1][1]
+    # (head, the alternatives' text, tail, the items in front of the branch): re's parser
+    # inlines the group, and moves what all alternatives start with out in front of them
+    shapes = []
+    if k == len(items) - 1:  # A|B
+        shapes.append(("", pattern, "", items[:k]))
+    if m := _EDGES.fullmatch(pattern):  # (?:A|B)
         head, tail = m.group(1) or "", m.group(3) or ""
-        at = (_sre.AT, _sre.AT_BOUNDARY)
-        if [(op, av) for op, av in items if op is not _sre.BRANCH] == [at] * (bool(head)
-                                                                             + bool(tail)) \
-                and len(items) == bool(head) + 1 + bool(tail) \
-                and items[bool(head)][0] is _sre.BRANCH:
-            shapes.append((head, m.group(2), tail))
-    branch = next((av[1] for op, av in items if op is _sre.BRANCH), None)
-    for head, body, tail in shapes:
+        if items[:bool(head)] == [at] * bool(head) and items[k + 1:] == [at] * bool(tail):
+            shapes.append((head, m.group(2), tail, items[bool(head):k]))
+    for head, body, tail, shared in shapes:
         parts = _split_bars(body)
-        if parts is None or branch is None or len(parts) != len(branch) \
-                or not all(_parses_as(p, flags, sub) for p, sub in zip(parts, branch, strict=True)):
+        if parts is None or len(parts) != len(branch) or not all(
+                _parses_as(p, flags, [*shared, *sub]) for p, sub in zip(parts, branch, strict=True)):
             continue
         if head or tail:
             return tuple(f"{head}(?:{p}){tail}" for p in parts)

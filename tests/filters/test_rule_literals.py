@@ -198,7 +198,10 @@ def test_a_rule_whose_needle_is_absent_is_not_searched(tmp_path: Path):
     (r"\b(?:[]|]x|yy)\b", 0, (r"\b(?:[]|]x)\b", r"\b(?:yy)\b")),
     ("abc", 0, None),  # nothing to split
     ("a|b", 0, None),  # re's parser made it a class [ab]
-    (r"\b(?:order\s+now|order\s+today)\b", re.I, None),  # the shared prefix is moved out
+    (r"\b(?:order\s+now|order\s+today)\b", re.I,  # re moves "order\s+" out: put back
+     (r"\b(?:order\s+now)\b", r"\b(?:order\s+today)\b")),
+    (r"\bno (?:cost|risk)\b|\brisk-free\b", re.I, (r"\bno (?:cost|risk)\b", r"\brisk-free\b")),
+    (r"\bx(?:ab|cd)\b", 0, None),  # something in front of the group
     ("(ab|cd)", 0, None),  # a capturing group
     (r"(?:ab|cd)\1", 0, None),  # a back-reference (no group 1: no pattern at all)
     ("(?>ab|cd)", 0, None),  # atomic: the first alternative that matches is final
@@ -238,7 +241,8 @@ def test_random_alternations_split_match_exactly_where_the_whole_does():
 def test_shipped_alternation_rules_are_split():
     rules = _shipped().rules.rules
     split = {name for name, r in rules.items() if r.alternatives}
-    assert {"URGENT_ACTION", "ADVANCE_FEE", "MONEY_PHRASES", "PHARMA_WORDS"} <= split
+    assert {"URGENT_ACTION", "ADVANCE_FEE", "MONEY_PHRASES", "PHARMA_WORDS", "FREE_OFFER",
+            "NO_OBLIGATION"} <= split
 
 
 def test_perl_braces_that_are_no_quantifier_stay_literal():
