@@ -18,6 +18,7 @@ from typing import Any
 
 from gateway import quarantine
 from gateway import replies as R
+from gateway.deferred import defer
 from gateway.dnsextras import defer_package_metadata
 from gateway.dnsresolver import DnsResolver
 from gateway.engine import Engine
@@ -81,6 +82,7 @@ class ConnectionCounter:
 def load_engine(path: Path) -> Engine:
     """Load and fully validate a policy (filters built); raises PolicyError."""
     defer_package_metadata()  # before a filter imports dnspython (gateway/dnsextras.py)
+    defer("nacl.signing")  # dkimpy imports it for ed25519 keys alone (gateway/deferred.py)
     policy = load_policy(path)
     services = Services(hostname=policy.hostname, resolver=DnsResolver(policy.dns),
                         policy_dir=Path(path).parent)

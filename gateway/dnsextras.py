@@ -13,8 +13,7 @@ a filter imports dnspython at all), each extra one of whose packages no import c
 the answer dnspython would reach, "off", through dnspython's own ``dns._features.force``. An
 extra whose packages are all present is left to dnspython's version check, which then loads
 ``importlib.metadata`` as before; so does an entry-point filter (gateway/registry.py).
-(``importlib.util.LazyLoader`` cannot serve: on 3.11 the import statement itself reads the
-lazy module's ``__spec__``, which loads it.)
+The stand-in is ``gateway.deferred``'s.
 """
 
 from __future__ import annotations
@@ -26,20 +25,10 @@ import sys
 import types
 from typing import Any
 
+from gateway.deferred import defer
+
 METADATA = "importlib.metadata"
 FEATURES = "dns._features"
-
-
-class _Deferred(types.ModuleType):
-    """In ``sys.modules`` for a module not loaded yet: the first attribute it lacks loads the
-    real module (which takes its place there and on the parent package) and is read from it."""
-
-    def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("__"):  # the import system's probes (__path__, __file__, ...)
-            raise AttributeError(attr)
-        if sys.modules.get(self.__name__) is self:
-            del sys.modules[self.__name__]
-        return getattr(importlib.import_module(self.__name__), attr)
 
 
 class _FeaturesHook:
@@ -75,11 +64,8 @@ class _ThenForce:
 
 def defer_package_metadata() -> bool:
     """Set up the above; False (and nothing changed) when either module is already loaded."""
-    if METADATA in sys.modules or FEATURES in sys.modules:
+    if FEATURES in sys.modules or not defer(METADATA):
         return False
-    stand_in = _Deferred(METADATA)
-    sys.modules[METADATA] = stand_in
-    importlib.metadata = stand_in  # what an import binds
     sys.meta_path.insert(0, _FeaturesHook())
     return True
 

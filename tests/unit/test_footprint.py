@@ -149,7 +149,7 @@ def test_dns_filters_do_not_load_importlib_metadata_and_dnspython_sees_the_same_
     path.write_text(dumps(policy))
     got = _probe(METADATA_PROBE, str(path))
     want = _probe(REFERENCE_PROBE)
-    assert got["stand_in"] == "_Deferred"
+    assert got["stand_in"] == "Deferred"
     assert got["loaded"] == []
     assert got["features"] == want["features"]
     assert got["dnspython"] == want["dnspython"]  # the stand-in loads the real module
@@ -183,6 +183,48 @@ def test_an_extra_whose_package_is_present_is_left_to_dnspythons_version_check(
     got = _probe(PRESENT_EXTRA_PROBE, env=env)
     assert got["first"] is True and got["again"] is False and got["untouched"] is True
     assert "idna" not in got["forced"] and got["forced"].get("dnssec") is False
-    assert got["before"] == "_Deferred"
+    assert got["before"] == "Deferred"
     assert got["have"] is False  # no installed distribution: dnspython's own answer
     assert got["after"] == "module"
+
+
+NACL_PROBE = """
+import json, sys
+from pathlib import Path
+from gateway.app import Runtime
+Runtime(Path(sys.argv[1]))
+import dkim
+data = Path(sys.argv[2])
+keys = {b"test._domainkey.football.example.com.": (data / "test.txt").read_bytes().strip(),
+        b"sed._domainkey.test.ex.": (data / "eximtest.dns").read_bytes().strip()}
+def dnsfunc(name, timeout=5):
+    return keys.get(name if name.endswith(b".") else name + b".")
+def state():
+    return {"stand_in": type(sys.modules.get("nacl.signing")).__name__,
+            "sodium": "nacl._sodium" in sys.modules}
+out = {"start": state()}
+out["rsa"] = dkim.verify((data / "rfc6376.signed.rsa.msg").read_bytes(), dnsfunc=dnsfunc)
+out["after_rsa"] = state()
+out["ed25519"] = dkim.verify((data / "ed25519test2.msg").read_bytes(), dnsfunc=dnsfunc)
+out["after_ed25519"] = state()
+print(json.dumps(out))
+"""
+
+DKIM_DATA = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "dkim-dkimpy" / "data"
+
+
+@pytest.mark.skipif(not DKIM_DATA.is_dir(), reason=f"DKIM corpus not found at {DKIM_DATA}")
+def test_dkim_loads_pynacl_at_the_first_ed25519_key_not_at_start(tmp_path: Path) -> None:
+    """dkimpy imports PyNaCl (1.2 MB with libsodium) for ed25519 keys alone: the gateway puts
+    it off until one is used. RSA signatures verify without it; an ed25519 one loads it and
+    verifies."""
+    filters = [{"name": "rcpt", "recipients": ["@example.test"]}, {"name": "dkim"}]
+    policy = base_policy("smtp://127.0.0.1:2525", spool={"directory": str(tmp_path / "spool")},
+                         filters=filters)
+    path = tmp_path / "policy.toml"
+    path.write_text(dumps(policy))
+    got = _probe(NACL_PROBE, str(path), str(DKIM_DATA))
+    assert got["start"] == {"stand_in": "Deferred", "sodium": False}
+    assert got["rsa"] is True and got["after_rsa"] == got["start"]
+    assert got["ed25519"] is True
+    assert got["after_ed25519"] == {"stand_in": "module", "sodium": True}
