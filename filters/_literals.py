@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,21 +52,42 @@ class Needle:
     terms: tuple[tuple[str, ...], ...]
     folded: bool
 
-    def in_text(self, text: str, memo: dict[str, bool] | None = None) -> bool:
+    def in_text(self, text: str, memo: dict[str, bool] | None = None,
+                within: Mapping[str, tuple[str, ...]] | None = None) -> bool:
         """Whether ``text`` may match. ``memo``: substring answers for this text, shared by
-        the needles tested against it (their strings repeat)."""
+        the needles tested against it (their strings repeat). ``within`` (:func:`containments`):
+        the other needle strings each string contains; one of those known absent from the
+        text makes the string absent without a search."""
         if memo is None:
             memo = {}
         for term in self.terms:
             for s in term:
                 found = memo.get(s)
                 if found is None:
-                    found = memo[s] = s in text
+                    parts = within.get(s) if within else None
+                    if parts and any(memo.get(t) is False for t in parts):
+                        found = memo[s] = False
+                    else:
+                        found = memo[s] = s in text
                 if not found:
                     break
             else:
                 return True
         return False
+
+
+def containments(needles: Iterable[Needle | None]) -> dict[str, tuple[str, ...]]:
+    """For each string of ``needles``, the others it contains (only strings that contain one):
+    a text without ``free`` has no `` free`` and no ``free gift``. Containment holds for any
+    text, folded or not, so one table serves every memo of :meth:`Needle.in_text`."""
+    strings = sorted({s for n in needles if n is not None for term in n.terms for s in term},
+                     key=lambda s: (len(s), s))
+    out: dict[str, tuple[str, ...]] = {}
+    for i, s in enumerate(strings):
+        parts = tuple(t for t in strings[:i] if len(t) < len(s) and t in s)
+        if parts:
+            out[s] = parts
+    return out
 
 
 def fold(text: str) -> str:

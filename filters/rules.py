@@ -41,7 +41,7 @@ from typing import Any
 import regex
 
 import gateway.mime
-from filters._literals import Needle, alternatives, fold, needle
+from filters._literals import Needle, alternatives, containments, fold, needle
 from filters._rulefile import Rule, RuleError, RuleSet, eval_meta, load_rules
 from gateway.filterapi import ConfigError, Filter, FilterContext, Result, Symbol, offload
 from gateway.headeraddr import addresses
@@ -80,11 +80,19 @@ def _squeeze(text: str) -> str:
     return text
 
 
+# From this length of text on, a needle string contained in another that is known absent is
+# not searched for (``Needle.in_text``'s ``within``): below it, a search costs about what the
+# lookup does (at 4 KiB the lookups made the rules 15% slower; at 64 KiB they save 8%).
+_IMPLY_MIN_CHARS = 16 * 1024
+
+
 class _Scan:
     """The texts of one message, built lazily and capped; the rules are matched here."""
 
-    def __init__(self, view: MimeView, raw: bytes, cap: int) -> None:
+    def __init__(self, view: MimeView, raw: bytes, cap: int,
+                 within: Mapping[str, tuple[str, ...]] | None = None) -> None:
         self.view, self.raw, self.cap = view, raw, cap
+        self.within = within  # needle strings contained in others (_literals.containments)
         self._cache: dict[str, str] = {}
         self._folded: dict[str, str] = {}
         self._memo: dict[tuple[str, bool], dict[str, bool]] = {}  # needle strings seen
@@ -169,7 +177,8 @@ class _Scan:
             if f is None:
                 f = self._folded[kind] = fold(text)
             text = f
-        return not needle.in_text(text, self._memo.setdefault((kind, needle.folded), {}))
+        return not needle.in_text(text, self._memo.setdefault((kind, needle.folded), {}),
+                                  self.within if len(text) >= _IMPLY_MIN_CHARS else None)
 
     def _hit(self, rule: Rule, timeout_s: float) -> bool:
         if rule.kind == "header":
@@ -208,6 +217,8 @@ class RulesFilter(Filter):
         self.rule_timeout_s = rule_timeout_s
         self.scan_budget_s = scan_budget_s
         self.needs_full = any(r.kind == "full" for r in rules.rules.values())
+        self.within = containments([r.needle for r in rules.rules.values()]
+                             + [n for r in rules.rules.values() for _, n in r.alternatives])
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], services: Services) -> RulesFilter:
@@ -243,7 +254,7 @@ class RulesFilter(Filter):
 
     def scan_all(self, view: MimeView, raw: bytes) -> tuple[dict[str, float], list[str]]:
         """(the rules that hit, the rules cut by their timeout or the scan budget)."""
-        scan = _Scan(view, raw, self.max_scan_bytes)
+        scan = _Scan(view, raw, self.max_scan_bytes, self.within)
         hits = scan.hits(self.rules, self.rule_timeout_s, self.scan_budget_s)
         return hits, scan.timed_out
 

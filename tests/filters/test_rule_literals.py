@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import regex
 
-from filters._literals import Needle, alternatives, fold, needle
+from filters import rules as rules_module
+from filters._literals import Needle, alternatives, containments, fold, needle
 from filters._rulefile import compile_perl
 from filters.rules import RulesFilter, _Scan
 from gateway.mime import parse_bytes
@@ -142,6 +143,48 @@ def test_random_patterns_and_texts_never_lose_a_match():
     assert checked > 20000 and skipped > 5000  # the check ran, and the needles did rule out
 
 
+class _Counted(str):
+    """A text that counts the substring searches made in it."""
+    searches = 0
+
+    def __contains__(self, s: object) -> bool:
+        type(self).searches += 1
+        return super().__contains__(s)  # type: ignore[operator]
+
+
+def test_containments_name_the_needle_strings_each_string_holds():
+    needles = [Needle((("free gift",), ("gift",)), True), Needle(((" free",), ("free",)), True),
+               None, Needle((("act now", "now"),), False)]
+    assert containments(needles) == {"free gift": ("free", "gift"), " free": ("free",),
+                                     "act now": ("now",)}
+
+
+def test_random_needles_sharing_a_memo_and_containments_answer_as_alone():
+    # a string known absent rules out every needle string containing it; with the table the
+    # answers stay those of each needle tested alone, and fewer searches are made
+    rng = random.Random(20261130)
+    needles = [n for n in (needle(_pattern(rng), rng.choice([0, re.I])) for _ in range(400))
+               if n is not None]
+    table = containments(needles)
+    assert len(table) > 20
+    fewer = 0
+    for _ in range(300):
+        text = "".join(rng.choice(_TEXT) for _ in range(rng.randint(0, 40)))
+        order = rng.sample(needles, len(needles))
+        _Counted.searches = 0
+        memos: dict[bool, dict[str, bool]] = {True: {}, False: {}}
+        hays = {True: _Counted(fold(text)), False: _Counted(text)}
+        got = [n.in_text(hays[n.folded], memos[n.folded], table) for n in order]
+        with_table = _Counted.searches
+        _Counted.searches = 0
+        memos = {True: {}, False: {}}
+        want = [n.in_text(hays[n.folded], memos[n.folded]) for n in order]
+        assert got == want, text
+        assert want == [n.in_text(fold(text) if n.folded else text) for n in order]
+        fewer += with_table < _Counted.searches
+    assert fewer > 100
+
+
 def _shipped() -> RulesFilter:
     return RulesFilter.from_config({"files": ["rules/default.cf"]},
                                    Services(policy_dir=REPO / "policies"))
@@ -163,6 +206,18 @@ def test_shipped_rules_on_the_corpus_same_hits_with_and_without_needles():
                 assert not hit, (path.name, rule.name)
             assert scan._hit(rule, 1.0) is hit, (path.name, rule.name)
     assert ruled_out > 1000
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason="shared/corpora not beside the repository")
+def test_shipped_rules_on_the_corpus_same_hits_with_and_without_containments(monkeypatch):
+    f = _shipped()
+    assert len(f.within) >= 10
+    monkeypatch.setattr(rules_module, "_IMPLY_MIN_CHARS", 0)  # every text, not only long ones
+    for path in sorted(CORPUS.glob("*/*")):
+        raw = path.read_bytes()
+        view = parse_bytes(raw)
+        plain = _Scan(view, raw, f.max_scan_bytes).hits(f.rules, 1.0, 60.0)
+        assert _Scan(view, raw, f.max_scan_bytes, f.within).hits(f.rules, 1.0, 60.0) == plain
 
 
 class _Refuses:
