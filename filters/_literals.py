@@ -84,7 +84,7 @@ def containments(needles: Iterable[Needle | None]) -> dict[str, tuple[str, ...]]
                      key=lambda s: (len(s), s))
     out: dict[str, tuple[str, ...]] = {}
     for i, s in enumerate(strings):
-        parts = tuple(t for t in strings[:i] if len(t) < len(s) and t in s)
+        parts = tuple(t for t in strings[:i] if t in s)  # the shorter ones: sorted by length
         if parts:
             out[s] = parts
     return out

@@ -217,8 +217,8 @@ class RulesFilter(Filter):
         self.rule_timeout_s = rule_timeout_s
         self.scan_budget_s = scan_budget_s
         self.needs_full = any(r.kind == "full" for r in rules.rules.values())
-        self.within = containments([r.needle for r in rules.rules.values()]
-                             + [n for r in rules.rules.values() for _, n in r.alternatives])
+        self.within = containments(n for r in rules.rules.values()
+                                   for n in (r.needle, *(n for _, n in r.alternatives)))
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], services: Services) -> RulesFilter:
