@@ -246,6 +246,25 @@ def cpu_s(root: int) -> float:
     return ticks / CLK_TCK
 
 
+def box_ticks() -> tuple[int, int, int]:
+    """The whole machine's CPU time so far from ``/proc/stat``, in ticks summed over all CPUs:
+    (busy, steal, total). Busy is user + nice + system + irq + softirq (whoever ran: the
+    target, smtp-source, smtp-sink, this harness's DNS server, the kernel's loopback work);
+    steal is time the hypervisor gave this VM's runnable CPUs to someone else."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return user + nice + system + irq + softirq, steal, sum(fields)
+
+
+def box_share(t0: tuple[int, int, int], t1: tuple[int, int, int]) -> tuple[float, float]:
+    """Busy and steal between two ``box_ticks`` readings, in % of all CPUs' time."""
+    total = t1[2] - t0[2]
+    if total <= 0:
+        return 0.0, 0.0
+    return 100 * (t1[0] - t0[0]) / total, 100 * (t1[1] - t0[1]) / total
+
+
 class Monitor:
     """Polls the RSS of a process tree every 50 ms; keeps the peak."""
 
@@ -585,6 +604,8 @@ class RunResult:
     rate: float
     peak_rss_mb: float | None
     cpu_s: float | None
+    box_busy_pct: float = 0.0  # the whole machine during the run, % of all CPUs (box_share)
+    box_steal_pct: float = 0.0
     note: str = ""
 
 
@@ -612,6 +633,7 @@ def one_run(tname: str, sc: Scenario, messages: int, env: Env, settle_s: float,
         time.sleep(0.2)
         base = sink.count
         cpu0 = cpu_s(target.root) if target.root else None
+        box0 = box_ticks()
         with Monitor(target.root) as mon:
             t0 = time.monotonic()
             rc, sent, err = smtp_source(port, sc.sessions, messages, msgfile)
@@ -621,6 +643,7 @@ def one_run(tname: str, sc: Scenario, messages: int, env: Env, settle_s: float,
                     sink.last_change, t_src) < settle_s:
                 time.sleep(0.02)
             t_end = max(t_src, sink.last_change)
+        box = box_share(box0, box_ticks())
         cpu1 = cpu_s(target.root) if target.root else None
         received = sink.count - base
         if messages - received and isinstance(target, Mailgate | Haraka):
@@ -635,7 +658,8 @@ def one_run(tname: str, sc: Scenario, messages: int, env: Env, settle_s: float,
             tname, sc.spec, sc.sessions, sc.size, sc.workers, messages, sent, received,
             messages - received, seconds, received / seconds if seconds > 0 else 0.0,
             mon.peak_kb / 1024 if target.root else None,
-            cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None, "; ".join(notes))
+            cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None, *box,
+            "; ".join(notes))
     finally:
         try:
             target.stop()
@@ -648,7 +672,8 @@ def fmt_line(r: RunResult) -> str:
     cpu = f"{r.cpu_s:7.2f}" if r.cpu_s is not None else "      -"
     line = (f"{r.target:15} {r.scenario:10} sess={r.sessions:<4} size={r.size // 1024:>3}KiB "
             f"w={r.workers} sent={r.sent:<6} recv={r.received:<6} lost={r.lost:<5} "
-            f"{r.seconds:7.2f}s {r.rate:8.1f} msg/s rss={rss}MB cpu={cpu}s")
+            f"{r.seconds:7.2f}s {r.rate:8.1f} msg/s rss={rss}MB cpu={cpu}s "
+            f"box={r.box_busy_pct:3.0f}% steal={r.box_steal_pct:2.0f}%")
     if r.lost:
         line += f"   <<<<<<<<<< LOSS: {r.lost} of {r.requested} messages not delivered >>>>>>>>>>"
     if r.note:
@@ -672,10 +697,11 @@ def summarize(results: list[RunResult], targets: list[str], scenarios: list[Scen
                 "lost": sum(r.lost for r in rs), "sent": sum(r.sent for r in rs),
                 "received": sum(r.received for r in rs),
                 "rss": statistics.median(rss) if rss else None,
-                "cpu_ms": statistics.median(cpu) if cpu else None}
+                "cpu_ms": statistics.median(cpu) if cpu else None,
+                "box": statistics.median(r.box_busy_pct for r in rs)}
     head = ("| target | scenario | runs | msgs/s (median) | × direct | × Haraka peer | "
-            "peak RSS MB | RSS × peer | CPU ms/msg | lost |")
-    lines = [head, "|" + " --- |" * 10]
+            "peak RSS MB | RSS × peer | CPU ms/msg | box CPU % | lost |")
+    lines = [head, "|" + " --- |" * 11]
     for sc in scenarios:
         for t in targets:
             m = med.get((t, sc.spec))
@@ -691,7 +717,8 @@ def summarize(results: list[RunResult], targets: list[str], scenarios: list[Scen
             cpu_s_ = f"{m['cpu_ms']:.2f}" if m["cpu_ms"] is not None else "-"
             lost = f"**{m['lost']} LOST**" if m["lost"] else "0"
             lines.append(f"| {t} | {sc.spec} | {m['runs']} | {m['rate']:.0f} | {x_direct} | "
-                         f"{x_peer} | {rss_s} | {rss_peer} | {cpu_s_} | {lost} |")
+                         f"{x_peer} | {rss_s} | {rss_peer} | {cpu_s_} | {m['box']:.0f} | "
+                         f"{lost} |")
     # 1 -> 2 worker scaling
     extra = []
     for sc in scenarios:
@@ -704,7 +731,11 @@ def summarize(results: list[RunResult], targets: list[str], scenarios: list[Scen
         for t in targets:
             a, b = med.get((t, base.spec)), med.get((t, sc.spec))
             if t != "direct" and a and b and a["rate"]:
-                extra.append(f"- {t}: {base.spec} → {sc.spec}: {b['rate'] / a['rate']:.2f}×")
+                # all CPU work grows with msgs/s: the box, full, allows 100 / busy% as much
+                ceiling = f"{100 / a['box']:.2f}×" if a["box"] else "-"
+                extra.append(f"- {t}: {base.spec} → {sc.spec}: {b['rate'] / a['rate']:.2f}× "
+                             f"(box CPU {a['box']:.0f}% → {b['box']:.0f}%; the box allows "
+                             f"~{ceiling})")
     if extra:
         lines += ["", "Worker scaling (msgs/s ratio):", *extra]
     return "\n".join(lines)
