@@ -589,7 +589,9 @@ COMMANDS: dict[str, Callable[[SmtpServer, str], Awaitable[None]]] = {
 
 class _open_spool:
     """A spool file for DATA, created exclusively with mode 0600 (a spare inode when there is
-    one, ``gateway.spares``), written in large buffers. A
+    one, ``gateway.spares``), written in large buffers. The buffer is made at the first write,
+    not at the 354: a session waiting for its client's data holds none (200 sessions between
+    354 and their data would hold 1.6 MB of empty buffers). A
     write error (a full disk) is remembered, not raised: the rest of DATA must still be read to
     its end, or it would be taken for commands."""
 
@@ -603,11 +605,10 @@ class _open_spool:
     def __enter__(self) -> _open_spool:
         fd = self.spares.create(self.path)
         try:
-            raw = io.FileIO(fd, "wb")
+            self.f: io.BufferedWriter | io.RawIOBase = io.FileIO(fd, "wb")
         except BaseException:
             os.close(fd)
             raise
-        self.f: io.BufferedWriter | io.RawIOBase = io.BufferedWriter(raw, SPOOL_BUFFER_BYTES)
         return self
 
     @property
@@ -624,6 +625,8 @@ class _open_spool:
             self.capture.feed(data)
         if self.error is None:
             try:
+                if not isinstance(self.f, io.BufferedWriter):
+                    self.f = io.BufferedWriter(self.f, SPOOL_BUFFER_BYTES)
                 self.f.write(data)
             except OSError as e:
                 self.error = e
