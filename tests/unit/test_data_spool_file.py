@@ -11,9 +11,14 @@ from gateway.smtp.server import SPOOL_BUFFER_BYTES, _open_spool
 from gateway.spares import SpareFiles
 
 
-def _write(tmp_path: Path, keep_open: bool) -> tuple[_open_spool, Path, bytes]:
+def _spool_path(tmp_path: Path) -> Path:
     path = tmp_path / "incoming" / "Q.tmp"
     path.parent.mkdir()
+    return path
+
+
+def _write(tmp_path: Path, keep_open: bool) -> tuple[_open_spool, Path, bytes]:
+    path = _spool_path(tmp_path)
     data = b"Subject: x\r\n\r\n" + b"y" * (SPOOL_BUFFER_BYTES // 2)  # fits the buffer
     with _open_spool(path, SpareFiles(tmp_path / "spare"), keep_open=keep_open) as f:
         f.write(data)
@@ -38,8 +43,7 @@ def test_otherwise_it_is_closed_at_the_end_of_data(tmp_path: Path) -> None:
 
 
 def test_the_buffer_is_made_at_the_first_write_not_at_open(tmp_path: Path) -> None:
-    path = tmp_path / "incoming" / "Q.tmp"
-    path.parent.mkdir()
+    path = _spool_path(tmp_path)
     with _open_spool(path, SpareFiles(tmp_path / "spare"), keep_open=True) as f:
         # a session between its 354 and its client's data holds no buffer
         assert not isinstance(f.f, io.BufferedWriter) and path.exists()
@@ -54,8 +58,7 @@ def test_the_buffer_is_made_at_the_first_write_not_at_open(tmp_path: Path) -> No
 
 
 def test_a_message_with_no_data_leaves_an_empty_file(tmp_path: Path) -> None:
-    path = tmp_path / "incoming" / "Q.tmp"
-    path.parent.mkdir()
+    path = _spool_path(tmp_path)
     with _open_spool(path, SpareFiles(tmp_path / "spare"), keep_open=True) as f:
         pass
     try:
