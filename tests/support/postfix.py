@@ -332,6 +332,12 @@ class PostfixInstance:
     def running(self) -> bool:
         return self._reaper is not None and self._reaper.poll() is None
 
+    @property
+    def root_pid(self) -> int | None:
+        """The reaper's PID while started: every process of the instance descends from it
+        (bench/run.py sums their CPU and RSS)."""
+        return self._reaper.pid if self._reaper is not None else None
+
     def start(self) -> None:
         """Write the config, create the queue, start master, wait for the smtpd greeting."""
         if self._reaper is not None:
