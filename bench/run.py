@@ -19,6 +19,7 @@ Scenarios: ``SESSIONSxSIZE[@wWORKERS]``, e.g. ``200x4k`` or ``200x4k@w2`` (mailg
 
 Usage: .venv/bin/python bench/run.py [--quick] [--repeats N] [--messages N]
        [--targets direct,mailgate-queue,...] [--scenarios 20x4k,200x4k,...]
+       [--cpu-per-worker CORES]
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ ALL_TARGETS = ["direct", "mailgate-proxy", "mailgate-queue", "mailgate-full",
 EXTRA_TARGETS = ["postfix-relay"]
 ALL_SCENARIOS = ["20x4k", "200x4k", "20x64k", "200x4k@w2"]
 KEEP = False  # --keep: leave every target's work directory (logs, config) in bench/.work/
+CAP: CpuCap | None = None  # --cpu-per-worker: mailgate's and Haraka's process trees in a cgroup
 PEER = {"mailgate-proxy": "haraka-minimal", "mailgate-queue": "haraka-minimal",
         "mailgate-full": "haraka-auth"}
 
@@ -295,6 +297,63 @@ class Monitor:
             self._stop.wait(0.05)
 
 
+# -- a CPU cap per worker (--cpu-per-worker) ------------------------------------------------------
+class CpuCap:
+    """A cgroup (v2, or v1's ``cpu`` hierarchy) for a target's process tree, with a CFS quota of
+    ``cores_per_worker`` × the run's workers. On a box whose two cores the load generator and the
+    sink share with the target, two workers find the box, not themselves, the limit; capped at
+    half a core each, one worker and two stay well inside the box, and the ratio measures the
+    gateway (bench/README.md). Needs root."""
+
+    PERIOD_US = 10_000  # short: a throttled target waits at most the rest of 10 ms
+
+    def __init__(self, cores_per_worker: float) -> None:
+        self.per_worker = cores_per_worker
+        name = f"mailgate-bench-{os.getpid()}"
+        v2 = Path("/sys/fs/cgroup")
+        if (v2 / "cgroup.controllers").exists():
+            if "cpu" not in (v2 / "cgroup.controllers").read_text().split():
+                raise RuntimeError("cgroup v2 without the cpu controller")
+            (v2 / "cgroup.subtree_control").write_text("+cpu")
+            self.dir, self.v2 = v2 / name, True
+        elif (v2 / "cpu" / "cpu.cfs_quota_us").exists():
+            self.dir, self.v2 = v2 / "cpu" / name, False
+        else:
+            raise RuntimeError("no cgroup cpu controller (v2 or v1) under /sys/fs/cgroup")
+        self.dir.mkdir()
+
+    def limit(self, workers: int) -> None:
+        quota = round(self.per_worker * workers * self.PERIOD_US)
+        if self.v2:
+            (self.dir / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+        else:
+            (self.dir / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (self.dir / "cpu.cfs_quota_us").write_text(str(quota))
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """argv run inside the cgroup: a shell moves itself in, then execs argv (same PID; no
+        preexec_fn, which is unsafe in this threaded harness)."""
+        return ["/bin/sh", "-c", f'echo $$ > {self.dir}/cgroup.procs && exec "$@"', "sh", *argv]
+
+    def throttled_s(self) -> float:
+        """Seconds the cgroup's tasks waited for quota so far (cpu.stat)."""
+        stat = dict(ln.split() for ln in (self.dir / "cpu.stat").read_text().splitlines())
+        return int(stat["throttled_usec"]) / 1e6 if self.v2 else int(stat["throttled_time"]) / 1e9
+
+    def remove(self) -> None:
+        for _ in range(100):  # the last processes of a stopped target may still be exiting
+            try:
+                self.dir.rmdir()
+                return
+            except OSError:
+                time.sleep(0.05)
+        log(f"  !! could not remove {self.dir}")
+
+
+def capped(argv: list[str]) -> list[str]:
+    return CAP.wrap(argv) if CAP is not None else argv
+
+
 # -- the sink -----------------------------------------------------------------------------------
 class Sink:
     """smtp-sink -c on a free port; a reader thread follows its ``mesg=N`` counter."""
@@ -402,8 +461,8 @@ class Mailgate(Target):
         policy.write_text(toml.dumps(self.policy(sink_port, sc, env, workdir)))
         self.logf = (workdir / "gateway.log").open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--policy", str(policy),
-             "--log-format", "json", "--log-level", "info"],
+            capped([sys.executable, "-m", "gateway", "run", "--policy", str(policy),
+                    "--log-format", "json", "--log-level", "info"]),
             cwd=workdir, env={**os.environ, "PYTHONPATH": str(REPO)},
             stdout=self.logf, stderr=subprocess.STDOUT)
         self.root = self.proc.pid
@@ -529,7 +588,7 @@ class Haraka(Target):
         preload.write_text(DNS_PRELOAD)
         self.logf = (self.workdir / "haraka.log").open("wb")
         self.proc = subprocess.Popen(
-            ["node", str(binary), "-c", str(workdir)], cwd=workdir,
+            capped(["node", str(binary), "-c", str(workdir)]), cwd=workdir,
             # HARAKA: the preload loads haraka-net-utils, and with it haraka-config, before
             # Haraka has set this from -c; unset, haraka-config reads its own package's config
             # directory and caches it (haraka-auth then ran as one process whatever nodes said)
@@ -645,6 +704,8 @@ class RunResult:
     cpu_s: float | None
     box_busy_pct: float = 0.0  # the whole machine during the run, % of all CPUs (box_share)
     box_steal_pct: float = 0.0
+    cap_cores: float = 0.0  # --cpu-per-worker × workers, 0 = uncapped
+    throttled_s: float = 0.0  # time the capped target waited for its quota
     note: str = ""
 
 
@@ -661,6 +722,9 @@ def one_run(tname: str, sc: Scenario, messages: int, env: Env, settle_s: float,
             ) -> RunResult:
     sink = Sink()
     target = make_target(tname)
+    cap = CAP if isinstance(target, Mailgate | Haraka) else None
+    if cap is not None:
+        cap.limit(sc.workers)
     try:
         port = target.start(sink.port, sc, env)
         msgfile = env.messages[sc.size]
@@ -673,6 +737,7 @@ def one_run(tname: str, sc: Scenario, messages: int, env: Env, settle_s: float,
         base = sink.count
         cpu0 = cpu_s(target.root) if target.root else None
         box0 = box_ticks()
+        thr0 = cap.throttled_s() if cap is not None else 0.0
         with Monitor(target.root) as mon:
             t0 = time.monotonic()
             rc, sent, err = smtp_source(port, sc.sessions, messages, msgfile)
@@ -683,6 +748,7 @@ def one_run(tname: str, sc: Scenario, messages: int, env: Env, settle_s: float,
                 time.sleep(0.02)
             t_end = max(t_src, sink.last_change)
         box = box_share(box0, box_ticks())
+        thr = cap.throttled_s() - thr0 if cap is not None else 0.0
         cpu1 = cpu_s(target.root) if target.root else None
         received = sink.count - base
         if messages - received and isinstance(target, Mailgate | Haraka | PostfixRelay):
@@ -698,7 +764,7 @@ def one_run(tname: str, sc: Scenario, messages: int, env: Env, settle_s: float,
             messages - received, seconds, received / seconds if seconds > 0 else 0.0,
             mon.peak_kb / 1024 if target.root else None,
             cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None, *box,
-            "; ".join(notes))
+            cap.per_worker * sc.workers if cap is not None else 0.0, thr, "; ".join(notes))
     finally:
         try:
             target.stop()
@@ -713,6 +779,8 @@ def fmt_line(r: RunResult) -> str:
             f"w={r.workers} sent={r.sent:<6} recv={r.received:<6} lost={r.lost:<5} "
             f"{r.seconds:7.2f}s {r.rate:8.1f} msg/s rss={rss}MB cpu={cpu}s "
             f"box={r.box_busy_pct:3.0f}% steal={r.box_steal_pct:2.0f}%")
+    if r.cap_cores:
+        line += f" cap={r.cap_cores:.2f}cores throttled={r.throttled_s:.2f}s"
     if r.lost:
         line += f"   <<<<<<<<<< LOSS: {r.lost} of {r.requested} messages not delivered >>>>>>>>>>"
     if r.note:
@@ -737,7 +805,10 @@ def summarize(results: list[RunResult], targets: list[str], scenarios: list[Scen
                 "received": sum(r.received for r in rs),
                 "rss": statistics.median(rss) if rss else None,
                 "cpu_ms": statistics.median(cpu) if cpu else None,
-                "box": statistics.median(r.box_busy_pct for r in rs)}
+                "box": statistics.median(r.box_busy_pct for r in rs),
+                "cap": rs[0].cap_cores,
+                "used": statistics.median(r.cpu_s / r.seconds for r in rs
+                                          if r.cpu_s is not None and r.seconds) if cpu else None}
     head = ("| target | scenario | runs | msgs/s (median) | × direct | × Haraka peer | "
             "peak RSS MB | RSS × peer | CPU ms/msg | box CPU % | lost |")
     lines = [head, "|" + " --- |" * 11]
@@ -770,11 +841,18 @@ def summarize(results: list[RunResult], targets: list[str], scenarios: list[Scen
         for t in targets:
             a, b = med.get((t, base.spec)), med.get((t, sc.spec))
             if t != "direct" and a and b and a["rate"]:
-                # all CPU work grows with msgs/s: the box, full, allows 100 / busy% as much
-                ceiling = f"{100 / a['box']:.2f}×" if a["box"] else "-"
-                extra.append(f"- {t}: {base.spec} → {sc.spec}: {b['rate'] / a['rate']:.2f}× "
-                             f"(box CPU {a['box']:.0f}% → {b['box']:.0f}%; the box allows "
-                             f"~{ceiling})")
+                ratio = f"- {t}: {base.spec} → {sc.spec}: {b['rate'] / a['rate']:.2f}× "
+                if a["cap"] and a["used"] is not None and b["used"] is not None:
+                    # capped: the quota, not the box, should be the limit; if the box is
+                    # near 100% at 2 workers it is not, and the ratio says little
+                    extra.append(ratio + f"(cap {a['cap']:.2f} → {b['cap']:.2f} cores, used "
+                                 f"{a['used']:.2f} → {b['used']:.2f}; box CPU {a['box']:.0f}% "
+                                 f"→ {b['box']:.0f}%)")
+                else:
+                    # all CPU work grows with msgs/s: the box, full, allows 100 / busy% as much
+                    ceiling = f"{100 / a['box']:.2f}×" if a["box"] else "-"
+                    extra.append(ratio + f"(box CPU {a['box']:.0f}% → {b['box']:.0f}%; the box "
+                                 f"allows ~{ceiling})")
     if extra:
         lines += ["", "Worker scaling (msgs/s ratio):", *extra]
     return "\n".join(lines)
@@ -813,8 +891,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true",
                     help="keep the targets' work directories (logs, configs) in bench/.work/")
     ap.add_argument("--json", type=Path, help="also write every run as JSON lines here")
+    ap.add_argument("--cpu-per-worker", type=float, metavar="CORES",
+                    help="run mailgate's and Haraka's process trees in a cgroup with a CPU "
+                         "quota of CORES × workers (e.g. 0.5: the worker scaling on a box "
+                         "the load generator shares; needs root)")
     args = ap.parse_args(argv)
-    global KEEP
+    global KEEP, CAP
     KEEP = args.keep
     repeats = args.repeats or (1 if args.quick else 3)
     messages = args.messages or (2000 if args.quick else 10000)
@@ -826,7 +908,23 @@ def main(argv: list[str] | None = None) -> int:
     for tool in (SMTP_SOURCE, SMTP_SINK):
         if not os.access(tool, os.X_OK):
             ap.error(f"{tool} missing: install the Debian package postfix")
+    if args.cpu_per_worker is not None:
+        if not 0 < args.cpu_per_worker <= (os.cpu_count() or 1):
+            ap.error("--cpu-per-worker: a share of a core, more than 0")
+        try:
+            CAP = CpuCap(args.cpu_per_worker)
+        except (OSError, RuntimeError) as e:
+            ap.error(f"--cpu-per-worker: no cgroup to cap the targets' CPU: {e}")
 
+    try:
+        return _run(args, targets, scenarios, messages, repeats)
+    finally:
+        if CAP is not None:
+            CAP.remove()
+
+
+def _run(args: argparse.Namespace, targets: list[str], scenarios: list[Scenario],
+         messages: int, repeats: int) -> int:
     targets, key_pem, pub = prepare(targets)
     with DnsServer(zone(pub)) as dns:
         env = Env(dns=dns, bayes_db=WORK / "bayes.db")
@@ -839,6 +937,9 @@ def main(argv: list[str] | None = None) -> int:
                 env.messages[sc.size] = path
         print(f"# {machine()}")
         print(f"# {messages} messages per run, {repeats} repeat(s), one message per connection")
+        if CAP is not None:
+            print(f"# mailgate and Haraka capped at {CAP.per_worker} core(s) per worker "
+                  f"({CAP.dir}, CFS period {CAP.PERIOD_US} µs)")
         results: list[RunResult] = []
         jf = args.json.open("a") if args.json else None
         for _rep in range(repeats):
