@@ -34,6 +34,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -333,7 +334,8 @@ class CpuCap:
     def wrap(self, argv: list[str]) -> list[str]:
         """argv run inside the cgroup: a shell moves itself in, then execs argv (same PID; no
         preexec_fn, which is unsafe in this threaded harness)."""
-        return ["/bin/sh", "-c", f'echo $$ > {self.dir}/cgroup.procs && exec "$@"', "sh", *argv]
+        procs = shlex.quote(str(self.dir / "cgroup.procs"))
+        return ["/bin/sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *argv]
 
     def throttled_s(self) -> float:
         """Seconds the cgroup's tasks waited for quota so far (cpu.stat)."""
@@ -910,7 +912,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{tool} missing: install the Debian package postfix")
     if args.cpu_per_worker is not None:
         if not 0 < args.cpu_per_worker <= (os.cpu_count() or 1):
-            ap.error("--cpu-per-worker: a share of a core, more than 0")
+            ap.error(f"--cpu-per-worker: more than 0 and at most {os.cpu_count()} cores")
         try:
             CAP = CpuCap(args.cpu_per_worker)
         except (OSError, RuntimeError) as e:
