@@ -17,6 +17,7 @@ from typing import Any
 
 from gateway import quarantine
 from gateway import replies as R
+from gateway.checkgate import CheckGate
 from gateway.decide import Decision, Scorecard, decide
 from gateway.dnsresolver import LimitedResolver
 from gateway.durable import Syncer
@@ -98,6 +99,7 @@ class Transaction:
     queued: str | None = None  # queue mode: what became of the message ("queued", ...)
     sign_error: str | None = None  # a signer (on_sign) failed: the message was not sent on
     dns: LimitedResolver | None = None  # the message's DNS lookups, limited (made at MAIL)
+    check_wait_s: float = 0.0  # how long its end-of-data checks waited for a slot (CheckGate)
     # background filters started at MAIL, collected at end of data (or cancelled on abort)
     pending: dict[str, asyncio.Task[FilterOutcome]] = field(default_factory=dict)
 
@@ -121,6 +123,11 @@ class Engine:
         self.min_free_bytes = min_free_bytes(policy.limits.max_message_bytes)
         self._room_until = 0.0  # loop time until which the last free-space check holds
         self.syncer = Syncer()  # the fsyncs of concurrent commits, batched
+        # end-of-data checks at once (limits.max_concurrent_checks): bounds the memory of the
+        # message-stage filters; without any, there is nothing to bound
+        self.checks = CheckGate(policy.limits.max_concurrent_checks
+                                if self.pipeline.has(Stage.MESSAGE) else None,
+                                policy.limits.check_wait_s)
         # proxy mode: downstream connections reused between client transactions
         self.proxy_pool = DownstreamPool(policy.relay, self.helo_name,
                                          max_per_destination=policy.queue.max_per_destination,
@@ -310,23 +317,26 @@ class Engine:
         locks and fsyncs it: ``Spool.commit_async``)."""
         txn.size = size
         cls = txn.cls or self.policy.default_class
-        message = (Message.from_head(spool, size, head) if head is not None
-                   else await asyncio.to_thread(Message.from_spool, spool, size))
-        if txn.pending:  # background filters (SPF) ran while RCPT and DATA streamed in
-            txn.scorecard.add(await collect(txn.pending))
-        out = await self._run_stage(Stage.MESSAGE, state, txn, skip=cls.skip_filters,
-                                    message=message)
-        txn.scorecard.add(out.values())
-        all_out = self._symbols(state, txn)
-        card = Scorecard(all_out)
-        score = card.score(cls)
-        d = decide(card.symbols(cls), all_out, cls, Stage.MESSAGE, score)
-        assert d is not None
-        txn.decision = d
-        if self.pipeline.has_deciders:
-            self._tell_decided(state, txn, message, card, cls, d)
-        if self.queue_mode:
-            return await self._queue(state, txn, message, card, cls, d, spool_fd)
+        # The checks, and in queue mode the commit, in one of the gate's slots; proxy mode's
+        # relaying waits on the downstream and holds none.
+        async with self.checks.slot() as txn.check_wait_s:
+            message = (Message.from_head(spool, size, head) if head is not None
+                       else await asyncio.to_thread(Message.from_spool, spool, size))
+            if txn.pending:  # background filters (SPF) ran while RCPT and DATA streamed in
+                txn.scorecard.add(await collect(txn.pending))
+            out = await self._run_stage(Stage.MESSAGE, state, txn, skip=cls.skip_filters,
+                                        message=message)
+            txn.scorecard.add(out.values())
+            all_out = self._symbols(state, txn)
+            card = Scorecard(all_out)
+            score = card.score(cls)
+            d = decide(card.symbols(cls), all_out, cls, Stage.MESSAGE, score)
+            assert d is not None
+            txn.decision = d
+            if self.pipeline.has_deciders:
+                self._tell_decided(state, txn, message, card, cls, d)
+            if self.queue_mode:
+                return await self._queue(state, txn, message, card, cls, d, spool_fd)
         relay = txn.relay
         assert relay is not None
         if d.action.refuses:
@@ -530,7 +540,8 @@ class Engine:
               rcpts=[r.addr for r in txn.rcpts], rcpt_refused=txn.rcpt_refused,
               size=txn.size, score=card.score(cls), action=action, by=by,
               policy_class=cls.name, symbols=syms,
-              stage_ms=card.stage_ms(), filter_errors=card.errors() or None,
+              stage_ms=card.stage_ms(), check_wait_ms=round(txn.check_wait_s * 1000, 1),
+              filter_errors=card.errors() or None,
               sign_error=txn.sign_error,
               relay=txn.queued or (txn.relay.last_result if txn.relay else "not relayed"),
               reply=reply.render().replace("\r\n", " | ") if reply else None,

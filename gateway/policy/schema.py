@@ -56,6 +56,10 @@ class Limits:
     bare_lf: BareLf = "reject"
     shutdown_grace_s: float = 30.0
     max_session_s: float = 3600.0  # a connection's whole life, whatever it does
+    # end-of-data checks (parse, message-stage filters, decision, queue commit) at once, per
+    # worker; the others wait for a slot, for at most check_wait_s (gateway/checkgate.py)
+    max_concurrent_checks: int = 64
+    check_wait_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
