@@ -49,4 +49,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
+# The project's claims about itself: lint and types are clean (a finding fails the run).
+echo "test.sh: ruff check"
+.venv/bin/ruff check .
+echo "test.sh: mypy gateway filters"
+.venv/bin/mypy gateway filters
+
 exec .venv/bin/python -m pytest "$@"
