@@ -18,7 +18,8 @@ probability as option): ``BAYES_00`` (< 0.01, −1.9), ``BAYES_05`` (< 0.05, −
 ``BAYES_60`` (< 0.80, 1.5), ``BAYES_80`` (< 0.95, 2.0), ``BAYES_95`` (< 0.99, 3.0),
 ``BAYES_99`` (≥ 0.99, 3.5) and, with it, ``BAYES_999`` (≥ 0.999, +0.2). Until ``min_spam``
 spam and ``min_ham`` ham messages have been learned: ``BAYES_UNTRAINED`` (score 0; option
-``spam=N ham=M``) instead.
+``spam=N ham=M``) instead; ``mailgate learn`` says so after learning, and the gateway logs
+a ``filter-inactive`` warning at start (``inactive_reason``), with the counts.
 
 Settings: ``db_path`` ("bayes.db", relative to the gateway's working directory), ``min_spam``
 and ``min_ham`` (200 each), ``max_discriminators`` (150), ``min_strength`` (0.1),
@@ -221,6 +222,15 @@ class BayesFilter(Filter):
         event(log, "bayes_autolearn", qid=ctx.qid, klass=klass, score=round(score, 3),
               outcome=outcome)
 
+    def inactive_reason(self) -> str | None:
+        """Asked at start and on reload (blocking, one small read): while the store is below
+        ``min_spam`` / ``min_ham``, why every message scores ``BAYES_UNTRAINED``."""
+        snap = self.store.snapshot(())
+        note = inactive_note(snap.nspam, snap.nham, self.min_spam, self.min_ham)
+        if note is None:
+            return None
+        return f"{note} in {self.db_path}; every message scores BAYES_UNTRAINED meanwhile"
+
     def classify(self, view: MimeView) -> Result:
         """Blocking: tokenize, look up, combine."""
         return self.classify_ids(self.token_ids(view))
@@ -240,6 +250,16 @@ class BayesFilter(Filter):
         return Result(symbols=band_symbols(prob),
                       data={"prob": prob, "tokens": len(ids), "known": len(snap.counts),
                             "clues": len(clues), "nspam": snap.nspam, "nham": snap.nham})
+
+
+def inactive_note(nspam: int, nham: int, min_spam: int, min_ham: int) -> str | None:
+    """Why the filter reports only ``BAYES_UNTRAINED`` (the store holds fewer messages than
+    ``min_spam``/``min_ham``), or None once it classifies. Said by ``mailgate learn`` and logged
+    when the gateway starts, so an admin does not find out from the scores."""
+    if nspam >= min_spam and nham >= min_ham:
+        return None
+    return (f"Bayes stays inactive until {min_spam} spam and {min_ham} ham: now {nspam} spam, "
+            f"{nham} ham")
 
 
 def _key_of(path: Path) -> str:

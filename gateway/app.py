@@ -161,10 +161,12 @@ class Runtime:
                         "limits.max_connections (%d): clients past it get 421 4.3.2; raise "
                         "LimitNOFILE / ulimit -n", resource.getrlimit(resource.RLIMIT_NOFILE)[0],
                         cap, limits.max_connections)
+        inactive = inactive_filters(self.engine, log_them=self.worker == 0)
         for address in bound:
             event(log, "listening", address=address, worker=self.worker,
                   policy=str(self.policy_path),
                   filters=[f.name for f in self.engine.pipeline.chain],
+                  inactive=inactive or None,
                   tls=self.tls_context is not None,
                   max_connections=min(limits.max_connections, cap or limits.max_connections))
 
@@ -190,7 +192,8 @@ class Runtime:
         self.connections.fd_cap = fd_connection_cap(engine.policy)  # the relay mode may change
         self.background(self.qmgr.reconfigure(engine.policy))
         event(log, "reloaded", policy=str(self.policy_path),
-              filters=[f.name for f in engine.pipeline.chain])
+              filters=[f.name for f in engine.pipeline.chain],
+              inactive=inactive_filters(engine, log_them=self.worker == 0) or None)
 
     async def stop(self) -> None:
         if self.draining:
@@ -230,6 +233,27 @@ class Runtime:
         gc.freeze()
         await self.stopped.wait()
         event(log, "stopped")
+
+
+def inactive_filters(engine: Engine, *, log_them: bool) -> list[str]:
+    """The filters that say they cannot give findings yet (``inactive_reason``: Bayes below
+    its training minimum); each one's reason is logged as a ``filter-inactive`` warning
+    (``log_them``: by one worker only)."""
+    out = []
+    for f in engine.pipeline.chain:
+        ask = getattr(f.instance, "inactive_reason", None)
+        if not callable(ask):
+            continue
+        try:
+            reason = ask()
+        except Exception as e:  # a store that cannot be read now: the filter's errors say more
+            reason = f"state unknown: {type(e).__name__}: {e}"
+        if reason:
+            out.append(f.name)
+            if log_them:
+                event(log, "filter-inactive", level=logging.WARNING, filter=f.name,
+                      reason=reason)
+    return out
 
 
 def recover_spool(spool: Spool) -> None:

@@ -184,6 +184,10 @@ class Filter:
     the message-stage decision of every message (refused ones too), in the background — it
     never delays the reply and cannot change the outcome; errors and overruns of
     ``timeout_s`` are only logged. Bayes auto-learning uses it.
+
+    And ``def inactive_reason(self) -> str | None``: asked once when the gateway starts (and
+    on a reload); a text means the filter runs but cannot give findings yet (Bayes below its
+    training minimum), logged as a ``filter-inactive`` warning and named in ``listening``.
     """
 
     name: ClassVar[str] = ""

@@ -2,7 +2,9 @@
 and mbox files (``--spam``, ``--ham``), or unlearn messages (``--forget``).
 
 The store and the tokenizer settings come from the ``bayes`` filter of the policy (``--policy``)
-or, with ``--db``, the given file and default settings. Each message is identified by its
+or, with ``--db``, the given file and default settings. After the summary, while the store holds
+fewer than the filter's ``min_spam`` spam or ``min_ham`` ham messages, a second line says that
+Bayes stays inactive until then, with the counts. Each message is identified by its
 signature (``filters._tokenizer.message_key``): learning a message again as the same class is
 skipped, as the other class moves it. Changes are written in batches, one transaction each.
 
@@ -52,14 +54,15 @@ class UsageError(Exception):
     pass
 
 
-def _settings(args: argparse.Namespace) -> tuple[Path, TokenizerConfig]:
+def _settings(args: argparse.Namespace) -> tuple[Path, TokenizerConfig, int, int]:
+    """The store, the tokenizer settings, and ``min_spam``/``min_ham``."""
     from filters.bayes import parse_settings
     from gateway.errors import PolicyError
     from gateway.filterapi import ConfigError
 
     if args.db is not None:
         s = parse_settings({})
-        return args.db, s.tokenizer
+        return args.db, s.tokenizer, s.min_spam, s.min_ham
     from gateway.policy.loader import load_policy
 
     try:
@@ -75,7 +78,7 @@ def _settings(args: argparse.Namespace) -> tuple[Path, TokenizerConfig]:
         s = parse_settings(spec.settings, policy.hostname)
     except ConfigError as e:
         raise UsageError(f"{args.policy}: filters.bayes.{e.key}: {e.reason}") from None
-    return s.db_path, s.tokenizer
+    return s.db_path, s.tokenizer, s.min_spam, s.min_ham
 
 
 def messages(paths: list[Path]) -> tuple[int, Iterator[tuple[str, bytes | None]]]:
@@ -175,10 +178,11 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     err = err or sys.stderr
     from filters._bayesstore import Change, SqliteStore
     from filters._tokenizer import message_key, token_ids, tokenize
+    from filters.bayes import inactive_note
     from gateway.mime import parse_bytes
 
     try:
-        db_path, tok_cfg = _settings(args)
+        db_path, tok_cfg, min_spam, min_ham = _settings(args)
         total, stream = messages(args.paths)
     except UsageError as e:
         print(f"mailgate learn: {e}", file=err)
@@ -216,6 +220,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             progress.update(done)
         if batch:
             flush()
+        totals = store.snapshot(())
     finally:
         store.close()
     progress.update(done, final=True)
@@ -231,4 +236,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                    f"errors {counts['errors']}")
     print(f"{summary}; {done} messages in {secs:.1f} s ({rate:.0f} msg/s); store {db_path}",
           file=out)
+    note = inactive_note(totals.nspam, totals.nham, min_spam, min_ham)
+    if note is not None:  # the filter reports BAYES_UNTRAINED only: say so, with the counts
+        print(f"{note} (until then every message scores BAYES_UNTRAINED)", file=out)
     return EXIT_ERRORS if counts["errors"] else EXIT_OK

@@ -39,7 +39,7 @@ def learn(cwd: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def summary(out: str) -> tuple[int, str, int, int, int, int]:
-    m = SUMMARY.fullmatch(out.strip())
+    m = SUMMARY.fullmatch(out.splitlines()[0])  # (a second line: Bayes still inactive)
     assert m, out
     return (int(m[1]), m[2], int(m[3]), int(m[4]), int(m[5]), int(m[6]))
 
@@ -61,7 +61,7 @@ def test_maildir_then_again_then_relearn_then_forget(tmp_path):
     r = learn(tmp_path, "--spam", "--db", "b.db", md)
     assert r.returncode == 0, r.stderr
     assert summary(r.stdout) == (12, "spam", 0, 0, 0, 12)
-    assert r.stdout.strip().endswith("store b.db") and (tmp_path / "b.db").is_file()
+    assert r.stdout.splitlines()[0].endswith("store b.db") and (tmp_path / "b.db").is_file()
     r = learn(tmp_path, "--spam", "--db", "b.db", md)
     assert summary(r.stdout) == (0, "spam", 12, 0, 0, 12)  # not counted twice
     r = learn(tmp_path, "--ham", "--db", "b.db", *spam[:5])  # the same messages as .eml files
@@ -118,6 +118,31 @@ def test_progress_bar_on_a_terminal(tmp_path):
     assert p.returncode == 0
     assert summary(p.stdout)[0] == 20
     assert re.search(r"\r\[#{30}\] 20/20 100% \d+ msg/s\r?\n$", err), repr(err)
+
+
+INACTIVE = ("Bayes stays inactive until {} spam and {} ham: now {} spam, {} ham (until then "
+            "every message scores BAYES_UNTRAINED)")
+
+
+def test_learn_says_while_bayes_stays_inactive(tmp_path):
+    """A typical first batch (the whole sample: 176 spam, 175 ham) is below the default
+    minimum of 200 each: learn says so, with the counts; once a policy's minimum is reached
+    (here lowered to 150) it says nothing more."""
+    r = learn(tmp_path, "--spam", "--db", "b.db", CORPUS / "spam")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[1:] == [INACTIVE.format(200, 200, 176, 0)], r.stdout
+    r = learn(tmp_path, "--ham", "--db", "b.db", CORPUS / "ham")
+    assert summary(r.stdout)[:2] == (175, "ham")
+    assert r.stdout.splitlines()[1:] == [INACTIVE.format(200, 200, 176, 175)], r.stdout
+    (tmp_path / "p.toml").write_text(toml.dumps(base_policy(filters=[
+        {"name": "bayes", "db_path": "b.db", "min_spam": 150, "min_ham": 150}])))
+    r = learn(tmp_path, "--forget", "--policy", "p.toml", corpus("ham")[0])
+    assert r.stdout.startswith("forgot 1,")
+    assert r.stdout.splitlines()[1:] == [], r.stdout  # 176 and 174: past the policy's 150
+    (tmp_path / "p.toml").write_text(toml.dumps(base_policy(filters=[
+        {"name": "bayes", "db_path": "b.db", "min_spam": 150, "min_ham": 180}])))
+    r = learn(tmp_path, "--ham", "--policy", "p.toml", corpus("ham")[0])
+    assert r.stdout.splitlines()[1:] == [INACTIVE.format(150, 180, 176, 175)], r.stdout
 
 
 def test_usage_errors(tmp_path):
@@ -182,3 +207,28 @@ def test_gateway_classifies_with_the_trained_store(tmp_path):
     assert [x for x in ham_ev["symbols"] if x.startswith("BAYES")] == [
         x for x in ham_ev["symbols"] if x.startswith("BAYES_00(-1.9)[")]
     assert any(x.startswith("BAYES_00(-1.9)[0.0") for x in ham_ev["symbols"])
+
+
+def test_gateway_start_line_says_bayes_is_inactive_until_trained(tmp_path):
+    """The start: a store below the policy's minimum gives a ``filter-inactive`` warning with
+    the counts and ``inactive=bayes`` on the ``listening`` line; past the minimum, neither."""
+    db = tmp_path / "bayes.db"
+    assert learn(tmp_path, "--spam", "--db", db, *corpus("spam")[:12]).returncode == 0
+    assert learn(tmp_path, "--ham", "--db", db, *corpus("ham")[:10]).returncode == 0
+
+    def start(name: str, minimum: int) -> tuple[dict, list[dict]]:
+        policy = base_policy(filters=[{"name": "rcpt", "recipients": ["@example.test"]},
+                                      {"name": "bayes", "db_path": str(db),
+                                       "min_spam": minimum, "min_ham": minimum}])
+        with GatewayProcess(tmp_path / name, policy) as gw:
+            return gw.events("listening")[0], gw.events("filter-inactive")
+
+    listening, inactive = start("below", 11)
+    assert listening["inactive"] == ["bayes"]
+    assert [(e["level"], e["filter"]) for e in inactive] == [("warning", "bayes")]
+    assert inactive[0]["reason"].startswith(
+        "Bayes stays inactive until 11 spam and 11 ham: now 12 spam, 10 ham in ")
+    assert "BAYES_UNTRAINED" in inactive[0]["reason"]
+    listening, inactive = start("trained", 10)
+    assert "inactive" not in listening or listening["inactive"] is None, listening
+    assert inactive == []
