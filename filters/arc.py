@@ -49,6 +49,7 @@ from dkim.canonicalization import CanonicalizationPolicy
 from dkim.crypto import HASH_ALGORITHMS, UnparsableKeyError, parse_pem_private_key
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from filters import _arheader
 from filters._dkimkeys import dnsfunc, prefetch, temperrors
 from gateway.dnsresolver import DnsResolver, Resolver, per_message
 from gateway.filterapi import AddHeader, ConfigError, Filter, FilterContext, Result, Symbol
@@ -229,67 +230,37 @@ def consolidate(headers: Sequence[tuple[bytes, bytes]], authserv_id: str
                 ) -> tuple[list[str], bytes]:
     """The results of every Authentication-Results header carrying ``authserv_id``, in order,
     as written (comments kept: dkimpy's own AAR drops them), and the ``cv`` that the ``arc=``
-    result gives (``none`` without one, ``fail`` with several)."""
+    result gives (``none`` without one, ``fail`` with several), as dkimpy's ``sign`` takes
+    it. Headers are read by the ``authres`` library (:mod:`filters._arheader`); one it cannot
+    parse is left out, as dkimpy does (the ``authres`` filter has removed such headers when
+    they name our authserv-id)."""
     results: list[str] = []
+    parsed_results: list[Any] = []
     for name, value in headers:
         if name.lower() != b"authentication-results":
             continue
-        parts = _split_results(value.decode("utf-8", "replace"))
-        if not parts or _strip_comments(parts[0]).strip().lower() != authserv_id.lower():
+        parsed = _arheader.parse(value.decode("utf-8", "surrogateescape"))
+        if parsed is None or parsed.authserv_id != authserv_id.lower():
             continue
-        results += [" ".join(p.split()) for p in parts[1:] if p.strip()]
-    arcs = [_strip_comments(r).split("=", 1) for r in results
-            if _strip_comments(r).strip().lower().startswith("arc=")]
+        results += parsed.texts
+        parsed_results += parsed.results
+    arcs = [r for r in parsed_results if str(r.method).lower() == "arc"]
     if not arcs:
         return results, dkim.CV_None
     if len(arcs) > 1:
         return results, dkim.CV_Fail
-    return results, arcs[0][1].split()[0].strip().lower().encode() if arcs[0][1].split() \
-        else dkim.CV_Fail
+    return results, str(arcs[0].result).lower().encode()
 
 
 def aar_result(aar: str, method: str) -> str | None:
     """What an ARC-Authentication-Results value (``i=N; authserv-id; results``) says for
-    ``method`` (e.g. ``dmarc`` -> ``pass``), or None."""
-    for part in _split_results(aar)[2:]:
-        m = re.match(r"\s*([A-Za-z0-9_.-]+)\s*(?:/[^=]*)?=\s*([A-Za-z0-9_-]+)",
-                     _strip_comments(part))
-        if m and m.group(1).lower() == method:
-            return m.group(2).lower()
-    return None
-
-
-def _split_results(value: str) -> list[str]:
-    """An Authentication-Results value split at ``;`` outside comments and quoted strings."""
-    parts: list[str] = []
-    cur: list[str] = []
-    depth, quoted, escaped = 0, False, False
-    for ch in value:
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif quoted:
-            quoted = ch != '"'
-        elif ch == '"':
-            quoted = True
-        elif ch == "(":
-            depth += 1
-        elif ch == ")" and depth:
-            depth -= 1
-        elif ch == ";" and not depth:
-            parts.append("".join(cur))
-            cur = []
-            continue
-        cur.append(ch)
-    parts.append("".join(cur))
-    return [p.strip() for p in parts]
-
-
-def _strip_comments(text: str) -> str:
-    for _ in range(4):
-        text = re.sub(r"\((?:[^()\\]|\\.)*\)", " ", text)
-    return text
+    ``method`` (e.g. ``dmarc`` -> ``pass``), read by the ``authres`` library; None when it
+    says nothing for it, when its results for it disagree, or when the value is unparsable."""
+    parsed = _arheader.parse_aar(aar)
+    if parsed is None:
+        return None
+    found = {str(r.result).lower() for r in parsed.results if str(r.method).lower() == method}
+    return found.pop() if len(found) == 1 else None
 
 
 class _Arc(dkim.ARC):

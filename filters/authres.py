@@ -17,7 +17,12 @@ A method whose filter failed or timed out (``on_error = "continue"``) is reporte
 ``temperror`` (spf, dkim, dmarc; ``arc`` has no such result in RFC 8617 and is left out);
 one whose result is missing is left out.
 
-Removal matches the authserv-id case-insensitively (RFC 8601 §2.5). The core's
+Removal (RFC 8601 §5): each Authentication-Results value is read with the ``authres``
+library's grammar (:mod:`filters._arheader`: comments, nested comments, quoted strings,
+folding and the version as the library reads them); one whose authserv-id is ours, in any
+case (RFC 8601 §2.5), is removed. A value the library cannot parse (or too long or too deeply
+nested to parse) is removed when our authserv-id occurs in it anywhere as a token, comments
+included: fail closed, so no reader downstream can take it for ours. The core's
 ``RemoveHeader.value_prefix`` compares case-sensitively, so one ``RemoveHeader`` is emitted per
 matching header, with that header's own (unfolded) value as the prefix.
 """
@@ -32,6 +37,7 @@ import authres
 import authres.arc
 import authres.dmarc
 
+from filters import _arheader
 from gateway.filterapi import (
     AddHeader,
     ConfigError,
@@ -47,29 +53,34 @@ from gateway.settings import check_keys, opt_str, str_list
 
 HEADER = "Authentication-Results"
 METHODS = ("spf", "dkim", "dmarc", "arc")
-_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
 _AUTHSERV = re.compile(r"[^\s;()]+")
 _PVALUE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]+")
 
 
 def authserv_id_of(value: str) -> str | None:
-    """The authserv-id of an Authentication-Results value (comments skipped), or None."""
-    text = value
-    for _ in range(4):  # nested comments: strip innermost first
-        text = _COMMENT.sub(" ", text)
-    m = _AUTHSERV.search(text)
-    return m.group(0) if m else None
+    """The authserv-id of an Authentication-Results value as the ``authres`` library reads
+    it (lower case), or None when the library cannot parse the value."""
+    parsed = _arheader.parse(value)
+    return parsed.authserv_id if parsed is not None else None
+
+
+def carries(value: str, authserv_id: str) -> bool:
+    """Whether an Authentication-Results value must be treated as carrying ``authserv_id``:
+    the library reads that authserv-id, or it cannot parse the value and the value names
+    ``authserv_id`` anywhere (fail closed)."""
+    if not _arheader.mentions(value, authserv_id):
+        return False  # the library could not read it as ours: no need to parse
+    found = authserv_id_of(value)
+    return found is None or found == authserv_id.lower()
 
 
 def forged(message: Message | None, authserv_id: str) -> tuple[RemoveHeader, ...]:
     """RemoveHeader edits for every Authentication-Results carrying ``authserv_id``."""
     if message is None:
         return ()
-    want = authserv_id.lower()
     out: list[RemoveHeader] = []
     for value in message.get_all(HEADER):
-        found = authserv_id_of(value)
-        if found is not None and found.lower() == want:
+        if carries(value, authserv_id):
             edit = RemoveHeader(HEADER, value_prefix=value)
             if edit not in out:
                 out.append(edit)
@@ -91,8 +102,10 @@ class AuthResultsFilter(Filter):
     def from_config(cls, cfg: Mapping[str, Any], services: Services) -> AuthResultsFilter:
         check_keys(cfg, {"authserv_id", "methods"})
         authserv_id = opt_str(cfg, "authserv_id") or services.hostname
-        if not _AUTHSERV.fullmatch(authserv_id):
-            raise ConfigError("authserv_id", "must be one token (no spaces, ';' or '()')")
+        if not _AUTHSERV.fullmatch(authserv_id) or \
+                authserv_id_of(f"{authserv_id}; none") != authserv_id.lower():
+            raise ConfigError("authserv_id", "must be one dot-atom token (RFC 8601: no "
+                                             "spaces, ';', '()' or '@')")
         methods = str_list(cfg, "methods") if "methods" in cfg else METHODS
         bad = [m for m in methods if m not in METHODS]
         if bad:

@@ -124,7 +124,8 @@ def test_methods_setting_limits_requires_and_header() -> None:
 
 
 @pytest.mark.parametrize("cfg", [{"methods": ["bimi"]}, {"authserv_id": "a b"},
-                                 {"authserv_id": ""}, {"bogus": 1}, {"methods": "spf"}])
+                                 {"authserv_id": ""}, {"authserv_id": "a@b"},
+                                 {"authserv_id": "a..b"}, {"bogus": 1}, {"methods": "spf"}])
 def test_bad_settings(cfg: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         AuthResultsFilter.from_config(cfg, Services())
@@ -157,10 +158,55 @@ def test_forged_headers_removed_case_insensitively(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("value", "expected"), [
     ("mx.test; spf=pass", "mx.test"),
-    ("  MX.test 1; none", "MX.test"),
+    ("  MX.test 1; none", "mx.test"),  # the library reads it lower case
     ("(c (nested)) mx.test; none", "mx.test"),
+    ("(((((a) b) c) d) e) mx.test; dkim=pass", "mx.test"),  # issue 25's repro: was "e"
+    ('mx.test; dkim=pass header.d="a;b" (c;d) ; spf=fail', "mx.test"),
+    ("mx.test;\r\n\tnone", "mx.test"),
     ("mx.test;none", "mx.test"),
+    ("mx.test 2; none", None),  # an unsupported version: unparsable
+    ("mx.test", None),  # no result: unparsable
     ("", None),
 ])
 def test_authserv_id_of(value: str, expected: str | None) -> None:
     assert authserv_id_of(value) == expected
+
+
+FORGED = [  # every one names mx.gateway.test as its authserv-id, or cannot be parsed
+    "(((((a) b) c) d) e) mx.gateway.test; dkim=pass header.d=bank.example",
+    "((((((((a) b) c) d) e) f) g) h) MX.Gateway.Test; dkim=pass header.d=bank.example",
+    "(a \\) b) (\\( c) mx.gateway.test (x (y)) 1 (v); dkim=pass header.d=bank.example",
+    'mx.gateway.test; dkim=pass header.d="bank.example; spf=pass" (c;(d))',
+    "mx.gateway.test 1 ; dkim=pass header.d=bank.example",
+    "mx.gateway.test 2; dkim=pass header.d=bank.example",  # version the library refuses
+    "mx.gateway.test. ; dkim=pass header.d=bank.example",  # trailing dot: unparsable
+    "mx.gateway.test dkim=pass header.d=bank.example",  # no ';': unparsable
+    "(" * 60 + ")" * 60 + " mx.gateway.test; dkim=pass header.d=bank.example",  # too deep
+    "mx.gateway.test; dkim=pass header.d=bank.example" + " (x)" * 3000,  # too long
+    "(mx.gateway.test) x y; dkim=pass header.d=bank.example",  # unparsable, named in a comment
+    "(a) (b) mx.gateway.test; dkim=pass header.d=bank.example",  # the library's CFWS quirk
+]
+KEPT = [
+    "other.example (mx.gateway.test); dkim=pass header.d=bank.example",  # parses as foreign
+    "(mx.gateway.test) other.example; dkim=pass",
+    "mx.gateway.test.evil.example; dkim=pass",
+    "xmx.gateway.test; dkim=pass",
+    "broken (value",  # unparsable, but does not name us
+    "(a) (b) other.example; dkim=pass",  # unparsable by the library, does not name us
+]
+
+
+@pytest.mark.parametrize("value", FORGED)
+def test_forged_variants_are_removed(tmp_path: Path, value: str) -> None:
+    msg = message(tmp_path, f"Authentication-Results: {value}\r\nFrom: a@example.com\r\n")
+    res = run(AuthResultsFilter("mx.gateway.test"), ctx(msg))
+    assert removes(res) == [RemoveHeader("Authentication-Results", value_prefix=value)]
+    out = build_headers(msg, [], res.edits, action=Action.ACCEPT, subject_tag="").decode()
+    assert "bank.example" not in out
+
+
+@pytest.mark.parametrize("value", KEPT)
+def test_foreign_headers_are_kept(tmp_path: Path, value: str) -> None:
+    msg = message(tmp_path, f"Authentication-Results: {value}\r\nFrom: a@example.com\r\n")
+    res = run(AuthResultsFilter("mx.gateway.test"), ctx(msg))
+    assert removes(res) == []
