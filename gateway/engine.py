@@ -32,6 +32,7 @@ from gateway.errors import SpoolError
 from gateway.filterapi import Action, Client, Decided, FilterContext, RemoveHeader, Stage
 from gateway.logs import event
 from gateway.message import Message
+from gateway.mimebounds import MimeLimits
 from gateway.pipeline import FilterOutcome, Pipeline, collect, decided, take_done
 from gateway.policy.schema import Policy, PolicyClass
 from gateway.queue_entry import QueueEntry, min_free_bytes
@@ -121,6 +122,9 @@ class Engine:
         self.background = background_filters(policy, self.pipeline.chain)
         self._decided_tasks: set[asyncio.Task[None]] = set()
         self.min_free_bytes = min_free_bytes(policy.limits.max_message_bytes)
+        lim = policy.limits  # the MIME parse's structural bounds (gateway.mimebounds)
+        self.mime_limits = MimeLimits(lim.max_mime_depth, lim.max_mime_parts,
+                                      lim.max_mime_headers, lim.max_mime_encoded_words)
         self._room_until = 0.0  # loop time until which the last free-space check holds
         self.syncer = Syncer()  # the fsyncs of concurrent commits, batched
         # end-of-data checks at once (limits.max_concurrent_checks): bounds the memory of the
@@ -320,8 +324,9 @@ class Engine:
         # The checks, and in queue mode the commit, in one of the gate's slots; proxy mode's
         # relaying waits on the downstream and holds none.
         async with self.checks.slot() as txn.check_wait_s:
-            message = (Message.from_head(spool, size, head) if head is not None
-                       else await asyncio.to_thread(Message.from_spool, spool, size))
+            message = (Message.from_head(spool, size, head, self.mime_limits)
+                       if head is not None else
+                       await asyncio.to_thread(Message.from_spool, spool, size, self.mime_limits))
             if txn.pending:  # background filters (SPF) ran while RCPT and DATA streamed in
                 txn.scorecard.add(await collect(txn.pending))
             out = await self._run_stage(Stage.MESSAGE, state, txn, skip=cls.skip_filters,

@@ -11,6 +11,8 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+from gateway.mimebounds import DEFAULT_LIMITS, MimeLimits
+
 MAX_HEADER_BYTES = 1024 * 1024  # headers beyond this are treated as body for parsing
 
 
@@ -58,6 +60,8 @@ class Message:
     header_bytes: bytes  # the header block including the blank line that ends it (if any)
     # what filters derive from the message once and share (e.g. gateway.mime's parse)
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # the structural bounds of its MIME parse (gateway.mime; [limits] max_mime_* in the policy)
+    mime_limits: MimeLimits = field(default=DEFAULT_LIMITS, compare=False, repr=False)
     _headers: tuple[Header, ...] | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -83,13 +87,15 @@ class Message:
         return None
 
     @classmethod
-    def from_spool(cls, path: Path, size: int) -> Message:
+    def from_spool(cls, path: Path, size: int,
+                   mime_limits: MimeLimits = DEFAULT_LIMITS) -> Message:
         with path.open("rb") as f:
             head = f.read(min(size, MAX_HEADER_BYTES))
-        return cls.from_head(path, size, head)
+        return cls.from_head(path, size, head, mime_limits)
 
     @classmethod
-    def from_head(cls, path: Path, size: int, head: bytes) -> Message:
+    def from_head(cls, path: Path, size: int, head: bytes,
+                  mime_limits: MimeLimits = DEFAULT_LIMITS) -> Message:
         """From the file's first bytes, as far as its header block or MAX_HEADER_BYTES (a
         ``HeadCapture`` of the DATA that wrote it): the same Message as ``from_spool``."""
         end = head.find(b"\r\n\r\n")
@@ -102,7 +108,7 @@ class Message:
         else:  # no end of headers within the cap: keep whole lines only
             cut = head.rfind(b"\r\n")
             block = head[: cut + 2] if cut >= 0 else b""
-        return cls(path, size, block)
+        return cls(path, size, block, mime_limits=mime_limits)
 
     @property
     def body_offset(self) -> int:

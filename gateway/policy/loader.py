@@ -19,6 +19,7 @@ from typing import Any
 
 from gateway.errors import PolicyError
 from gateway.filterapi import Action, Stage
+from gateway.mimebounds import HARD_MAX_DEPTH
 from gateway.policy.schema import (
     DnsConfig,
     FilterSpec,
@@ -262,6 +263,8 @@ def _limits(c: Checker, data: Any) -> Limits:
         c.error("limits.max_line_bytes", "must be an integer >= 80 (RFC 5321 requires 1000)")
     if values["max_command_line_bytes"] < 512:
         c.error("limits.max_command_line_bytes", "must be an integer >= 512 (RFC 5321 4.5.3.1.4)")
+    if values["max_mime_depth"] > HARD_MAX_DEPTH:  # the stdlib's parser recurses per level
+        c.error("limits.max_mime_depth", f"must be an integer from 1 to {HARD_MAX_DEPTH}")
     return Limits(**values)
 
 

@@ -60,6 +60,12 @@ class Limits:
     # worker; the others wait for a slot, for at most check_wait_s (gateway/checkgate.py)
     max_concurrent_checks: int = 64
     check_wait_s: float = 1.0
+    # the MIME parse's structural bounds (gateway/mimebounds.py); beyond them the `mime`
+    # filter reports MIME_TOO_DEEP / _MANY_PARTS / _MANY_HEADERS / _MANY_ENCODED_WORDS
+    max_mime_depth: int = 50  # nested multipart/* and message/* levels (at most 200)
+    max_mime_parts: int = 1000  # MIME entities in a message
+    max_mime_headers: int = 1000  # header fields in one header block (the top one or a part's)
+    max_mime_encoded_words: int = 1000  # RFC 2047 encoded words decoded in a message
 
 
 @dataclass(frozen=True, slots=True)

@@ -413,7 +413,7 @@ def _run_default_policy(gw):
     listening = gw.events("listening")[0]
     assert listening["policy"] == "policies/default.toml"
     assert listening["filters"] == ["rcpt", "headers", "spf", "dkim", "arc", "dmarc",
-                                    "authres", "rules", "bayes", "attachments"]
+                                    "authres", "mime", "rules", "bayes", "attachments"]
     out = subprocess.run(
         ["swaks", "--server", gw.host, "--port", str(gw.port), "--from", SENDER,
          "--to", "alice@example.test", "--helo", "client.test", "--timeout", "10",

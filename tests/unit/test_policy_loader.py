@@ -78,7 +78,7 @@ def test_default_policy_file_loads_and_matches_its_comments():
     assert p.listeners == (Listener("127.0.0.1", 2525),)
     assert p.accepted_domains == {"example.test"}
     assert [f.name for f in p.filters] == ["rcpt", "headers", "spf", "dkim", "arc", "dmarc",
-                                           "authres", "rules", "bayes", "attachments"]
+                                           "authres", "mime", "rules", "bayes", "attachments"]
     assert p.filters[0].settings == {"recipients": ["@example.test"]}
     assert p.filters[1].on_error == "continue"
     by_name = {f.name: f for f in p.filters}

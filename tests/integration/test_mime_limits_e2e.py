@@ -1,0 +1,87 @@
+"""Hostile MIME structure through the real gateway on the shipped default policy
+(policies/default.toml, queue mode, DNS from a loopback server): a message of 2000 nested
+multiparts gets a final ``554 5.6.0`` naming MIME_TOO_DEEP (it used to get the attachments
+filter's ``451 4.3.0`` after a RecursionError in the rules, Bayes and attachments filters, so
+the sender retried it for days), the log line names the finding, nothing is delivered; a
+message at the depth bound is delivered as usual."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import smtplib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.mimebounds import nested
+from tests.support.dnsserver import DnsServer
+from tests.support.gateway import REPO, GatewayProcess
+
+SENDER = "bob@sender.test"
+RCPT = "alice@example.test"
+QID = re.compile(r"\(([0-9A-Z]{16})\)$|queued as ([0-9A-Z]{16})$")
+
+
+def message(levels: int, subject: str) -> bytes:
+    head = (f"To: {RCPT}\r\nSubject: {subject}\r\nDate: Sat, 28 Nov 2026 10:00:00 +0000\r\n"
+            f"Message-ID: <{levels}.{subject.replace(' ', '.')}@sender.test>\r\n").encode()
+    return head + nested(levels, b"Content-Type: text/plain\r\n\r\nthe bottom line\r\n") \
+        .replace(b"From: a@example.test", f"From: {SENDER}".encode())
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    text = (REPO / "policies" / "default.toml").read_text()
+    zone = 'sender.test. 60 IN TXT "v=spf1 ip4:127.0.0.1 -all"\n'
+    with DnsServer(zone) as ns:
+        text = text.replace('"127.0.0.1:2525"', '"127.0.0.1:0"').replace(
+            "nameservers = []", f'nameservers = ["127.0.0.1:{ns.port}"]')
+        work = tmp_path_factory.mktemp("gw")
+        proc = GatewayProcess(work, text, name="policies/default.toml")
+        shutil.copytree(REPO / "policies" / "rules", proc.policy_path.parent / "rules")
+        with proc.start():
+            yield proc
+
+
+def send(gw: GatewayProcess, data: bytes) -> tuple[int, str, str]:
+    with smtplib.SMTP(*gw.address, timeout=60) as s:
+        s.ehlo("client.test")
+        assert s.mail(SENDER)[0] == 250
+        assert s.rcpt(RCPT)[0] == 250
+        code, text = s.data(data)
+    reply = text.decode()
+    m = QID.search(reply)
+    assert m, reply
+    return code, reply, m[1] or m[2]
+
+
+def delivered(workdir: Path) -> list[bytes]:
+    new = workdir / "Maildir" / "new"
+    return [p.read_bytes() for p in sorted(new.iterdir())] if new.is_dir() else []
+
+
+def test_2000_nested_multiparts_get_a_final_554_5_6_0_and_are_not_delivered(
+        gw: GatewayProcess) -> None:
+    code, reply, qid = send(gw, message(2000, "deep"))
+    assert code == 554 and reply.startswith("5.6.0 "), (code, reply)
+    assert "MIME_TOO_DEEP" in reply and "more than 50 levels" in reply
+    ev = gw.message_event(qid)
+    assert ev["action"] == "reject" and ev["by"] == "filter:mime", ev
+    assert "MIME_TOO_DEEP(10)[more than 50 levels]" in ev["symbols"], ev["symbols"]
+    assert not ev.get("filter_errors"), ev  # no filter failed: rules, bayes, attachments ran
+    assert not any(b"Subject: deep" in m for m in delivered(gw.workdir))
+
+
+def test_a_message_at_the_depth_bound_is_delivered(gw: GatewayProcess) -> None:
+    code, reply, qid = send(gw, message(50, "at the bound"))
+    assert code == 250, reply
+    done = gw.wait_for(lambda e: e.get("event") == "delivery" and e.get("qid") == qid,
+                       timeout_s=20)
+    assert done["outcome"] == "done"
+    ev = gw.message_event(qid)
+    assert ev["action"] == "accept" and not any(s.startswith("MIME_") for s in ev["symbols"])
+    assert not ev.get("filter_errors"), ev
+    [msg] = [m for m in delivered(gw.workdir) if b"Subject: at the bound" in m]
+    assert b"the bottom line" in msg
