@@ -16,7 +16,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from gateway import quarantine
+from gateway import quarantine, supervise
 from gateway import replies as R
 from gateway.deferred import defer
 from gateway.dnsextras import defer_package_metadata
@@ -36,6 +36,7 @@ from gateway.spool import Spool
 log = logging.getLogger("mailgate")
 
 
+QMGR_TASK = "queue-manager"  # its name in supervise.FAILURES
 FD_RESERVE = 256  # descriptors kept free for the spool, filters, DNS, logs, the listeners
 
 
@@ -132,18 +133,22 @@ class Runtime:
             self.no_sessions.set()
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """A one-shot chore nobody awaits (a close, a reconfigure, a 421): an exception it
+        ends with is logged and counted (``supervise.watch``), never lost."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        supervise.watch(task, getattr(coro, "__qualname__", "background"))
 
     async def start(self) -> None:
         from gateway.smtp.server import SmtpServer
 
         loop = asyncio.get_running_loop()
-        self.background(self.qmgr.run())
+        # the long-lived tasks: supervised (logged, counted, started again after a failure)
+        supervise.start(QMGR_TASK, self.qmgr.run)
         if self.worker == 0:  # one expiry loop per spool is enough
-            self.background(quarantine.expire_loop(self.spool,
-                                                   lambda: self.engine.policy.quarantine))
+            supervise.start(quarantine.EXPIRY_TASK, lambda: quarantine.expire_loop(
+                self.spool, lambda: self.engine.policy.quarantine))
         bound: list[str] = []
         for sock in self._sockets or bind_listeners(self.engine.policy):
             server = await loop.create_server(lambda: SmtpServer(self), sock=sock,

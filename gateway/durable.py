@@ -11,7 +11,10 @@ import threading
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 
+from gateway import supervise
+
 log = logging.getLogger("mailgate.spool")
+WRITER_TASK = "fsync-writer"  # its name in supervise.FAILURES
 
 # A durable change written as a generator: it makes its file-system calls itself and yields
 # each fsync it needs (an open file descriptor, or the name of a directory the driver knows),
@@ -92,7 +95,12 @@ class Syncer:
     ones. A failed fsync fails each request it would have covered.
 
     ``defer`` hands the same thread small chores nobody waits for (emptying spare files): they
-    run after the batch's fsyncs. Chores pending when the loop stops are dropped."""
+    run after the batch's fsyncs. Chores pending when the loop stops are dropped.
+
+    The batches run in one task while there are any, supervised (``gateway/supervise.py``,
+    as ``fsync-writer``): should a batch fail as a whole (not an fsync: the thread trip), its
+    requests fail, the failure is logged and counted, and the task runs again after a short
+    backoff for the requests made meanwhile."""
 
     def __init__(self) -> None:
         self._next: list[tuple[int | Path, asyncio.Future[None]]] = []
@@ -113,7 +121,8 @@ class Syncer:
 
     def _start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._drain())
+            self._task = supervise.start(WRITER_TASK, self._drain)
+            self._task.add_done_callback(self._ended)
 
     async def run(self, steps: SyncSteps, root: Path) -> None:
         """Drive ``steps`` on the loop; directories are named relative to ``root``."""
@@ -133,26 +142,36 @@ class Syncer:
                 point = advance(steps, None)
 
     async def _drain(self) -> None:
-        batch: list[tuple[int | Path, asyncio.Future[None]]] = []
-        try:
-            while self._next or self._chores:
-                batch, self._next = self._next, []
-                chores, self._chores = self._chores, []
+        while self._next or self._chores:
+            batch, self._next = self._next, []
+            chores, self._chores = self._chores, []
+            try:
                 errors = await asyncio.to_thread(_batch, [t for t, _ in batch], chores)
-                for (_, fut), err in zip(batch, errors, strict=True):
-                    if fut.done():  # its waiter was cancelled
-                        continue
-                    if err is None:
-                        fut.set_result(None)
-                    else:
-                        fut.set_exception(err)
-                batch = []
-        finally:
+            except BaseException:  # not known to be durable: those requests fail
+                _fail(batch)
+                raise
+            for (_, fut), err in zip(batch, errors, strict=True):
+                if fut.done():  # its waiter was cancelled
+                    continue
+                if err is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(err)
+        self._task = None  # no await since the check: the next request starts a new task
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """The task ended (normally ``_drain`` has let go of it already): cancelled, e.g. the
+        loop stopping; the requests still waiting fail."""
+        if self._task is task:
             self._task = None
-            for _, fut in batch + self._next:  # only when this task itself failed
-                if not fut.done():
-                    fut.set_exception(OSError("fsync batch did not finish"))
+            _fail(self._next)
             self._next = []
+
+
+def _fail(requests: list[tuple[int | Path, asyncio.Future[None]]]) -> None:
+    for _, fut in requests:
+        if not fut.done():
+            fut.set_exception(OSError("fsync batch did not finish"))
 
 
 def _batch(targets: list[int | Path], chores: Sequence[Callable[[], None]]

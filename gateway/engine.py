@@ -135,7 +135,8 @@ class Engine:
         # proxy mode: downstream connections reused between client transactions
         self.proxy_pool = DownstreamPool(policy.relay, self.helo_name,
                                          max_per_destination=policy.queue.max_per_destination,
-                                         idle_s=policy.relay.connection_reuse_s)
+                                         idle_s=policy.relay.connection_reuse_s,
+                                         name="proxy-pool")
 
     async def close(self) -> None:
         """This engine is done with (shutdown, or replaced by a reload): close the idle

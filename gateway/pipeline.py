@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from gateway import supervise
 from gateway.edits import raw_field
 from gateway.filterapi import (
     Action,
@@ -199,9 +200,10 @@ async def decided(chain: tuple[LoadedFilter, ...], ctx: FilterContext, what: Dec
         try:
             async with asyncio.timeout(f.timeout_s):
                 await f.instance.on_decided(ctx, what)
-        except Exception as e:  # TimeoutError included
-            log.error("filter %s on_decided failed (qid %s): %s", f.name, ctx.qid,
-                      "timeout" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}")
+        except TimeoutError:
+            log.error("filter %s on_decided failed (qid %s): timeout", f.name, ctx.qid)
+        except Exception as e:  # a bug: its traceback, counted (e.g. Bayes auto-learn)
+            supervise.report(f"on_decided:{f.name}", e, context=f"qid {ctx.qid}")
 
     await asyncio.gather(*(one(f) for f in chain if f.decides and f.name not in skip))
 

@@ -83,7 +83,8 @@ class QueueManager:
         q = policy.queue
         return DownstreamPool(policy.relay, policy.relay.helo_name or policy.hostname,
                               max_per_destination=q.max_per_destination,
-                              idle_s=q.connection_reuse_s, resolver=DnsResolver(policy.dns))
+                              idle_s=q.connection_reuse_s, resolver=DnsResolver(policy.dns),
+                              name="queue-pool")
 
     async def reconfigure(self, policy: Policy) -> None:
         """A reload: new routes and settings for the next attempts."""

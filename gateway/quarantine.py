@@ -35,6 +35,7 @@ from email.policy import default as default_policy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway import supervise
 from gateway.errors import SpoolError
 from gateway.logs import event
 from gateway.policy.schema import QuarantineConfig
@@ -388,16 +389,22 @@ class Quarantine:
               score=d.get("score"), reason=d.get("by"), by=by or None, **extra)
 
 
+EXPIRY_TASK = "quarantine-expiry"  # its name in supervise.FAILURES
+
+
 async def expire_loop(spool: Spool, config: Callable[[], QuarantineConfig]) -> None:
     """The running gateway's automatic expiry: every ``expire_interval_s`` (of the policy in
-    force, reloads included), delete what is older than ``retention_s``."""
+    force, reloads included), delete what is older than ``retention_s``. A failed pass is
+    reported (``supervise.report``: logged, counted) and tried again at the next interval;
+    the gateway runs this loop supervised (``supervise.start``), so anything else that
+    escapes it starts it again."""
     q = Quarantine(spool)
     while True:
         cfg = config()
         try:
             async with asyncio.timeout(max(60.0, cfg.expire_interval_s)):
                 await asyncio.to_thread(q.expire, cfg.retention_s)
-        except Exception:
-            log.exception("quarantine expiry failed; trying again in %ss",
-                          cfg.expire_interval_s)
+        except Exception as e:
+            supervise.report(EXPIRY_TASK, e, context=f"a pass; the next in "
+                                                     f"{cfg.expire_interval_s:g}s")
         await asyncio.sleep(cfg.expire_interval_s)

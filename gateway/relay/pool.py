@@ -3,7 +3,8 @@ first after a transaction left open) for a short idle time, instead of a new TCP
 EHLO (+ STARTTLS) and QUIT for every message. The queue manager takes them with ``session``, at
 most ``max_per_destination`` at once per transport; proxy mode with ``acquire``/``release``,
 one per client transaction (the client sessions are its limit). An idle connection is closed
-once it has waited ``idle_s``, by a timer armed while any wait."""
+once it has waited ``idle_s``, by a timer armed while any wait; the reaping it starts is
+supervised (``gateway/supervise.py``: logged, counted as ``<name>-reaper``, run again)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from gateway import supervise
 from gateway.dnsresolver import DnsResolver
 from gateway.errors import RelayError
 from gateway.policy.schema import RelayConfig
@@ -32,8 +34,10 @@ class _Idle:
 
 class DownstreamPool:
     def __init__(self, relay: RelayConfig, helo_name: str, *, max_per_destination: int,
-                 idle_s: float, resolver: DnsResolver | None = None) -> None:
+                 idle_s: float, resolver: DnsResolver | None = None,
+                 name: str = "pool") -> None:
         self.relay = relay
+        self.name = name  # in logs and supervise.FAILURES ("proxy-pool", "queue-pool")
         self.resolver = resolver  # for mx transports (one per recipient domain)
         self.helo_name = helo_name
         self.max_per_destination = max_per_destination
@@ -115,6 +119,8 @@ class DownstreamPool:
         idle = self._idle.get(t, [])
         while idle:
             item = idle.pop()
+            if not idle and self._idle.get(t) is idle:  # no empty lists in the map
+                del self._idle[t]
             age = time.monotonic() - item.since
             if item.client.closed or age > self.idle_s:
                 await item.client.quit()
@@ -153,15 +159,18 @@ class DownstreamPool:
     def _arm_reaper(self) -> None:
         """Close idle connections when the oldest has waited ``idle_s``: without this they
         would linger (half-closed once the peer times out) until the next message."""
-        if self._reaper is not None or self.closed or not self._idle:
+        if self._reaper is not None or self.closed:
             return
-        oldest = min(i.since for items in self._idle.values() for i in items)
+        # (an empty list is never kept, but that is not worth a crash of the reaper)
+        oldest = min((i.since for items in self._idle.values() for i in items), default=None)
+        if oldest is None:
+            return
         delay = max(0.0, oldest + self.idle_s - time.monotonic()) + REAP_SLACK_S
         self._reaper = asyncio.get_running_loop().call_later(delay, self._reap_idle)
 
     def _reap_idle(self) -> None:
         self._reaper = None
-        task = asyncio.get_running_loop().create_task(self._reap_then_rearm())
+        task = supervise.start(f"{self.name}-reaper", self._reap_then_rearm)
         self._reaping.add(task)
         task.add_done_callback(self._reaping.discard)
 

@@ -4,7 +4,12 @@ connections are reaped for every destination, and a closed pool parks nothing.""
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 
+import pytest
+
+from gateway import supervise
 from gateway.policy.schema import RelayConfig
 from gateway.relay.pool import DownstreamPool
 from gateway.relay.transport import Transport
@@ -114,3 +119,86 @@ def test_an_open_transaction_is_reset_before_parking_a_finished_one_is_not() -> 
     assert "RSET" not in verbs, after_data
     assert [c.split()[0].upper() for c in after_refusal][-1] == "RSET", after_refusal
     assert sink.connections == 1 and len(sink.messages) == 2
+
+
+async def _until(cond: Callable[[], bool], timeout_s: float = 8.0) -> bool:
+    """Poll ``cond`` (generous deadline: the machine is shared) until true; its last value."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not cond():
+        if loop.time() > end:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def _quits(sink: Sink) -> int:
+    return sum(c.upper() == "QUIT" for c in sink.commands)
+
+
+def test_the_reaper_survives_a_destination_emptied_while_it_reaps() -> None:
+    """Issue 25: the reaper task died with ``min() arg is an empty sequence`` (seen only as
+    "Task exception was never retrieved") when, while it awaited the QUIT of an expired
+    connection, a delivery took the last idle connection of another destination: that list
+    stayed in the idle map, empty, and re-arming took the min over no connections."""
+    with Sink(delay_s=1.5, delay_on=["QUIT"]) as sa, Sink() as sb:
+        ta, tb = (Transport("smtp", host="127.0.0.1", port=s.port) for s in (sa, sb))
+
+        async def go() -> tuple[bool, BaseException | None, bool, bool, int]:
+            failures = supervise.FAILURES["pool-reaper"]
+            pool = DownstreamPool(RelayConfig(), "mx.test", max_per_destination=2, idle_s=2.0)
+            await pool.release(ta, (await pool.acquire(ta))[0])
+            await asyncio.sleep(1.0)
+            await pool.release(tb, (await pool.acquire(tb))[0])
+            # at ~2 s a is due: the reaper sends its QUIT, answered 1.5 s later
+            quitting = await _until(lambda: _quits(sa) == 1 and len(pool._reaping) == 1)
+            (reaper,) = pool._reaping
+            b, reused = await pool.acquire(tb)  # the last idle one, during that QUIT
+            emptied = tb not in pool._idle
+            await asyncio.wait({reaper}, timeout=10)
+            error = reaper.exception() if reaper.done() else TimeoutError("reaper hangs")
+            await pool.release(tb, b)  # parked again: reaped once idle_s has passed
+            reaped = await _until(lambda: _quits(sb) == 1)
+            await pool.close()
+            return (quitting and reused, error, emptied, reaped,
+                    supervise.FAILURES["pool-reaper"] - failures)
+
+        during_quit, error, emptied, reaped, failed = asyncio.run(go())
+    assert during_quit  # the scenario happened as described
+    assert error is None  # old code: ValueError('min() arg is an empty sequence')
+    assert emptied  # no empty list is kept in the idle map
+    assert reaped and failed == 0
+
+
+def test_a_failing_reaper_is_logged_counted_and_runs_again(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An exception in the reaping is logged once with its traceback, counted under the
+    pool's name, and the reaper runs again (supervise.py): the idle connection is closed."""
+    caplog.set_level(logging.ERROR)
+    with Sink() as sink:
+        t = Transport("smtp", host="127.0.0.1", port=sink.port)
+
+        async def go() -> tuple[bool, int]:
+            failures = supervise.FAILURES["proxy-pool-reaper"]
+            pool = DownstreamPool(RelayConfig(), "mx.test", max_per_destination=2, idle_s=0.3,
+                                  name="proxy-pool")
+            await pool.release(t, (await pool.acquire(t))[0])
+            real, calls = pool._reap, []
+
+            async def reap_failing_once() -> None:
+                calls.append(1)
+                if len(calls) == 1:
+                    raise RuntimeError("injected reaper failure")
+                await real()
+
+            pool._reap = reap_failing_once  # type: ignore[method-assign]
+            reaped = await _until(lambda: _quits(sink) == 1)
+            await pool.close()
+            return reaped, supervise.FAILURES["proxy-pool-reaper"] - failures
+
+        reaped, failed = asyncio.run(go())
+    assert reaped and failed == 1
+    logged = [r for r in caplog.records if r.exc_info and "injected reaper failure"
+              in str(r.exc_info[1])]
+    assert len(logged) == 1 and "proxy-pool-reaper" in logged[0].getMessage()
+    assert "Task exception was never retrieved" not in caplog.text
