@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     import dns.name
     import dns.rdata
 
+    from gateway.dnsfailfast import Health
+
 from gateway.logs import event
 from gateway.policy.schema import DnsConfig
 
@@ -57,6 +59,7 @@ log = logging.getLogger("mailgate.dns")
 Status = Literal["ok", "nxdomain", "nodata", "temperror", "permerror"]
 PER_SERVER_S = 2.0  # one server's turn before the next is asked, within the query's deadline
 BACKSTOP_S = 0.5  # the hard deadline is timeout_s plus this, in case dnspython overruns
+DOWN_HOLD_S = 1.0  # a server that refused is not asked for this long (gateway/dnsfailfast.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +85,10 @@ class Resolver(Protocol):
 class DnsResolver:
     """Build one per policy; share it between the tasks of one event loop."""
 
-    def __init__(self, cfg: DnsConfig) -> None:
+    def __init__(self, cfg: DnsConfig, *, down_hold_s: float = DOWN_HOLD_S) -> None:
         self.cfg = cfg
+        self.down_hold_s = down_hold_s
+        self._health: Health | None = None
         self._resolver: dns.asyncresolver.Resolver | None = None
         self._error = ""
         # key -> (monotonic expiry, answer), least recently used first
@@ -97,6 +102,16 @@ class DnsResolver:
         """Where queries go, as ``ip:port`` (reads resolv.conf if the policy names none)."""
         r = self._get()
         return () if r is None else tuple(_ns_text(ns, r.port) for ns in r.nameservers)
+
+    @property
+    def refusals(self) -> int:
+        """Queries a server refused (ICMP unreachable, connection refused): gateway/dnsfailfast.py."""
+        return 0 if self._health is None else self._health.refusals
+
+    @property
+    def skipped_down(self) -> int:
+        """Queries not sent because their server refused less than ``down_hold_s`` ago."""
+        return 0 if self._health is None else self._health.skipped
 
     @property
     def cache_size(self) -> int:
@@ -124,6 +139,8 @@ class DnsResolver:
     def _build(self) -> dns.asyncresolver.Resolver:
         import dns.asyncresolver
         import dns.nameserver
+
+        from gateway.dnsfailfast import Health, fail_fast
         if self.cfg.nameservers:
             r = dns.asyncresolver.Resolver(configure=False)  # never reads /etc/resolv.conf
             r.nameservers = [dns.nameserver.Do53Nameserver(host, port)
@@ -132,6 +149,9 @@ class DnsResolver:
         else:
             r = dns.asyncresolver.Resolver(configure=True)
             source = "resolv.conf"
+        # connected UDP sockets and a hold-down after a refusal: a dead server fails at once
+        self._health = Health(self.down_hold_s)
+        r.nameservers = fail_fast(list(r.nameservers), self._health)
         r.lifetime = self.cfg.timeout_s
         r.timeout = min(PER_SERVER_S, self.cfg.timeout_s)
         r.cache = None  # ours caches DnsAnswer values, negative ones included
@@ -223,6 +243,8 @@ class DnsResolver:
         import dns.exception
         import dns.message
         import dns.resolver
+
+        from gateway.dnsfailfast import unreachable
         timeout_s = self.cfg.timeout_s
         try:
             async with asyncio.timeout(timeout_s + BACKSTOP_S):
@@ -243,7 +265,8 @@ class DnsResolver:
             if errors and all(isinstance(err[3], dns.message.ChainTooLong) for err in errors):
                 # a CNAME loop is the zone's fault, not a passing failure: it will not heal
                 return DnsAnswer(name, rdtype, "permerror", error="CNAME chain too long (loop)"), None
-            return DnsAnswer(name, rdtype, "temperror", error=str(e) or type(e).__name__), None
+            reason = unreachable(errors) or str(e) or type(e).__name__
+            return DnsAnswer(name, rdtype, "temperror", error=reason), None
         except dns.exception.DNSException as e:  # SERVFAIL, REFUSED, unreachable
             return DnsAnswer(name, rdtype, "temperror", error=str(e) or type(e).__name__), None
         rrset = ans.rrset

@@ -7,7 +7,7 @@ in the answer); NODATA (NOERROR, empty answer, the SOA in authority) for a name 
 records; NXDOMAIN for any other name. A UDP answer over 512 bytes is sent truncated (TC, no
 records), so the client asks again over TCP. ``servfail`` names get SERVFAIL; ``drop`` names are never
 answered; ``delay={name: seconds}`` names are answered that much later (the server keeps
-answering others meanwhile). ``soa`` is the SOA record (zone-file text) of negative answers,
+answering others meanwhile). ``port`` binds that port (default: a free one). ``soa`` is the SOA record (zone-file text) of negative answers,
 default ``SOA`` (TTL and MINIMUM 60); ``soa=None`` sends them without one. Every query is recorded in ``queries`` as (name, type, "udp"|"tcp"), name without the
 final dot, lowercase.
 """
@@ -29,7 +29,7 @@ SOA = "test. 60 IN SOA ns.test. hostmaster.test. 1 60 60 60 60"
 class DnsServer:
     def __init__(self, zone: str, *, servfail: Iterable[str] = (), drop: Iterable[str] = (),
                  host: str = "127.0.0.1", soa: str | None = SOA,
-                 delay: Mapping[str, float] | None = None) -> None:
+                 delay: Mapping[str, float] | None = None, port: int = 0) -> None:
         self.host = host
         self.records: dict[str, list[RR]] = {}
         for rr in RR.fromZone(zone):
@@ -41,7 +41,7 @@ class DnsServer:
         self.queries: list[tuple[str, str, str]] = []
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.udp, self.tcp = _bind_pair(host)
+        self.udp, self.tcp = _bind_pair(host, port)
         self.port: int = self.udp.getsockname()[1]
 
     # -- answers ------------------------------------------------------------------------------
@@ -173,11 +173,21 @@ def _key(name: str) -> str:
     return name.lower().rstrip(".")
 
 
-def _bind_pair(host: str) -> tuple[socket.socket, socket.socket]:
-    """A UDP and a TCP socket on the same free port."""
+def closed_udp_port(host: str = "127.0.0.1") -> int:
+    """A UDP port where nothing listens (bound, then closed): a nameserver that refuses, the
+    kernel answering each query with ICMP port unreachable."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def _bind_pair(host: str, port: int = 0) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a TCP socket on the same port (``port``, or a free one)."""
     for _ in range(50):
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        udp.bind((host, 0))
+        udp.bind((host, port))
         tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

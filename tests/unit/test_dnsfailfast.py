@@ -1,0 +1,137 @@
+"""A dead nameserver fails fast (gateway/dnsfailfast.py through gateway/dnsresolver.py), against
+real servers on loopback: a closed UDP port (tests/support/dnsserver.py's ``closed_udp_port``:
+the kernel answers ICMP port unreachable) for "down", the test DNS server for "up".
+
+* a refusing server gives ``temperror`` at once, not after ``timeout_s`` (5 s here);
+* with a refusing server first, the next one is asked at once;
+* after a refusal the server is held down for ``down_hold_s``: lookups meanwhile are not sent
+  (counted), then it is asked again; ``dns_server_down`` / ``dns_server_up`` logged once each;
+* a server that never answers is not "refusing": it still costs the timeout, and is not held.
+
+Before this change (unconnected UDP sockets) every lookup against the closed port waited out
+its whole ``timeout_s`` (5.0-5.5 s), and a refusing first server cost ``PER_SERVER_S`` (2 s)
+before the second was asked."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import pytest
+
+from gateway.dnsresolver import DnsAnswer, DnsResolver
+from gateway.logs import EVENT_ATTR
+from gateway.policy.schema import DnsConfig
+from tests.support.dnsserver import DnsServer, closed_udp_port, silent_udp_port
+
+ZONE = """
+a.test.   300 IN A 127.0.0.3
+b.test.   300 IN A 127.0.0.4
+"""
+TIMEOUT_S = 5.0  # [dns] timeout_s: what a lookup against a dead server used to cost
+FAST_S = 0.5  # "at once", generously: a loaded 2-core box, still 10x below TIMEOUT_S
+
+
+def make(*servers: tuple[str, int], timeout_s: float = TIMEOUT_S, **kw: Any) -> DnsResolver:
+    return DnsResolver(DnsConfig(nameservers=servers, timeout_s=timeout_s), **kw)
+
+
+def timed(r: DnsResolver, name: str, rdtype: str = "A") -> tuple[DnsAnswer, float]:
+    async def go() -> tuple[DnsAnswer, float]:
+        t0 = time.monotonic()
+        answer = await r.query(name, rdtype)
+        return answer, time.monotonic() - t0
+    return asyncio.run(go())
+
+
+def test_a_refusing_nameserver_is_a_temperror_at_once() -> None:
+    port = closed_udp_port()
+    r = make(("127.0.0.1", port))
+    timed(r, "warm.test")  # dnspython's first import is not the lookup's cost
+    answer, took = timed(r, "a.test")
+    assert took < FAST_S, f"{took:.2f}s: waited for the timeout instead of the refusal"
+    assert answer.status == "temperror"
+    first, _ = timed(make(("127.0.0.1", port)), "a.test")
+    assert first.error == f"no nameserver reachable: 127.0.0.1:{port} connection refused"
+    assert answer.error == f"no nameserver reachable: 127.0.0.1:{port} held down after a refusal"
+    assert (r.refusals, r.skipped_down, r.upstream_queries) == (1, 1, 2)
+
+
+def test_a_refusing_ipv6_nameserver_is_a_temperror_at_once() -> None:
+    port = closed_udp_port("::1")
+    r = make(("::1", port))
+    timed(r, "warm.test")
+    answer, took = timed(make(("::1", port)), "a.test")
+    assert took < FAST_S, f"{took:.2f}s"
+    assert answer.error == f"no nameserver reachable: [::1]:{port} connection refused"
+
+
+def test_with_the_first_nameserver_refusing_the_next_is_asked_at_once() -> None:
+    with DnsServer(ZONE) as ns:
+        r = make(("127.0.0.1", closed_udp_port()), ("127.0.0.1", ns.port))
+        timed(r, "warm.test")
+        answer, took = timed(r, "a.test")
+        assert took < FAST_S, f"{took:.2f}s: the refusing first server was waited for"
+        assert answer.ok and [x.to_text() for x in answer.records] == ["127.0.0.3"]
+        answer, took = timed(r, "b.test")
+        assert took < FAST_S and answer.ok
+        assert [q for q in ns.queries if q[0] != "warm.test"] == [("a.test", "A", "udp"),
+                                                                  ("b.test", "A", "udp")]
+        # the refusing server was asked once; held down since, it was skipped
+        assert r.refusals == 1 and r.skipped_down == 2
+
+
+def test_all_nameservers_refusing_is_a_temperror_at_once() -> None:
+    p1, p2 = closed_udp_port(), closed_udp_port()
+    r = make(("127.0.0.1", p1), ("127.0.0.1", p2))
+    timed(r, "warm.test")
+    r = make(("127.0.0.1", p1), ("127.0.0.1", p2))
+    answer, took = timed(r, "a.test")
+    assert took < FAST_S, f"{took:.2f}s"
+    assert answer.status == "temperror"
+    assert answer.error == (f"no nameserver reachable: 127.0.0.1:{p1} connection refused; "
+                            f"127.0.0.1:{p2} connection refused")
+    assert r.refusals == 2
+
+
+def test_a_refusing_server_is_held_down_not_hammered_then_asked_again(
+        caplog: pytest.LogCaptureFixture) -> None:
+    hold_s = 1.0
+    port = closed_udp_port()
+    r = make(("127.0.0.1", port), down_hold_s=hold_s)
+    caplog.set_level(logging.INFO, logger="mailgate.dns")
+    t0 = time.monotonic()
+    assert timed(r, "a.test")[0].error.endswith("connection refused")
+    # the server comes back on that port; within the hold it is not asked at all
+    with DnsServer(ZONE, port=port) as ns:
+        answers = [timed(r, f"n{i}.a.test")[0] for i in range(20)]
+        held = time.monotonic() - t0 < hold_s
+        if held:  # (a box so loaded that 21 lookups took a second proves nothing here)
+            assert {a.status for a in answers} == {"temperror"}
+            assert ns.queries == []
+            assert (r.refusals, r.skipped_down) == (1, 20)
+        time.sleep(max(0.0, t0 + hold_s + 0.1 - time.monotonic()))
+        answer, _ = timed(r, "a.test")
+        assert answer.ok, answer
+        assert ns.queries[-1] == ("a.test", "A", "udp")
+    events = [(rec.getMessage(), getattr(rec, EVENT_ATTR)) for rec in caplog.records
+              if rec.getMessage().startswith("dns_server")]
+    assert events == [
+        ("dns_server_down", {"server": f"127.0.0.1:{port}", "error": "Connection refused",
+                             "hold_s": hold_s}),
+        ("dns_server_up", {"server": f"127.0.0.1:{port}"})]
+
+
+def test_a_silent_nameserver_still_costs_the_timeout_and_is_not_held_down() -> None:
+    silent = silent_udp_port()
+    try:
+        r = make(("127.0.0.1", silent.getsockname()[1]), timeout_s=0.3)
+        for name in ("a.test", "b.test"):
+            answer, took = timed(r, name)
+            assert answer.status == "temperror" and took >= 0.29
+            assert answer.error == "timed out after 0.3s"
+        assert (r.refusals, r.skipped_down) == (0, 0)
+    finally:
+        silent.close()
