@@ -22,17 +22,23 @@ modular exponentiations: ``rsa_encrypt`` and ``rsa_decrypt``), whose code is oth
 unchanged: the padding checks, the comparisons and the errors stay dkimpy's own.
 
 Importing this module installs both in ``dkim.crypto``; filters/_dkimkeys.py imports it, so
-every DKIM and ARC filter (verifying and signing) gets them.
+every DKIM and ARC filter (verifying and signing) gets them. Each is installed only once it has
+given dkimpy's own answers for known numbers and dkimpy's functions are seen to still call the
+names replaced (patches ``dkimpy.int-bytes`` and ``dkimpy.rsa-powmod``, gateway/patches.py);
+otherwise dkimpy's own stay, with one warning line.
 """
 
 from __future__ import annotations
 
 import builtins
 import ctypes
+import random
 from collections.abc import Callable
 from typing import Any
 
 import dkim.crypto
+
+from gateway import patches
 
 
 def int2str(n: int, length: int = -1) -> bytearray:
@@ -129,6 +135,68 @@ def powmod(base: Any, exp: Any = None, mod: Any = None) -> Any:
     return _LIB.powmod(base, exp, mod)
 
 
-ORIGINAL = (dkim.crypto.int2str, dkim.crypto.str2int)  # for the tests' comparison
-dkim.crypto.int2str, dkim.crypto.str2int = int2str, str2int
-dkim.crypto.pow = powmod  # a module global: found before the builtin
+ORIGINAL = (getattr(dkim.crypto, "int2str", None), getattr(dkim.crypto, "str2int", None))
+
+
+def _known_numbers() -> list[int]:
+    rnd = random.Random(6376)
+    return [0, 1, 255, 256, 65537, 2 ** 64, 2 ** 1024 - 1, rnd.getrandbits(2048) | 1 << 2047,
+            rnd.getrandbits(1000)]
+
+
+def check_conversions() -> str | None:
+    """None when ``int2str``/``str2int`` answer as dkimpy's own for known numbers and dkimpy's
+    RSA functions still call them; else why not."""
+    own_i2s, own_s2i = ORIGINAL
+    if not callable(own_i2s) or not callable(own_s2i):
+        return "dkim.crypto.int2str or str2int is missing"
+    for fn in ("rsa_decrypt", "rsa_encrypt"):
+        if not patches.calls(getattr(dkim.crypto, fn, None), "int2str"):
+            return f"dkim.crypto.{fn} no longer calls int2str"
+    for n in _known_numbers():
+        for length in (-1, 1, 3, 128, 256, 300):
+            if bytes(int2str(n, length)) != bytes(own_i2s(n, length)):
+                return f"int2str of a {n.bit_length()}-bit number, length {length}: not dkimpy's"
+        raw = bytes(own_i2s(n, 260))
+        if str2int(raw) != own_s2i(raw) or str2int(raw[3:]) != own_s2i(raw[3:]):
+            return f"str2int of a {n.bit_length()}-bit number: not dkimpy's"
+    return None
+
+
+def _apply_conversions() -> None:
+    dkim.crypto.int2str, dkim.crypto.str2int = int2str, str2int
+
+
+def check_powmod() -> str | None:
+    """None when OpenSSL's exponentiation is there and gives ``pow``'s numbers for known
+    arguments (each of its paths) and dkimpy's RSA functions still call ``pow``; else why not."""
+    if _LIB is None:
+        return "libcrypto's BN_mod_exp and friends were not found through _hashlib"
+    for fn in ("rsa_decrypt", "rsa_encrypt"):
+        if not patches.calls(getattr(dkim.crypto, fn, None), "pow"):
+            return f"dkim.crypto.{fn} no longer calls pow"
+    rnd = random.Random(8017)
+    m2048 = rnd.getrandbits(2048) | 1 << 2047 | 1
+    m1024 = rnd.getrandbits(1024) | 1 << 1023 | 1
+    cases = [(rnd.getrandbits(2048), 65537, m2048),  # a public-key operation
+             (rnd.getrandbits(1100), rnd.getrandbits(1024) | 1 << 1023, m1024),  # private, CT
+             (rnd.getrandbits(300), rnd.getrandbits(200), 2 ** 256),  # an even modulus
+             (0, 5, 7), (12, 0, 7), (m1024 + 5, 3, m1024)]
+    for base, exp, mod in cases:
+        if powmod(base, exp, mod) != builtins.pow(base, exp, mod):
+            return (f"OpenSSL's answer for a {exp.bit_length()}-bit exponent modulo a "
+                    f"{mod.bit_length()}-bit number is not pow's")
+    return None
+
+
+def _apply_powmod() -> None:
+    dkim.crypto.pow = powmod  # a module global: found before the builtin
+
+
+def install() -> None:
+    """Put both patches in dkimpy, each once it has proven itself (see the module docstring)."""
+    patches.install("dkimpy.int-bytes", check_conversions, _apply_conversions)
+    patches.install("dkimpy.rsa-powmod", check_powmod, _apply_powmod)
+
+
+install()

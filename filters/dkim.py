@@ -16,15 +16,23 @@ then runs with a ``dnsfunc`` that only reads that prefetched map (``offload``: o
 small message, in the worker's CPU thread for a big one). Verification never waits on the
 loop, a lookup's outcome (timeout vs. NXDOMAIN vs. bad record) is known exactly, and the
 lookups share one deadline (``dns_timeout_s``).
+
+Body hashes are streamed from the spool (``_SpoolVerifier``, which takes over a part of dkimpy's
+``verify_sig_process``) once that has verified a known signed message as dkimpy does and given
+dkimpy's body hashes for known bodies (patch ``dkimpy.spool-body-hash``, gateway/patches.py);
+otherwise dkimpy verifies the whole message (up to ``max_bytes``) its own way.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import inspect
+import io
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import dkim
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
@@ -33,6 +41,8 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 
 from filters._dkimbody import BLOCK, body_hash
 from filters._dkimkeys import KeyAnswers, dnsfunc, prefetch, txt
+from filters._dkimvectors import KEY_NAME, KEY_RECORD, SIGNED
+from gateway import patches
 from gateway.dnsresolver import DnsAnswer, DnsResolver, per_message
 from gateway.filterapi import Filter, FilterContext, Result, Symbol, offload
 from gateway.message import Message
@@ -128,7 +138,8 @@ class DkimVerifyFilter(Filter):
 def _load(msg: Message, max_bytes: int, min_rsa_bits: int) -> dkim.DKIM:
     """Blocking (``offload``): the header block parsed by dkimpy (the body is hashed from the
     spool by _SpoolVerifier); the whole message (capped) when the spooled header block was cut."""
-    if msg.header_bytes.endswith(b"\r\n\r\n") or len(msg.header_bytes) == msg.size:
+    if SPOOL_HASHING and (msg.header_bytes.endswith(b"\r\n\r\n")
+                          or len(msg.header_bytes) == msg.size):
         return _SpoolVerifier(msg, min_rsa_bits)
     with msg.path.open("rb") as f:
         return dkim.DKIM(f.read(max_bytes), minkey=min_rsa_bits)
@@ -169,6 +180,67 @@ class _SpoolVerifier(dkim.DKIM):
         with self._msg.open_body() as f:
             while block := f.read(BLOCK):
                 yield block
+
+
+class _KnownMessage:
+    """A message held in memory, as much of :class:`Message` as _SpoolVerifier reads."""
+
+    def __init__(self, raw: bytes) -> None:
+        head, sep, self.body = raw.partition(b"\r\n\r\n")
+        self.header_bytes = head + sep
+
+    def open_body(self) -> io.BytesIO:
+        return io.BytesIO(self.body)
+
+
+_KNOWN_BODIES = (b"", b"\r\n", b"\r\n\r\n", b"a", b"a\r\n", b"\t \r\n x\r\n",
+                 b" a \t b  \r\n\r\n c\t\r\n\r\n\r\n", b"line\r\n\r\n.dot\r\n  \r\n\t\r\n",
+                 b"x" * (BLOCK - 3) + b" \t \r\n y \r\n\r\n" + b"z" * 9 + b"\r\n")  # two blocks
+
+
+def check_spool_verifier() -> str | None:
+    """None when dkimpy still verifies through ``verify_sig_process`` as _SpoolVerifier
+    expects, :func:`body_hash` gives dkimpy's body hashes for known bodies, and the known
+    signed message verifies (and fails once its body changes); else why not."""
+    own = getattr(dkim.DKIM, "verify_sig_process", None)
+    if own is None:
+        return "dkim.DKIM.verify_sig_process is missing"
+    params = list(inspect.signature(own).parameters)
+    if params != ["self", "sig", "include_headers", "sig_header", "dnsfunc"]:
+        return f"dkim.DKIM.verify_sig_process takes ({', '.join(params)})"
+    if not patches.calls(getattr(dkim.DKIM, "verify_sig", None), "verify_sig_process"):
+        return "dkim.DKIM.verify_sig no longer calls verify_sig_process"
+    for c in (b"simple", b"relaxed"):
+        canon = CanonicalizationPolicy.from_c_value(c + b"/" + c)
+        for body in _KNOWN_BODIES:
+            canonical = canon.canonicalize_body(body)
+            for length in (None, 0, 7):
+                want = hashlib.sha256(canonical[:length]).digest()
+                pieces = [body[i:i + 5] for i in range(0, min(len(body), 100), 5)]
+                pieces.append(body[100:])
+                got = body_hash(pieces, c == b"relaxed", hashlib.sha256, length)
+                if got != want:
+                    return f"the {c.decode()} body hash of a known body is not dkimpy's"
+
+    def lookup(name: bytes, timeout: float = 5) -> bytes | None:
+        return KEY_RECORD if name.rstrip(b".") == KEY_NAME else None
+
+    for raw, want_ok in ((SIGNED, True), (SIGNED.replace(b"two", b"too"),
+                                          False)):
+        verifier = _SpoolVerifier(cast(Message, _KnownMessage(raw)), 1024)
+        for idx in (0, 1):
+            try:
+                ok = verifier.verify(idx=idx, dnsfunc=lookup)
+            except dkim.ValidationError:
+                ok = False
+            if ok is not want_ok:
+                return (f"a known {'good' if want_ok else 'broken'} signature (c="
+                        f"{'simple' if idx == 0 else 'relaxed'}) did not "
+                        f"{'pass' if want_ok else 'fail'}")
+    return None
+
+
+SPOOL_HASHING = patches.install("dkimpy.spool-body-hash", check_spool_verifier)
 
 
 def _verify_all(verifier: dkim.DKIM, sigs: list[Signature], served: KeyAnswers) -> None:
