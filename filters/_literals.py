@@ -22,6 +22,12 @@ ASCII (``İ ı ſ K``); :func:`fold` maps each of them, and each ASCII letter, t
 ASCII letter, so the span a match covers folds to the folded literal.
 tests/filters/test_rule_literals.py checks this claim against ``regex`` for every cased code
 point.
+
+The parser is CPython's private ``re._parser`` (formerly ``sre_parse``): before first use the
+needles and splits of known patterns are compared with known answers (patch
+``re._parser.literals``, gateway/patches.py). When the module, a symbol or an answer differs,
+no pattern gets a needle or a split (every regex runs on every text: the same hits, slower),
+with one warning line.
 """
 
 from __future__ import annotations
@@ -34,10 +40,15 @@ from typing import Any
 
 import regex
 
-_sre: Any = importlib.import_module("re._parser")
+from gateway import patches
+
+try:
+    _sre: Any = importlib.import_module("re._parser")
+    _REPEATS: tuple[Any, ...] = (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT)
+except (ImportError, AttributeError):  # checked below
+    _sre, _REPEATS = None, ()
 _KNOWN_FLAGS = int(re.I | re.M | re.S | re.X | re.U)
 _V0 = int(regex.V0)  # regex's default (re-compatible) behaviour, set in every compiled .flags
-_REPEATS = (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT)
 _DOTTED = {0x130: "i", 0x131: "i"}  # İ ı: casefold() makes İ two characters and keeps ı
 _MAX_LEN = 64  # longer literals add nothing to the test
 _MAX_TERMS = 32  # alternatives (ANDs) in one needle at most
@@ -101,7 +112,7 @@ def needle(pattern: str, flags: int) -> Needle | None:
     """The needle of a ``regex``/``re`` pattern compiled with ``flags``; None when the
     pattern requires no literal that this reading can prove."""
     flags = int(flags) & ~_V0
-    if flags & ~_KNOWN_FLAGS:
+    if flags & ~_KNOWN_FLAGS or not _PARSER:
         return None
     try:
         parsed = _sre.parse(pattern, flags)
@@ -208,7 +219,7 @@ def alternatives(pattern: str, flags: int) -> tuple[str, ...] | None:
     begin with out in front of the branch (``order\s+now|order\s+today``), which the check
     puts back; one-character alternatives it makes a class, which is not split."""
     flags = int(flags) & ~_V0
-    if flags & ~_KNOWN_FLAGS or flags & re.X:
+    if flags & ~_KNOWN_FLAGS or flags & re.X or not _PARSER:
         return None
     try:
         parsed = _sre.parse(pattern, flags)
@@ -287,3 +298,37 @@ def _tree(node: Any) -> Any:
     if isinstance(node, _sre.SubPattern | list | tuple):
         return tuple(_tree(x) for x in node)
     return node
+
+
+_KNOWN: tuple[tuple[str, int, Needle | None, tuple[str, ...] | None], ...] = (
+    (r"next\s+of\s+kin|nigeria", int(re.I),
+     Needle((("nigeria",), ("next", "kin", "of")), True), (r"next\s+of\s+kin", "nigeria")),
+    (r"(?:viagra|cialis)\s+\d+mg", 0, Needle((("cialis", "mg"), ("viagra", "mg")), False), None),
+    (r"order\s+now|order\s+today", 0, Needle((("order", "now"), ("order", "today")), False),
+     (r"order\s+now", r"order\s+today")),
+    (r"(?>free)\s+(?:money)+", 0, Needle((("money", "free"),), False), None),
+    (r"[a-z]+\.", 0, Needle(((".",),), False), None),
+    (r"\d+\s*\w*", 0, None, None),
+)
+
+
+def check_parser() -> str | None:
+    """None when ``re._parser`` is there and gives the known needles and splits; else why not."""
+    if _sre is None:
+        return "re._parser or one of its opcodes is missing"
+    for pattern, flags, want_needle, want_split in _KNOWN:
+        got_needle, got_split = needle(pattern, flags), alternatives(pattern, flags)
+        if got_needle != want_needle or got_split != want_split:
+            return f"the literals read from /{pattern}/ are not the known ones"
+    return None
+
+
+def install() -> bool:
+    """Check the parser (once per process); needles and splits only when it passed."""
+    global _PARSER
+    _PARSER = True  # for the check itself
+    _PARSER = patches.install("re._parser.literals", check_parser)
+    return _PARSER
+
+
+_PARSER = install()

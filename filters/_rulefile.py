@@ -19,6 +19,10 @@ the same text in several ways (``(a+)+``, ``(\\w+\\s?)*``) is refused too: Pytho
 no timeout, and such patterns backtrack exponentially.
 
 Every error is a :class:`RuleError` naming ``file:line`` and the reason.
+
+The backtracking check walks CPython's private ``re._parser`` parse; known patterns are checked
+first (patch ``re._parser.backtracking``, gateway/patches.py). When that fails, no pattern is
+refused for it (one warning line): ``regex``'s per-search timeout still bounds each match.
 """
 
 from __future__ import annotations
@@ -33,9 +37,13 @@ from typing import Any
 import regex
 
 from filters._literals import Needle
+from gateway import patches
 
-_sre: Any = importlib.import_module("re._parser")  # sre_parse, for the backtracking check
-_MAXREPEAT = _sre.MAXREPEAT
+try:
+    _sre: Any = importlib.import_module("re._parser")  # sre_parse, for the backtracking check
+    _MAXREPEAT = _sre.MAXREPEAT
+except (ImportError, AttributeError):  # checked below
+    _sre = _MAXREPEAT = None
 
 KINDS = ("header", "body", "rawbody", "full", "uri", "meta")
 _IGNORED = {"lang", "priority", "require_version", "reuse", "test"}
@@ -403,10 +411,24 @@ def compile_perl(spec: str) -> tuple[Any, str]:
         compiled = regex.compile(pyre, flags)  # matched with ``regex``: it has a timeout
     except (re.error, regex.error) as e:
         raise ValueError(f"bad regex /{body}/: {e}") from None
-    if _ambiguous_repeat(_sre.parse(pyre, flags)):
+    if _BACKTRACKING_CHECK and _ambiguous_repeat(_sre.parse(pyre, flags)):
         raise ValueError(f"regex /{body}/ has a nested repetition that can backtrack "
                          f"catastrophically (like (a+)+); rewrite it")
     return compiled, rest
+
+
+def check_backtracking() -> str | None:
+    """None when the backtracking check reads known patterns as known; else why not."""
+    if _sre is None:
+        return "re._parser or its MAXREPEAT is missing"
+    for pattern, ambiguous in (("(a+)+", True), (r"(\w+\s?)*", True), (r"x(?:a|ab)*y", False),
+                               ("foo(bar)+", False), (r"\d+-\d+", False)):
+        if _ambiguous_repeat(_sre.parse(pattern, 0)) is not ambiguous:
+            return f"/{pattern}/ was {'not ' if ambiguous else ''}found to backtrack"
+    return None
+
+
+_BACKTRACKING_CHECK = patches.install("re._parser.backtracking", check_backtracking)
 
 
 # -- files ---------------------------------------------------------------------------------------
