@@ -13,7 +13,9 @@ a filter imports dnspython at all), each extra one of whose packages no import c
 the answer dnspython would reach, "off", through dnspython's own ``dns._features.force``. An
 extra whose packages are all present is left to dnspython's version check, which then loads
 ``importlib.metadata`` as before; so does an entry-point filter (gateway/registry.py).
-The stand-in is ``gateway.deferred``'s.
+The stand-in is ``gateway.deferred``'s. ``dns._features``' private table and functions are
+checked first (patch ``dnspython.features``, gateway/patches.py): when they are not as read,
+nothing is forced (dnspython's own version checks run) and one warning line says so.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import sys
 import types
 from typing import Any
 
+from gateway import patches
 from gateway.deferred import defer
 
 METADATA = "importlib.metadata"
@@ -71,7 +74,26 @@ def defer_package_metadata() -> bool:
 
 
 def _force_absent(features: Any) -> None:
-    requirements: dict[str, list[str]] = getattr(features, "_requirements", {})
+    patches.install("dnspython.features", lambda: _check_features(features),
+                    lambda: _force_each_absent(features))
+
+
+def _check_features(features: Any) -> str | None:
+    """None when dnspython's private feature table and its ``force``/``have`` are as read."""
+    requirements = getattr(features, "_requirements", None)
+    if not isinstance(requirements, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(x, str) for x in v)
+            for k, v in requirements.items()):
+        return "dns._features._requirements is not a dict of package lists"
+    for fn, args in (("force", ("feature", "enabled")), ("have", ("feature",))):
+        code = getattr(getattr(features, fn, None), "__code__", None)
+        if code is None or code.co_varnames[:code.co_argcount] != args:
+            return f"dns._features.{fn} is not {fn}({', '.join(args)})"
+    return None
+
+
+def _force_each_absent(features: Any) -> None:
+    requirements: dict[str, list[str]] = features._requirements
     for feature, needs in requirements.items():
         packages = [need.split(">=")[0].strip().replace("-", "_") for need in needs]
         if any(_absent(p) for p in packages):

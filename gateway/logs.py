@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any
 
+from gateway import patches
+
 EVENT_ATTR = "mailgate_fields"
 
 
@@ -87,7 +89,19 @@ def setup_logging(fmt: str = "kv", level: str = "info") -> None:
     root.setLevel(level.upper())
     # Neither format shows where a line was logged from: skip the stack walk (findCaller) that
     # logging makes for every record to fill in file, line and function (the logging HOWTO's
-    # "Optimization": set ``logging._srcfile`` to None).
-    logging._srcfile = None
+    # "Optimization": set ``logging._srcfile`` to None), once logging is seen to still read it.
+    patches.install("logging.srcfile", _check_srcfile, _skip_caller_lookup)
     # aiosmtpd logs every command at INFO; our own lines say what matters.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def _check_srcfile() -> str | None:
+    if not hasattr(logging, "_srcfile"):
+        return "logging._srcfile is missing"
+    if not patches.calls(logging.Logger._log, "_srcfile"):
+        return "logging.Logger._log no longer reads _srcfile"
+    return None
+
+
+def _skip_caller_lookup() -> None:
+    logging._srcfile = None
