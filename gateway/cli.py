@@ -27,6 +27,9 @@ def build_parser(*, only_run: bool = False) -> argparse.ArgumentParser:
                      help="key=value lines (default) or JSON lines")
     run.add_argument("--log-level", default="info",
                      choices=("debug", "info", "warning", "error"))
+    run.add_argument("--listen", action="append", metavar="HOST:PORT",
+                     help="listen here instead of the policy's server.listen (repeatable; "
+                     "the same as $MAILGATE_LISTEN, comma-separated)")
     if only_run:
         return parser
     from gateway import queuecli
@@ -52,6 +55,14 @@ def build_parser(*, only_run: bool = False) -> argparse.ArgumentParser:
                            description="Learn messages as spam or ham, or forget them. Exit "
                            "codes: 0 ok, 1 some messages unreadable, 2 usage or policy error.")
     learncli.add_arguments(learn, DEFAULT_POLICY)
+    from gateway import healthcli
+
+    health = sub.add_parser("health", help="check that every listener answers with a 220 "
+                            "greeting (for container and service health checks)",
+                            description="Connect to each listening address of the policy and "
+                            "expect the 220 greeting. Exit codes: 0 all answer, 1 one does "
+                            "not (or the policy does not load), 2 usage.")
+    healthcli.add_arguments(health, DEFAULT_POLICY)
     return parser
 
 
@@ -67,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 
         setup_logging(args.log_format, "info")
         return queuecli.run(args)
+    if args.cmd == "health":
+        from gateway import healthcli
+
+        return healthcli.run(args)
     if args.cmd == "learn":
         from gateway import learncli
 
@@ -79,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         return quarantinecli.run(args)
     from gateway.launch import run as run_gateway
     from gateway.logs import setup_logging
+
+    if args.listen:
+        import os
+
+        from gateway.policy.loader import LISTEN_ENV
+
+        os.environ[LISTEN_ENV] = ",".join(args.listen)
 
     setup_logging(args.log_format, args.log_level)
     return run_gateway(args.policy)

@@ -13,6 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
+from gateway.cpus import available_cpus
 from gateway.errors import PolicyError
 from gateway.policy.loader import load_policy
 from gateway.policy.schema import Policy
@@ -61,7 +62,7 @@ def run(policy_path: Path) -> int:
     except PolicyError as e:
         return _problems(e)
     raise_fd_limit()  # before forking: the workers inherit it
-    workers = policy.workers or os.cpu_count() or 1
+    workers = policy.workers or available_cpus()  # a container's CPU quota, not the host's
     if workers == 1:
         return _worker(policy_path, None, 0)
     code = _prepare_in_child(policy_path)

@@ -10,6 +10,11 @@ need_pkgs=()
 command -v swaks >/dev/null 2>&1 || need_pkgs+=(swaks)
 [ -x /usr/sbin/postfix ] || need_pkgs+=(postfix)
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)   # test certificates for STARTTLS
+# the container test: a private network namespace with loopback up (unshare, ip), a non-root
+# run (setpriv); systemd-analyze checks the example unit
+command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
+command -v unshare >/dev/null 2>&1 && command -v setpriv >/dev/null 2>&1 || need_pkgs+=(util-linux)
+command -v systemd-analyze >/dev/null 2>&1 || need_pkgs+=(systemd)
 # content filtering: a real clamd, spamd and rspamd, started (offline, on loopback) by the tests
 command -v clamd >/dev/null 2>&1 || need_pkgs+=(clamav-daemon clamav clamdscan)
 command -v spamd >/dev/null 2>&1 || need_pkgs+=(spamassassin spamd spamc sa-compile)

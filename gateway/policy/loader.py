@@ -10,10 +10,11 @@ fall back to a default.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,9 +154,27 @@ def read_policy_data(path: Path) -> dict[str, Any]:
     return data
 
 
+LISTEN_ENV = "MAILGATE_LISTEN"  # set by `mailgate run --listen`; the container image sets it
+
+
 def load_policy(path: str | Path) -> Policy:
     path = Path(path)
-    return parse_policy(read_policy_data(path), str(path))
+    return listen_override(parse_policy(read_policy_data(path), str(path)))
+
+
+def listen_override(policy: Policy) -> Policy:
+    """``$MAILGATE_LISTEN`` (comma-separated ``host:port``), when set, replaces
+    ``server.listen``: a container listens on all its interfaces with the policy file mounted
+    as it is, and every worker and reload sees the same addresses."""
+    text = os.environ.get(LISTEN_ENV, "").strip()
+    if not text:
+        return policy
+    c = Checker(LISTEN_ENV)
+    listeners = tuple(x for x in (c.convert("listen", a.strip(), _listener)
+                                  for a in text.split(",") if a.strip()) if x is not None)
+    if c.problems:
+        raise PolicyError(c.problems)
+    return replace(policy, listeners=listeners)
 
 
 def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
