@@ -1,7 +1,7 @@
 """The ``dmarc`` filter: RFC 7489 DMARC on the RFC5322.From domain, with RFC 9091 ``np=`` (and
 its PSD record fallback), using the ``spf`` and ``dkim`` filters' results (``requires``).
 
-Steps: the From domain (no From, an unparsable one, or several From headers -> DMARC_BAD_FROM,
+Steps: the From domain (no From, an unparsable one, or several From headers -> DMARC_NO_FROM,
 ``result`` permerror, no lookup; one From header naming addresses in several domains ->
 DMARC_BAD_FROM *and*, per RFC 7489 §6.6.1, each domain checked (more than 20 → refused 550 5.7.1), the strictest
 policy among those that fail applying — the result is that domain's); the policy record ``_dmarc.<from-domain>`` TXT, else the organizational domain's (Public Suffix List,
@@ -13,7 +13,13 @@ Symbols (exactly one, plus DMARC_BAD_FROM for several author domains): DMARC_PAS
 ``p``/``sp``/``np``, ``pct=N``, and ``sampled_out`` when pct downgraded it), DMARC_NONE (no
 usable record, or a record without ``p=``), DMARC_TEMPERROR (the policy lookup failed, or no
 identifier aligned while an SPF check or an aligned DKIM signature had a temperror),
-DMARC_PERMERROR (a broken record), DMARC_BAD_FROM.
+DMARC_PERMERROR (a broken record), DMARC_BAD_FROM, DMARC_NO_FROM (option: why).
+
+One finding is scored once: a missing, repeated or unparsable From is the ``headers`` filter's
+finding (HEADERS_MISSING_FROM, HEADERS_MULTIPLE_FROM, HEADERS_BAD_FROM, scored there); here it
+only explains, as DMARC_NO_FROM (score 0 unless the policy gives it one — do so in a chain
+without ``headers``), why DMARC was not evaluated. DMARC_BAD_FROM (several author domains in one
+From, RFC 7489 §6.6.1) is this filter's own finding.
 
 Verdict (``enforce = true``, the default): a fail whose effective policy is ``reject`` gives
 REJECT ``550 5.7.1 DMARC policy of <domain> rejects this message``; ``quarantine`` gives
@@ -68,6 +74,7 @@ PASS, FAIL, NONE, TEMPERROR, PERMERROR = "pass", "fail", "none", "temperror", "p
 SYMBOLS = {PASS: "DMARC_PASS", FAIL: "DMARC_FAIL", NONE: "DMARC_NONE",
            TEMPERROR: "DMARC_TEMPERROR", PERMERROR: "DMARC_PERMERROR"}
 BAD_FROM = "DMARC_BAD_FROM"
+NO_FROM = "DMARC_NO_FROM"  # no single usable From: the headers filter scores that finding
 MAX_FROM_DOMAINS = 20  # author domains checked in one From; more is refused outright
 ARC_OVERRIDE = "DMARC_ARC_OVERRIDE"
 SETTINGS = {"enforce", "trusted_arc_sealers"}
@@ -194,7 +201,7 @@ class DmarcFilter(Filter):
         assert msg is not None
         domains, why = from_domains(msg.get_all("From"))
         if not domains:
-            return Result(symbols=(Symbol(BAD_FROM, (why,)),),
+            return Result(symbols=(Symbol(NO_FROM, (why,), 0.0),),
                           data=_data(PERMERROR, None, "none", reason=why))
         if len(domains) == 1:
             return await self._evaluate(ctx, domains[0])

@@ -1,8 +1,13 @@
 """The ``headers`` filter: RFC 5322 §3.6 sanity of the header section, reported as symbols.
 
-Symbols: HEADERS_MISSING_FROM, HEADERS_MULTIPLE_FROM, HEADERS_BAD_FROM (no parsable address),
-HEADERS_MISSING_DATE, HEADERS_BAD_DATE, HEADERS_MISSING_MESSAGE_ID, HEADERS_DUPLICATE (options:
-the singleton fields that occur more than once), HEADERS_EMPTY (no header at all).
+Symbols: HEADERS_MISSING_FROM, HEADERS_MULTIPLE_FROM, HEADERS_BAD_FROM (no address, or one
+without a local part or domain: no usable author domain), HEADERS_MISSING_DATE,
+HEADERS_BAD_DATE, HEADERS_MISSING_MESSAGE_ID, HEADERS_DUPLICATE (options: the singleton fields
+that occur more than once), HEADERS_EMPTY (no header at all, and nothing else said).
+
+This filter owns these findings: the default rule file does not test Message-ID, Date or From
+presence again, and ``dmarc`` reports a From it cannot use as DMARC_NO_FROM (unscored, the
+trace's explanation) — each finding is scored once.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ class HeadersFilter(Filter):
             out.append(Symbol("HEADERS_MULTIPLE_FROM"))
         else:
             addrs = addresses(froms[0])
-            if not any("@" in a for _, a in addrs):
+            if not addrs or not all(_usable(a) for _, a in addrs):
                 out.append(Symbol("HEADERS_BAD_FROM", (froms[0][:100],)))
         dates = msg.get_all("Date")
         if not dates:
@@ -58,3 +63,9 @@ class HeadersFilter(Filter):
         if dups:
             out.append(Symbol("HEADERS_DUPLICATE", dups))
         return Result(symbols=tuple(out))
+
+
+def _usable(addr: str) -> bool:
+    """A mailbox with a local part and a domain (what DMARC needs of every From address)."""
+    local, at, domain = addr.rpartition("@")
+    return bool(at and local and domain.strip().rstrip("."))

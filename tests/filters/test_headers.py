@@ -33,6 +33,9 @@ def test_good_message_has_no_symbols(tmp_path):
     (GOOD.replace(b"From: a@example.test\r\n", b""), {"HEADERS_MISSING_FROM"}),
     (b"From: b@example.test\r\n" + GOOD, {"HEADERS_MULTIPLE_FROM"}),
     (GOOD.replace(b"a@example.test", b"nobody"), {"HEADERS_BAD_FROM"}),
+    # no usable author domain (what dmarc leaves to this filter): every address needs both
+    (GOOD.replace(b"a@example.test", b"a@"), {"HEADERS_BAD_FROM"}),
+    (GOOD.replace(b"a@example.test", b"a@example.test, b"), {"HEADERS_BAD_FROM"}),
     (GOOD.replace(b"Date: Sat, 28 Nov 2026 10:00:00 +0000\r\n", b""), {"HEADERS_MISSING_DATE"}),
     (GOOD.replace(b"Sat, 28 Nov 2026 10:00:00 +0000", b"yesterday"), {"HEADERS_BAD_DATE"}),
     (GOOD.replace(b"Message-ID: <1@example.test>\r\n", b""), {"HEADERS_MISSING_MESSAGE_ID"}),

@@ -375,6 +375,26 @@ Content-Type: text/html
     assert set(run(f, tmp_path, MSG)) == {"URI_IP_HOST"}
 
 
+@pytest.mark.parametrize("phrase, rule", [
+    ("Act now, while supplies last!", "URGENT_ACTION"),
+    ("This limited time offer ends soon, order today.", "URGENT_ACTION"),
+    ("A limited time deal, don't miss out.", "LIMITED_TIME"),
+    ("It is completely risk-free.", "NO_OBLIGATION"),
+    ("Membership is 100% free.", "FREE_OFFER"),
+    ("Lower your monthly payments today.", "MORTGAGE_DEBT"),
+    ("You can earn $500 per week.", "EARN_MONEY"),
+])
+def test_default_rule_set_scores_a_phrase_once(tmp_path, phrase, rule):
+    """Each sales phrase is one finding: exactly one rule of default.cf scores it (before, an
+    "act now" scored URGENT_ACTION and LIMITED_TIME, "risk-free" MONEY_PHRASES and
+    NO_OBLIGATION, "100% free" MONEY_PHRASES and FREE_OFFER, ...)."""
+    f = RulesFilter.from_config({"files": ["rules/default.cf"]},
+                                Services(policy_dir=REPO / "policies"))
+    msg = (b"From: a@example.test\nTo: b@example.test\nSubject: hello\n"
+           b"Message-ID: <3@example.test>\n\n" + phrase.encode() + b"\n")
+    assert {n for n, s in run(f, tmp_path, msg).items() if s.score} == {rule}
+
+
 def test_the_docs_example_parses():
     doc = (REPO / "docs" / "policy.md").read_text()
     block = doc[doc.index("### Rule files"):].split("```")[1]

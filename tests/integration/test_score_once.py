@@ -1,0 +1,62 @@
+"""One finding is scored once, with the shipped default policy (policies/default.toml, DNS from
+a loopback server) through the real gateway: a message without Message-ID scores
+HEADERS_MISSING_MESSAGE_ID and nothing else for it (the rule file does not test it again); a
+missing, repeated or unparsable From scores HEADERS_*_FROM only, while dmarc explains in the
+trace why it was not evaluated (DMARC_NO_FROM, 0). Each message is compared with the same one
+whose header is intact: the score differs by exactly the one symbol's score."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import smtplib
+import tomllib
+
+import pytest
+
+from tests.support.dnsserver import DnsServer
+from tests.support.gateway import REPO
+
+SENDER = "bob@sender.test"
+ZONE = ('sender.test. 60 IN TXT "v=spf1 ip4:127.0.0.1 -all"\n'
+        '_dmarc.sender.test. 60 IN TXT "v=DMARC1; p=none"\n')
+GOOD = (f"From: {SENDER}\r\nTo: alice@example.test\r\nSubject: lunch on friday\r\n"
+        "Date: Tue, 08 Dec 2026 10:00:00 +0000\r\nMessage-ID: <m1@sender.test>\r\n"
+        "\r\nShall we meet at noon as usual?\r\n")
+SCORES = tomllib.loads((REPO / "policies" / "default.toml").read_text())["scores"]
+
+
+@pytest.fixture
+def gw(gateway_factory):
+    text = (REPO / "policies" / "default.toml").read_text()
+    with DnsServer(ZONE) as ns:
+        text = text.replace('"127.0.0.1:2525"', '"127.0.0.1:0"').replace(
+            "nameservers = []", f'nameservers = ["127.0.0.1:{ns.port}"]')
+        gw = gateway_factory(text, name="policies/default.toml", start=False)
+        shutil.copytree(REPO / "policies" / "rules", gw.policy_path.parent / "rules")
+        yield gw.start()
+
+
+@pytest.mark.parametrize("broken, symbol, explained", [
+    (GOOD.replace("Message-ID: <m1@sender.test>\r\n", ""), "HEADERS_MISSING_MESSAGE_ID", None),
+    (GOOD.replace(f"From: {SENDER}\r\n", ""), "HEADERS_MISSING_FROM",
+     "DMARC_NO_FROM(0)[no From header]"),
+    ("From: carol@sender.test\r\n" + GOOD, "HEADERS_MULTIPLE_FROM",
+     "DMARC_NO_FROM(0)[2 From headers]"),
+    (GOOD.replace(f"From: {SENDER}", "From: Bob <bob@>"), "HEADERS_BAD_FROM",
+     "DMARC_NO_FROM(0)[Unable to extract From domain: Bob <bob@>]"),
+])
+def test_a_header_finding_is_scored_once(gw, broken, symbol, explained):
+    with smtplib.SMTP(*gw.address, timeout=20) as s:
+        s.sendmail(SENDER, ["alice@example.test"], GOOD.encode())
+        s.sendmail(SENDER, ["alice@example.test"], broken.encode())
+    gw.wait_for(lambda e: len(gw.events("message")) >= 2, 20)
+    good, bad = gw.events("message")[:2]
+    assert good["score"] == 0 and "DMARC_PASS(0)" in good["symbols"], good["symbols"]
+    extra = sorted(set(bad["symbols"]) - set(good["symbols"]))
+    scored = [x for x in extra if not re.search(r"\(0\)(\[|$)", x)]
+    # exactly one scored symbol for the finding, and the score rises by its score alone
+    assert [x.split("(")[0] for x in scored] == [symbol], bad["symbols"]
+    assert bad["score"] == pytest.approx(SCORES[symbol]), bad["symbols"]
+    if explained is not None:  # the trace still says why DMARC was not evaluated
+        assert explained in bad["symbols"], bad["symbols"]
