@@ -14,7 +14,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gateway.filterapi import Action, ConfigError, Filter, FilterContext, Result, Symbol, Verdict
+from gateway.filterapi import (
+    Action,
+    ConfigError,
+    Filter,
+    FilterContext,
+    RecipientCoverage,
+    Result,
+    Symbol,
+    Verdict,
+)
 from gateway.replies import Reply
 from gateway.services import Services
 from gateway.settings import check_keys, opt_str, str_list
@@ -45,6 +54,8 @@ class RcptFilter(Filter):
         self.addresses = addresses
         self.whole_domains = whole_domains
         self.domains = domains  # domains where an unlisted recipient is unknown
+        # for check-policy: accepted domains it does not cover accept every address
+        self.recipient_coverage = RecipientCoverage(domains, whole_domains)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], services: Services) -> RcptFilter:

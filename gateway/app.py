@@ -25,10 +25,11 @@ from gateway.engine import Engine
 from gateway.errors import PolicyError
 from gateway.launch import LISTEN_BACKLOG, bind_listeners
 from gateway.logs import event
-from gateway.policy.loader import load_policy
+from gateway.policy.lint import lint
+from gateway.policy.loader import parse_policy_collecting, read_policy_data
 from gateway.policy.schema import Limits, Policy
 from gateway.qmgr import QueueManager
-from gateway.registry import build_chain
+from gateway.registry import collect_chain
 from gateway.replies import Reply
 from gateway.services import Services
 from gateway.spool import Spool
@@ -81,13 +82,26 @@ class ConnectionCounter:
 
 
 def load_engine(path: Path) -> Engine:
-    """Load and fully validate a policy (filters built); raises PolicyError."""
+    """Load and fully validate a policy (filters built, gateway/policy/lint.py checks run);
+    raises PolicyError with every problem of the file at once: the filters are built even when
+    the rest has problems (from the defaults in place of the invalid values), so their settings
+    are checked in the same run, but such an engine is never returned. Its ``warnings`` are the
+    lint warnings, for the caller to print or log."""
     defer_package_metadata()  # before a filter imports dnspython (gateway/dnsextras.py)
     defer("nacl.signing")  # dkimpy imports it for ed25519 keys alone (gateway/deferred.py)
-    policy = load_policy(path)
+    data = read_policy_data(Path(path))
+    policy, problems = parse_policy_collecting(data, str(path))
     services = Services(hostname=policy.hostname, resolver=DnsResolver(policy.dns),
                         policy_dir=Path(path).parent)
-    return Engine(policy, build_chain(policy, services), services)
+    chain, chain_problems = collect_chain(policy, services)
+    found = lint(policy, data, {f.name: f.instance for f in chain},
+                 complete=len(chain) == sum(s.enabled for s in policy.filters))
+    problems += chain_problems + list(found.errors)
+    if problems:
+        raise PolicyError(problems, found.warnings)
+    engine = Engine(policy, chain, services)
+    engine.warnings = found.warnings
+    return engine
 
 
 def make_tls_context(policy: Policy) -> ssl.SSLContext | None:
@@ -111,6 +125,7 @@ class Runtime:
         self.worker = worker
         self._sockets = sockets
         engine = load_engine(policy_path)  # fully validated before anything touches the disk
+        self.log_warnings(engine)
         self.spool = Spool(engine.policy.spool.directory)
         self.qmgr = QueueManager(self.spool, engine.policy, engine.syncer)
         engine.attach_queue(self.spool, self.qmgr.kick)
@@ -126,6 +141,13 @@ class Runtime:
         self.incoming_dir = self.spool.root / "incoming"
         if recover:
             recover_spool(self.spool)
+
+    def log_warnings(self, engine: Engine) -> None:
+        """The policy's mis-deployment warnings (gateway/policy/lint.py), once per start or
+        reload: by the first worker only."""
+        if self.worker == 0:
+            for w in engine.warnings:
+                log.warning("%s", w)
 
     def session_ended(self, session: Any) -> None:
         self.sessions.discard(session)
@@ -184,6 +206,7 @@ class Runtime:
             event(log, "reload-failed", level=logging.ERROR, policy=str(self.policy_path),
                   errors=list(e.problems), kept="previous policy")
             return
+        self.log_warnings(engine)
         old = self.engine.policy
         if engine.policy.listeners != old.listeners:
             log.warning("reload: listener changes need a restart; keeping %s",
@@ -274,6 +297,8 @@ async def serve(policy_path: Path, sockets: list[socket.socket] | None = None, *
     except PolicyError as e:
         for p in e.problems:
             log.error("%s", p)
+        for w in e.warnings:
+            log.warning("%s", w)
         return 2
     await runtime.run_forever()
     return 0

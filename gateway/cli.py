@@ -114,12 +114,15 @@ def check_policy(path: Path) -> int:
         engine = load_engine(path)
         make_tls_context(engine.policy)
     except PolicyError as e:
-        for p in e.problems:
+        for p in (*e.problems, *e.warnings):
             print(p, file=sys.stderr)
-        print(f"{path}: {len(e.problems)} problem(s)", file=sys.stderr)
+        print(f"{path}: {len(e.problems)} problem(s)"
+              + (f", {len(e.warnings)} warning(s)" if e.warnings else ""), file=sys.stderr)
         return 1
+    for w in engine.warnings:  # mis-deployments that work but are unsafe (policy/lint.py)
+        print(w, file=sys.stderr)
     pol = engine.policy
-    print(f"{path}: ok")
+    print(f"{path}: ok" + (f" ({len(engine.warnings)} warning(s))" if engine.warnings else ""))
     print(f"  listen: {', '.join(f'{x.host}:{x.port}' for x in pol.listeners)}")
     print(f"  relay: {pol.relay.mode} -> {pol.relay.downstream}")
     print(f"  accepted domains: {', '.join(sorted(pol.accepted_domains)) or '(none)'}")

@@ -112,6 +112,7 @@ class Engine:
     def __init__(self, policy: Policy, chain: Iterable[LoadedFilter], services: Services
                  ) -> None:
         self.policy = policy
+        self.warnings: tuple[str, ...] = ()  # the policy's lint warnings (load_engine)
         self.pipeline = Pipeline(chain)
         self.services = services
         self.helo_name = policy.relay.helo_name or policy.hostname

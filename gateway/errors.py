@@ -12,10 +12,13 @@ class MailgateError(Exception):
 
 
 class PolicyError(MailgateError):
-    """A policy file is invalid. Carries every problem found, each naming file and key path."""
+    """A policy file is invalid. Carries every problem found, each naming file and key path,
+    and the warnings found beside them (gateway/policy/lint.py), for the same report."""
 
-    def __init__(self, problems: list[str] | tuple[str, ...]) -> None:
+    def __init__(self, problems: list[str] | tuple[str, ...],
+                 warnings: list[str] | tuple[str, ...] = ()) -> None:
         self.problems = tuple(problems)
+        self.warnings = tuple(warnings)
         super().__init__("\n".join(self.problems))
 
 

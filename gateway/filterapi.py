@@ -136,6 +136,26 @@ EMPTY = Result()
 
 
 @dataclass(frozen=True, slots=True)
+class RecipientCoverage:
+    """Which recipient domains a filter checks, declared by a filter that refuses unknown
+    users (its ``recipient_coverage`` attribute or property): ``check-policy`` and the start of
+    ``run`` warn about an accepted domain that no filter covers (every address there would be
+    accepted) and about entries for domains that are not accepted (gateway/policy/lint.py)."""
+
+    checked: frozenset[str] = frozenset()  # domains where an unlisted recipient is refused
+    whole: frozenset[str] = frozenset()  # domains whose every address is accepted on purpose
+    every_domain: bool = False  # checks every recipient, whatever its domain (a directory)
+
+    def covers(self, domain: str) -> bool:
+        return self.every_domain or domain in self.checked or domain in self.whole
+
+    @property
+    def named(self) -> frozenset[str]:
+        """The domains the filter's own settings name."""
+        return self.checked | self.whole
+
+
+@dataclass(frozen=True, slots=True)
 class Client:
     """The connected client as the filters see it."""
 

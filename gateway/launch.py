@@ -59,8 +59,8 @@ def run(policy_path: Path) -> int:
     (syntax, keys, or a filter that cannot be built) exits 2 before anything listens."""
     try:
         policy = load_policy(policy_path)
-    except PolicyError as e:
-        return _problems(e)
+    except PolicyError:
+        return _problems(_every_problem(policy_path))
     raise_fd_limit()  # before forking: the workers inherit it
     workers = policy.workers or available_cpus()  # a container's CPU quota, not the host's
     if workers == 1:
@@ -109,7 +109,21 @@ def _prepare_in_child(policy_path: Path) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+def _every_problem(policy_path: Path) -> PolicyError:
+    """The policy does not load: check it the whole way (the filters' settings and
+    gateway/policy/lint.py too), so one start reports every problem of the file."""
+    from gateway.app import load_engine
+
+    try:
+        load_engine(policy_path)
+    except PolicyError as e:
+        return e
+    raise AssertionError("load_engine accepted a policy that load_policy refused")
+
+
 def _problems(e: PolicyError) -> int:
     for p in e.problems:
         log.error("%s", p)
+    for w in e.warnings:
+        log.warning("%s", w)
     return 2

@@ -129,6 +129,16 @@ def find_filter_class(spec: FilterSpec, plugin_dirs: tuple[Path, ...]) -> tuple[
 
 def build_chain(policy: Policy, services: Services) -> tuple[LoadedFilter, ...]:
     """Instantiate every enabled filter; all problems are raised as one PolicyError."""
+    chain, problems = collect_chain(policy, services)
+    if problems:
+        raise PolicyError(problems)
+    return chain
+
+
+def collect_chain(policy: Policy, services: Services
+                  ) -> tuple[tuple[LoadedFilter, ...], list[str]]:
+    """The filters that could be built, and the problems of the others (never raises: a
+    third-party ``from_config`` that raises anything becomes a problem)."""
     problems: list[str] = []
     out: list[LoadedFilter] = []
     src = policy.source
@@ -160,15 +170,16 @@ def build_chain(policy: Policy, services: Services) -> tuple[LoadedFilter, ...]:
                                 spec.on_error, origin, after, signs(instance),
                                 decides(instance), is_local(instance)))
     names = {f.name for f in out}
+    listed = {s.name: s.enabled for s in policy.filters}
     for f in out:
         for r in f.requires:
-            if r not in names:
-                problems.append(f"{src}: filters.{f.name}: requires filter {r!r}, "
-                                f"which is not in the chain")
+            if r in names or listed.get(r):  # in the chain, or its own problem is reported
+                continue
+            why = "its entry has enabled = false" if r in listed else "not in the chain"
+            problems.append(f"{src}: filters.{f.name}: requires filter {r!r}, {why}: "
+                            f"add it, or remove {f.name!r}")
     problems.extend(f"{src}: filters: {p}" for p in _cycles(out))
-    if problems:
-        raise PolicyError(problems)
-    return tuple(out)
+    return tuple(out), problems
 
 
 def _cycles(chain: list[LoadedFilter]) -> list[str]:

@@ -3,16 +3,28 @@ policy loader can report ``file: filters.NAME.KEY: reason``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gateway.filterapi import ConfigError
+
+# The keys of a ``[[filters]]`` entry the loader reads itself (gateway/policy/loader.py
+# FILTER_KEYS); everything else in the entry is the filter's own settings.
+ENTRY_KEYS = frozenset({"name", "module", "timeout_s", "on_error", "enabled"})
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'workers'?)`` for an unknown key close to a known one, else ``""``."""
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check_keys(cfg: Mapping[str, Any], allowed: set[str]) -> None:
     for key in cfg:
         if key not in allowed:
-            raise ConfigError(key, f"unknown setting (known: {', '.join(sorted(allowed))})")
+            raise ConfigError(key, f"unknown setting{did_you_mean(key, allowed | ENTRY_KEYS)} "
+                                   f"(known: {', '.join(sorted(allowed))})")
 
 
 def str_list(cfg: Mapping[str, Any], key: str) -> tuple[str, ...]:

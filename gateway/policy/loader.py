@@ -40,6 +40,7 @@ from gateway.policy.schema import (
 )
 from gateway.relay.transport import Transport, parse_transport
 from gateway.replies import Reply
+from gateway.settings import did_you_mean
 
 TOP_KEYS = {"server", "tls", "limits", "relay", "domains", "headers", "spool", "queue",
             "quarantine", "dns",
@@ -74,7 +75,7 @@ class Checker:
             if not isinstance(key, str):  # YAML allows 1:, true:, null: as keys
                 self.error(where, f"keys must be strings, got {key!r}")
             elif allowed is not None and key not in allowed:
-                self.error(where, "unknown key")
+                self.error(where, f"unknown key{did_you_mean(key, allowed)}")
             else:
                 out[key] = value
         return out
@@ -178,6 +179,23 @@ def listen_override(policy: Policy) -> Policy:
 
 
 def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
+    policy, problems = parse_policy_collecting(data, source)
+    if problems:
+        raise PolicyError(problems)
+    return policy
+
+
+def load_policy_collecting(path: str | Path) -> tuple[Policy, list[str]]:
+    """The policy and its problems (a file that cannot be read or parsed still raises)."""
+    path = Path(path)
+    return parse_policy_collecting(read_policy_data(path), str(path))
+
+
+def parse_policy_collecting(data: Mapping[str, Any], source: str
+                            ) -> tuple[Policy, list[str]]:
+    """The policy with the default in place of every invalid value, and the problems found:
+    the caller can go on checking (the filters' settings, gateway/policy/lint.py) so that one
+    run reports everything. A policy with problems must never be used."""
     c = Checker(source)
     top = c.table(data, "", TOP_KEYS)
 
@@ -246,14 +264,12 @@ def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
     default_class = PolicyClass("default", (), scores, thresholds, rules, frozenset())
     classes = _classes(c, top.get("classes"), default_class, names, set(accepted))
 
-    if c.problems:
-        raise PolicyError(c.problems)
     return Policy(
         source=source, hostname=hostname, workers=workers, listeners=listeners, tls=tls, limits=limits,
         relay=relay, accepted_domains=frozenset(accepted), trusted_networks=tuple(trusted),
         headers=headers, spool=spool, queue=queue, quarantine=quarantine, filters=filters, plugin_dirs=plugin_dirs,
         default_class=default_class, classes=classes, dns=dns,
-    )
+    ), c.problems
 
 
 def _listener(text: str) -> Listener:

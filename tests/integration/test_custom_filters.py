@@ -368,8 +368,8 @@ def test_requires_orders_filters_within_a_stage(gateway_factory, tmp_path):
     r = check_policy(policy, tmp_path, pythonpath(lib))
     assert r.returncode == 1
     assert r.stderr.splitlines()[0] == (
-        f"{tmp_path / 'check.toml'}: filters.second: requires filter 'first', which is not in "
-        f"the chain")
+        f"{tmp_path / 'check.toml'}: filters.second: requires filter 'first', not in the "
+        f"chain: add it, or remove 'second'")
     policy["filters"] = [{"name": "cyca", "module": "ordering:CycA"},
                          {"name": "cycb", "module": "ordering:CycB"}]
     r = check_policy(policy, tmp_path, pythonpath(lib))

@@ -107,7 +107,7 @@ def test_check_policy_bad_file_exits_1_with_every_error_on_stderr(tmp_path):
     assert r.returncode == 1
     assert r.stdout == ""
     assert sorted(r.stderr.splitlines()) == sorted([
-        f"{path}: limits.max_recipent: unknown key",
+        f"{path}: limits.max_recipent: unknown key (did you mean 'max_recipients'?)",
         f"{path}: limits.idle_timeout_s: must be a number > 0",
         f"{path}: relay.downstream: smtp:// needs host:port",
         f"{path}: rules.r: needs if_any or if_all",
@@ -178,8 +178,10 @@ def test_run_with_bad_policy_exits_nonzero_without_listening(tmp_path):
     assert r.returncode == 2
     records = [json.loads(line) for line in r.stderr.splitlines()]
     assert not any(rec.get("event") == "listening" for rec in records)
-    assert [rec["msg"] for rec in records if rec["level"] == "error"] == [
-        f"{path}: limits.idle_timeout_s: must be a number > 0"]
+    assert [rec["msg"] for rec in records if rec["level"] == "error"] == [  # all, at once
+        f"{path}: limits.idle_timeout_s: must be a number > 0",
+        f"{path}: filters.rcpt.colour: unknown setting (known: domains, recipient_map_file, "
+        f"recipients)"]
     # It never bound the port: we can.
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))

@@ -140,14 +140,14 @@ def test_values_are_read_and_typed():
 @pytest.mark.parametrize(("data", "expected"), [
     # unknown keys, at every level
     ({"colour": "blue"}, "colour: unknown key"),
-    ({"server": {"hostnme": "a"}}, "server.hostnme: unknown key"),
-    ({"limits": {"max_recipient": 5}}, "limits.max_recipient: unknown key"),
-    ({"relay": {"downstreams": "smtp://h:25"}}, "relay.downstreams: unknown key"),
-    ({"tls": {"cert": "x"}}, "tls.cert: unknown key"),
-    ({"domains": {"accept": ["a.test"]}}, "domains.accept: unknown key"),
-    ({"headers": {"recieved": False}}, "headers.recieved: unknown key"),
+    ({"server": {"hostnme": "a"}}, "server.hostnme: unknown key (did you mean 'hostname'?)"),
+    ({"limits": {"max_recipient": 5}}, "limits.max_recipient: unknown key (did you mean 'max_recipients'?)"),
+    ({"relay": {"downstreams": "smtp://h:25"}}, "relay.downstreams: unknown key (did you mean 'downstream'?)"),
+    ({"tls": {"cert": "x"}}, "tls.cert: unknown key (did you mean 'cert_file'?)"),
+    ({"domains": {"accept": ["a.test"]}}, "domains.accept: unknown key (did you mean 'accepted'?)"),
+    ({"headers": {"recieved": False}}, "headers.recieved: unknown key (did you mean 'received'?)"),
     ({"spool": {"dir": "x"}}, "spool.dir: unknown key"),
-    ({"plugins": {"dir": ["x"]}}, "plugins.dir: unknown key"),
+    ({"plugins": {"dir": ["x"]}}, "plugins.dir: unknown key (did you mean 'dirs'?)"),
     ({"actions": {"nuke": 3}}, "actions.nuke: unknown key"),
     ({"rules": [{"name": "r", "if_any": ["A"], "action": "reject", "colour": 1}]},
      "rules[0].colour: unknown key"),
@@ -156,7 +156,7 @@ def test_values_are_read_and_typed():
      "classes.s.threshold: unknown key"),
     ({"domains": {"accepted": ["a.test"]},
       "classes": {"s": {"domains": ["a.test"], "actions": {"rejct": 1}}}},
-     "classes.s.actions.rejct: unknown key"),
+     "classes.s.actions.rejct: unknown key (did you mean 'reject'?)"),
     ({"domains": {"accepted": ["a.test"]},
       "classes": {"s": {"domains": ["a.test"],
                         "rules": [{"if_any": ["A"], "action": "reject", "when": 1}]}}},
@@ -343,7 +343,7 @@ def test_several_errors_are_all_reported_at_once():
     })
     assert sorted(found) == sorted(f"{SRC}: {x}" for x in [
         "colour: unknown key",
-        "server.hostnme: unknown key",
+        "server.hostnme: unknown key (did you mean 'hostname'?)",
         "server.listen[0]: must be host:port (port 0 picks a free port), got 'nowhere'",
         "limits.idle_timeout_s: must be a number > 0",
         "limits.max_recipients: must be an integer, got 'many'",
@@ -594,7 +594,8 @@ def test_filter_setting_errors_name_file_filter_and_setting():
     assert chain_problems([{"name": "rcpt", "recipients": "@example.test"}]) == [
         f"{SRC}: filters.rcpt.recipients: must be a list of strings"]
     assert chain_problems([{"name": "rcpt", "recipient": ["@example.test"]}]) == [
-        f"{SRC}: filters.rcpt.recipient: unknown setting (known: domains, "
+        f"{SRC}: filters.rcpt.recipient: unknown setting (did you mean 'recipients'?) "
+        f"(known: domains, "
         f"recipient_map_file, recipients)"]
     assert chain_problems([{"name": "headers", "strict": True}]) == [
         f"{SRC}: filters.headers.strict: unknown setting (known: )"]
