@@ -7,16 +7,23 @@ reaches the client (``451 4.3.0 ... (qid)``, the detail goes to the log); DATA i
 straight into a spool file, ends only at CRLF.CRLF and refuses (or normalizes) bare CR/LF; each
 wait has its own deadline (idle, per command, per DATA block, whole DATA); every limit is a
 policy setting. Policy decisions are the engine's (gateway/engine.py).
+
+STARTTLS switches the transport as aiosmtpd's own ``smtp_STARTTLS`` does, through asyncio's
+private ``sslproto.SSLProtocol`` and aiosmtpd's ``connection_made``; both are checked before
+the first connection (patch ``asyncio.sslproto.starttls``, gateway/patches.py). When they are
+not as expected, STARTTLS is not offered (mail still flows, in plaintext) and one warning says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import io
 import logging
 import os
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -24,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, TLSSetupException, sslproto
 
+from gateway import patches
 from gateway import replies as R
 from gateway.deadline import Deadline
 from gateway.engine import SessionState, Transaction
@@ -49,6 +57,37 @@ HELO_RE = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no space (RFC 53
 CLIENT_ERROR_CODES = {500, 501, 502, 503, 504, 555}
 
 
+def check_starttls_switch() -> str | None:
+    """None when asyncio's ``SSLProtocol`` and aiosmtpd's ``connection_made`` still offer what
+    ``cmd_starttls`` uses (the constructor's arguments, ``_app_transport``, ``_extra``; the
+    STARTTLS branch that moves the streams and drops pipelined plaintext); else why not."""
+    params = list(inspect.signature(sslproto.SSLProtocol).parameters)
+    if params[:4] != ["loop", "app_protocol", "sslcontext", "waiter"] or "server_side" not in params:
+        return f"asyncio.sslproto.SSLProtocol takes ({', '.join(params)})"
+    for name in ("_original_transport", "_tls_protocol", "_buffer", "_extra", "_transport"):
+        if not patches.calls(SMTP.connection_made, name):
+            return f"aiosmtpd's connection_made no longer uses {name} for STARTTLS"
+    loop = asyncio.new_event_loop()  # never run: the protocol is only built and inspected
+    try:
+        waiter = loop.create_future()
+        proto = sslproto.SSLProtocol(loop, asyncio.Protocol(),
+                                     ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), waiter,
+                                     server_side=True)
+        app = getattr(proto, "_app_transport", None)
+        extra = getattr(proto, "_extra", None)
+        proto.connection_lost(None)  # closes the app transport, as asyncio does
+        if app is None or app.get_extra_info("sslcontext") is None:
+            return "asyncio.sslproto.SSLProtocol has no _app_transport"
+        if not isinstance(extra, dict):
+            return "asyncio.sslproto.SSLProtocol has no _extra mapping"
+    finally:
+        loop.close()
+    return None
+
+
+STARTTLS_SWITCH = patches.install("asyncio.sslproto.starttls", check_starttls_switch)
+
+
 class _NoHooks:
     """aiosmtpd wants a handler object; all behaviour lives in SmtpServer."""
 
@@ -64,7 +103,7 @@ class SmtpServer(SMTP):
         self.limits = self.policy.limits
         self.line_length_limit = READ_BUFFER_BYTES  # StreamReader buffer; lengths checked here
         super().__init__(_NoHooks(), hostname=self.policy.hostname,
-                         tls_context=runtime.tls_context,
+                         tls_context=runtime.tls_context if STARTTLS_SWITCH else None,
                          data_size_limit=self.limits.max_message_bytes, enable_SMTPUTF8=True,
                          timeout=self.limits.max_session_s,
                          loop=asyncio.get_running_loop())

@@ -1,0 +1,82 @@
+"""The SMTP front end's uses of aiosmtpd's and asyncio's internals prove themselves before the
+first connection. A library that changed under it (simulated here by a ``sitecustomize`` that
+alters the library in the gateway process before anything runs) leaves the library's own path
+(or the feature off) in place, with exactly one warning line naming the patch, and mail still
+flows through the real gateway."""
+
+from __future__ import annotations
+
+import smtplib
+from pathlib import Path
+from typing import Any
+
+from tests.integration.test_starttls import _policy
+from tests.integration.test_starttls import cert as cert  # noqa: F401 - the fixture
+from tests.integration.test_starttls import sink as sink  # noqa: F401 - the fixture
+from tests.support.gateway import REPO, GatewayProcess
+from tests.support.sink import Sink
+from tests.support.smtpclient import RawSmtpClient
+
+# asyncio's SSLProtocol after an upgrade that changed its constructor
+NEW_SSLPROTO = """
+import asyncio.sslproto as sp
+
+_Old = sp.SSLProtocol
+
+
+class SSLProtocol(_Old):
+    def __init__(self, loop, app_protocol, sslcontext, handshake_waiter, server_side=False,
+                 **kw):
+        super().__init__(loop, app_protocol, sslcontext, handshake_waiter, server_side, **kw)
+
+
+sp.SSLProtocol = SSLProtocol
+"""
+
+
+def _start_with(factory: Any, tmp_path: Path, sitecustomize: str, policy: dict[str, Any]
+                ) -> GatewayProcess:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(sitecustomize)
+    gw: GatewayProcess = factory(policy, env={"PYTHONPATH": f"{site}:{REPO}"})
+    return gw
+
+
+def _patch_warnings(gw: GatewayProcess) -> list[dict[str, Any]]:
+    return [e for e in gw.events() if e.get("logger") == "mailgate.patches"]
+
+
+def _send(gw: GatewayProcess, sink: Sink, subject: str) -> None:
+    with smtplib.SMTP(*gw.address, timeout=10) as s:
+        s.ehlo("client.test")
+        s.sendmail("bob@example.org", ["alice@example.test"],
+                   f"From: bob@example.org\r\nTo: alice@example.test\r\nSubject: {subject}\r\n"
+                   f"\r\nhello\r\n".encode())
+    got = sink.wait_for(1, timeout_s=10)
+    assert f"Subject: {subject}".encode() in got[-1].data
+
+
+def test_a_changed_sslprotocol_turns_starttls_off_and_mail_flows(gateway_factory, tmp_path,
+                                                                 sink, cert):
+    gw = _start_with(gateway_factory, tmp_path, NEW_SSLPROTO, _policy(sink, cert))
+    [warning] = _patch_warnings(gw)
+    assert warning["level"] == "warning"
+    assert warning["msg"] == (
+        "patch asyncio.sslproto.starttls disabled, the library's own path is used: "
+        "asyncio.sslproto.SSLProtocol takes (loop, app_protocol, sslcontext, handshake_waiter, "
+        "server_side, kw)")
+    c = RawSmtpClient(gw.address)
+    assert "STARTTLS" not in c.cmd("EHLO client.test")
+    assert c.cmd("STARTTLS") == "502 5.5.1 STARTTLS not available"
+    c.close()
+    _send(gw, sink, "plaintext while TLS is off")
+
+
+def test_starttls_is_checked_and_on_normally(gateway_factory, sink, cert):
+    gw = gateway_factory(_policy(sink, cert))
+    assert _patch_warnings(gw) == []
+    c = RawSmtpClient(gw.address)
+    assert "STARTTLS" in c.cmd("EHLO client.test")
+    c.close()
+
