@@ -143,3 +143,21 @@ def test_a_changed_dns_features_table_is_left_to_dnspython(restored, caplog):
     patches.forget("dnspython.features")
     dnsextras._force_absent(SimpleNamespace(_requirements=requirements, force=force2, have=have))
     assert ("doh", False) in forced and patches.active("dnspython.features")
+
+
+# -- the version bounds that go with the patches --------------------------------------------------
+@pytest.mark.parametrize("dist,bound", [("dkimpy", "<1.2"), ("aiosmtpd", "<1.5"),
+                                        ("dnspython", "<2.10")])
+def test_each_patched_library_is_bounded_above_the_installed_minor(dist, bound):
+    import re
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    deps = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    [spec] = [d for d in deps["project"]["dependencies"]
+              if re.match(rf"{dist}\b", d, re.I)]
+    assert spec.endswith("," + bound), spec
+    major, minor = (int(x) for x in bound[1:].split("."))
+    installed = tuple(int(x) for x in version(dist).split(".")[:2])
+    assert installed < (major, minor), f"{dist} {version(dist)} is past {bound}: re-test"
