@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import pkgutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from gateway.errors import FilterLoadError, PolicyError
 from gateway.filterapi import ConfigError, Stage, decides, hooks_of, is_local, signs
 from gateway.policy.schema import FilterSpec, Policy
 from gateway.services import Services
+from gateway.settings import did_you_mean
 
 ENTRY_POINT_GROUP = "mailgate.filters"
 
@@ -122,9 +124,17 @@ def find_filter_class(spec: FilterSpec, plugin_dirs: tuple[Path, ...]) -> tuple[
     found = _plugin(spec.name, plugin_dirs) or _entry_point(spec.name)
     if found is None:
         raise FilterLoadError(
-            "no such filter: not built in, not in plugins.dirs, no 'mailgate.filters' entry "
-            "point (set module = \"pkg.mod:Class\" for your own)")
+            f"no such filter{did_you_mean(spec.name, builtin_names())}: not built in, not in "
+            "plugins.dirs, no 'mailgate.filters' entry point (set module = \"pkg.mod:Class\" "
+            "for your own)")
     return found
+
+
+def builtin_names() -> list[str]:
+    """The built-in filters' names (the modules of the ``filters`` package)."""
+    import filters
+
+    return [m.name for m in pkgutil.iter_modules(filters.__path__) if not m.name.startswith("_")]
 
 
 def build_chain(policy: Policy, services: Services) -> tuple[LoadedFilter, ...]:

@@ -282,3 +282,12 @@ def test_the_entry_keys_the_settings_suggest_are_the_loaders():
 def test_shipped_policies_have_no_findings(path, monkeypatch):
     monkeypatch.chdir(REPO)  # policies name their files relative to the start directory
     assert load_engine(path.relative_to(REPO)).warnings == ()
+
+
+def test_a_misspelt_filter_name_gets_a_suggestion(tmp_path):
+    problems, _ = check(tmp_path, policy(["a.example"], filters=[
+        {"name": "rcpt", "recipients": ["@a.example"]}, {"name": "atachments"},
+        {"name": "ghost"}]))
+    assert [p.split(":")[:2] for p in problems] == [
+        ["filters.atachments", " no such filter (did you mean 'attachments'?)"],
+        ["filters.ghost", " no such filter"]]
