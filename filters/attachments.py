@@ -28,6 +28,11 @@ zero-width characters shown as ``\\uXXXX``):
 * ``ATTACH_ARCHIVE_UNSUPPORTED`` — rar, 7z, cab, ISO-9660 (recognised by content, not opened).
 * ``ATTACH_ARCHIVE_BAD`` — looks like an archive but cannot be read (corrupt, truncated).
 
+Files hidden from a MIME walk are checked as attached files (names, content, archives):
+uuencoded, yEnc and BinHex 4.0 blocks inside text parts, and the attachments inside TNEF
+(``winmail.dat``) parts (:mod:`filters._hidden`); their paths are the part's and their names
+(``part1/setup.exe``, ``winmail.dat/invoice.pdf.exe``).
+
 Hard verdict: with ``action = "reject"`` (default) a message carrying any symbol listed in
 ``action_on`` (default: banned extension/type, double extension, bidi, executable, zip bomb —
 the facts Amavis calls BANNED) is refused with ``554 5.7.1`` naming the file; ``"quarantine"``
@@ -51,6 +56,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
+from filters import _hidden
 from gateway import mime
 from gateway.filterapi import (
     Action,
@@ -320,13 +326,17 @@ class AttachmentsFilter(Filter):
         scan = _Scan(self.banned_ext, self.limits,
                      time.monotonic() + self.limits.scan_time_s)
         for part in view.parts:
-            if part.is_text and not part.filename and not self.scan_text_parts:
-                continue
             names = part_names(part)
             path = names[0] if names else f"part{part.index + 1}"
             # the message was longer than the parse limit: its last part is cut short, so an
             # archive there cannot be read to its end — not checked fully, not damaged
             scan.cut = path if view.truncated and part is view.parts[-1] else None
+            try:  # files encoded inside it (uuencode, yEnc, BinHex) or packed in it (TNEF)
+                self.check_hidden(scan, path, part)
+            except _Stop:
+                pass
+            if part.is_text and not part.filename and not self.scan_text_parts:
+                continue
             for n in names:
                 self.check_name(scan, n, n, archived=False)
             if part.content_type in self.banned_types:
@@ -337,6 +347,25 @@ class AttachmentsFilter(Filter):
             except _Stop:
                 pass
         return self.result(scan)
+
+    def check_hidden(self, scan: _Scan, path: str, part: mime.Part) -> None:
+        """Each file hidden in the part (filters._hidden) checked as an attached file: its
+        name, its content, and the archive it may be. Its path is the part's, then its name
+        (``part1/setup.exe``, ``winmail.dat/report.pdf.exe``)."""
+        for hidden in _hidden.hidden_files(part.content_type, part.payload,
+                                           self.limits.max_nested_bytes):
+            name = hidden.name or hidden.encoding
+            hpath = f"{path}/{name}"
+            self.count_member(scan, hpath)
+            if hidden.bad:
+                scan.add("ATTACH_ARCHIVE_BAD", f"{hpath} ({hidden.encoding})")
+                continue
+            scan.spend(len(hidden.data), hpath)
+            if not hidden.whole:
+                scan.add("ATTACH_ARCHIVE_LIMIT", f"{hpath}: nested size")
+            self.check_name(scan, name, hpath, archived=True)
+            self.check_blob(scan, hpath, name, hidden.data,
+                            depth=1 if hidden.encoding == "tnef" else 0, whole=hidden.whole)
 
     def result(self, scan: _Scan) -> Result:
         symbols = tuple(Symbol(name, tuple(opts), SYMBOLS[name])

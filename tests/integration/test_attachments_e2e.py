@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.support.gateway import GatewayProcess, base_policy
+from tests.support.hidden import text_mail, uuencode, yencode
 from tests.support.sink import Sink
 
 RCPT = "alice@example.test"
@@ -132,3 +133,24 @@ def test_zip_bomb_is_refused_quickly(world: World) -> None:
     world.nothing_relayed(before)
     ev = world.gw.message_event(qid_of(reply))
     assert attach_symbols(ev) == ["ATTACH_ZIPBOMB(15)[report.zip/zeros.txt]"]
+
+
+def test_uuencoded_exe_in_a_plain_text_body_is_refused(world: World) -> None:
+    """Not a MIME attachment at all: a uuencoded program inside the text (relayed before)."""
+    before = len(world.sink.messages)
+    code, reply = world.send(text_mail(uuencode("setup.exe", PE), sender="bob@sender.test",
+                                       rcpt=RCPT))
+    assert (code, reply.split(b" ", 1)[0]) == (554, b"5.7.1"), reply
+    assert b'"part1/setup.exe" (ATTACH_BANNED_EXT)' in reply
+    world.nothing_relayed(before)
+    ev = world.gw.message_event(qid_of(reply))
+    assert set(attach_symbols(ev)) == {"ATTACH_BANNED_EXT(10)[part1/setup.exe]",
+                                       "ATTACH_EXECUTABLE(10)[part1/setup.exe]"}
+
+
+def test_yenc_program_in_a_plain_text_body_is_refused(world: World) -> None:
+    before = len(world.sink.messages)
+    code, reply = world.send(text_mail(yencode("holiday.jpg", PE), rcpt=RCPT))
+    assert (code, reply.split(b" ", 1)[0]) == (554, b"5.7.1"), reply
+    assert b'"part1/holiday.jpg" (ATTACH_EXECUTABLE)' in reply
+    world.nothing_relayed(before)

@@ -27,6 +27,7 @@ from tests.support.clamd import (
     mail_with_attachments,
 )
 from tests.support.gateway import GatewayProcess, base_policy
+from tests.support.hidden import text_mail, uuencode, yencode
 from tests.support.sink import Sink
 
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
@@ -165,3 +166,27 @@ def test_clamd_down_with_on_error_continue_relays_marked(world: World) -> None:
     assert not any(s.startswith("CLAMAV_CLEAN") for s in ev["symbols"])
     relayed = world.relayed(before)
     assert len(relayed) == 1 and b"Subject: continue" in relayed[0]
+
+
+@pytest.mark.parametrize("encoding", ["yenc", "binhex", "uuencode"])
+def test_virus_encoded_inside_a_text_body_is_rejected(world: World, encoding: str) -> None:
+    """clamd decodes uuencode in mail but not yEnc or BinHex inside a text part (it answered
+    ``stream: OK`` for both): the filter decodes them and scans each file too."""
+    block, virus = {
+        "yenc": (yencode("notes.txt", EICAR), EICAR_NAME),
+        "binhex": ((CORPORA / "clamav-testfiles" / "clam.exe.binhex").read_bytes()
+                   .replace(b"\n", b"\r\n"), TESTFILE_NAME),
+        "uuencode": (uuencode("notes.txt", EICAR), EICAR_NAME),
+    }[encoding]
+    before = len(world.sink.messages)
+    code, text, ev = world.send("tcp", text_mail(block, subject=f"hidden {encoding}",
+                                                 sender=SENDER, rcpt=RCPT))
+    assert code == 554, text
+    assert text.startswith(f"5.7.1 Message rejected: virus found: {virus} ("), text
+    # clamd's own scan of the mail finds the uuencoded one; ours names the hidden file
+    name = {"yenc": "part1/notes.txt", "binhex": "part1/clam.exe"}.get(encoding)
+    assert (f"CLAMAV_VIRUS(0)[{virus}|{name}]" if name else f"CLAMAV_VIRUS(0)[{virus}]") \
+        in ev["symbols"], ev["symbols"]
+    assert (ev["action"], ev["relay"]) == ("reject", "not relayed")
+    time.sleep(0.3)
+    assert world.relayed(before) == []

@@ -1,0 +1,116 @@
+"""filters._hidden and the attachments filter's walk into hidden files: uuencoded, yEnc and
+BinHex 4.0 blocks inside text parts, and TNEF (winmail.dat) contents, are checked like
+attached files (banned names, programs by content, archives)."""
+
+from __future__ import annotations
+
+import io
+import time
+import zipfile
+from email.message import EmailMessage
+
+import pytest
+
+from filters._hidden import HiddenFile, hidden_files
+from filters.attachments import AttachmentsFilter
+from gateway import mime
+from gateway.services import Services
+from tests.support.hidden import (
+    PE,
+    TESTFILES,
+    text_mail,
+    uuencode,
+    uuencode_base64,
+    yencode,
+)
+
+CLAM_EXE = (TESTFILES / "clam.exe").read_bytes()
+BINARY = bytes(range(256)) * 4 + b"\x00\r\n=.\t "
+
+
+def decoded(block: bytes) -> list[HiddenFile]:
+    return list(hidden_files("text/plain", b"prose\r\n" + block + b"\r\nmore prose\r\n",
+                             1 << 20))
+
+
+@pytest.mark.parametrize("encode, encoding", [(uuencode, "uuencode"),
+                                              (uuencode_base64, "uuencode"),
+                                              (yencode, "yenc")])
+def test_text_encodings_round_trip_every_byte(encode, encoding) -> None:  # type: ignore[no-untyped-def]
+    [f] = decoded(encode("data.bin", BINARY))
+    assert (f.encoding, f.name, f.data, f.whole, f.bad) == (encoding, "data.bin", BINARY,
+                                                           True, False)
+
+
+def test_binhex_and_tnef_from_the_clamav_testfiles() -> None:
+    [bh] = decoded((TESTFILES / "clam.exe.binhex").read_bytes())
+    assert (bh.encoding, bh.name, bh.data) == ("binhex", "clam.exe", CLAM_EXE)
+    tnef = (TESTFILES / "clam.tnef").read_bytes()
+    [t] = hidden_files("application/ms-tnef", tnef, 1 << 20)
+    assert (t.encoding, t.name, t.data) == ("tnef", "clam.exe", CLAM_EXE)
+
+
+def test_bounds_and_broken_blocks() -> None:
+    [cut] = decoded(uuencode("big.bin", BINARY))
+    assert list(hidden_files("text/plain", uuencode("big.bin", BINARY), 100))[0].whole is False
+    assert cut.whole
+    assert decoded(b"begin 644 x.exe\r\nM!!!!\x01\x02\r\nend")[0].bad
+    assert decoded(b"(This file must be converted with BinHex 4.0)\r\n:~~~~:")[0].bad
+    # a TNEF stream it cannot read yields nothing (a TNEF without attachments is common)
+    assert [f for f in hidden_files("application/ms-tnef", b"\x78\x9f\x3e\x22garbage", 1 << 20)
+            if not f.bad] == []
+    assert decoded(b"we begin at 9 and end at 5") == []  # prose is not a block
+    assert list(hidden_files("image/png", uuencode("a.exe", PE), 1 << 20)) == []
+
+
+def test_decoding_a_large_block_is_fast() -> None:
+    big = bytes(range(256)) * 8192  # 2 MiB
+    for encode in (yencode, uuencode):
+        block = encode("big.bin", big)
+        t0 = time.process_time()
+        [f] = hidden_files("text/plain", block, 4 << 20)
+        assert f.data == big
+        assert time.process_time() - t0 < 2.0, encode
+
+
+def check(data: bytes) -> dict[str, tuple[str, ...]]:
+    res = AttachmentsFilter.from_config({}, Services()).check_view(mime.parse_bytes(data))
+    return {s.name: s.options for s in res.symbols}
+
+
+def test_uuencoded_exe_in_a_plain_text_body_is_banned() -> None:
+    found = check(text_mail(uuencode("setup.exe", PE)))
+    assert found == {"ATTACH_BANNED_EXT": ("part1/setup.exe",),
+                     "ATTACH_EXECUTABLE": ("part1/setup.exe",)}
+
+
+def test_yenc_program_under_an_innocent_name_is_found_by_content() -> None:
+    assert check(text_mail(yencode("holiday.jpg", PE))) == \
+        {"ATTACH_EXECUTABLE": ("part1/holiday.jpg",)}
+
+
+def test_binhex_in_text_and_tnef_winmail_dat_are_walked() -> None:
+    bh = (TESTFILES / "clam.exe.binhex").read_bytes().replace(b"\n", b"\r\n")
+    assert check(text_mail(bh)) == {"ATTACH_BANNED_EXT": ("part1/clam.exe",),
+                                    "ATTACH_EXECUTABLE": ("part1/clam.exe",)}
+    m = EmailMessage()
+    m["From"], m["To"], m["Subject"] = "a@example.test", "b@example.test", "tnef"
+    m.set_content("see attached\n")
+    m.add_attachment((TESTFILES / "clam.tnef").read_bytes(), maintype="application",
+                     subtype="ms-tnef", filename="winmail.dat")
+    data = m.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    assert check(data) == {"ATTACH_BANNED_EXT": ("winmail.dat/clam.exe",),
+                           "ATTACH_EXECUTABLE": ("winmail.dat/clam.exe",)}
+
+
+def test_an_archive_hidden_in_text_is_opened() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("docs/readme.txt", b"hi")
+        zf.writestr("docs/run.scr", b"x")
+    assert check(text_mail(uuencode_base64("docs.zip", buf.getvalue()))) == \
+        {"ATTACH_BANNED_EXT": ("part1/docs.zip/docs/run.scr",)}
+
+
+def test_clean_encoded_text_stays_clean() -> None:
+    assert check(text_mail(uuencode("notes.txt", b"quarterly numbers\n" * 50))) == {}
