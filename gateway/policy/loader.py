@@ -281,6 +281,9 @@ def _listener(text: str) -> Listener:
     return Listener(host, int(port))
 
 
+_LIMITS_ZERO_IS_OFF = {"min_data_rate_bytes_per_s"}  # integer limits where 0 turns it off
+
+
 def _limits(c: Checker, data: Any) -> Limits:
     t = c.table(data, "limits", {f.name for f in fields(Limits)})
     d = Limits()
@@ -290,7 +293,8 @@ def _limits(c: Checker, data: Any) -> Limits:
         if f.name == "bare_lf":
             values[f.name] = c.string(t, "bare_lf", "limits", default, ("reject", "normalize"))
         elif isinstance(default, int):
-            values[f.name] = c.number(t, f.name, "limits", default, minimum=1, integer=True)
+            values[f.name] = c.number(t, f.name, "limits", default, integer=True,
+                                      minimum=0 if f.name in _LIMITS_ZERO_IS_OFF else 1)
         else:
             values[f.name] = float(c.number(t, f.name, "limits", default, minimum=0,
                                             exclusive=True))

@@ -53,6 +53,10 @@ class Limits:
     command_timeout_s: float = 120.0  # handling one command, filters included
     data_block_timeout_s: float = 180.0  # waiting for the next block of DATA (4.5.3.2.6)
     data_timeout_s: float = 1800.0  # the whole DATA transfer
+    # DATA's minimum rate (Postfix's smtpd_min_data_rate): each byte earns 1/rate s of credit,
+    # at most data_rate_grace_s banked (the start's too); none left: 421 4.4.2. 0: no minimum
+    min_data_rate_bytes_per_s: int = 500
+    data_rate_grace_s: float = 30.0
     bare_lf: BareLf = "reject"
     shutdown_grace_s: float = 30.0
     max_session_s: float = 3600.0  # a connection's whole life, whatever it does

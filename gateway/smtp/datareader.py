@@ -73,12 +73,22 @@ Timeouts
     Each read waits at most ``idle_timeout_s`` and never past ``deadline`` (a ``loop.time()``
     value); either expiry raises :class:`DataTimeout`. The client closing the connection before
     the terminator raises :class:`DataEOF`.
+
+Minimum data rate
+    With ``min_rate_bytes_per_s`` (Postfix's ``smtpd_min_data_rate`` with per-request
+    deadlines): the DATA phase starts with ``rate_grace_s`` seconds of credit; time spent
+    waiting for the client uses it up, every byte received earns ``1 / min_rate_bytes_per_s``
+    seconds more, and never more than ``rate_grace_s`` is banked. When it runs out (mid-read:
+    the read's timeout is the moment it would) :class:`DataTooSlow` is raised. So a client
+    that stays above the floor is never cut, a stall longer than ``rate_grace_s`` is, and one
+    averaging a fraction ``f`` of the floor is cut after about ``rate_grace_s / (1 - f)``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -92,6 +102,7 @@ __all__ = [
     "DataOutcome",
     "DataStatus",
     "DataTimeout",
+    "DataTooSlow",
     "read_data",
 ]
 
@@ -130,6 +141,17 @@ class DataOutcome:
 
 class DataTimeout(MailgateError, TimeoutError):
     """The client was idle longer than ``idle_timeout_s`` or the DATA ``deadline`` passed."""
+
+
+class DataTooSlow(DataTimeout):
+    """The client sent its DATA more slowly than ``min_rate_bytes_per_s`` (see the module
+    docstring): ``wire_bytes`` received in ``elapsed_s`` seconds."""
+
+    def __init__(self, wire_bytes: int, elapsed_s: float, min_rate: int) -> None:
+        super().__init__(f"DATA below {min_rate} bytes/s: {wire_bytes} bytes in "
+                         f"{elapsed_s:.1f}s")
+        self.wire_bytes = wire_bytes
+        self.elapsed_s = elapsed_s
 
 
 class DataEOF(MailgateError, ConnectionResetError, EOFError):
@@ -299,37 +321,54 @@ async def read_data(
     idle_timeout_s: float,
     deadline: float,
     scope: Deadline | None = None,
+    min_rate_bytes_per_s: int = 0,
+    rate_grace_s: float = 0.0,
 ) -> DataOutcome:
     """Read one DATA phase (after the 354 reply) up to and including ``<CRLF>.<CRLF>``.
 
     Content goes to ``write`` in block-sized pieces. Bytes after the terminator stay in
     ``reader``. ``deadline`` is a ``loop.time()`` value. ``scope``: the connection's
-    ``Deadline`` for the reads (else one ``asyncio.timeout`` each). Raises
-    :class:`DataTimeout` and :class:`DataEOF`; errors set on the reader by its protocol
-    propagate unchanged.
+    ``Deadline`` for the reads (else one ``asyncio.timeout`` each). ``min_rate_bytes_per_s``
+    (0: none) and ``rate_grace_s``: the minimum data rate (module docstring). Raises
+    :class:`DataTimeout` (:class:`DataTooSlow` below the rate) and :class:`DataEOF`; errors
+    set on the reader by its protocol propagate unchanged.
     """
     if bare_newline not in ("reject", "normalize"):
         raise ValueError(f"bare_newline must be 'reject' or 'normalize', not {bare_newline!r}")
-    if max_message_bytes < 0 or max_line_bytes < 0:
+    if max_message_bytes < 0 or max_line_bytes < 0 or min_rate_bytes_per_s < 0:
         raise ValueError("limits must not be negative")
     loop = asyncio.get_running_loop()
     scanner = _Scanner(max_message_bytes=max_message_bytes, max_line_bytes=max_line_bytes,
                        reject=bare_newline == "reject")
+    began = loop.time()
+    # the loop time at which the rate credit runs out (never, without a minimum rate)
+    credit_until = began + rate_grace_s if min_rate_bytes_per_s else math.inf
     while True:
         now = loop.time()
         if now >= deadline:
             raise DataTimeout(f"DATA deadline passed after {scanner.wire} bytes")
+        if now >= credit_until:
+            raise DataTooSlow(scanner.wire, now - began, min_rate_bytes_per_s)
         limit = min(deadline, now + idle_timeout_s)
+        slow = credit_until < limit  # the credit runs out first
+        if slow:
+            limit = credit_until
         timeout = asyncio.timeout_at(limit) if scope is None else scope(limit - now)
         try:
             async with timeout:
                 block = await reader.read(BLOCK_SIZE)
         except TimeoutError:
             if timeout.expired():
+                if slow:
+                    raise DataTooSlow(scanner.wire, loop.time() - began,
+                                      min_rate_bytes_per_s) from None
                 raise DataTimeout(f"DATA timed out after {scanner.wire} bytes") from None
             raise
         if not block:
             raise DataEOF(f"connection closed in DATA after {scanner.wire} bytes")
+        if min_rate_bytes_per_s:  # earned by this block, at most rate_grace_s banked
+            credit_until = min(loop.time() + rate_grace_s,
+                               credit_until + len(block) / min_rate_bytes_per_s)
         used, out = scanner.feed(block)
         if 0 <= used < len(block):
             _unread(reader, block[used:])

@@ -41,7 +41,7 @@ from gateway.qid import new_qid, new_session_id
 from gateway.replies import Reply
 from gateway.smtp import dsnparams
 from gateway.smtp.address import AddressError, parse_mail_from, parse_rcpt_to
-from gateway.smtp.datareader import DataEOF, DataStatus, DataTimeout, read_data
+from gateway.smtp.datareader import DataEOF, DataStatus, DataTimeout, DataTooSlow, read_data
 from gateway.spares import SpareFiles
 
 if TYPE_CHECKING:
@@ -495,7 +495,9 @@ class SmtpServer(SMTP):
                     max_line_bytes=self.limits.max_line_bytes - 2,
                     bare_newline=self.limits.bare_lf,
                     idle_timeout_s=self.limits.data_block_timeout_s,
-                    deadline=loop.time() + self.limits.data_timeout_s, scope=self._budget)
+                    deadline=loop.time() + self.limits.data_timeout_s, scope=self._budget,
+                    min_rate_bytes_per_s=self.limits.min_data_rate_bytes_per_s,
+                    rate_grace_s=self.limits.data_rate_grace_s)
             reply = self._data_problem(outcome.status)
             if reply is None and f.error is not None:
                 log.error("spool write failed (qid %s): %s", txn.qid, f.error)
@@ -518,6 +520,14 @@ class SmtpServer(SMTP):
                 reply = R.INTERNAL.with_qid(txn.qid)
             self._end_transaction(reply, "done")
             await self.reply(reply)
+        except DataTooSlow as e:  # a dribbler holds a connection slot: cut it (Postfix too)
+            event(log, "data-too-slow", level=logging.WARNING, qid=txn.qid, sid=st.sid,
+                  client=st.client_ip, bytes=e.wire_bytes, seconds=round(e.elapsed_s, 1),
+                  min_rate_bytes_per_s=self.limits.min_data_rate_bytes_per_s)
+            txn.size = e.wire_bytes
+            self._end_transaction(None, "too-slow")
+            await self.close_with(Reply(421, "4.4.2", f"Data too slow, closing connection "
+                                                      f"({txn.qid})"), "data-too-slow")
         except DataTimeout:
             self._end_transaction(None, "timeout")
             await self.close_with(Reply(421, "4.4.2", f"Timeout during DATA ({txn.qid})"),

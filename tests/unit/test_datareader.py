@@ -23,6 +23,7 @@ from gateway.smtp.datareader import (
     DataOutcome,
     DataStatus,
     DataTimeout,
+    DataTooSlow,
     _unread,
     read_data,
 )
@@ -712,3 +713,66 @@ def test_reference_model_sanity() -> None:
     assert reference(b"a\n.\n", mode="reject", max_message_bytes=9, max_line_bytes=9) is None
     assert reference(b"..a\r\nb\n.\r\n", mode="normalize", max_message_bytes=100,
                      max_line_bytes=100) is None
+
+
+# --------------------------------------------------------------------------- minimum data rate
+
+
+async def _feed(reader: asyncio.StreamReader, chunks: list[tuple[float, bytes]]) -> None:
+    """Feed each chunk after its pause (seconds)."""
+    for pause, chunk in chunks:
+        await asyncio.sleep(pause)
+        reader.feed_data(chunk)
+
+
+def _read_rated(chunks: list[tuple[float, bytes]], *, rate: int, grace_s: float,
+                scoped: bool = False) -> tuple[DataOutcome | DataTooSlow, float]:
+    async def main() -> tuple[DataOutcome | DataTooSlow, float]:
+        reader = asyncio.StreamReader()
+        feeder = asyncio.create_task(_feed(reader, chunks))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            got: DataOutcome | DataTooSlow = await read_data(
+                reader, lambda _: None, max_message_bytes=10**8, idle_timeout_s=60,
+                deadline=start + 60, scope=Deadline() if scoped else None,
+                min_rate_bytes_per_s=rate, rate_grace_s=grace_s)
+        except DataTooSlow as e:
+            got = e
+        finally:
+            feeder.cancel()
+        return got, loop.time() - start
+
+    return arun(main())
+
+
+@pytest.mark.parametrize("scoped", [False, True])
+def test_a_dribbler_below_the_minimum_rate_is_cut_after_about_the_grace(scoped: bool) -> None:
+    """10 bytes/s against a floor of 100: the credit (0.5 s) drains at 0.9 s per second, so
+    the cut comes at ~0.55 s, long before the idle timeout or the deadline (60 s)."""
+    got, took = _read_rated([(0.1, b"x")] * 100, rate=100, grace_s=0.5, scoped=scoped)
+    assert isinstance(got, DataTooSlow) and isinstance(got, DataTimeout), got
+    assert 0.45 < took < 3, took
+    assert 3 <= got.wire_bytes <= 30 and "below 100 bytes/s" in str(got)
+
+
+def test_credit_is_capped_at_the_grace_so_a_fast_start_buys_no_long_stall() -> None:
+    """1 MB at once would earn 10000 s at 100 B/s; at most the grace (0.5 s) is banked, so
+    the silence after it is cut after ~0.5 s (the idle timeout is 60 s)."""
+    got, took = _read_rated([(0, b"y" * 1_000_000)], rate=100, grace_s=0.5)
+    assert isinstance(got, DataTooSlow), got
+    assert 0.45 < took < 3, took
+
+
+def test_a_client_steadily_above_the_floor_is_never_cut() -> None:
+    """300 bytes/s against a floor of 100, in gaps shorter than the grace, for ~3 s (six
+    graces): the whole message is read."""
+    chunks = [(0.1, b"z" * 28 + b"\r\n")] * 30 + [(0.1, b".\r\n")]
+    got, took = _read_rated(chunks, rate=100, grace_s=0.5)
+    assert isinstance(got, DataOutcome) and got.status is DataStatus.OK, got
+    assert got.size == 30 * 30 and took > 2.5
+
+
+def test_no_minimum_rate_keeps_the_old_behaviour() -> None:
+    got, _ = _read_rated([(0.3, b"x")] * 3 + [(0, b"\r\n.\r\n")], rate=0, grace_s=0.1)
+    assert isinstance(got, DataOutcome) and got.size == 5

@@ -631,3 +631,15 @@ def test_builtin_filters_without_network_io_are_local():
     chain = build_chain(policy, Services())
     assert {f.name for f in chain if f.local} == {"rcpt", "headers", "authres", "rules",
                                                   "attachments"}
+
+
+def test_minimum_data_rate_keys_zero_turns_the_rate_off_and_the_grace_must_be_positive():
+    assert (Limits().min_data_rate_bytes_per_s, Limits().data_rate_grace_s) == (500, 30.0)
+    off = parse_policy({"limits": {"min_data_rate_bytes_per_s": 0}}, SRC).limits
+    assert off.min_data_rate_bytes_per_s == 0
+    assert one_problem({"limits": {"min_data_rate_bytes_per_s": -1}}) == \
+        f"{SRC}: limits.min_data_rate_bytes_per_s: must be an integer >= 0"
+    assert one_problem({"limits": {"data_rate_grace_s": 0}}) == \
+        f"{SRC}: limits.data_rate_grace_s: must be a number > 0"
+    assert one_problem({"limits": {"max_recipients": 0}}) == \
+        f"{SRC}: limits.max_recipients: must be an integer >= 1"  # the others stay >= 1
