@@ -1,0 +1,16 @@
+"""Property-based tests (hypothesis) for every parser a trust decision rests on: each agrees
+with its reference library, or refuses; none crashes.
+
+Runs are derandomized (a fixed seed per test) so the test command is deterministic; set
+``MAILGATE_HYPOTHESIS_RANDOM=1`` to explore with fresh random examples."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+PROPS = settings(max_examples=200, deadline=None, database=None,
+                 derandomize=not os.environ.get("MAILGATE_HYPOTHESIS_RANDOM"),
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                        HealthCheck.filter_too_much])
