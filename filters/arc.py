@@ -68,7 +68,6 @@ SETTINGS = {"dns_timeout_s", "max_bytes", "max_instances", "min_rsa_bits", "auth
 _ARC_SIGS = (b"arc-seal", b"arc-message-signature")
 _NEVER_SIGN = {"authentication-results", "arc-seal", "arc-message-signature",
                "arc-authentication-results", "received", "return-path"}
-_INSTANCE = re.compile(rb"(?:^|[\s;])i\s*=\s*(\d+)", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,22 +144,10 @@ class ArcFilter(Filter):
             arc = await asyncio.to_thread(dkim.ARC, raw, minkey=self.min_rsa_bits)
         except dkim.DKIMException as e:
             return Chain(FAIL, f"unparsable message: {str(e)[:200]}")
-        names: set[str] = set()
-        top = 0
-        for name, value in arc.headers:
-            if name.lower() not in _ARC_SIGS:
-                continue
-            m = _INSTANCE.search(value)
-            if m:
-                top = max(top, int(m.group(1)))
-            try:
-                tags = parse_tag_value(value)
-            except InvalidTagValueList:
-                continue  # dkimpy fails the set
-            d, s = tags.get(b"d", b""), tags.get(b"s", b"")
-            if d and s:
-                names.add(f"{s.decode('ascii', 'replace')}._domainkey."
-                          f"{d.decode('ascii', 'replace')}".lower().rstrip("."))
+        try:
+            top, names = chain_keys(arc)
+        except Exception as e:  # dkimpy on hostile input
+            return Chain(FAIL, f"unreadable ARC headers: {type(e).__name__}: {str(e)[:200]}")
         if top > self.max_instances:
             return Chain(POLICY, f"{top} ARC sets, over max_instances ({self.max_instances})")
         served = await prefetch(resolver or self.resolver, names, self.dns_timeout_s)
@@ -208,6 +195,26 @@ class ArcFilter(Filter):
             log.warning("not ARC-sealed (qid %s): no Authentication-Results from %s, or "
                         "the chain had ended", ctx.qid, self.authserv_id)
         return tuple(AddHeader(n, v) for n, v in fields)
+
+
+def chain_keys(arc: dkim.ARC) -> tuple[int, set[str]]:
+    """The chain's highest instance and the key names of its ARC-Seal and
+    ARC-Message-Signature headers, read as dkimpy's ``verify`` reads them: its own instance
+    reading (``sorted_arc_headers``, relaxed header values) and ``parse_tag_value``."""
+    top, headers = arc.sorted_arc_headers()
+    names: set[str] = set()
+    for _, (name, value) in headers:
+        if name.lower() not in _ARC_SIGS:
+            continue
+        try:
+            tags = parse_tag_value(value)
+        except InvalidTagValueList:
+            continue  # dkimpy fails the set
+        d, s = tags.get(b"d", b""), tags.get(b"s", b"")
+        if d and s:
+            names.add(f"{s.decode('ascii', 'replace')}._domainkey."
+                      f"{d.decode('ascii', 'replace')}".lower().rstrip("."))
+    return top, names
 
 
 def seal(raw: bytes, sealer: Sealer, authserv_id: str, *, timestamp: int | None = None,
