@@ -67,7 +67,11 @@ Pushback
     with the public ``read()`` and, only when the terminator is found mid-block, puts the
     remainder back in front of the reader's private ``_buffer`` bytearray (:func:`_unread`):
     one private member, one place, no await in between, pinned by a unit test. The remainder is
-    at most one block, so flow control is not disturbed.
+    at most one block, so flow control is not disturbed. That member is checked before first
+    use (patch ``asyncio.streamreader-unread``, gateway/patches.py): when a ``StreamReader`` has
+    no such bytearray, or bytes put back do not come out first, DATA is read with the public
+    ``readuntil(b"\\n")`` instead (a long line in limit-sized pieces), which never reads past
+    the terminator's LF and so never has anything to put back: the same results, slower.
 
 Timeouts
     Each read waits at most ``idle_timeout_s`` and never past ``deadline`` (a ``loop.time()``
@@ -91,8 +95,9 @@ import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+from gateway import patches
 from gateway.deadline import Deadline
 from gateway.errors import MailgateError
 
@@ -311,6 +316,48 @@ def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
     buffer[:0] = data
 
 
+def check_unread() -> str | None:
+    """None when :func:`_unread` puts bytes back in front of a ``StreamReader``'s data; else
+    why not. Runs no loop: a ``read()`` with data buffered finishes at its first step."""
+    loop = asyncio.new_event_loop()
+    try:
+        reader = asyncio.StreamReader(loop=loop)
+        reader.feed_data(b"DATA\r\n")
+        first = _step(reader.read(2))
+        _unread(reader, b"\r\n.\r\nQUIT\r\n" + first)
+        again = _step(reader.read(100))
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        loop.close()
+    if first != b"DA" or again != b"\r\n.\r\nQUIT\r\nDATA\r\n":
+        return f"bytes put back came out as {again!r}"
+    return None
+
+
+def _step(coro: Any) -> bytes:
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return bytes(stop.value)
+    coro.close()
+    raise RuntimeError("StreamReader.read waited although data was buffered")
+
+
+UNREAD = patches.install("asyncio.streamreader-unread", check_unread)
+
+
+async def _line(reader: asyncio.StreamReader, size: int) -> bytes:
+    """Public-API reading, for when :func:`_unread` cannot be used: up to and including the
+    next LF, at most about the reader's limit at a time; at EOF what is left."""
+    try:
+        return await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as e:
+        return e.partial
+    except asyncio.LimitOverrunError as e:  # a long line: the part before the LF, in pieces
+        return await reader.readexactly(max(1, min(e.consumed, size)))
+
+
 async def read_data(
     reader: asyncio.StreamReader,
     write: Callable[[bytes], object],
@@ -356,7 +403,7 @@ async def read_data(
         timeout = asyncio.timeout_at(limit) if scope is None else scope(limit - now)
         try:
             async with timeout:
-                block = await reader.read(BLOCK_SIZE)
+                block = await (reader.read(BLOCK_SIZE) if UNREAD else _line(reader, BLOCK_SIZE))
         except TimeoutError:
             if timeout.expired():
                 if slow:
@@ -370,7 +417,7 @@ async def read_data(
             credit_until = min(loop.time() + rate_grace_s,
                                credit_until + len(block) / min_rate_bytes_per_s)
         used, out = scanner.feed(block)
-        if 0 <= used < len(block):
+        if 0 <= used < len(block):  # never in line mode: a line ends at its LF
             _unread(reader, block[used:])
         if out:
             write(out)
