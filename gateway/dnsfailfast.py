@@ -84,10 +84,6 @@ class Health:
             self._reported.discard(server)
             event(log, "dns_server_up", server=server)
 
-    def is_down(self, server: str) -> bool:
-        until = self._down_until.get(server)
-        return until is not None and self.clock() < until
-
 
 class FailFastNameserver(dns.nameserver.Do53Nameserver):
     """A ``Do53Nameserver`` asked over a connected UDP socket, held down after a refusal."""

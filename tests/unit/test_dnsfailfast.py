@@ -135,3 +135,19 @@ def test_a_silent_nameserver_still_costs_the_timeout_and_is_not_held_down() -> N
         assert (r.refusals, r.skipped_down) == (0, 0)
     finally:
         silent.close()
+
+
+def test_resolv_conf_servers_fail_fast_too_and_other_transports_are_kept() -> None:
+    """``[dns] nameservers = []`` reads resolv.conf: its plain servers get the same treatment."""
+    import dns.nameserver
+
+    from gateway.dnsfailfast import FailFastNameserver, Health, fail_fast
+
+    health = Health()
+    doh = dns.nameserver.DoHNameserver("https://dns.example.test/dns-query")
+    out = fail_fast([dns.nameserver.Do53Nameserver("192.0.2.53", 53),
+                     dns.nameserver.Do53Nameserver("2001:db8::53", 5353), doh], health)
+    assert [type(ns) for ns in out[:2]] == [FailFastNameserver, FailFastNameserver]
+    assert [str(ns) for ns in out[:2]] == ["192.0.2.53:53", "[2001:db8::53]:5353"]
+    assert all(ns.health is health for ns in out[:2])  # type: ignore[attr-defined]
+    assert out[2] is doh
