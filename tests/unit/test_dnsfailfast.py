@@ -98,7 +98,7 @@ def test_all_nameservers_refusing_is_a_temperror_at_once() -> None:
 
 def test_a_refusing_server_is_held_down_not_hammered_then_asked_again(
         caplog: pytest.LogCaptureFixture) -> None:
-    hold_s = 1.0
+    hold_s = 2.0  # 21 lookups take milliseconds; 2 s leaves room for a loaded box
     port = closed_udp_port()
     r = make(("127.0.0.1", port), down_hold_s=hold_s)
     caplog.set_level(logging.INFO, logger="mailgate.dns")
@@ -107,11 +107,11 @@ def test_a_refusing_server_is_held_down_not_hammered_then_asked_again(
     # the server comes back on that port; within the hold it is not asked at all
     with DnsServer(ZONE, port=port) as ns:
         answers = [timed(r, f"n{i}.a.test")[0] for i in range(20)]
-        held = time.monotonic() - t0 < hold_s
-        if held:  # (a box so loaded that 21 lookups took a second proves nothing here)
-            assert {a.status for a in answers} == {"temperror"}
-            assert ns.queries == []
-            assert (r.refusals, r.skipped_down) == (1, 20)
+        assert time.monotonic() - t0 < hold_s
+        assert {a.error for a in answers} == {
+            f"no nameserver reachable: 127.0.0.1:{port} held down after a refusal"}
+        assert ns.queries == []
+        assert (r.refusals, r.skipped_down) == (1, 20)
         time.sleep(max(0.0, t0 + hold_s + 0.1 - time.monotonic()))
         answer, _ = timed(r, "a.test")
         assert answer.ok, answer
