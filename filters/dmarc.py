@@ -2,8 +2,10 @@
 its PSD record fallback), using the ``spf`` and ``dkim`` filters' results (``requires``).
 
 Steps: the From domain (no From, an unparsable one, or several From headers -> DMARC_NO_FROM,
-``result`` permerror, no lookup; one From header naming addresses in several domains ->
-DMARC_BAD_FROM *and*, per RFC 7489 §6.6.1, each domain checked (more than 20 → refused 550 5.7.1), the strictest
+``result`` permerror, no lookup; one From header naming addresses in several domains, or
+read differently by ``email.utils.getaddresses`` and the stdlib's strict reader
+(``email.headerregistry``; or readable by one of them only) -> DMARC_BAD_FROM *and*, per RFC
+7489 §6.6.1, each domain either reader shows checked (more than 20 → refused 550 5.7.1), the strictest
 policy among those that fail applying — the result is that domain's); the policy record ``_dmarc.<from-domain>`` TXT, else the organizational domain's (Public Suffix List,
 offline, via ``publicsuffixlist``), else an RFC 9091 PSD record (``_dmarc.<public-suffix>``,
 used only when it says ``psd=y``); SPF alignment (the ``spf`` filter's pass ``domain``) and DKIM
@@ -64,7 +66,7 @@ from gateway.filterapi import (
     Symbol,
     Verdict,
 )
-from gateway.headeraddr import addresses
+from gateway.headeraddr import addresses, strict_domains
 from gateway.policy.schema import DnsConfig
 from gateway.replies import Reply
 from gateway.services import Services
@@ -145,29 +147,42 @@ def parse_record(text: str) -> dict[str, str]:
 
 
 def from_domain(values: list[str]) -> tuple[str | None, str]:
-    """The one RFC5322.From domain, or (None, why not)."""
+    """The one RFC5322.From domain, or (None, why not): only when both readings agree on it."""
     domains, why = from_domains(values)
-    return (domains[0], "") if len(domains) == 1 else (None, why)
+    return (domains[0], "") if len(domains) == 1 and not why else (None, why)
 
 
 def from_domains(values: list[str]) -> tuple[list[str], str]:
     """The RFC5322.From domains in order (one From header, every address with a domain), and
-    why they are not exactly one (``[]`` when there is no usable From at all)."""
+    why they are not exactly one trusted domain (``[]`` when there is no usable From at all).
+
+    The value is read twice: by ``email.utils.getaddresses`` and by the standard library's
+    strict reader (``email.headerregistry``). Where the two disagree, or one of them cannot
+    read it, the domains either shows are returned together with a reason — never a single
+    trusted domain, and never one a reader shows left unchecked."""
     if not values:
         return [], "no From header"
     if len(values) > 1:
         return [], f"{len(values)} From headers"
-    addrs = addresses(" ".join(values[0].split()))
-    domains: list[str] = []
-    for _, addr in addrs:
+    value = " ".join(values[0].split())
+    lax: list[str] = []
+    lax_whole = True
+    for _, addr in addresses(value):
         local, at, dom = addr.rpartition("@")
         dom = _norm(dom)
         if not at or not local or not dom:
-            return [], f"Unable to extract From domain: {values[0].strip()}"
-        if dom not in domains:
-            domains.append(dom)
+            lax_whole = False
+        elif dom not in lax:
+            lax.append(dom)
+    strict, strict_whole = strict_domains(value)
+    domains = list(dict.fromkeys([*lax, *strict]))
     if not domains:
         return [], f"Unable to extract From domain: {values[0].strip()}"
+    if not (lax_whole and strict_whole) or set(lax) != set(strict):
+        return domains, (f"From read two ways: {', '.join(lax) or 'nothing'}"
+                         f"{'' if lax_whole else ' and unusable text'} (getaddresses) vs "
+                         f"{', '.join(strict) or 'nothing'}"
+                         f"{'' if strict_whole else ' and unusable text'} (strict)")
     if len(domains) > 1:
         return domains, f"From names several domains: {', '.join(domains)}"
     return domains, ""
@@ -203,7 +218,7 @@ class DmarcFilter(Filter):
         if not domains:
             return Result(symbols=(Symbol(NO_FROM, (why,), 0.0),),
                           data=_data(PERMERROR, None, "none", reason=why))
-        if len(domains) == 1:
+        if len(domains) == 1 and not why:
             return await self._evaluate(ctx, domains[0])
         # RFC 7489 §6.6.1: several author domains in one From: check each, and the strictest
         # policy among those that fail applies; DMARC_BAD_FROM says so, for the policy to weigh

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from filters.dkim import DkimVerifyFilter
-from filters.dmarc import DmarcFilter, from_domain, org_domain, parse_record
+from filters.dmarc import DmarcFilter, from_domain, from_domains, org_domain, parse_record
 from gateway.dnsresolver import DnsResolver
 from gateway.filterapi import Action, Client, ConfigError, FilterContext, Result, Stage
 from gateway.message import Message
@@ -423,3 +423,28 @@ def test_more_than_twenty_author_domains_are_refused(tmp_path, ns):
     assert sym(res)[0] == "DMARC_BAD_FROM" and res.verdict is not None
     assert res.verdict.action.value == "reject" and res.verdict.reply.code == 550
     assert run(tmp_path, ns.port, many, enforce=False).verdict is None
+
+
+# -- the From read two ways (found by tests/property/test_from_props.py) ---------------------------
+@pytest.mark.parametrize("from_", [
+    "a@attacker.test)<b@relaxed.test>",  # getaddresses: attacker.test, '', relaxed.test
+    "b@relaxed.test\\@attacker.test",  # getaddresses: nothing usable; strict: relaxed.test
+    "a@attacker.test;b@relaxed.test",
+])
+def test_a_from_read_two_ways_checks_every_domain_either_reader_shows(tmp_path, ns, from_):
+    """The old reading refused these (unusable getaddresses entry: DMARC_NO_FROM, no lookup,
+    no verdict) although the strict reader shows relaxed.test (p=reject)."""
+    res = run(tmp_path, ns.port, from_, dkim_res=dkim(("pass", "attacker.test")))
+    names = [s.name for s in res.symbols]
+    assert names == ["DMARC_FAIL", "DMARC_BAD_FROM"], res.symbols
+    assert res.symbols[1].options[0].startswith("From read two ways: ")
+    assert res.data["domain"] == "relaxed.test"
+    assert res.verdict is not None and res.verdict.action.value == "reject"
+
+
+def test_single_trusted_from_domain_only_when_both_readers_agree():
+    assert from_domain(["Joe <joe@relaxed.test>"]) == ("relaxed.test", "")
+    # getaddresses reads 'brelaxed.test', the strict reader 'b': no single trusted domain
+    domain, why = from_domain(["x@b relaxed.test"])
+    assert domain is None and why.startswith("From read two ways: ")
+    assert set(from_domains(["x@b relaxed.test"])[0]) == {"brelaxed.test", "b"}
