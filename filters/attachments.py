@@ -1,5 +1,5 @@
 """The ``attachments`` filter: file-name and file-type policy for every MIME leaf part, and for
-the names inside zip / tar / gzip / bzip2 / xz archives (nested, within caps).
+the names inside zip / tar / gzip / bzip2 / xz / rar archives (nested, within caps).
 
 Reported per offending file (the option is its path: ``a.zip/dir/evil.exe``; control, bidi and
 zero-width characters shown as ``\\uXXXX``):
@@ -25,7 +25,9 @@ zero-width characters shown as ``\\uXXXX``):
   ``max_members`` names, more than ``max_expanded_bytes`` decompressed, a nested archive over
   ``max_nested_bytes``, ``scan_time_s`` spent, or cut short by the MIME parse limit (the
   last part of a message longer than ``gateway.mime.MAX_PARSE_BYTES``; the option says which).
-* ``ATTACH_ARCHIVE_UNSUPPORTED`` — rar, 7z, cab, ISO-9660 (recognised by content, not opened).
+* ``ATTACH_ARCHIVE_UNSUPPORTED`` — 7z, cab, ISO-9660 (recognised by content, not opened), and
+  a rar with compressed members: its names are listed and checked (:mod:`filters._rar`), and
+  members stored uncompressed are checked by content, but compressed ones cannot be unpacked.
 * ``ATTACH_ARCHIVE_BAD`` — looks like an archive but cannot be read (corrupt, truncated).
 
 Files hidden from a MIME walk are checked as attached files (names, content, archives):
@@ -56,7 +58,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
-from filters import _hidden
+from filters import _hidden, _rar
 from gateway import mime
 from gateway.filterapi import (
     Action,
@@ -119,7 +121,8 @@ ACTIONS = {"reject": Action.REJECT, "quarantine": Action.QUARANTINE, "none": Non
 BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufeff\u180e")
 ARCHIVES = frozenset(("zip", "tar", "gzip", "bzip2", "xz"))
-UNSUPPORTED = frozenset(("rar", "7z", "cab", "iso"))
+UNSUPPORTED = frozenset(("rar", "7z", "cab", "iso"))  # rar: listed (filters._rar), not unpacked
+OPENED = ARCHIVES | {"rar"}  # kinds whole members are kept for (to open them)
 EXECUTABLES = frozenset(("pe", "elf", "macho"))
 COMPRESSED = {"gzip": ("gz", "tgz"), "bzip2": ("bz2", "tbz", "tbz2"), "xz": ("xz", "txz")}
 RATIO_MIN_BYTES = 1024 * 1024  # below this much output, no ratio is a bomb
@@ -415,6 +418,12 @@ class AttachmentsFilter(Filter):
         if expected is not None and kind is not None and kind != expected \
                 and (kind in ARCHIVES or kind in UNSUPPORTED):
             scan.add("ATTACH_TYPE_MISMATCH", f"{path} ({kind})")
+        if kind == "rar" and whole:
+            if depth >= self.limits.max_depth:
+                scan.add("ATTACH_ARCHIVE_LIMIT", f"{path}: depth")
+            else:
+                self.scan_rar(scan, path, data, depth + 1)
+            return
         if kind in UNSUPPORTED:
             scan.add("ATTACH_ARCHIVE_UNSUPPORTED", f"{path} ({kind})")
             return
@@ -481,6 +490,43 @@ class AttachmentsFilter(Filter):
                 continue
             self.check_blob(scan, mpath, info.filename, content, depth, whole)
 
+    def scan_rar(self, scan: _Scan, path: str, data: bytes, depth: int) -> None:
+        """A RAR's member names checked (filters._rar); stored members' content too. When a
+        member is compressed (no unrar here) the archive is still flagged unsupported."""
+        try:
+            listed = list(_rar.members(data))
+        except _rar.NoLibrary:
+            scan.add("ATTACH_ARCHIVE_UNSUPPORTED", f"{path} (rar)")
+            return
+        except _rar.Unreadable:
+            scan.add("ATTACH_ARCHIVE_BAD", path)
+            return
+        unpacked = True
+        for m in listed:
+            mpath = f"{path}/{m.name}"
+            self.count_member(scan, mpath)
+            self.check_name(scan, m.name, mpath, archived=True)
+            if m.is_dir:
+                continue
+            if m.encrypted:
+                scan.add("ATTACH_ENCRYPTED", mpath)
+                continue
+            if m.open is None:
+                unpacked = False
+                continue
+            try:
+                content, whole = self.read_member(scan, mpath, m.open(), max(m.size, 1))
+            except _Stop:
+                raise
+            except Exception as e:  # noqa: BLE001 - rarfile's errors on a damaged member
+                if not (_rar.is_error(e) or isinstance(e, (OSError, ValueError, EOFError))):
+                    raise
+                scan.add("ATTACH_ARCHIVE_BAD", mpath)
+                continue
+            self.check_blob(scan, mpath, m.name, content, depth, whole)
+        if not unpacked:
+            scan.add("ATTACH_ARCHIVE_UNSUPPORTED", f"{path} (rar)")
+
     def check_declared(self, scan: _Scan, path: str, infos: list[zipfile.ZipInfo]) -> None:
         ratio = self.limits.max_expansion_ratio
         for info in infos:
@@ -513,7 +559,7 @@ class AttachmentsFilter(Filter):
                     buf += chunk
                     if keep == HEAD_BYTES and len(buf) >= 262:
                         k = sniff(bytes(buf))
-                        if k in ARCHIVES:
+                        if k in OPENED:
                             keep = limits.max_nested_bytes + 1
                 if len(buf) >= keep:
                     if keep == HEAD_BYTES:
@@ -583,7 +629,7 @@ class AttachmentsFilter(Filter):
                     raise _Stop
                 if len(buf) < keep:
                     buf += chunk
-                    if keep == HEAD_BYTES and len(buf) >= 262 and sniff(bytes(buf)) in ARCHIVES:
+                    if keep == HEAD_BYTES and len(buf) >= 262 and sniff(bytes(buf)) in OPENED:
                         keep = limits.max_nested_bytes + 1
                     if len(buf) >= keep and keep > HEAD_BYTES:
                         scan.add("ATTACH_ARCHIVE_LIMIT", f"{ipath}: nested size")

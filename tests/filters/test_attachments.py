@@ -214,12 +214,17 @@ def test_pdf_that_is_a_zip_is_a_mismatch_and_is_opened():
 
 
 @pytest.mark.parametrize("data,kind", [
-    (b"Rar!\x1a\x07\x01\x00" + b"\x00" * 20, "rar"),
     (b"7z\xbc\xaf\x27\x1c\x00\x04" + b"\x00" * 20, "7z"),
 ])
 def test_unsupported_archives(data, kind):
     assert syms(message((f"files.{kind}", data, "application/octet-stream"))) == \
         {"ATTACH_ARCHIVE_UNSUPPORTED": (f"files.{kind} ({kind})",)}
+
+
+def test_a_rar_signature_before_garbage_is_a_bad_archive():  # rar is read: tests/filters/test_rar.py
+    data = b"Rar!\x1a\x07\x01\x00" + b"\x00" * 20
+    assert syms(message(("files.rar", data, "application/octet-stream"))) == \
+        {"ATTACH_ARCHIVE_BAD": ("files.rar",)}
 
 
 # --- archives -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 
 from tests.support.gateway import GatewayProcess, base_policy
 from tests.support.hidden import text_mail, uuencode, yencode
+from tests.support.rar5 import rar5
 from tests.support.sink import Sink
 
 RCPT = "alice@example.test"
@@ -153,4 +154,14 @@ def test_yenc_program_in_a_plain_text_body_is_refused(world: World) -> None:
     code, reply = world.send(text_mail(yencode("holiday.jpg", PE), rcpt=RCPT))
     assert (code, reply.split(b" ", 1)[0]) == (554, b"5.7.1"), reply
     assert b'"part1/holiday.jpg" (ATTACH_EXECUTABLE)' in reply
+    world.nothing_relayed(before)
+
+
+def test_program_in_a_rar_is_refused_with_its_path(world: World) -> None:
+    """The old filter only flagged a rar (ATTACH_ARCHIVE_UNSUPPORTED, score 1): relayed."""
+    before = len(world.sink.messages)
+    rar = rar5([("docs/readme.txt", b"hi"), ("docs/setup.exe", PE)])
+    code, reply = world.send(message(("docs.rar", rar, "application/vnd.rar")))
+    assert (code, reply.split(b" ", 1)[0]) == (554, b"5.7.1"), reply
+    assert b'"docs.rar/docs/setup.exe" (ATTACH_BANNED_EXT)' in reply
     world.nothing_relayed(before)
