@@ -163,8 +163,9 @@ class Runtime:
         supervise.watch(task, getattr(coro, "__qualname__", "background"))
 
     async def start(self) -> None:
-        from gateway.smtp.server import SmtpServer
+        from gateway.smtp.server import server_class
 
+        session = server_class()  # aiosmtpd's plumbing, checked (gateway/smtp/plumbing.py)
         loop = asyncio.get_running_loop()
         # the long-lived tasks: supervised (logged, counted, started again after a failure)
         supervise.start(QMGR_TASK, self.qmgr.run)
@@ -173,7 +174,7 @@ class Runtime:
                 self.spool, lambda: self.engine.policy.quarantine))
         bound: list[str] = []
         for sock in self._sockets or bind_listeners(self.engine.policy):
-            server = await loop.create_server(lambda: SmtpServer(self), sock=sock,
+            server = await loop.create_server(lambda: session(self), sock=sock,
                                               backlog=LISTEN_BACKLOG)
             self.servers.append(server)
             host, port = sock.getsockname()[:2]

@@ -42,10 +42,15 @@ from gateway.replies import Reply
 from gateway.smtp import dsnparams
 from gateway.smtp.address import AddressError, parse_mail_from, parse_rcpt_to
 from gateway.smtp.datareader import DataEOF, DataStatus, DataTimeout, DataTooSlow, read_data
+from gateway.smtp.plumbing import CLIENT_LOOP, StreamBase
 from gateway.spares import SpareFiles
 
 if TYPE_CHECKING:
+    from aiosmtpd.smtp import SMTP as _Base  # what the session's members come from
+
     from gateway.app import Runtime
+else:
+    _Base = object  # the plumbing comes second in the concrete classes' bases
 
 log = logging.getLogger("mailgate.smtp")
 READ_BUFFER_BYTES = 64 * 1024  # per connection; the reader pauses the socket at twice this
@@ -95,7 +100,10 @@ class _NoHooks:
         return []  # no handle_*/auth_* hooks for aiosmtpd's __init__ to collect (see below)
 
 
-class SmtpServer(SMTP):
+class SmtpSession(_Base):
+    """The SMTP session; it runs on aiosmtpd's plumbing (:class:`SmtpServer`) or, when that is
+    not as expected, on asyncio's streams (``StreamSmtpServer``, gateway/smtp/plumbing.py)."""
+
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.engine = runtime.engine  # fixed for the connection's life (reloads: new ones)
@@ -623,16 +631,29 @@ class SmtpServer(SMTP):
         st.tls, st.helo, st.esmtp = True, None, False
 
 
+class SmtpServer(SmtpSession, SMTP):
+    """The session on aiosmtpd's connection plumbing and STARTTLS switch (the normal case)."""
+
+
+# The session on asyncio's streams alone: when aiosmtpd's hooks are not as expected
+StreamSmtpServer: type[SmtpSession] = type("StreamSmtpServer", (SmtpSession, StreamBase), {})
+
+
+def server_class() -> type[SmtpSession]:
+    """The protocol class for the listeners (patch ``aiosmtpd.client-loop``)."""
+    return SmtpServer if CLIENT_LOOP else StreamSmtpServer
+
+
 # verb -> handler; a table of plain functions (bound methods kept per session would tie each
 # session into a reference cycle)
-COMMANDS: dict[str, Callable[[SmtpServer, str], Awaitable[None]]] = {
-    "HELO": SmtpServer.cmd_helo, "EHLO": SmtpServer.cmd_ehlo, "MAIL": SmtpServer.cmd_mail,
-    "RCPT": SmtpServer.cmd_rcpt, "DATA": SmtpServer.cmd_data, "RSET": SmtpServer.cmd_rset,
-    "NOOP": SmtpServer.cmd_noop, "QUIT": SmtpServer.cmd_quit, "VRFY": SmtpServer.cmd_vrfy,
-    "EXPN": SmtpServer.cmd_not_implemented, "HELP": SmtpServer.cmd_help,
-    "STARTTLS": SmtpServer.cmd_starttls, "AUTH": SmtpServer.cmd_not_implemented,
-    "BDAT": SmtpServer.cmd_not_implemented, "ETRN": SmtpServer.cmd_not_implemented,
-    "TURN": SmtpServer.cmd_not_implemented,
+COMMANDS: dict[str, Callable[[SmtpSession, str], Awaitable[None]]] = {
+    "HELO": SmtpSession.cmd_helo, "EHLO": SmtpSession.cmd_ehlo, "MAIL": SmtpSession.cmd_mail,
+    "RCPT": SmtpSession.cmd_rcpt, "DATA": SmtpSession.cmd_data, "RSET": SmtpSession.cmd_rset,
+    "NOOP": SmtpSession.cmd_noop, "QUIT": SmtpSession.cmd_quit, "VRFY": SmtpSession.cmd_vrfy,
+    "EXPN": SmtpSession.cmd_not_implemented, "HELP": SmtpSession.cmd_help,
+    "STARTTLS": SmtpSession.cmd_starttls, "AUTH": SmtpSession.cmd_not_implemented,
+    "BDAT": SmtpSession.cmd_not_implemented, "ETRN": SmtpSession.cmd_not_implemented,
+    "TURN": SmtpSession.cmd_not_implemented,
 }
 
 

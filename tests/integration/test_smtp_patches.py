@@ -34,6 +34,25 @@ sp.SSLProtocol = SSLProtocol
 """
 
 
+# aiosmtpd after an upgrade that renamed the timer callback the session overrides
+NEW_AIOSMTPD_TIMER = """
+import aiosmtpd.smtp as m
+
+m.SMTP._on_timeout = m.SMTP._timeout_cb
+del m.SMTP._timeout_cb
+
+
+def _reset_timeout(self, duration=None):
+    if self._timeout_handle is not None:
+        self._timeout_handle.cancel()
+    self._timeout_handle = self.loop.call_later(duration or self._timeout_duration,
+                                                self._on_timeout)
+
+
+m.SMTP._reset_timeout = _reset_timeout
+"""
+
+
 def _start_with(factory: Any, tmp_path: Path, sitecustomize: str, policy: dict[str, Any]
                 ) -> GatewayProcess:
     site = tmp_path / "site"
@@ -80,3 +99,26 @@ def test_starttls_is_checked_and_on_normally(gateway_factory, sink, cert):
     assert "STARTTLS" in c.cmd("EHLO client.test")
     c.close()
 
+
+
+def test_changed_aiosmtpd_hooks_run_the_session_on_asyncio_streams(gateway_factory, tmp_path,
+                                                                   sink, cert):
+    """Without the check, aiosmtpd's renamed timer would end sessions without our 421; with
+    it, the session runs on asyncio's streams: mail flows, limits and the session timer hold."""
+    policy = _policy(sink, cert, max_session_s=3)
+    gw = _start_with(gateway_factory, tmp_path, NEW_AIOSMTPD_TIMER, policy)
+    [warning] = _patch_warnings(gw)
+    assert warning["level"] == "warning" and warning["msg"] == (
+        "patch aiosmtpd.client-loop disabled, the library's own path is used: aiosmtpd's "
+        "SMTP._reset_timeout no longer uses _timeout_cb")
+    _send(gw, sink, "on asyncio streams")
+    c = RawSmtpClient(gw.address)
+    ehlo = c.cmd("EHLO client.test")
+    assert "250-PIPELINING" in ehlo and "STARTTLS" not in ehlo  # its switch is aiosmtpd's
+    assert c.cmd("MAIL FROM:<a@example.org> SIZE=x") == "501 5.5.4 Bad SIZE parameter"
+    assert c.cmd("RCPT TO:<alice@example.test>") == "503 5.5.1 Need MAIL command"
+    assert c.cmd("NOOP") == "250 2.0.0 Ok"
+    assert c.reply().startswith("421 4.4.2 Session too long")  # the timer: ours, not aiosmtpd's
+    c.close()
+    conn = gw.wait_for(lambda e: e.get("event") == "connection" and e.get("end") == "max-session")
+    assert conn["commands"] == 4
