@@ -11,7 +11,8 @@ Choices where the RFCs leave room:
 
 * NOTIFY absent (RFC 3461 4.1 allows FAILURE or FAILURE,DELAY): FAILURE only; delay warnings
   without an explicit NOTIFY=DELAY are opt-in (``wants_dsn(..., delay_by_default=True)``).
-  SUCCESS covers ``delivered``, ``relayed`` and ``expanded``. NEVER mixed with another keyword
+  SUCCESS covers ``delivered``, ``relayed`` and ``expanded``; which one a delivery owes, if
+  any: ``success_action``. NEVER mixed with another keyword
   is a syntax error (RFC 3461 4.1) and raises.
 * RET absent (RFC 3461 4.3 leaves it to the MTA): headers only. RET=FULL returns the whole
   message only in a DSN that reports a failure; delay and success reports carry the header.
@@ -36,7 +37,7 @@ import re
 import textwrap
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import errors as email_errors
@@ -58,6 +59,7 @@ __all__ = [
     "RecipientStatus",
     "build_dsn",
     "parse_notify",
+    "success_action",
     "wants_dsn",
 ]
 
@@ -229,6 +231,21 @@ def wants_dsn(
     if notify is None:
         return keyword == "FAILURE" or (keyword == "DELAY" and delay_by_default)
     return keyword in notify
+
+
+def success_action(kind: str, extensions: Collection[str]) -> Action | None:
+    """The action of the success report we owe for a delivery over a transport of ``kind``
+    ("smtp", "mx", "lmtp", "maildir") to a server that announced ``extensions``; None when the
+    downstream took the request over (RFC 3461 §5.2.1: it offers DSN, so it got NOTIFY,
+    ORCPT, RET and ENVID and reports success itself). One that does not cannot be asked:
+    ``relayed`` for SMTP (§5.2.2: the message left for an environment that sends no further
+    reports), ``delivered`` for a Maildir or an LMTP server (§5.2.3, local delivery; the
+    actions of RFC 3464 §2.3.3)."""
+    if kind == "maildir":
+        return "delivered"
+    if "DSN" in extensions:
+        return None
+    return "delivered" if kind == "lmtp" else "relayed"
 
 
 def build_dsn(

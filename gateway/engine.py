@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway import quarantine
+from gateway import dsnqueue, quarantine
 from gateway import replies as R
 from gateway.checkgate import CheckGate
 from gateway.decide import Decision, Scorecard, decide
 from gateway.dnsresolver import LimitedResolver
+from gateway.dsn import Action as DsnAction
 from gateway.durable import Syncer
 from gateway.edits import (
     TraceInfo,
@@ -365,8 +366,30 @@ class Engine:
             relay.last_result = "not relayed"
             return signed
         headers = signed
-        return await relay.deliver(lambda rcpt: self._with_envelope(
+        reply = await relay.deliver(lambda rcpt: self._with_envelope(
             txn, rcpt, message_chunks(message, headers)))
+        if reply.is_ok and (success := relay.success_action) is not None:
+            await self._report_success(state, txn, message, success)
+        return reply
+
+    async def _report_success(self, state: SessionState, txn: Transaction, message: Message,
+                              action: DsnAction) -> None:
+        """Proxy mode, delivered: the success DSN owed to recipients with NOTIFY=SUCCESS when
+        the downstream could not be asked for it (``gateway.dsnqueue``), queued for the queue
+        manager. A failure is logged; the 250 stands (the message was delivered)."""
+        if self.spool is None:
+            return
+        entry = _entry(state, txn, txn.size, time.time(), {"action": "dsn-source"})
+        try:
+            qid = await dsnqueue.report_success(
+                self.spool, entry, self.policy.hostname,
+                [(r, action, txn.relay.replies.get(r.addr) if txn.relay else None)
+                 for r in entry.recipients], lambda: message.path.open("rb"))
+        except (OSError, SpoolError) as e:
+            log.error("success DSN for %s not queued: %s", txn.qid, e)
+            return
+        if qid is not None and not qid.startswith("not sent") and self.on_commit is not None:
+            self.on_commit(qid, None, None)
 
     async def _queue(self, state: SessionState, txn: Transaction, message: Message,
                      card: Scorecard, cls: PolicyClass, d: Decision,

@@ -2,7 +2,9 @@
 deferred ones when their retry time comes), claims each one so no other worker touches it, sends
 its pending recipients through their transports, records every recipient's outcome, and then
 removes the message (all recipients final), defers it with capped exponential backoff, or
-bounces the failures with a DSN (RFC 3464) to the sender — never to the null sender.
+bounces the failures with a DSN (RFC 3464) to the sender — never to the null sender. Deliveries
+to a downstream that cannot take NOTIFY (no DSN extension, or a Maildir) get their success DSN
+here too, for recipients with NOTIFY=SUCCESS (``dsn.success_action``, ``gateway.dsnqueue``).
 
 Fresh mail and retries share one bounded active set; retries are picked only when due, so a
 large deferred queue does not slow fresh mail.
@@ -20,13 +22,12 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
-from gateway import dsn
+from gateway import dsn, dsnqueue
 from gateway.dnsresolver import DnsResolver
 from gateway.durable import Syncer
 from gateway.errors import RelayError, RelayTempError, SpoolError
 from gateway.logs import event
 from gateway.policy.schema import Policy, QueueConfig
-from gateway.qid import new_qid
 from gateway.queue_entry import QueueEntry, Recipient, RecipientState, SpoolBusy, SpoolMissing
 from gateway.relay import maildir
 from gateway.relay.client import DownstreamClient
@@ -249,15 +250,19 @@ class QueueManager:
             t = transport_for(_domain(r.addr), relay.downstream, relay.transport)
             groups.setdefault(t, []).append(r)
         errors: list[str] = []
+        succeeded: list[tuple[Recipient, dsn.Action, str | None]] = []  # for NOTIFY=SUCCESS
         for transport, rcpts in groups.items():
             try:
-                got, error = await self._send(entry, transport, rcpts)
+                got, error, success = await self._send(entry, transport, rcpts)
             except Exception as e:  # a bug or a local failure: these recipients stay pending
                 log.exception("delivery to %s failed (qid %s)", transport, entry.qid)
-                error = f"local error: {type(e).__name__}"
+                error, success = f"local error: {type(e).__name__}", None
                 got = {r.addr: ("pending", f"451 4.3.0 {error}") for r in rcpts}
             if error:
                 errors.append(f"{transport}: {error}")
+            if success is not None:  # ours to report (the downstream could not be asked)
+                succeeded += [(r, success, got[r.addr][1]) for r in rcpts
+                              if got.get(r.addr, ("pending", None))[0] == "delivered"]
             if any(state != "pending" for state, _ in got.values()):
                 # Final outcomes are saved at once: a crash now must not deliver them again.
                 # When this made every recipient delivered, the removal below is that record
@@ -267,6 +272,8 @@ class QueueManager:
                 if not (entry.done and all(r.state == "delivered" for r in entry.recipients)):
                     await self._save(entry, area)
             entry = entry.with_recipient_results(got)
+        if succeeded:
+            await self._report_success(entry, succeeded)
         now = time.time()
         expired = now - entry.arrival >= self.policy.queue.max_lifetime_s
         if expired and entry.pending:
@@ -305,19 +312,22 @@ class QueueManager:
         self._not_before.pop(qid, None)
 
     async def _send(self, entry: QueueEntry, t: Transport, rcpts: list[Recipient]
-                    ) -> tuple[Results, str | None]:
-        """One delivery attempt to one transport. Temporary trouble leaves recipients pending."""
+                    ) -> tuple[Results, str | None, dsn.Action | None]:
+        """One delivery attempt to one transport. Temporary trouble leaves recipients pending.
+        Also the success DSN action its deliveries owe (``dsn.success_action``)."""
         if t.kind == "maildir":
-            return await self._send_maildir(entry, t, rcpts)
+            return (*await self._send_maildir(entry, t, rcpts), "delivered")
         out: Results = {}
+        success: dsn.Action | None = None
         try:
             async with self.pool.session(t) as client:
-                return await self._transaction(client, entry, rcpts, out)
+                success = dsn.success_action(t.kind, client.extensions)
+                return (*await self._transaction(client, entry, rcpts, out), success)
         except RelayError as e:
             for x in rcpts:
                 out.setdefault(x.addr, ("failed" if e.permanent else "pending",
                                         f"{e.code} {e.status} {e.text or e}"[:300]))
-            return out, str(e)
+            return out, str(e), success
 
     async def _transaction(self, client: DownstreamClient, entry: QueueEntry,
                            rcpts: list[Recipient], out: Results) -> tuple[Results, str | None]:
@@ -420,31 +430,28 @@ class QueueManager:
                 recipient=r.addr, action=action, status=_status_of(r.last_reply, action),
                 original_recipient=r.orcpt, diagnostic=f"smtp; {r.last_reply}" if r.last_reply
                 else None, last_attempt=now, will_retry_until=until) for r in rcpts]
-            req = dsn.DsnRequest(qid=entry.qid, sender=entry.sender, arrival=entry.arrival,
-                                 envid=entry.envid, ret=entry.ret,  # type: ignore[arg-type]
-                                 reporting_mta=self.policy.hostname,
-                                 received_from_mta=entry.helo or None)
-            with await asyncio.to_thread(self.spool.open_outgoing, entry) as f:
-                data = await asyncio.to_thread(dsn.build_dsn, req, statuses, f, now=now)
         except dsn.DsnError as e:  # cannot be built, now or later: say so, do not retry
             log.error("DSN for %s cannot be built: %s", entry.qid, e)
             return f"not sent: {e}"
-        qid = new_qid()
-        path = self.spool.incoming_path(qid)
-        params = tuple(p for p, need in (("BODY=8BITMIME", not data.isascii()),
-                                         ("SMTPUTF8", not entry.sender.isascii())) if need)
-        bounce = QueueEntry(qid=qid, sender="", recipients=(Recipient(addr=entry.sender),),
-                            mail_params=params, arrival=now, size=len(data), next_attempt=now,
-                            decision={"action": "dsn", "for": entry.qid})
-        try:
-            await asyncio.to_thread(path.write_bytes, data)
-            await asyncio.to_thread(self.spool.commit, bounce, path)
-        finally:
-            path.unlink(missing_ok=True)  # renamed away by a successful commit
-        event(log, "dsn", qid=qid, original=entry.qid, to=entry.sender, action=action,
-              rcpts=[r.addr for r in rcpts])
-        self.kick(qid)
+        qid = await dsnqueue.queue_dsn(self.spool, entry, self.policy.hostname, statuses,
+                                       lambda: self.spool.open_outgoing(entry), now)
+        if not qid.startswith("not sent"):
+            self.kick(qid)
         return qid
+
+    async def _report_success(self, entry: QueueEntry,
+                              delivered: list[tuple[Recipient, dsn.Action, str | None]]) -> None:
+        """The success DSN owed for this attempt's deliveries (``dsnqueue``: NOTIFY=SUCCESS and
+        a downstream that could not be asked for it). Not queued: logged; the deliveries
+        stand."""
+        try:
+            qid = await dsnqueue.report_success(self.spool, entry, self.policy.hostname,
+                                                delivered, lambda: self.spool.open_outgoing(entry))
+        except (OSError, SpoolError) as e:
+            log.error("success DSN for %s not queued: %s", entry.qid, e)
+            return
+        if qid is not None and not qid.startswith("not sent"):
+            self.kick(qid)
 
     def _log(self, entry: QueueEntry, outcome: str, now: float, errors: list[str],
              dsn_note: str | None = None) -> None:

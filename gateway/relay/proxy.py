@@ -12,6 +12,10 @@ waited) is replaced by a new one, once, so reuse never costs the client a 451.
 
 For ``maildir:`` the "downstream" is a local Maildir: each recipient's copy is fsync'd before the
 250.
+
+DSN: NOTIFY/ORCPT/RET/ENVID go on to a downstream that offers DSN (it reports success itself);
+for one that does not, or a Maildir, ``success_action`` says which success report the engine
+queues for recipients that asked for one (``gateway.dsnqueue``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from gateway import replies as R
+from gateway.dsn import Action as DsnAction
+from gateway.dsn import success_action
 from gateway.errors import RelayError
 from gateway.policy.schema import RelayConfig
 from gateway.relay import maildir
@@ -62,6 +68,15 @@ class ProxyRelay:
     mail_reply: Reply | None = None
     accepted: list[Address] = field(default_factory=list)
     last_result: str = "not relayed"
+    extensions: frozenset[str] = frozenset()  # the downstream's EHLO/LHLO keywords
+    # after a delivery: each recipient's end-of-data reply ("250 2.0.0 Ok"), for a DSN
+    replies: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def success_action(self) -> DsnAction | None:
+        """The success DSN this transaction's delivery owes to recipients with NOTIFY=SUCCESS:
+        None when the downstream offers DSN (it got NOTIFY and reports itself)."""
+        return success_action(self.transport.kind, self.extensions)
 
     async def _open(self, sender: Address, mail_params: list[str], rcpt: Address,
                     rcpt_params: list[str]) -> tuple[Reply, Reply | None]:
@@ -81,6 +96,7 @@ class ProxyRelay:
             self.client = client
             params: list[str] = []
             ext = client.extensions
+            self.extensions = frozenset(ext)
             for p in mail_params:
                 key = p.split("=", 1)[0].upper()
                 if key == "SMTPUTF8" and "SMTPUTF8" not in ext:
@@ -173,6 +189,10 @@ class ProxyRelay:
             self.client = None
             replies = [DOWNSTREAM_LOST if _closing(r) else r for r in replies]
         reply = self._combine(replies)
+        texts = [f"{r.code} {r.status} {r.text}".strip()[:300] for r in replies]
+        if len(texts) == 1:  # SMTP: one reply for every recipient (LMTP: one each)
+            texts *= len(self.accepted)
+        self.replies = {a.addr: t for a, t in zip(self.accepted, texts, strict=False)}
         # Like every refusal mailgate gives, a passed-back downstream refusal ends with the qid.
         return reply if reply.is_ok else reply.with_qid(self.qid)
 
