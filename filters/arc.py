@@ -27,6 +27,12 @@ dkimpy's list of the usual headers present, From over-signed).
 Mail whose own chain check was a temperror or was skipped by policy is not sealed (a seal
 would say ``cv=fail`` for good); that is logged.
 
+The sealer (``_Arc``) follows dkimpy's ``ARC.sign`` over dkimpy's internals (``gen_header``,
+``sorted_arc_headers``, ...); before first use it seals a known message and must give dkimpy's
+own seal byte for byte, which dkimpy then validates (patch ``dkimpy.arc-sealer``,
+gateway/patches.py). Otherwise dkimpy's ``ARC.sign`` seals (its AAR drops A-R comments), with
+one warning line.
+
 Settings: ``dns_timeout_s`` (5), ``max_bytes`` (10 MiB), ``max_instances`` (50, RFC 8617's
 cap), ``min_rsa_bits`` (1024), ``authserv_id``, ``seal_domain``, ``seal_selector``,
 ``seal_key_file``, ``seal_headers``.
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import logging
 import re
 import time
@@ -51,6 +58,8 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 
 from filters import _arheader
 from filters._dkimkeys import dnsfunc, prefetch, temperrors
+from filters._dkimvectors import AR_MESSAGE, KEY_NAME, KEY_RECORD, PRIVATE_KEY
+from gateway import patches
 from gateway.dnsresolver import DnsResolver, Resolver, per_message
 from gateway.filterapi import AddHeader, ConfigError, Filter, FilterContext, Result, Symbol
 from gateway.policy.schema import DnsConfig
@@ -221,7 +230,7 @@ def seal(raw: bytes, sealer: Sealer, authserv_id: str, *, timestamp: int | None 
          standardize: bool = False) -> list[tuple[str, str]]:
     """The new ARC set for ``raw`` as (name, value) pairs, ARC-Seal first; empty when there
     is nothing to seal (no Authentication-Results of ``authserv_id``, or a chain that ended)."""
-    arc = _Arc(raw)
+    arc = _Arc(raw) if ARC_SIGNER else dkim.ARC(raw)
     headers = None if sealer.headers is None else [h.encode() for h in sealer.headers]
     lines = arc.sign(sealer.selector.encode(), sealer.domain.encode(), sealer.key,
                      authserv_id.encode(), include_headers=headers, timestamp=timestamp,
@@ -390,3 +399,30 @@ def signed_headers(cfg: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
     if bad:
         raise ConfigError(key, f"cannot sign {', '.join(repr(b) for b in bad)}")
     return names
+
+
+def check_arc_signer() -> str | None:
+    """None when dkimpy's internals that ``_Arc`` uses are there and ``_Arc`` seals a known
+    message exactly as dkimpy's own ``ARC.sign`` does, and dkimpy validates that seal."""
+    for name in ("gen_header", "sorted_arc_headers", "add_should_not", "default_sign_headers"):
+        if not callable(getattr(dkim.ARC, name, None)):
+            return f"dkim.ARC.{name} is missing"
+    params = list(inspect.signature(dkim.ARC.gen_header).parameters)
+    if params[:7] != ["self", "fields", "include_headers", "canon_policy", "header_name", "pk",
+                      "standardize"]:
+        return f"dkim.ARC.gen_header takes ({', '.join(params)})"
+    args = (b"s1", b"selftest.invalid", PRIVATE_KEY, b"mx.selftest.invalid")
+    ours = _Arc(AR_MESSAGE).sign(*args, timestamp=1765152000)
+    if ours != dkim.ARC(AR_MESSAGE).sign(*args, timestamp=1765152000):
+        return "the seal of a known message is not dkimpy's own"
+
+    def lookup(name: bytes, timeout: float = 5) -> bytes | None:
+        return KEY_RECORD if name.rstrip(b".") == KEY_NAME else None
+
+    cv = dkim.ARC(b"".join(ours) + AR_MESSAGE).verify(dnsfunc=lookup)[0]
+    if cv != dkim.CV_Pass:
+        return f"dkimpy validates the seal of a known message as {cv!r}"
+    return None
+
+
+ARC_SIGNER = patches.install("dkimpy.arc-sealer", check_arc_signer)

@@ -16,7 +16,8 @@ import dkim.crypto
 import pytest
 
 import filters.dkim as dkim_filter
-from filters import _dkimcrypto, _dkimkeys
+from filters import _dkimcrypto, _dkimkeys, arc
+from filters._dkimvectors import AR_MESSAGE, KEY_NAME, KEY_RECORD, PRIVATE_KEY
 from gateway import patches
 from tests.filters.test_dkim import DATA, crlf, names, results, run, signed
 from tests.filters.test_dkim import ns as ns  # noqa: F401 - the fixture: the key records
@@ -164,3 +165,52 @@ def test_the_checks_run_once_per_process(caplog):
     """Imported again (a reload, another filter), a patch is not checked or logged twice."""
     assert patches.install("dkimpy.spool-body-hash", lambda: "never run") is True
     assert warnings(caplog) == []
+
+
+# -- the ARC sealer (filters/arc.py _Arc over dkimpy's ARC internals) ----------------------------
+def _sealed_validates() -> None:
+    """The filter's seal() on the known message, validated by dkimpy."""
+    sealer = arc.Sealer("selftest.invalid", "s1", PRIVATE_KEY, None)
+    got = arc.seal(AR_MESSAGE, sealer, "mx.selftest.invalid")
+    assert [n for n, _ in got] == ["ARC-Seal", "ARC-Message-Signature",
+                                   "ARC-Authentication-Results"]
+    sealed = b"".join(f"{n}:{v}".encode() for n, v in got) + AR_MESSAGE
+    cv = dkim.ARC(sealed).verify(
+        dnsfunc=lambda name, timeout=5: KEY_RECORD if name.rstrip(b".") == KEY_NAME else None)[0]
+    assert cv == dkim.CV_Pass
+
+
+@pytest.mark.parametrize("fault", ["gen_header signature", "different seal"])
+def test_broken_arc_sealer_falls_back_to_dkimpys_sign(restored, monkeypatch, caplog, fault):
+    if fault == "gen_header signature":  # a dkimpy whose gen_header grew a parameter
+        own = dkim.ARC.gen_header
+
+        def gen_header(self: Any, fields: Any, include_headers: Any, canon_policy: Any,
+                       header_name: Any, pk: Any, tag_order: Any = None,
+                       standardize: bool = False) -> Any:
+            return own(self, fields, include_headers, canon_policy, header_name, pk, standardize)
+
+        monkeypatch.setattr(dkim.ARC, "gen_header", gen_header)
+        why = ("dkim.ARC.gen_header takes (self, fields, include_headers, canon_policy, "
+               "header_name, pk, tag_order, standardize)")
+    else:  # our A-R consolidation drifting from dkimpy's
+        real = arc.consolidate
+        monkeypatch.setattr(arc, "consolidate", lambda h, a: (real(h, a)[0][:1], real(h, a)[1]))
+        why = "the seal of a known message is not dkimpy's own"
+    made: list[object] = []
+    monkeypatch.setattr(arc._Arc, "sign", lambda *a, **k: made.append(a) or [])
+    patches.forget("dkimpy.arc-sealer")
+    monkeypatch.setattr(arc, "ARC_SIGNER", patches.install("dkimpy.arc-sealer",
+                                                           arc.check_arc_signer))
+    if fault == "different seal":
+        assert made  # the check did try ours
+    assert warnings(caplog) == [f"patch dkimpy.arc-sealer disabled, the library's own path is "
+                                f"used: {why}"]
+    made.clear()
+    _sealed_validates()  # dkimpy's own ARC.sign
+    assert made == []
+
+
+def test_arc_sealer_is_active_here():
+    assert patches.active("dkimpy.arc-sealer") and arc.ARC_SIGNER
+    _sealed_validates()
