@@ -31,7 +31,6 @@ directory, later definitions override earlier ones), ``max_scan_bytes`` (262144)
 
 from __future__ import annotations
 
-import email.utils
 import re
 import time
 from collections.abc import Mapping
@@ -131,8 +130,7 @@ class _Scan:
             wanted = ("to", "cc") if name == "tocc" else (name,)
             values = [v[:self.cap] for k, v in headers if k.lower() in wanted]
         if values and rule.modifier in ("addr", "name"):
-            pairs = (addresses(values[0]) if len(values) == 1
-                     else email.utils.getaddresses(values))
+            pairs = addresses(", ".join(values))  # as getaddresses(values) joins them
             first = pairs[0] if pairs else ("", "")
             values = [first[1] if rule.modifier == "addr" else first[0]]
         value = "\n".join(values)[:self.cap] if values else ""

@@ -85,3 +85,18 @@ def test_a_message_at_the_depth_bound_is_delivered(gw: GatewayProcess) -> None:
     assert not ev.get("filter_errors"), ev
     [msg] = [m for m in delivered(gw.workdir) if b"Subject: at the bound" in m]
     assert b"the bottom line" in msg
+
+
+def test_a_from_with_3000_nested_comments_gets_a_final_answer(gw: GatewayProcess) -> None:
+    """The stdlib's address parser recurses per comment level: the headers, DMARC, rules and
+    Bayes filters failed (RecursionError) and DMARC's on_error = tempfail answered 451."""
+    comments = "\r\n ".join(["(" * 500] * 6 + [")" * 500] * 6)  # folded: lines under 1000
+    data = (f"From: {comments} {SENDER}\r\nTo: {RCPT}\r\nSubject: comments\r\n"
+            "Date: Sat, 28 Nov 2026 10:00:00 +0000\r\nMessage-ID: <c@sender.test>\r\n\r\n"
+            "hello\r\n").encode()
+    code, reply, qid = send(gw, data)
+    ev = gw.message_event(qid)
+    assert not ev.get("filter_errors"), ev  # the old code: headers, dmarc, bayes failed
+    assert code == 250, (code, reply)  # scored as a From nobody can read, not retried
+    names = {s.partition("(")[0] for s in ev["symbols"]}
+    assert {"HEADERS_BAD_FROM", "DMARC_NO_FROM"} <= names, ev["symbols"]

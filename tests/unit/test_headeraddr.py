@@ -45,3 +45,18 @@ def test_a_long_value_is_parsed_each_time_and_not_kept() -> None:
     assert list(addresses(value)) == email.utils.getaddresses([value])
     assert addresses(value) is not addresses(value)
     assert headeraddr._cached.cache_info().currsize == 0
+
+
+def test_comments_nested_deeper_than_the_bound_are_not_parsed() -> None:
+    """getaddresses recurses per comment level: 3000 levels raised RecursionError."""
+    from gateway.headeraddr import MAX_COMMENT_DEPTH, comment_depth
+
+    deep = "(" * 3000 + ")" * 3000 + " bob@sender.test"
+    assert comment_depth(deep) == 3000
+    assert addresses(deep) == ()
+    at_bound = "(" * MAX_COMMENT_DEPTH + ")" * MAX_COMMENT_DEPTH + " bob@sender.test"
+    assert addresses(at_bound) == (("", "bob@sender.test"),)
+    # parentheses that are not comments do not count
+    quoted = '"' + "(" * 100 + '" <bob@sender.test>'
+    assert comment_depth(quoted) == 0 and addresses(quoted)[0][1] == "bob@sender.test"
+    assert comment_depth("a \\( \\( (b) c") == 1
