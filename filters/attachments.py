@@ -48,17 +48,28 @@ work by ``max_expanded_bytes`` and ``scan_time_s``.
 
 from __future__ import annotations
 
-import email.message
-import email.utils
 import io
 import time
 import unicodedata
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 from filters import _hidden, _rar
+from filters._filekinds import (
+    CHUNK,
+    ascii_name,
+    decompress,
+    extensions,
+    gzip_fname,
+    is_office,
+    part_names,
+    show,
+    sniff,
+    strip_suffix,
+    zip_infos,
+)
 from gateway import mime
 from gateway.filterapi import (
     Action,
@@ -124,12 +135,9 @@ ARCHIVES = frozenset(("zip", "tar", "gzip", "bzip2", "xz"))
 UNSUPPORTED = frozenset(("rar", "7z", "cab", "iso"))  # rar: listed (filters._rar), not unpacked
 OPENED = ARCHIVES | {"rar"}  # kinds whole members are kept for (to open them)
 EXECUTABLES = frozenset(("pe", "elf", "macho"))
-COMPRESSED = {"gzip": ("gz", "tgz"), "bzip2": ("bz2", "tbz", "tbz2"), "xz": ("xz", "txz")}
 RATIO_MIN_BYTES = 1024 * 1024  # below this much output, no ratio is a bomb
 HEAD_BYTES = 64 * 1024  # what is read of a member that is not itself an archive
-CHUNK = 64 * 1024
 MAX_OPTIONS = 20  # per symbol
-MAX_OPTION_CHARS = 200
 
 
 class _Stop(Exception):
@@ -186,84 +194,6 @@ class _Scan:
         if self.expanded > self.limits.max_expanded_bytes:
             self.add("ATTACH_ARCHIVE_LIMIT", f"{path}: expanded bytes")
             raise _Stop
-
-
-def show(name: str) -> str:
-    """A name safe for logs and SMTP replies' neighbours: control, format (bidi, zero-width)
-    and line-separator characters escaped as ``\\uXXXX``, length capped."""
-    out = []
-    for ch in name:
-        if ch == "\\" or unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"):
-            out.append("\\\\" if ch == "\\" else f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    s = "".join(out)
-    return s if len(s) <= MAX_OPTION_CHARS else s[:MAX_OPTION_CHARS - 3] + "..."
-
-
-def ascii_name(name: str, limit: int = 80) -> str:
-    """A name for an SMTP reply: printable ASCII only (anything else as ``\\uXXXX``)."""
-    s = "".join(ch if " " <= ch <= "~" and ch != "\\" else
-                ("\\\\" if ch == "\\" else f"\\u{ord(ch):04x}") for ch in name)
-    return s if len(s) <= limit else s[:limit - 3] + "..."
-
-
-def sniff(head: bytes) -> str | None:
-    """The kind of content from its first bytes (None: nothing we know)."""
-    if head.startswith(b"MZ"):
-        if len(head) >= 0x40:
-            off = int.from_bytes(head[0x3C:0x40], "little")
-            if off + 4 <= len(head) and head[off:off + 2] in (b"PE", b"NE", b"LE", b"LX"):
-                return "pe"
-        if b"This program cannot be run in DOS mode" in head[:1024] \
-                or b"This program must be run under Win32" in head[:1024]:
-            return "pe"
-        return None
-    kind = _prefixed(head, _MAGIC)
-    if kind is not None:
-        return kind
-    if head.startswith(b"BZh") and head[3:4].isdigit():
-        return "bzip2"
-    if head[257:262] == b"ustar":
-        return "tar"
-    if head[0x8001:0x8006] == b"CD001" or head[0x8801:0x8806] == b"CD001":
-        return "iso"
-    return _prefixed(head, _DOCUMENTS)
-
-
-def _prefixed(head: bytes, table: tuple[tuple[bytes, str], ...]) -> str | None:
-    return next((kind for prefix, kind in table if head.startswith(prefix)), None)
-
-
-# (leading bytes, kind), checked in this order: executables and archives first (before the
-# tar/ISO checks at fixed offsets), then common documents
-_MAGIC: tuple[tuple[bytes, str], ...] = (
-    (b"\x7fELF", "elf"),
-    *((m, "macho") for m in (b"\xfe\xed\xfa\xce", b"\xfe\xed\xfa\xcf", b"\xce\xfa\xed\xfe",
-                             b"\xcf\xfa\xed\xfe", b"\xca\xfe\xba\xbe")),
-    *((m, "zip") for m in (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")),
-    (b"\x1f\x8b", "gzip"),
-    (b"\xfd7zXZ\x00", "xz"),
-    (b"Rar!\x1a\x07", "rar"),
-    (b"7z\xbc\xaf\x27\x1c", "7z"),
-    (b"MSCF\x00\x00\x00\x00", "cab"),
-)
-_DOCUMENTS: tuple[tuple[bytes, str], ...] = (
-    (b"%PDF", "pdf"),
-    (b"\xff\xd8\xff", "jpeg"),
-    (b"\x89PNG\r\n\x1a\n", "png"),
-    (b"GIF87a", "gif"),
-    (b"GIF89a", "gif"),
-    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "cfb"),
-)
-
-
-def extensions(name: str) -> list[str]:
-    """The dot-separated extensions of a file name's last path component, lower case, each
-    stripped of surrounding spaces; trailing dots and spaces of the name are ignored."""
-    base = name.replace("\\", "/").rsplit("/", 1)[-1].rstrip(" .\t")
-    pieces = base.split(".")[1:]
-    return [p.strip(" \t").lower() for p in pieces]
 
 
 class AttachmentsFilter(Filter):
@@ -428,11 +358,11 @@ class AttachmentsFilter(Filter):
             scan.add("ATTACH_ARCHIVE_UNSUPPORTED", f"{path} ({kind})")
             return
         if kind not in ARCHIVES or not whole \
-                or (kind == "zip" and expected == "zip" and _is_office(data)):
+                or (kind == "zip" and expected == "zip" and is_office(data)):
             return
         if depth >= self.limits.max_depth:
             if kind == "zip":  # too deep to open, but a bomb's declared sizes still show
-                self.check_declared(scan, path, _zip_infos(data) or [])
+                self.check_declared(scan, path, zip_infos(data) or [])
             scan.add("ATTACH_ARCHIVE_LIMIT", f"{path}: depth")
             return
         if kind == "zip":
@@ -610,9 +540,9 @@ class AttachmentsFilter(Filter):
         chunks under the ratio and byte caps, then sniffed like any file."""
         import lzma
 
-        inner = _gzip_fname(data) if kind == "gzip" else None
+        inner = gzip_fname(data) if kind == "gzip" else None
         if not inner:
-            inner = _strip_suffix(name.replace("\\", "/").rsplit("/", 1)[-1], kind)
+            inner = strip_suffix(name.replace("\\", "/").rsplit("/", 1)[-1], kind)
         ipath = f"{path}/{inner}"
         self.check_name(scan, inner, ipath, archived=True)
         limits = self.limits
@@ -621,7 +551,7 @@ class AttachmentsFilter(Filter):
         keep = HEAD_BYTES
         truncated = False
         try:
-            for chunk in _decompress(kind, data):
+            for chunk in decompress(kind, data):
                 total += len(chunk)
                 scan.spend(len(chunk), ipath)
                 if total > RATIO_MIN_BYTES and total > limits.max_expansion_ratio * len(data):
@@ -648,88 +578,3 @@ class AttachmentsFilter(Filter):
             self.scan_tar(scan, path, content, depth)
         else:
             self.check_blob(scan, ipath, inner, content, depth, not truncated)
-
-
-def _zip_infos(data: bytes) -> list[zipfile.ZipInfo] | None:
-    import zipfile
-
-    try:
-        return zipfile.ZipFile(io.BytesIO(data)).infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError):
-        return None
-
-
-def _is_office(data: bytes) -> bool:
-    """An OOXML / ODF document (``[Content_Types].xml`` or ``mimetype`` as the first member).
-    Named as one (.docx, .xlsx, .odt …), it is not opened as an archive: its XML parts compress
-    far beyond any sane archive ratio, and a mail client opens it as a document, not as a zip
-    whose members a user could run."""
-    return data[30:49] == b"[Content_Types].xml" or data[30:38] == b"mimetype"
-
-
-def part_names(part: mime.Part) -> list[str]:
-    """The names a part goes by: its filename (Content-Disposition, else Content-Type name=)
-    and, when different, the Content-Type's name= (mail clients disagree on which wins)."""
-    names = [part.filename] if part.filename else []
-    if part.declared_type and "name" in part.declared_type.lower():
-        m = email.message.Message()
-        m["Content-Type"] = part.declared_type
-        raw = m.get_param("name")
-        if raw is not None:
-            value = email.utils.collapse_rfc2231_value(raw)
-            value = mime.decode_header(str(value))
-            if value and value not in names:
-                names.append(value)
-    return names
-
-
-def _gzip_fname(data: bytes) -> str | None:
-    """FNAME from a gzip member header (RFC 1952 §2.3), or None."""
-    if len(data) < 10 or data[:3] != b"\x1f\x8b\x08":
-        return None
-    flg = data[3]
-    pos = 10
-    if flg & 0x04:  # FEXTRA
-        if len(data) < pos + 2:
-            return None
-        pos += 2 + int.from_bytes(data[pos:pos + 2], "little")
-    if not flg & 0x08:  # FNAME
-        return None
-    end = data.find(b"\x00", pos, pos + 1024)
-    if end < 0:
-        return None
-    return data[pos:end].decode("latin-1") or None
-
-
-def _strip_suffix(name: str, kind: str) -> str:
-    base, dot, ext = name.rpartition(".")
-    if dot and ext.lower() in COMPRESSED[kind]:
-        return base + ".tar" if ext.lower().startswith("t") else base
-    return name or "data"
-
-
-def _decompress(kind: str, data: bytes) -> Iterator[bytes]:
-    """The decompressed stream in chunks of at most CHUNK bytes (never more at once)."""
-    import bz2
-    import lzma
-
-    if kind == "gzip":
-        z = zlib.decompressobj(31)
-        buf = data
-        while buf and not z.eof:
-            out = z.decompress(buf, CHUNK)
-            buf = z.unconsumed_tail
-            if not out and not buf:
-                break
-            if out:
-                yield out
-        return
-    d: bz2.BZ2Decompressor | lzma.LZMADecompressor = \
-        bz2.BZ2Decompressor() if kind == "bzip2" else lzma.LZMADecompressor()
-    out = d.decompress(data, CHUNK)
-    while True:
-        if out:
-            yield out
-        if d.eof or d.needs_input:
-            return
-        out = d.decompress(b"", CHUNK)
