@@ -5,8 +5,8 @@ to message. Values longer than ``MAX_CACHED`` are parsed each time, so the cache
 whatever the headers hold.
 
 :func:`strict_domains`: the domains of an address-list value as the standard library's strict
-reader (``email.headerregistry``, the parser of ``email.policy.default``) shows them, or None
-and whether that reading is whole — the second reading DMARC compares ``getaddresses`` with."""
+reader (``email.headerregistry``, the parser of ``email.policy.default``) shows them, and
+whether that reading is whole — the second reading DMARC compares ``getaddresses`` with."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ MAX_CACHED = 512  # characters
 # getaddresses recurses once per nested comment: 3000 levels ended in RecursionError in the
 # headers, DMARC, rules and Bayes filters (DMARC's on_error = tempfail then answered 451)
 MAX_COMMENT_DEPTH = 50
-MAX_STRICT = 4096  # characters: longer values are not read strictly (None: invalid)
+MAX_STRICT = 4096  # characters: longer values are not read strictly
 _REGISTRY = HeaderRegistry()
 _Pairs = tuple[tuple[str, str], ...]
 
@@ -66,8 +66,10 @@ def strict_domains(value: str) -> tuple[tuple[str, ...], bool]:
     one address, every one with a local part and a domain, no failure. Its defect notes are
     not refusals (an encoded-word without the space after it is common and harmless): where
     it dropped text as invalid, ``getaddresses`` reads that text too, and DMARC compares the
-    two readings. Values over ``MAX_STRICT`` characters are not read: ``((), False)``."""
-    if len(value) > MAX_STRICT:
+    two readings. Values over ``MAX_STRICT`` characters or with comments nested deeper than
+    ``MAX_COMMENT_DEPTH`` are not read: ``((), False)``."""
+    if len(value) > MAX_STRICT or value.count("(") > MAX_COMMENT_DEPTH and \
+            comment_depth(value) > MAX_COMMENT_DEPTH:
         return (), False
     if len(value) > MAX_CACHED:
         return _strict(value)

@@ -60,3 +60,12 @@ def test_comments_nested_deeper_than_the_bound_are_not_parsed() -> None:
     quoted = '"' + "(" * 100 + '" <bob@sender.test>'
     assert comment_depth(quoted) == 0 and addresses(quoted)[0][1] == "bob@sender.test"
     assert comment_depth("a \\( \\( (b) c") == 1
+
+
+def test_strict_domains_limits() -> None:
+    from gateway.headeraddr import MAX_STRICT, strict_domains
+    assert strict_domains("Joe <joe@A.Example>, b@a.example") == (("a.example",), True)
+    assert strict_domains("Bank <a@b.example> (x")[0] == ("b.example",)
+    assert strict_domains("(" * 60 + "x" + ")" * 60 + " a@b.example") == ((), False)
+    assert strict_domains("a@b.example " + "x" * MAX_STRICT) == ((), False)
+    assert strict_domains('"Just A Name"') == ((), False)
