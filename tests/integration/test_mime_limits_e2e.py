@@ -100,3 +100,39 @@ def test_a_from_with_3000_nested_comments_gets_a_final_answer(gw: GatewayProcess
     assert code == 250, (code, reply)  # scored as a From nobody can read, not retried
     names = {s.partition("(")[0] for s in ev["symbols"]}
     assert {"HEADERS_BAD_FROM", "DMARC_NO_FROM"} <= names, ev["symbols"]
+
+
+def _head(subject: str) -> str:
+    return (f"From: {SENDER}\r\nTo: {RCPT}\r\nSubject: {subject}\r\n"
+            f"Date: Sat, 28 Nov 2026 10:00:00 +0000\r\nMessage-ID: <{len(subject)}@sender.test>\r\n")
+
+
+def many_parts() -> bytes:
+    parts = "--b\r\nContent-Type: text/plain\r\n\r\nx\r\n" * 1500
+    return (_head("many parts") + 'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; '
+            f'boundary="b"\r\n\r\n{parts}--b--\r\n').encode()
+
+
+def many_headers() -> bytes:
+    extra = "".join(f"X-Filler-{i}: {i}\r\n" for i in range(1001))
+    return (_head("many headers") + extra + "\r\nhello\r\n").encode()
+
+
+def many_words() -> bytes:
+    words = "\r\n ".join(["=?utf-8?q?w=C3=B6rd?="] * 1001)
+    return (_head(words) + "\r\nhello\r\n").encode()
+
+
+@pytest.mark.parametrize("build, symbol, what", [
+    (many_parts, "MIME_TOO_MANY_PARTS", "MIME parts more than 1000 parts"),
+    (many_headers, "MIME_TOO_MANY_HEADERS", "header fields more than 1000 in a header block"),
+    (many_words, "MIME_TOO_MANY_ENCODED_WORDS", "encoded words more than 1000"),
+])
+def test_every_structural_bound_is_a_final_554_5_6_0(gw: GatewayProcess, build, symbol,  # type: ignore[no-untyped-def]
+                                                     what) -> None:
+    code, reply, qid = send(gw, build())  # the old code relayed each of them
+    assert code == 554 and reply.startswith(f"5.6.0 Message structure refused: {what} "
+                                            f"({symbol})"), (code, reply)
+    ev = gw.message_event(qid)
+    assert ev["action"] == "reject" and ev["by"] == "filter:mime", ev
+    assert any(s.startswith(symbol) for s in ev["symbols"]) and not ev.get("filter_errors")
