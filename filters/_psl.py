@@ -7,6 +7,11 @@ rule numbers (~0.4 MB, no object per rule) and answers the ``in`` tests the pack
 make, exactly (a hash match is confirmed on the rule's bytes). :class:`SuffixList` is the
 package's class with its rule file read into that container line by line; the lookups
 (wildcards, exceptions, the implicit ``*`` rule) stay the package's own.
+
+``SuffixList`` overrides the package's private ``_parse`` and fills its ``_publicsuffix`` and
+``_maxlabel``; it is used only once it gives the package's answers on a known list (patch
+``publicsuffixlist.compact-rules``, gateway/patches.py). Otherwise the package's own class
+reads the list (1.3 MB more per process), with one warning line.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from publicsuffixlist import PublicSuffixList, encode_idn
+
+from gateway import patches
 
 
 class CompactNames:
@@ -100,15 +107,52 @@ class SuffixList(PublicSuffixList):
         self._maxlabel = maxlabel
 
 
+_KNOWN_LIST = """// ===BEGIN ICANN DOMAINS===
+com
+uk
+co.uk
+*.ck
+!www.ck
+рф
+// ===END ICANN DOMAINS===
+// ===BEGIN PRIVATE DOMAINS===
+blogspot.com
+// ===END PRIVATE DOMAINS===
+"""
+_KNOWN_NAMES = ("a.b.example.com", "x.co.uk", "co.uk", "www.ck", "a.b.ck", "foo.blogspot.com",
+                "unknown.zz", "пример.рф", "xn--e1afmkfd.xn--p1ai", "com")
+
+
+def check_compact_rules() -> str | None:
+    """None when the package still reads its list through ``_parse(source,
+    accept_encoded_idn, only_icann)`` and :class:`SuffixList` answers as the package's own
+    class for known names on a known list; else why not."""
+    if not patches.calls(PublicSuffixList.__init__, "_parse"):
+        return "PublicSuffixList() no longer reads its list through _parse"
+    code = PublicSuffixList._parse.__code__
+    if code.co_varnames[:code.co_argcount] != ("self", "source", "accept_encoded_idn",
+                                                "only_icann"):
+        return "PublicSuffixList._parse takes other arguments"
+    for only_icann in (False, True):
+        own = PublicSuffixList(_KNOWN_LIST, only_icann=only_icann)
+        ours = SuffixList(_KNOWN_LIST, only_icann=only_icann)
+        for name in _KNOWN_NAMES:
+            for ask in ("publicsuffix", "privatesuffix", "is_public"):
+                if getattr(ours, ask)(name) != getattr(own, ask)(name):
+                    return f"{ask}({name!r}) differs from the package's on a known list"
+    return None
+
+
 _lock = threading.Lock()
-_list: SuffixList | None = None
+_list: PublicSuffixList | None = None
 
 
-def suffix_list() -> SuffixList:
+def suffix_list() -> PublicSuffixList:
     """The process's PSL (the package's bundled file), read on first use."""
     global _list
     if _list is None:
         with _lock:
             if _list is None:
-                _list = SuffixList()
+                compact = patches.install("publicsuffixlist.compact-rules", check_compact_rules)
+                _list = SuffixList() if compact else PublicSuffixList()
     return _list

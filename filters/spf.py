@@ -29,6 +29,11 @@ TempError: pyspf never reaches the host resolver. A check runs in two ways:
 Either way every lookup waits at most what is left of the check's time budget; one it does not
 get in time is a TempError for pyspf (SPF_TEMPERROR).
 
+The dispatcher is installed only once pyspf is seen to still look up through ``DNSLookup`` and a
+known record evaluated through it gives the known results (patch ``pyspf.dns-lookup``,
+gateway/patches.py). Otherwise pyspf runs in a worker thread with its own DNS (the host's
+resolver, not the policy's; the check's budget still bounds it), with one warning line.
+
 Settings: ``check_timeout_s`` (the whole check's budget, default 10; keep it below the
 filter's pipeline ``timeout_s`` — that key belongs to the loader — so that a slow DNS gives
 SPF_TEMPERROR rather than the filter's ``on_error``), ``dns_nameservers`` (list of
@@ -49,8 +54,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import dns.name
+import dns.rdata
 import spf
 
+from gateway import patches
 from gateway.dnsresolver import DnsAnswer, DnsResolver, Resolver, answer_now, per_message
 from gateway.filterapi import AddHeader, ConfigError, Filter, FilterContext, Result, Symbol
 from gateway.policy.loader import parse_nameserver
@@ -176,7 +183,38 @@ def _dispatch(name: str, qtype: str, strict: Any = True, timeout: Any = None
     return bridge.lookup(name, qtype)
 
 
-spf.DNSLookup = _dispatch
+_PYSPF_LOOKUP = getattr(spf, "DNSLookup", None)  # pyspf's own
+
+
+def check_dns_bridge() -> str | None:
+    """None when pyspf's ``query.dns`` still calls ``DNSLookup`` and a known record, answered
+    through :func:`_dispatch`, gives pass and fail for known addresses; else why not."""
+    if not patches.calls(getattr(getattr(spf, "query", None), "dns", None), "DNSLookup"):
+        return "pyspf's query.dns no longer calls DNSLookup"
+    record = dns.rdata.from_text("IN", "TXT", '"v=spf1 ip4:192.0.2.0/25 -all"')
+    answers: Answers = {("selftest.invalid", "TXT"): DnsAnswer(
+        "selftest.invalid", "TXT", "ok", (record,), "selftest.invalid")}
+    saved = spf.DNSLookup
+    spf.DNSLookup = _dispatch
+    try:
+        for ip, want in (("192.0.2.7", "pass"), ("192.0.2.200", "fail")):
+            _bound.bridge = _Replay(answers)
+            try:
+                got = spf.query(i=ip, s="check@selftest.invalid", h="selftest.invalid").check()
+            finally:
+                _bound.bridge = None
+            if str(got[0]).lower() != want:
+                return f"a known record gave {got[0]!r} for {ip}, not {want}"
+    finally:
+        spf.DNSLookup = saved
+    return None
+
+
+def _apply_dns_bridge() -> None:
+    spf.DNSLookup = _dispatch
+
+
+DNS_BRIDGE = patches.install("pyspf.dns-lookup", check_dns_bridge, _apply_dns_bridge)
 
 
 class SpfFilter(Filter):
@@ -228,6 +266,8 @@ class SpfFilter(Filter):
     async def check(self, ip: str, mailfrom: str, helo: str, identity: str,
                     domain: str, resolver: Resolver | None = None) -> Result:
         resolver = resolver or self.resolver
+        if not DNS_BRIDGE:
+            return await self._check_own_dns(ip, mailfrom, helo, identity, domain)
         deadline = time.monotonic() + self.timeout_s
         answers: Answers = {}
         for _ in range(INLINE_ROUNDS):
@@ -247,6 +287,19 @@ class SpfFilter(Filter):
             except asyncio.CancelledError:
                 bridge.abort()
                 raise
+        return self._result(out, identity, domain)
+
+    async def _check_own_dns(self, ip: str, mailfrom: str, helo: str, identity: str,
+                             domain: str) -> Result:
+        """pyspf with its own DNS, in a worker thread, within the check's budget."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                out = await asyncio.to_thread(self._run, None, ip, mailfrom, helo)
+        except TimeoutError:
+            out = ("temperror", f"DNS: {_OUT_OF_TIME}", "", "")
+        return self._result(out, identity, domain)
+
+    def _result(self, out: tuple[str, str, str, str], identity: str, domain: str) -> Result:
         result, mechanism, explanation, header = out
         options = tuple(o for o in (mechanism, explanation) if o)
         edits = (AddHeader("Received-SPF", header),) if self.received_spf and header else ()
@@ -254,7 +307,7 @@ class SpfFilter(Filter):
                       data={"result": result, "domain": domain, "identity": identity,
                             "mechanism": mechanism, "explanation": explanation})
 
-    def _run(self, bridge: _Replay | _Bridge, ip: str, mailfrom: str, helo: str
+    def _run(self, bridge: _Replay | _Bridge | None, ip: str, mailfrom: str, helo: str
              ) -> tuple[str, str, str, str]:
         """One pyspf check, on the loop (replayed) or in a worker thread (bridged): (result,
         mechanism or error, explanation, Received-SPF value)."""

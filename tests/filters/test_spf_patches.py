@@ -1,0 +1,83 @@
+"""filters/spf.py replaces pyspf's module-level ``DNSLookup`` so that SPF's lookups go through
+the gateway's resolver (patch ``pyspf.dns-lookup``). The check evaluates a known record through
+the replacement first; when pyspf no longer fits it, pyspf keeps its own DNS (in a worker
+thread), one warning names the patch, and SPF still gives the right results."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import spf
+
+import filters.spf as spf_filter
+from gateway import patches
+from gateway.dnsresolver import DnsResolver
+from gateway.policy.schema import DnsConfig
+
+
+@pytest.fixture
+def restored() -> Iterator[None]:
+    status, lookup, bridge = dict(patches._status), spf.DNSLookup, spf_filter.DNS_BRIDGE
+    yield
+    patches._status.clear()
+    patches._status.update(status)
+    spf.DNSLookup, spf_filter.DNS_BRIDGE = lookup, bridge
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "mailgate.patches" and r.levelno == logging.WARNING]
+
+
+def own_dns(name: str, qtype: str, strict: Any = True, timeout: Any = None) -> list[Any]:
+    """pyspf's own DNS, for the test: example.org publishes an SPF record."""
+    if (name, qtype) == ("example.org", "TXT"):
+        return [(("example.org", "TXT"), [b"v=spf1 ip4:203.0.113.0/24 -all"])]
+    return []
+
+
+def verdicts(f: spf_filter.SpfFilter) -> list[str]:
+    async def main() -> list[str]:
+        out = []
+        for ip in ("203.0.113.9", "198.51.100.9"):
+            res = await f.check(ip, "bob@example.org", "mx.example.org", "mailfrom",
+                                "example.org")
+            out.append(res.symbols[0].name)
+        return out
+
+    return asyncio.run(main())
+
+
+def test_the_bridge_is_checked_and_installed_here():
+    assert patches.active("pyspf.dns-lookup") and spf.DNSLookup is spf_filter._dispatch
+
+
+def test_a_pyspf_that_no_longer_fits_keeps_its_own_dns(restored, monkeypatch, caplog):
+    monkeypatch.setattr(spf_filter, "_to_pyspf", lambda answer, name, qtype: [])  # shape changed
+    spf.DNSLookup = spf_filter._PYSPF_LOOKUP
+    patches.forget("pyspf.dns-lookup")
+    spf_filter.DNS_BRIDGE = patches.install("pyspf.dns-lookup", spf_filter.check_dns_bridge,
+                                            spf_filter._apply_dns_bridge)
+    assert warnings(caplog) == ["patch pyspf.dns-lookup disabled, the library's own path is "
+                                "used: a known record gave 'none' for 192.0.2.7, not pass"]
+    assert spf.DNSLookup is spf_filter._PYSPF_LOOKUP  # pyspf's own, untouched
+    monkeypatch.setattr(spf, "DNSLookup", own_dns)  # (standing in for the host's DNS)
+    f = spf_filter.SpfFilter(DnsResolver(DnsConfig(nameservers=(("127.0.0.1", 9),))),
+                             timeout_s=5)
+    assert verdicts(f) == ["SPF_PASS", "SPF_FAIL"]
+
+
+def test_a_pyspf_that_stopped_calling_dnslookup_is_detected(restored, monkeypatch, caplog):
+    def dns(self: Any, name: str, qtype: str, cnames: Any = None, ignore_void: bool = False
+            ) -> list[Any]:  # a pyspf that resolves some other way
+        return []
+
+    monkeypatch.setattr(spf.query, "dns", dns)
+    patches.forget("pyspf.dns-lookup")
+    assert not patches.install("pyspf.dns-lookup", spf_filter.check_dns_bridge)
+    assert warnings(caplog) == ["patch pyspf.dns-lookup disabled, the library's own path is "
+                                "used: pyspf's query.dns no longer calls DNSLookup"]
