@@ -21,11 +21,12 @@ makes :class:`BoundedMessage` objects, which
 What was cut is recorded in a shared :class:`Tally`; :func:`findings` turns it into
 (symbol, detail) pairs, e.g. ``("MIME_TOO_DEEP", "more than 50 levels")``.
 
-That the stdlib still calls these hooks as assumed is checked once, at first use
-(:func:`bounds_hold`), on a built message 8 levels deep parsed with a bound of 3: should a
-new Python parse it differently, the parse of each message refuses outright deeper input than
-the bound (by counting ``Content-Type: multipart``/``message`` lines before parsing), a warning
-is logged once, and the finding is still reported.
+That the stdlib still calls these hooks as assumed is checked once per process, at import
+(patch ``email.feedparser-bounds``, gateway/patches.py), on a built message 8 levels deep
+parsed with a bound of 3: should a new Python parse it differently, the parse of each message
+stops before deeper input than the bound could nest (counting ``Content-Type: multipart`` /
+``message`` lines), the patch registry logs its one warning, and the finding is still
+reported.
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ from __future__ import annotations
 import email.feedparser
 import email.message
 import email.policy
-import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger("mailgate.mime")
+from gateway import patches
 
 HARD_MAX_DEPTH = 200  # the largest max_depth a policy may set (the stdlib recurses per level)
 OPAQUE = "application/octet-stream"
@@ -158,32 +158,31 @@ def nested(levels: int, inner: bytes = b"Content-Type: text/plain\r\n\r\nhello\r
     return head + opening + inner + closing
 
 
-_proven: bool | None = None
+def check_bounds() -> str | None:
+    """None when the stdlib's parser honours the hooks as assumed, else what differs."""
+    tally = Tally(MimeLimits(max_depth=3))
+    p = parser(tally)
+    p.feed(nested(8))
+    msg = p.close()
+    depth, node = 1, msg
+    while node.is_multipart():
+        child = node.get_payload(0)
+        assert isinstance(child, email.message.Message)
+        node, depth = child, depth + 1
+    if not isinstance(node, BoundedMessage):
+        return "the parser does not make its parts with the message factory"
+    if (depth, tally.deepest) != (4, 4) or node.get_content_type() != OPAQUE:
+        return f"8 levels with a bound of 3 parsed {depth} deep (deepest cut {tally.deepest})"
+    if b"--b7--" not in (node.get_payload(decode=True) or b""):
+        return "the level past the bound did not keep the deeper content"
+    return None
+
+
+_proven = patches.install("email.feedparser-bounds", check_bounds)
 
 
 def bounds_hold() -> bool:
     """Whether the stdlib's parser calls the hooks as this module assumes (checked once)."""
-    global _proven
-    if _proven is None:
-        try:
-            tally = Tally(MimeLimits(max_depth=3))
-            p = parser(tally)
-            p.feed(nested(8))
-            msg = p.close()
-            depth, node = 1, msg
-            while node.is_multipart():
-                child = node.get_payload(0)
-                assert isinstance(child, email.message.Message)
-                node, depth = child, depth + 1
-            _proven = (depth == 4 and tally.deepest == 4 and isinstance(node, BoundedMessage)
-                       and node.get_content_type() == OPAQUE
-                       and b"--b7--" in node.get_payload(decode=True))
-        except Exception:  # noqa: BLE001 - any surprise means "do not rely on it"
-            _proven = False
-        if not _proven:
-            log.warning("mime: the email package's parser does not honour the depth bound "
-                        "as expected; messages nested deeper than max_mime_depth are refused "
-                        "by a line count before parsing")
     return _proven
 
 

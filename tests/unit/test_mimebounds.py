@@ -5,13 +5,15 @@ a message at a bound is parsed whole."""
 from __future__ import annotations
 
 import asyncio
+import email.message
+import logging
 import time
 from pathlib import Path
 
 import pytest
 
 from filters.mime import MimeFilter
-from gateway import mime, mimebounds
+from gateway import mime, mimebounds, patches
 from gateway.errors import PolicyError
 from gateway.filterapi import Action
 from gateway.message import Message
@@ -100,8 +102,23 @@ def test_the_spool_parse_uses_the_messages_limits(tmp_path: Path) -> None:
 
 
 def test_when_the_stdlib_no_longer_honours_the_hooks_the_depth_is_bounded_by_a_count(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     assert mimebounds.bounds_hold()  # this Python: the hooks work as assumed
+    assert patches.active("email.feedparser-bounds")
+    # a parser that attaches parts only once they are read: the depth is never known in time
+    with monkeypatch.context() as m:
+        m.setattr(mimebounds.BoundedMessage, "attach", email.message.Message.attach)
+        patches.forget("email.feedparser-bounds")
+        try:
+            with caplog.at_level(logging.WARNING, logger="mailgate.patches"):
+                assert not patches.install("email.feedparser-bounds", mimebounds.check_bounds)
+        finally:
+            patches.forget("email.feedparser-bounds")
+    assert [r.getMessage() for r in caplog.records] == [
+        "patch email.feedparser-bounds disabled, the library's own path is used: 8 levels "
+        "with a bound of 3 parsed 9 deep (deepest cut 0)"]
+    assert patches.install("email.feedparser-bounds", mimebounds.check_bounds)  # restored
     monkeypatch.setattr(mimebounds, "_proven", False)
     assert mime.parse_bytes(DEEP).limits[0][0] == "MIME_TOO_DEEP"
     path = tmp_path / "m"
