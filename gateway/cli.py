@@ -131,7 +131,21 @@ def check_policy(path: Path) -> int:
             + (["decided"] if f.decides else [])
         print(f"  filter {f.name}: {', '.join(hooks)} "
               f"(timeout {f.timeout_s:g}s, on_error {f.on_error}; {f.origin})")
+    _print_patches()
     return 0
+
+
+def _print_patches() -> None:
+    """The library patches ``run`` would use (gateway/patches.py): those of the policy's
+    filters (checked as they loaded) and the SMTP front end's (checked here, as at start)."""
+    import gateway.smtp.server  # noqa: F401 - runs the front end's checks
+    from gateway import patches
+
+    every = patches.statuses()
+    off = [st for st in every if not st.active]
+    print(f"  library patches: {len(every) - len(off)} of {len(every)} in use")
+    for st in off:
+        print(f"  library patch {st.name}: off, the library's own path is used ({st.reason})")
 
 
 if __name__ == "__main__":

@@ -122,3 +122,27 @@ def test_changed_aiosmtpd_hooks_run_the_session_on_asyncio_streams(gateway_facto
     c.close()
     conn = gw.wait_for(lambda e: e.get("event") == "connection" and e.get("end") == "max-session")
     assert conn["commands"] == 4
+
+
+def test_check_policy_says_which_library_patch_is_off(tmp_path, sink, cert):
+    """``check-policy`` runs the same checks ``run`` does and lists a patch that is off."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support import toml
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NEW_SSLPROTO)
+    path = tmp_path / "p.toml"
+    path.write_text(toml.dumps(_policy(sink, cert)))
+    r = subprocess.run([sys.executable, "-m", "gateway", "check-policy", str(path)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": f"{site}:{REPO}"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-2:] == [
+        "  library patches: 2 of 3 in use",
+        "  library patch asyncio.sslproto.starttls: off, the library's own path is used "
+        "(asyncio.sslproto.SSLProtocol takes (loop, app_protocol, sslcontext, handshake_waiter, "
+        "server_side, kw))"]
