@@ -21,8 +21,9 @@ Removal (RFC 8601 §5): each Authentication-Results value is read with the ``aut
 library's grammar (:mod:`filters._arheader`: comments, nested comments, quoted strings,
 folding and the version as the library reads them); one whose authserv-id is ours, in any
 case (RFC 8601 §2.5), is removed. A value the library cannot parse (or too long or too deeply
-nested to parse) is removed when our authserv-id occurs in it anywhere as a token, comments
-included: fail closed, so no reader downstream can take it for ours. The core's
+nested to parse, or beyond the message's ``PARSE_BUDGET``) is removed when our authserv-id
+occurs in it anywhere as a token, comments included: fail closed, so no reader downstream can
+take it for ours. The core's
 ``RemoveHeader.value_prefix`` compares case-sensitively, so one ``RemoveHeader`` is emitted per
 matching header, with that header's own (unfolded) value as the prefix.
 """
@@ -52,6 +53,7 @@ from gateway.services import Services
 from gateway.settings import check_keys, opt_str, str_list
 
 HEADER = "Authentication-Results"
+PARSE_BUDGET = 16384  # characters of incoming values naming our authserv-id parsed per message
 METHODS = ("spf", "dkim", "dmarc", "arc")
 _AUTHSERV = re.compile(r"[^\s;()]+")
 _PVALUE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]+")
@@ -75,12 +77,19 @@ def carries(value: str, authserv_id: str) -> bool:
 
 
 def forged(message: Message | None, authserv_id: str) -> tuple[RemoveHeader, ...]:
-    """RemoveHeader edits for every Authentication-Results carrying ``authserv_id``."""
+    """RemoveHeader edits for every Authentication-Results carrying ``authserv_id``. At most
+    ``PARSE_BUDGET`` characters of values naming it are parsed per message (the filter runs on
+    the event loop); beyond that, a value naming it is removed unparsed (fail closed)."""
     if message is None:
         return ()
     out: list[RemoveHeader] = []
+    budget = PARSE_BUDGET
     for value in message.get_all(HEADER):
-        if carries(value, authserv_id):
+        if not _arheader.mentions(value, authserv_id):
+            continue
+        over = len(value) > budget
+        budget -= min(len(value), budget)
+        if over or carries(value, authserv_id):
             edit = RemoveHeader(HEADER, value_prefix=value)
             if edit not in out:
                 out.append(edit)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +211,25 @@ def test_foreign_headers_are_kept(tmp_path: Path, value: str) -> None:
     msg = message(tmp_path, f"Authentication-Results: {value}\r\nFrom: a@example.com\r\n")
     res = run(AuthResultsFilter("mx.gateway.test"), ctx(msg))
     assert removes(res) == []
+
+
+def test_parsing_is_bounded_per_message(tmp_path: Path) -> None:
+    """Values naming us are parsed up to PARSE_BUDGET characters a message (the library is
+    quadratic, the filter runs on the event loop); past it they are removed unparsed, while
+    foreign headers stay whatever their number."""
+    ours = "mx.gateway.test; dkim=pass header.d=bank.example" + " header.s=s" * 360  # ~3.6 KB
+    foreign = "other.example (mx.gateway.test); dkim=pass" + " header.s=s" * 360
+    headers = "".join(f"Authentication-Results: {v} header.i=n{i}\r\n"
+                      for i in range(8) for v in (foreign, ours))
+    msg = message(tmp_path, headers + "From: a@example.com\r\n")
+    f = AuthResultsFilter("mx.gateway.test")
+    start = time.process_time()
+    res = run(f, ctx(msg))
+    spent = time.process_time() - start
+    gone = {r.value_prefix for r in removes(res)}
+    assert all(v.startswith("mx.gateway.test;") or v.startswith("other.example") for v in gone)
+    assert sum(v.startswith("mx.gateway.test;") for v in gone) == 8  # every one of ours
+    # the foreign ones parsed within the budget stay; later ones go unparsed (fail closed)
+    kept = [v for v in msg.get_all("Authentication-Results") if v not in gone]
+    assert len(kept) == 2 and all(v.startswith("other.example") for v in kept)
+    assert spent < 2.0, spent
