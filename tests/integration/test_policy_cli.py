@@ -87,15 +87,16 @@ def test_check_policy_summary_for_a_known_policy(tmp_path):
     path.write_text(toml.dumps(base_policy("smtp://127.0.0.1:10025")))
     r = mailgate("check-policy", str(path), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == [
+    *lines, last = r.stdout.splitlines()
+    assert lines == [
         f"{path}: ok",
         "  listen: 127.0.0.1:0",
         "  relay: proxy -> smtp://127.0.0.1:10025",
         "  accepted domains: example.test",
         "  filter rcpt: rcpt (timeout 10s, on_error tempfail; built-in filters.rcpt)",
         "  filter headers: message (timeout 10s, on_error continue; built-in filters.headers)",
-        "  library patches: 3 of 3 in use",  # the SMTP front end's (gateway/patches.py)
     ]
+    assert re.fullmatch(r"  library patches: (\d+) of \1 in use", last), last  # all in use
 
 
 def test_check_policy_bad_file_exits_1_with_every_error_on_stderr(tmp_path):
