@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.support.gateway import GatewayProcess, base_policy
-from tests.support.hidden import text_mail, uuencode, yencode
+from tests.support.hidden import TESTFILES, text_mail, uuencode, yencode
 from tests.support.rar5 import rar5
 from tests.support.sink import Sink
 
@@ -164,4 +164,14 @@ def test_program_in_a_rar_is_refused_with_its_path(world: World) -> None:
     code, reply = world.send(message(("docs.rar", rar, "application/vnd.rar")))
     assert (code, reply.split(b" ", 1)[0]) == (554, b"5.7.1"), reply
     assert b'"docs.rar/docs/setup.exe" (ATTACH_BANNED_EXT)' in reply
+    world.nothing_relayed(before)
+
+
+def test_program_inside_a_tnef_winmail_dat_is_refused(world: World) -> None:
+    """clam.tnef (ClamAV's test files): an Outlook winmail.dat holding clam.exe."""
+    before = len(world.sink.messages)
+    tnef = (TESTFILES / "clam.tnef").read_bytes()
+    code, reply = world.send(message(("winmail.dat", tnef, "application/ms-tnef")))
+    assert (code, reply.split(b" ", 1)[0]) == (554, b"5.7.1"), reply
+    assert b'"winmail.dat/clam.exe" (ATTACH_BANNED_EXT)' in reply
     world.nothing_relayed(before)
