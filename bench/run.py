@@ -440,7 +440,7 @@ class Mailgate(Target):
                 {"name": "dmarc", "on_error": "tempfail", "timeout_s": 15},
                 {"name": "authres", "on_error": "tempfail"},
                 {"name": "rules", "on_error": "continue",
-                 "files": [str(REPO / "policies" / "rules" / "default.cf")]},
+                 "shipped": True},
                 {"name": "bayes", "on_error": "continue", "db_path": str(env.bayes_db),
                  "min_spam": 100, "min_ham": 100},
                 {"name": "attachments", "on_error": "tempfail", "timeout_s": 20},

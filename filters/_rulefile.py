@@ -449,7 +449,8 @@ class _Parser:
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
         except OSError as e:
-            raise RuleError(f"{label}: cannot read: {e.strerror}") from None
+            where = "" if str(path) == label else f" {path}"
+            raise RuleError(f"{label}: cannot read{where}: {e.strerror}") from None
         self.text(text, label)
 
     def text(self, text: str, label: str) -> None:

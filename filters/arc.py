@@ -46,7 +46,7 @@ import inspect
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,7 +128,7 @@ class ArcFilter(Filter):
         resolver = getattr(services, "resolver", None) or DnsResolver(DnsConfig())
         return cls(resolver,
                    authserv_id=opt_str(cfg, "authserv_id") or services.hostname,
-                   sealer=_sealer(cfg),
+                   sealer=_sealer(cfg, services.path),
                    dns_timeout_s=positive(cfg, "dns_timeout_s", 5.0),
                    max_bytes=integer(cfg, "max_bytes", 10 * 1024 * 1024, 1),
                    max_instances=integer(cfg, "max_instances", 50, 1),
@@ -353,7 +353,8 @@ def _set(s: Mapping[bytes | str, Any]) -> dict[str, Any]:
             "ams_valid": bool(s.get("ams-valid")), "aar": text(s.get("aar-value", ""))}
 
 
-def _sealer(cfg: Mapping[str, Any]) -> Sealer | None:
+def _sealer(cfg: Mapping[str, Any], locate: Callable[[str], Path] = Path
+            ) -> Sealer | None:
     given = [k for k in SEAL_KEYS if k in cfg]
     if not given:
         if "seal_headers" in cfg:
@@ -368,14 +369,16 @@ def _sealer(cfg: Mapping[str, Any]) -> Sealer | None:
         raise ConfigError("seal_domain", f"not a domain name: {domain!r}")
     if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", selector):
         raise ConfigError("seal_selector", f"not a selector: {selector!r}")
-    key = read_key(cfg, "seal_key_file")
+    key = read_key(cfg, "seal_key_file", locate)
     headers = signed_headers(cfg, "seal_headers")
     return Sealer(domain.lower(), selector, key, headers)
 
 
-def read_key(cfg: Mapping[str, Any], key: str) -> bytes:
-    """An RSA private key (PEM) from the file the setting names; ConfigError if unusable."""
-    path = Path(opt_str(cfg, key) or "")
+def read_key(cfg: Mapping[str, Any], key: str,
+             locate: Callable[[str], Path] = Path) -> bytes:
+    """An RSA private key (PEM) from the file the setting names (``locate``: a relative path
+    resolved, ``Services.path``); ConfigError if unusable."""
+    path = locate(opt_str(cfg, key) or "")
     try:
         data = path.read_bytes()
     except OSError as e:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,7 +175,7 @@ class BayesFilter(Filter):
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], services: Services) -> BayesFilter:
-        settings = parse_settings(cfg, services.hostname)
+        settings = parse_settings(cfg, services.hostname, services.path)
         if (why := json_each_missing()) is not None:
             raise ConfigError("db_path", why)
         return cls(SqliteReader(settings.db_path), settings.db_path, settings.classifier,
@@ -296,10 +296,14 @@ _KEYS = {"db_path", "min_spam", "min_ham", "max_discriminators", "min_strength",
          "autolearn_spam_at", "autolearn_ham_below"}
 
 
-def parse_settings(cfg: Mapping[str, Any], hostname: str | None = None) -> Settings:
-    """The filter's settings (shared with ``mailgate learn``, which must tokenize alike)."""
+def parse_settings(cfg: Mapping[str, Any], hostname: str | None = None,
+                   locate: Callable[[str], Path] = Path) -> Settings:
+    """The filter's settings (shared with ``mailgate learn``, which must tokenize alike);
+    ``locate`` resolves a relative ``db_path`` given (``Services.path``: the policy's
+    directory); the default, ``bayes.db``, is relative to the working directory."""
     check_keys(cfg, _KEYS)
-    db_path = Path(opt_str(cfg, "db_path") or "bayes.db")
+    given = opt_str(cfg, "db_path")
+    db_path = locate(given) if given else Path("bayes.db")
     skip: tuple[str, ...] = DEFAULT_SKIP_HEADERS
     if "skip_headers" in cfg:
         skip = tuple(s.lower() for s in str_list(cfg, "skip_headers"))

@@ -30,7 +30,7 @@ import base64
 import binascii
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,7 @@ class DkimSignFilter(Filter):
                                          '"example.com"] with selector and key_file')
         keys = {}
         for domain, spec in domains.items():
-            keys[_domain(domain)] = _key(domain, spec)
+            keys[_domain(domain)] = _key(domain, spec, services.path)
         return cls(keys, only_trusted_clients=boolean(cfg, "only_trusted_clients", True),
                    max_bytes=integer(cfg, "max_bytes", 25 * 1024 * 1024, 1))
 
@@ -143,7 +143,7 @@ def _domain(text: Any) -> str:
     return d
 
 
-def _key(domain: str, spec: Any) -> SigningKey:
+def _key(domain: str, spec: Any, locate: Callable[[str], Path] = Path) -> SigningKey:
     where = f"domains.{domain}"
     if not isinstance(spec, Mapping):
         raise ConfigError(where, "must be a table with selector and key_file")
@@ -155,7 +155,7 @@ def _key(domain: str, spec: Any) -> SigningKey:
             raise ConfigError("selector", "required: a DKIM selector (letters, digits, - _ .)")
         if "key_file" not in spec:
             raise ConfigError("key_file", "required: the private key file")
-        key, algorithm = _read(spec)
+        key, algorithm = _read(spec, locate)
         headers = tuple(dict.fromkeys(h.strip().lower() for h in str_list(spec, "headers"))) \
             if "headers" in spec else DEFAULT_HEADERS
         oversign = frozenset(h.strip().lower() for h in str_list(spec, "oversign")) \
@@ -173,11 +173,12 @@ def _key(domain: str, spec: Any) -> SigningKey:
     return SigningKey(_domain(domain), selector, key, algorithm, headers, oversign)
 
 
-def _read(spec: Mapping[str, Any]) -> tuple[bytes, str]:
+def _read(spec: Mapping[str, Any], locate: Callable[[str], Path] = Path
+          ) -> tuple[bytes, str]:
     algorithm = opt_str(spec, "algorithm")
     if algorithm is not None and algorithm not in ALGORITHMS:
         raise ConfigError("algorithm", f"must be one of {', '.join(ALGORITHMS)}")
-    path = Path(opt_str(spec, "key_file") or "")
+    path = locate(opt_str(spec, "key_file") or "")
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -186,7 +187,7 @@ def _read(spec: Mapping[str, Any]) -> tuple[bytes, str]:
         if algorithm == "ed25519-sha256":
             raise ConfigError("key_file", f"{path}: give an Ed25519 key as the base64 of its "
                                           f"32-byte seed (dknewkey --ktype ed25519)")
-        return read_key(spec, "key_file"), "rsa-sha256"
+        return read_key(spec, "key_file", locate), "rsa-sha256"
     try:
         seed = base64.b64decode(data.strip(), validate=True)
     except (binascii.Error, ValueError):

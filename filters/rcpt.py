@@ -63,7 +63,7 @@ class RcptFilter(Filter):
         entries = list(str_list(cfg, "recipients"))
         map_file = opt_str(cfg, "recipient_map_file")
         if map_file:
-            entries += _read_map(Path(map_file))
+            entries += _read_map(services.path(map_file))
         addresses, whole = set(), set()
         for e in entries:
             local, at, domain = e.lower().rpartition("@")

@@ -24,9 +24,11 @@ each behind its own needle, searched in turn until one matches: the same hits, b
 can start from its alternative's leading literal instead of trying every alternative at every
 position of the text.
 
-Settings: ``files`` (required: rule files, relative paths resolved against the policy file's
-directory, later definitions override earlier ones), ``max_scan_bytes`` (262144), ``prefix``
-(``""``: prepended to every reported symbol name).
+Settings: ``shipped`` (false: true reads the rule set shipped with mailgate,
+``filters/rulesets/default.cf`` in the package, before ``files``), ``files`` (rule files,
+relative paths resolved against the policy file's directory, later definitions override earlier
+ones; required unless ``shipped``), ``max_scan_bytes`` (262144), ``prefix`` (``""``: prepended
+to every reported symbol name).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from gateway.filterapi import ConfigError, Filter, FilterContext, Result, Symbol
 from gateway.headeraddr import addresses
 from gateway.mime import MimeView
 from gateway.services import Services
-from gateway.settings import check_keys, integer, positive, str_list
+from gateway.settings import boolean, check_keys, integer, positive, str_list
 
 DEFAULT_MAX_SCAN_BYTES = 256 * 1024
 _LINE_KINDS = ("body", "rawbody", "uri")  # matched with re.M added
@@ -203,6 +205,10 @@ class _Scan:
                                  concurrent=True) is not None
 
 
+# the rule set shipped with mailgate (package data), read first with ``shipped = true``
+SHIPPED_RULES = Path(__file__).resolve().parent / "rulesets" / "default.cf"
+
+
 class RulesFilter(Filter):
     name = "rules"
     local = True  # no DNS, no sockets: runs in its stage's coroutine
@@ -220,18 +226,20 @@ class RulesFilter(Filter):
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], services: Services) -> RulesFilter:
-        check_keys(cfg, {"files", "max_scan_bytes", "prefix", "rule_timeout_s",
+        check_keys(cfg, {"shipped", "files", "max_scan_bytes", "prefix", "rule_timeout_s",
                          "scan_budget_s"})
         files = str_list(cfg, "files")
-        if not files:
-            raise ConfigError("files", "is required: a list of rule files (.cf)")
+        shipped = boolean(cfg, "shipped", False)
+        if not files and not shipped:
+            raise ConfigError("files", "is required (a list of rule files, .cf) unless "
+                                       "shipped = true")
         max_scan = integer(cfg, "max_scan_bytes", DEFAULT_MAX_SCAN_BYTES, 1024)
         prefix = cfg.get("prefix", "")
         if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z0-9_]*", prefix):
             raise ConfigError("prefix", "must be a string of letters, digits and _")
-        base = services.policy_dir or Path(".")
         try:
-            rules = load_rules((base / f, f) for f in files)
+            rules = load_rules([*([(SHIPPED_RULES, "shipped:default.cf")] if shipped else []),
+                                *((services.path(f), f) for f in files)])
         except RuleError as e:
             raise ConfigError("files", str(e)) from None
         for rule in rules.rules.values():

@@ -12,7 +12,7 @@ import signal
 import socket
 import ssl
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,18 @@ from gateway.deferred import defer
 from gateway.dnsextras import defer_package_metadata
 from gateway.dnsresolver import DnsResolver
 from gateway.engine import Engine
-from gateway.errors import PolicyError
+from gateway.errors import PolicyError, StartupError
 from gateway.launch import LISTEN_BACKLOG, bind_listeners
 from gateway.logs import event
 from gateway.policy.lint import lint
-from gateway.policy.loader import parse_policy_collecting, read_policy_data
+from gateway.policy.loader import (
+    listen_override,
+    parse_policy_collecting,
+    policy_dir,
+    read_policy_data,
+)
 from gateway.policy.schema import Limits, Policy
+from gateway.preflight import tls_context
 from gateway.qmgr import QueueManager
 from gateway.registry import collect_chain
 from gateway.replies import Reply
@@ -90,9 +96,13 @@ def load_engine(path: Path) -> Engine:
     defer_package_metadata()  # before a filter imports dnspython (gateway/dnsextras.py)
     defer("nacl.signing")  # dkimpy imports it for ed25519 keys alone (gateway/deferred.py)
     data = read_policy_data(Path(path))
-    policy, problems = parse_policy_collecting(data, str(path))
+    policy, problems = parse_policy_collecting(data, str(path), policy_dir(path))
+    try:  # $MAILGATE_LISTEN, as load_policy: the addresses a single process binds
+        policy = listen_override(policy)
+    except PolicyError as e:
+        problems += list(e.problems)
     services = Services(hostname=policy.hostname, resolver=DnsResolver(policy.dns),
-                        policy_dir=Path(path).parent)
+                        policy_dir=policy.base_dir)
     chain, chain_problems = collect_chain(policy, services)
     found = lint(policy, data, {f.name: f.instance for f in chain},
                  complete=len(chain) == sum(s.enabled for s in policy.filters))
@@ -105,32 +115,40 @@ def load_engine(path: Path) -> Engine:
 
 
 def make_tls_context(policy: Policy) -> ssl.SSLContext | None:
-    if not policy.tls.enabled:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    """The server TLS context (gateway/preflight.py); PolicyError naming the file."""
+    return tls_context(policy)
+
+
+def open_spool(directory: Path) -> Spool:
+    """The spool, its areas created if need be; StartupError naming the directory."""
     try:
-        ctx.load_cert_chain(str(policy.tls.cert_file), str(policy.tls.key_file))
-    except (OSError, ssl.SSLError) as e:
-        raise PolicyError([f"{policy.source}: tls: cannot load certificate/key: {e}"]) from None
-    return ctx
+        return Spool(directory)
+    except OSError as e:
+        raise StartupError(f"spool directory {Path(directory).absolute()}: "
+                           f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}"
+                           ) from None
 
 
 class Runtime:
     def __init__(self, policy_path: Path, sockets: list[socket.socket] | None = None, *,
-                 recover: bool = True, worker: int = 0) -> None:
+                 recover: bool = True, worker: int = 0,
+                 prepare: Callable[[Policy], list[socket.socket]] | None = None) -> None:
         """``sockets``: listening sockets bound by a supervisor (several workers share them);
-        ``recover``: run the spool recovery (once per start, before any worker delivers)."""
+        ``recover``: run the spool recovery (once per start, before any worker delivers);
+        ``prepare``: called once the policy is fully validated, before the spool is touched,
+        returns the listening sockets (the spool's lock and the binds of a single process)."""
         self.policy_path = policy_path
         self.worker = worker
         self._sockets = sockets
         engine = load_engine(policy_path)  # fully validated before anything touches the disk
         self.log_warnings(engine)
-        self.spool = Spool(engine.policy.spool.directory)
+        self.tls_context = make_tls_context(engine.policy)
+        if prepare is not None:
+            self._sockets = prepare(engine.policy)
+        self.spool = open_spool(engine.policy.spool.directory)
         self.qmgr = QueueManager(self.spool, engine.policy, engine.syncer)
         engine.attach_queue(self.spool, self.qmgr.kick)
         self.engine = engine
-        self.tls_context = make_tls_context(self.engine.policy)
         self.connections = ConnectionCounter(fd_connection_cap(engine.policy))
         self.sessions: set[Any] = set()
         self.no_sessions = asyncio.Event()  # set whenever the last session ends
@@ -292,14 +310,21 @@ def recover_spool(spool: Spool) -> None:
 
 
 async def serve(policy_path: Path, sockets: list[socket.socket] | None = None, *,
-                recover: bool = True, worker: int = 0) -> int:
+                recover: bool = True, worker: int = 0,
+                prepare: Callable[[Policy], list[socket.socket]] | None = None) -> int:
+    """Run the gateway until stopped; 1 (each problem logged on one line) if the policy or
+    the environment does not let it start."""
     try:
-        runtime = Runtime(policy_path, sockets, recover=recover, worker=worker)
+        runtime = Runtime(policy_path, sockets, recover=recover, worker=worker,
+                          prepare=prepare)
     except PolicyError as e:
         for p in e.problems:
             log.error("%s", p)
         for w in e.warnings:
             log.warning("%s", w)
-        return 2
+        return 1
+    except StartupError as e:
+        log.error("%s", e)
+        return 1
     await runtime.run_forever()
     return 0

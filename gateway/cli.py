@@ -1,5 +1,10 @@
 """The ``mailgate`` command: ``run`` the gateway, ``check-policy`` a file, manage the ``queue``
-(``gateway/queuecli.py``)."""
+(``gateway/queuecli.py``), the ``quarantine`` and Bayes (``learn``).
+
+Every subcommand finds its policy the same way (``gateway/policy/locate.py``: ``--policy``,
+``$MAILGATE_POLICY``, ``/etc/mailgate/mailgate.toml``, ``./policies/default.toml``) and exits
+alike: 0 ok, 1 a bad policy or environment (or what the command reports as failed), 2 bad usage
+(the command line)."""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ from pathlib import Path
 
 from gateway import __version__
 
-DEFAULT_POLICY = Path("policies/default.toml")
+POLICY_HELP = ("default: the first of $MAILGATE_POLICY, /etc/mailgate/mailgate.toml, "
+               "./policies/default.toml")
+EXIT_CODES = "Exit codes: 0 ok, 1 bad policy or environment, 2 bad usage."
 
 
 def build_parser(*, only_run: bool = False) -> argparse.ArgumentParser:
@@ -17,12 +24,12 @@ def build_parser(*, only_run: bool = False) -> argparse.ArgumentParser:
     commands' modules (they load the spool, the quarantine and Bayes: memory the gateway's
     supervisor process would otherwise carry for as long as it runs)."""
     parser = argparse.ArgumentParser(prog="mailgate", description="Inbound SMTP "
-                                     "content-filtering gateway")
+                                     f"content-filtering gateway. {EXIT_CODES}")
     parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    run = sub.add_parser("run", help="start the gateway")
-    run.add_argument("--policy", type=Path, default=DEFAULT_POLICY,
-                     help=f"policy file (default: {DEFAULT_POLICY})")
+    run = sub.add_parser("run", help="start the gateway",
+                         description=f"Start the gateway. {EXIT_CODES}")
+    run.add_argument("--policy", type=Path, default=None, help=f"policy file ({POLICY_HELP})")
     run.add_argument("--log-format", choices=("kv", "json"), default="kv",
                      help="key=value lines (default) or JSON lines")
     run.add_argument("--log-level", default="info",
@@ -34,27 +41,35 @@ def build_parser(*, only_run: bool = False) -> argparse.ArgumentParser:
         return parser
     from gateway import queuecli
 
-    check = sub.add_parser("check-policy", help="validate a policy file and exit")
-    check.add_argument("policy", type=Path)
+    check = sub.add_parser("check-policy", help="validate a policy file and what running it "
+                           "needs, and exit",
+                           description="Validate a policy file, its filters' files and what "
+                           "`run` needs (spool directory writable, TLS files loadable). "
+                           "Exit codes: 0 ok, 1 problems (each printed), 2 bad usage.")
+    check.add_argument("policy", type=Path, nargs="?", help=f"policy file ({POLICY_HELP})")
+    check.add_argument("--policy", type=Path, dest="policy_option", metavar="POLICY",
+                       help="the same, as an option")
     queue = sub.add_parser("queue", help="list and manage the queue (works whether the "
                            "gateway runs or not)",
                            description="List and manage queued messages. Exit codes: 0 ok, "
-                           "1 not found / busy / wrong state, 2 usage, policy or spool error.")
-    queuecli.add_arguments(queue, DEFAULT_POLICY)
+                           "1 not found / busy / wrong state, or a bad policy or spool, "
+                           "2 bad usage.")
+    queuecli.add_arguments(queue, POLICY_HELP)
     from gateway import quarantinecli
 
     quarantine = sub.add_parser("quarantine", help="list, show, release, delete and expire "
                                 "quarantined mail (works whether the gateway runs or not)",
                                 description="Quarantined messages. Exit codes: 0 ok, 1 not "
-                                "found / busy, 2 usage, policy or spool error.")
-    quarantinecli.add_arguments(quarantine, DEFAULT_POLICY)
+                                "found / busy, or a bad policy or spool, 2 bad usage.")
+    quarantinecli.add_arguments(quarantine, POLICY_HELP)
     from gateway import learncli
 
     learn = sub.add_parser("learn", help="train the bayes filter from message files, Maildir "
                            "folders and mbox files",
                            description="Learn messages as spam or ham, or forget them. Exit "
-                           "codes: 0 ok, 1 some messages unreadable, 2 usage or policy error.")
-    learncli.add_arguments(learn, DEFAULT_POLICY)
+                           "codes: 0 ok, 1 some messages unreadable, or a bad policy, store or "
+                           "PATH, 2 bad usage.")
+    learncli.add_arguments(learn, POLICY_HELP)
     from gateway import healthcli
 
     health = sub.add_parser("health", help="check that every listener answers with a 220 "
@@ -62,13 +77,37 @@ def build_parser(*, only_run: bool = False) -> argparse.ArgumentParser:
                             description="Connect to each listening address of the policy and "
                             "expect the 220 greeting. Exit codes: 0 all answer, 1 one does "
                             "not (or the policy does not load), 2 usage.")
-    healthcli.add_arguments(health, DEFAULT_POLICY)
+    healthcli.add_arguments(health, POLICY_HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(only_run=argv[:1] == ["run"]).parse_args(argv)
+    if args.cmd == "check-policy" and args.policy_option is not None:
+        if args.policy is not None:
+            print("mailgate check-policy: give the policy file once (FILE or --policy FILE)",
+                  file=sys.stderr)
+            return 2
+        args.policy = args.policy_option
+    if args.cmd == "run":
+        from gateway.logs import setup_logging
+
+        setup_logging(args.log_format, args.log_level)
+    if not (args.cmd == "learn" and args.db is not None):
+        from gateway.errors import PolicyError
+        from gateway.policy.locate import find_policy
+
+        try:
+            args.policy = find_policy(args.policy)
+        except PolicyError as e:
+            if args.cmd == "run":
+                import logging
+
+                logging.getLogger("mailgate").error("%s", e)
+            else:
+                print(f"mailgate {args.cmd}: {e}", file=sys.stderr)
+            return 1
 
     if args.cmd == "check-policy":
         return check_policy(args.policy)
@@ -93,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(args.log_format, "info")
         return quarantinecli.run(args)
     from gateway.launch import run as run_gateway
-    from gateway.logs import setup_logging
 
     if args.listen:
         import os
@@ -102,17 +140,20 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ[LISTEN_ENV] = ",".join(args.listen)
 
-    setup_logging(args.log_format, args.log_level)
     return run_gateway(args.policy)
 
 
 def check_policy(path: Path) -> int:
     from gateway.app import load_engine, make_tls_context
     from gateway.errors import PolicyError
+    from gateway.preflight import spool_problem
 
     try:
         engine = load_engine(path)
         make_tls_context(engine.policy)
+        spool = spool_problem(engine.policy.spool.directory)  # what `run` will need
+        if spool:
+            raise PolicyError([f"{path}: spool.directory: {spool}"])
     except PolicyError as e:
         for p in (*e.problems, *e.warnings):
             print(p, file=sys.stderr)

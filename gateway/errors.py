@@ -55,3 +55,9 @@ class RelayPermError(RelayError):
 
 class SpoolError(MailgateError):
     """The spool could not store, find, lock or move a message (the SMTP side answers 451)."""
+
+
+class StartupError(MailgateError):
+    """The gateway cannot start in this environment: the spool is not writable or is in use by
+    another instance, a listen address is taken or needs privilege, a TLS file cannot be read.
+    The text is one line naming the file or address and the reason (exit 1)."""

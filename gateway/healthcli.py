@@ -13,9 +13,8 @@ from pathlib import Path
 from gateway.errors import PolicyError
 
 
-def add_arguments(p: argparse.ArgumentParser, default_policy: Path) -> None:
-    p.add_argument("--policy", type=Path, default=default_policy,
-                   help=f"policy file (default: {default_policy})")
+def add_arguments(p: argparse.ArgumentParser, policy_help: str) -> None:
+    p.add_argument("--policy", type=Path, default=None, help=f"policy file ({policy_help})")
     p.add_argument("--timeout-s", type=float, default=5.0,
                    help="seconds to wait for each greeting (default: 5)")
 

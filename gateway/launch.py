@@ -11,12 +11,14 @@ import os
 import resource
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.cpus import available_cpus
-from gateway.errors import PolicyError
+from gateway.errors import PolicyError, StartupError
 from gateway.policy.loader import load_policy
 from gateway.policy.schema import Policy
+from gateway.preflight import check_tls_files, listen_problem, lock_spool, spool_problem
 
 log = logging.getLogger("mailgate")
 LISTEN_BACKLOG = 4096  # asyncio's default of 100 drops connections under load
@@ -41,13 +43,21 @@ def raise_fd_limit() -> int:
 
 
 def bind_listeners(policy: Policy) -> list[socket.socket]:
-    out = []
+    """A listening socket for each of ``server.listen``; StartupError (one line naming the
+    address and the reason) if one cannot be bound, the others closed again."""
+    out: list[socket.socket] = []
     for lst in policy.listeners:
         family = socket.AF_INET6 if ":" in lst.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((lst.host, lst.port))
-        sock.listen(LISTEN_BACKLOG)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((lst.host, lst.port))
+            sock.listen(LISTEN_BACKLOG)
+        except OSError as e:
+            sock.close()
+            for s in out:
+                s.close()
+            raise StartupError(listen_problem(lst.host, lst.port, e)) from None
         sock.setblocking(False)
         out.append(sock)
     return out
@@ -55,53 +65,98 @@ def bind_listeners(policy: Policy) -> list[socket.socket]:
 
 def run(policy_path: Path) -> int:
     """Start the gateway: in this process (``server.workers = 1``), or as a supervisor of N
-    worker processes sharing the listening sockets and the spool. A policy that does not load
-    (syntax, keys, or a filter that cannot be built) exits 2 before anything listens."""
+    worker processes sharing the listening sockets and the spool. Once the policy is fully
+    validated (filters built, TLS loaded) and before anything listens, it takes the spool's
+    lock (one gateway per spool: a second one exits) and binds every address. A policy that
+    does not load or an environment that does not fit exits 1, each problem one line, and a
+    policy that does not load leaves no trace (no spool created)."""
     try:
         policy = load_policy(policy_path)
     except PolicyError:
-        return _problems(_every_problem(policy_path))
+        every = _every_problem(policy_path)
+        return _problems(every.problems, every.warnings)
+    try:
+        check_tls_files(policy)
+        problem = spool_problem(policy.spool.directory)
+        if problem:
+            raise StartupError(problem)
+    except PolicyError as e:
+        return _problems(e.problems)
+    except StartupError as e:
+        return _problems([str(e)])
     raise_fd_limit()  # before forking: the workers inherit it
     workers = policy.workers or available_cpus()  # a container's CPU quota, not the host's
-    if workers == 1:
-        return _worker(policy_path, None, 0)
-    code = _prepare_in_child(policy_path)
-    if code:
-        return code
-    from gateway.workers import supervise
+    locks: list[int] = []
+    try:
+        if workers == 1:
+            def prepare(valid: Policy) -> list[socket.socket]:
+                locks.append(lock_spool(valid.spool.directory))
+                return bind_listeners(valid)
 
-    sockets = bind_listeners(policy)
-    return supervise(workers, lambda i: _worker(policy_path, sockets, i))
+            return _worker(policy_path, None, 0, recover=True, prepare=prepare)
+        code = _in_child(policy_path, _build_engine)
+        if code:
+            return code
+        locks.append(lock_spool(policy.spool.directory))
+        sockets = bind_listeners(policy)
+        code = _in_child(policy_path, _recover_spool)
+        if code:
+            return code
+        from gateway.workers import supervise
+
+        return supervise(workers, lambda i: _worker(policy_path, sockets, i))
+    except StartupError as e:
+        return _problems([str(e)])
+    finally:
+        for fd in locks:  # held to the end: in the workers too, by inheritance
+            os.close(fd)
 
 
-def _worker(policy_path: Path, sockets: list[socket.socket] | None, worker: int) -> int:
-    """One gateway process (``sockets`` None: it binds its own and recovers the spool). It
-    builds the filter chain itself; a policy error there exits 2."""
+def _worker(policy_path: Path, sockets: list[socket.socket] | None, worker: int, *,
+            recover: bool = False,
+            prepare: Callable[[Policy], list[socket.socket]] | None = None) -> int:
+    """One gateway process on the listening ``sockets`` (or those ``prepare`` returns once the
+    policy is validated); ``recover``: it also recovers the spool (one process alone). It
+    builds the filter chain itself; a policy error there exits 1."""
     import asyncio
 
     from gateway.app import serve
 
-    return asyncio.run(serve(policy_path, sockets, recover=sockets is None, worker=worker))
+    return asyncio.run(serve(policy_path, sockets, recover=recover, worker=worker,
+                             prepare=prepare))
 
 
-def _prepare_in_child(policy_path: Path) -> int:
-    """In a forked child, before any worker starts: build the whole engine (filters, rule
-    sets, Bayes) once, so a policy that cannot run fails here with exit 2, then recover the
-    spool (which logs its own "spool-recovered" line). This process never holds either."""
+def _build_engine(policy_path: Path) -> None:
+    """Build the whole engine (filters, rule sets, Bayes, TLS) once: a policy that cannot run
+    fails before the spool is touched."""
+    from gateway.app import load_engine, make_tls_context
+
+    make_tls_context(load_engine(policy_path).policy)
+
+
+def _recover_spool(policy_path: Path) -> None:
+    """Recover the spool (under the lock; logs its own "spool-recovered" line)."""
+    from gateway.app import open_spool
+
+    open_spool(load_policy(policy_path).spool.directory).recover()
+
+
+def _in_child(policy_path: Path, job: Callable[[Path], None]) -> int:
+    """Run ``job`` in a forked child, so that this process (the supervisor) never holds an
+    engine or a spool; its exit code (1 on a PolicyError or StartupError, each problem one
+    line)."""
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            from gateway.app import load_engine
-            from gateway.spool import Spool
-
-            engine = load_engine(policy_path)
-            Spool(engine.policy.spool.directory).recover()
+            job(policy_path)
             code = 0
         except PolicyError as e:
-            code = _problems(e)
+            code = _problems(e.problems, e.warnings)
+        except StartupError as e:
+            code = _problems([str(e)])
         except BaseException:
-            log.exception("policy check failed")
+            log.exception("start-up failed")
         finally:
             sys.stderr.flush()
             os._exit(code)
@@ -118,12 +173,18 @@ def _every_problem(policy_path: Path) -> PolicyError:
         load_engine(policy_path)
     except PolicyError as e:
         return e
+    try:  # what load_engine does not read (e.g. $MAILGATE_LISTEN)
+        load_policy(policy_path)
+    except PolicyError as e:
+        return e
     raise AssertionError("load_engine accepted a policy that load_policy refused")
 
 
-def _problems(e: PolicyError) -> int:
-    for p in e.problems:
+def _problems(problems: list[str] | tuple[str, ...], warnings: tuple[str, ...] = ()) -> int:
+    """Each problem (then each warning) one log line; exit code 1 (a bad policy or
+    environment)."""
+    for p in problems:
         log.error("%s", p)
-    for w in e.warnings:
+    for w in warnings:
         log.warning("%s", w)
-    return 2
+    return 1

@@ -8,8 +8,9 @@ Bayes stays inactive until then, with the counts. Each message is identified by 
 signature (``filters._tokenizer.message_key``): learning a message again as the same class is
 skipped, as the other class moves it. Changes are written in batches, one transaction each.
 
-Exit codes: 0 ok, 1 some messages could not be read or parsed (the rest was learned), 2 usage
-or policy error.
+Exit codes (as for every ``mailgate`` command): 0 ok; 1 some messages could not be read or
+parsed (the rest was learned), or the policy, the store or a PATH is unusable (nothing learned);
+2 bad usage (the command line).
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from typing import TYPE_CHECKING, TextIO
 if TYPE_CHECKING:
     from filters._tokenizer import TokenizerConfig
 
-EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_ERRORS = 0, 1
 BATCH = 200
 
 
-def add_arguments(p: argparse.ArgumentParser, default_policy: Path) -> None:
+def add_arguments(p: argparse.ArgumentParser, policy_help: str) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--spam", action="store_const", const="spam", dest="klass",
                       help="learn the messages as spam")
@@ -40,9 +41,9 @@ def add_arguments(p: argparse.ArgumentParser, default_policy: Path) -> None:
     what.add_argument("--forget", action="store_const", const="forget", dest="klass",
                       help="unlearn the messages")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--policy", type=Path, default=default_policy,
+    where.add_argument("--policy", type=Path, default=None,
                        help=f"policy whose bayes filter names the store and settings "
-                       f"(default: {default_policy})")
+                       f"({policy_help})")
     where.add_argument("--db", type=Path, help="the token store file (default settings)")
     p.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
                    help="without a terminal: seconds between progress lines (default 5)")
@@ -50,8 +51,8 @@ def add_arguments(p: argparse.ArgumentParser, default_policy: Path) -> None:
                    help="message file (.eml), Maildir folder, mbox file or directory")
 
 
-class UsageError(Exception):
-    pass
+class SetupError(Exception):
+    """Exit 1: the policy, the store or a PATH cannot be used."""
 
 
 def _settings(args: argparse.Namespace) -> tuple[Path, TokenizerConfig, int, int]:
@@ -68,16 +69,17 @@ def _settings(args: argparse.Namespace) -> tuple[Path, TokenizerConfig, int, int
     try:
         policy = load_policy(args.policy)
     except PolicyError as e:
-        raise UsageError("\n".join(e.problems)) from None
+        raise SetupError("\n".join(e.problems)) from None
     except OSError as e:
-        raise UsageError(f"{args.policy}: {e.strerror}") from None
+        raise SetupError(f"{args.policy}: {e.strerror}") from None
     spec = next((f for f in policy.filters if f.name == "bayes" and f.module is None), None)
     if spec is None:
-        raise UsageError(f"{args.policy}: no bayes filter in the chain (or use --db FILE)")
+        raise SetupError(f"{args.policy}: no bayes filter in the chain (or use --db FILE)")
     try:
-        s = parse_settings(spec.settings, policy.hostname)
+        s = parse_settings(spec.settings, policy.hostname,
+                           lambda p: Path(p) if Path(p).is_absolute() else policy.base_dir / p)
     except ConfigError as e:
-        raise UsageError(f"{args.policy}: filters.bayes.{e.key}: {e.reason}") from None
+        raise SetupError(f"{args.policy}: filters.bayes.{e.key}: {e.reason}") from None
     return s.db_path, s.tokenizer, s.min_spam, s.min_ham
 
 
@@ -91,7 +93,7 @@ def messages(paths: list[Path]) -> tuple[int, Iterator[tuple[str, bytes | None]]
         elif path.is_file():
             sources.append((_kind(path), path))
         else:
-            raise UsageError(f"{path}: no such file or directory")
+            raise SetupError(f"{path}: no such file or directory")
     boxes: dict[Path, mailbox.mbox] = {}
     total = 0
     for kind, f in sources:
@@ -184,14 +186,14 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     try:
         db_path, tok_cfg, min_spam, min_ham = _settings(args)
         total, stream = messages(args.paths)
-    except UsageError as e:
+    except SetupError as e:
         print(f"mailgate learn: {e}", file=err)
-        return EXIT_USAGE
+        return EXIT_ERRORS
     try:
         store = SqliteStore(db_path)
     except Exception as e:  # sqlite3.Error, OSError: the store cannot be opened or created
         print(f"mailgate learn: {db_path}: {e}", file=err)
-        return EXIT_USAGE
+        return EXIT_ERRORS
     klass = None if args.klass == "forget" else args.klass
     counts: Counter[str] = Counter()
     progress = Progress(total, err, args.progress_interval)

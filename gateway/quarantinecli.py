@@ -5,7 +5,8 @@ the gateway runs or not (see ``gateway/quarantine.py`` for where they live).
 gateway — it runs in either relay mode — delivers it to the original recipients at its next scan.
 Changes claim the message (the spool's ``flock``), like ``mailgate queue``.
 
-Exit codes: 0 done, 1 a message was not found or busy, 2 usage, policy or spool access error.
+Exit codes (as for every ``mailgate`` command): 0 done; 1 a message was not found or busy, or
+the policy, the spool or the quarantine index is unusable; 2 bad usage (the command line).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from gateway.queue_entry import QueueEntry, SpoolBusy
 from gateway.queuecli import (
     EXIT_FAIL,
     EXIT_OK,
-    UsageError,
+    SetupError,
     load_spool_policy,
     open_spool_dir,
     qid_arg,
@@ -58,9 +59,9 @@ def since_arg(text: str) -> float:
             f"not a duration (30m, 12h, 7d) or an ISO date/time: {text!r}") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser, default_policy: Path) -> None:
+def add_arguments(parser: argparse.ArgumentParser, policy_help: str) -> None:
     common, waiting = spool_parents(
-        parser, default_policy, log_help="format of the log lines (changes) on stderr",
+        parser, policy_help, log_help="format of the log lines (changes) on stderr",
         wait_help="if another process is changing the message, wait for it")
     sub = parser.add_subparsers(dest="quarantine_cmd", required=True, metavar="COMMAND")
 
@@ -97,7 +98,7 @@ def open_quarantine(policy_path: Path) -> tuple[Quarantine, Policy]:
     directory = policy.spool.directory
     owner = directory.stat().st_uid
     if os.geteuid() != owner:  # the index is written (WAL files too): the owner's files only
-        raise UsageError(f"the spool {directory} belongs to uid {owner}: run mailgate "
+        raise SetupError(f"the spool {directory} belongs to uid {owner}: run mailgate "
                          f"quarantine as that user (not uid {os.geteuid()})")
     return Quarantine(open_spool_dir(directory)), policy
 
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             return cli.expire()
         return cli.change(cmd, args.qids, wait=args.wait)
 
-    return run_command("mailgate quarantine", command, err, usage_errors=(QuarantineError,))
+    return run_command("mailgate quarantine", command, err, setup_errors=(QuarantineError,))
 
 
 def _symbols_text(r: Record) -> str:

@@ -7,8 +7,9 @@ it — so a change never overlaps a delivery: a message being delivered right no
 (exit 1) or, with ``--wait``, changed once the attempt ends. The running gateway sees a change
 at its next scan (``queue.scan_interval_s``); nothing needs to signal it.
 
-Exit codes: 0 done, 1 a message was not found, busy, or in the wrong state for the command,
-2 usage, policy or spool access error.
+Exit codes (as for every ``mailgate`` command): 0 done; 1 a message was not found, busy, or in
+the wrong state for the command, or the policy or the spool is unusable (not found, invalid,
+unreadable, owned by another user); 2 bad usage (the command line).
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ log = logging.getLogger("mailgate.queue")
 
 
 class UsageError(Exception):
-    """Exit 2: the policy, the spool directory or the command line is wrong."""
+    """Exit 2: the command line is wrong."""
+
+
+class SetupError(Exception):
+    """Exit 1: the policy or the spool cannot be used (missing, invalid, another owner)."""
 
 
 def qid_arg(text: str) -> str:
@@ -60,12 +65,12 @@ def qid_arg(text: str) -> str:
     return qid
 
 
-def spool_parents(parser: argparse.ArgumentParser, default_policy: Path, *, log_help: str,
+def spool_parents(parser: argparse.ArgumentParser, policy_help: str, *, log_help: str,
                   wait_help: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """``--policy`` and ``--log-format`` on a spool command (queue, quarantine), and the
     parents its subcommands share: ``--policy`` after the subcommand too, and ``--wait``."""
-    parser.add_argument("--policy", type=Path, default=default_policy,
-                        help=f"policy file naming spool.directory (default: {default_policy})")
+    parser.add_argument("--policy", type=Path, default=None,
+                        help=f"policy file naming spool.directory ({policy_help})")
     parser.add_argument("--log-format", choices=("kv", "json"), default="kv", help=log_help)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--policy", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -74,10 +79,10 @@ def spool_parents(parser: argparse.ArgumentParser, default_policy: Path, *, log_
     return common, waiting
 
 
-def add_arguments(queue: argparse.ArgumentParser, default_policy: Path) -> None:
+def add_arguments(queue: argparse.ArgumentParser, policy_help: str) -> None:
     """The ``queue`` subcommands; ``--policy`` is accepted before or after the subcommand."""
     common, waiting = spool_parents(
-        queue, default_policy,
+        queue, policy_help,
         log_help="format of the log lines (changes, unreadable files) on stderr",
         wait_help="if a message is being delivered right now, wait for that attempt to end "
                   "instead of failing (exit 1)")
@@ -140,20 +145,24 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
 
 
 def run_command(prog: str, command: Callable[[], int], err: TextIO, *,
-                usage_errors: tuple[type[Exception], ...] = (),
+                setup_errors: tuple[type[Exception], ...] = (),
                 permission_hint: str = "") -> int:
-    """``command()``'s exit code, with what the spool commands share: a UsageError (or one of
-    ``usage_errors``) or a PermissionError is a message on ``err`` and exit 2; a closed stdout
-    (``mailgate queue list | head``) is not an error; Ctrl-C is 130."""
-    caught: tuple[type[Exception], ...] = (UsageError, *usage_errors)
+    """``command()``'s exit code, with what the spool commands share: a UsageError is a message
+    on ``err`` and exit 2; a SetupError (or one of ``setup_errors``) or a PermissionError a
+    message and exit 1; a closed stdout (``mailgate queue list | head``) is not an error;
+    Ctrl-C is 130."""
+    caught: tuple[type[Exception], ...] = (SetupError, *setup_errors)
     try:
         return command()
-    except caught as e:
+    except UsageError as e:
         print(f"{prog}: {e}", file=err)
         return EXIT_USAGE
+    except caught as e:
+        print(f"{prog}: {e}", file=err)
+        return EXIT_FAIL
     except PermissionError as e:
         print(f"{prog}: {e.filename or 'spool'}: permission denied{permission_hint}", file=err)
-        return EXIT_USAGE
+        return EXIT_FAIL
     except BrokenPipeError:  # e.g. `mailgate queue list | head`: not an error
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout
@@ -169,21 +178,21 @@ def open_spool(policy_path: Path) -> tuple[Spool, float]:
 
 
 def load_spool_policy(policy_path: Path) -> Policy:
-    """The policy, whose spool directory must exist (the gateway makes it at start): a missing
-    one usually means a relative ``spool.directory`` resolved against the wrong working
-    directory."""
+    """The policy, whose spool directory must exist (the gateway makes it at start)."""
     from gateway.policy.loader import load_policy
 
     try:
         policy = load_policy(policy_path)
     except PolicyError as e:
-        raise UsageError("; ".join(e.problems)) from None
+        raise SetupError("; ".join(e.problems)) from None
     directory = policy.spool.directory
     if not directory.is_dir():
-        raise UsageError(
-            f"spool directory {str(directory)!r} ({directory.absolute()}) does not exist: has "
-            "the gateway run with this policy? (relative paths are relative to the directory "
-            "mailgate runs in)")
+        where = ("spool.directory is not set: its default is ./spool in the directory the "
+                 "command runs in; run it where the gateway runs, or set it in the policy"
+                 if not directory.is_absolute() else
+                 "a relative spool.directory is relative to the policy file's directory")
+        raise SetupError(f"spool directory {directory.absolute()} does not exist: has the "
+                         f"gateway run with this policy ({policy_path})? ({where})")
     return policy
 
 
@@ -191,7 +200,7 @@ def open_spool_dir(directory: Path) -> Spool:
     try:
         return Spool(directory)
     except OSError as e:
-        raise UsageError(f"cannot open the spool {directory}: {e}") from None
+        raise SetupError(f"cannot open the spool {directory}: {e}") from None
 
 
 # -- presentation -----------------------------------------------------------------------------
@@ -382,7 +391,7 @@ class QueueCli:
         try:
             owner = self.spool.root.stat().st_uid
         except OSError as e:
-            raise UsageError(f"cannot stat the spool {self.spool.root}: {e}") from None
+            raise SetupError(f"cannot stat the spool {self.spool.root}: {e}") from None
         if os.geteuid() != owner:
             try:
                 import pwd
@@ -390,7 +399,7 @@ class QueueCli:
                 name = f" ({pwd.getpwuid(owner).pw_name})"
             except (ImportError, KeyError):
                 name = ""
-            raise UsageError(
+            raise SetupError(
                 f"the spool {self.spool.root} belongs to uid {owner}{name}: run queue changes "
                 f"as that user (files written as uid {os.geteuid()} would be unreadable to "
                 "the gateway)")

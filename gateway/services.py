@@ -18,5 +18,11 @@ class Services:
     clock: Callable[[], float] = field(default=time.time)
     resolver: DnsResolver | None = None  # None only in unit tests that need no DNS
     # the policy file's directory: filters resolve relative paths of their own files (rule
-    # files) against it; None = the working directory
+    # files, maps, keys, stores) against it, with ``path``; None = the working directory
     policy_dir: Path | None = None
+
+    def path(self, value: str | Path) -> Path:
+        """A path from a filter's settings: relative ones are relative to the policy file's
+        directory (docs/policy.md), as every path in a policy."""
+        p = Path(value)
+        return p if p.is_absolute() or self.policy_dir is None else self.policy_dir / p

@@ -5,6 +5,13 @@ Every problem is collected, each naming the file, the key path and the reason
 (``policies/strict.toml: limits.max_recipients: must be an integer >= 1``), and raised together as
 one :class:`~gateway.errors.PolicyError`. Unknown keys are errors: a typo must not silently
 fall back to a default.
+
+A relative path written in a policy file (spool, Maildir and LMTP socket, TLS files, plugin
+directories, and the filters' own files through ``Services.path``) is relative to the file's
+directory, ``Policy.base_dir``. The defaults of keys left out (``spool``, ``maildir:Maildir``,
+the Bayes ``bayes.db``) are relative to the working directory: the gateway's state directory
+(systemd's ``WorkingDirectory=``, the container's ``WORKDIR``), so the same policy file can be
+mounted read-only while the state goes to a volume.
 """
 
 from __future__ import annotations
@@ -56,9 +63,14 @@ REPLY_RE = re.compile(r"^([45]\d\d) ([45]\.\d{1,3}\.\d{1,3}) (\S.*)$")
 class Checker:
     """Collects problems with their key paths while reading a nested mapping."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, base: Path | None = None) -> None:
         self.source = source
+        self.base = base  # relative paths are relative to it (None: left as they are)
         self.problems: list[str] = []
+
+    def path(self, value: str | Path) -> Path:
+        p = Path(value)
+        return p if self.base is None or p.is_absolute() else self.base / p
 
     def error(self, path: str, reason: str) -> None:
         self.problems.append(f"{self.source}: {path}: {reason}")
@@ -160,7 +172,12 @@ LISTEN_ENV = "MAILGATE_LISTEN"  # set by `mailgate run --listen`; the container 
 
 def load_policy(path: str | Path) -> Policy:
     path = Path(path)
-    return listen_override(parse_policy(read_policy_data(path), str(path)))
+    return listen_override(parse_policy(read_policy_data(path), str(path), policy_dir(path)))
+
+
+def policy_dir(path: str | Path) -> Path:
+    """The directory relative paths in the policy file at ``path`` are relative to."""
+    return Path(os.path.abspath(path)).parent
 
 
 def listen_override(policy: Policy) -> Policy:
@@ -178,8 +195,10 @@ def listen_override(policy: Policy) -> Policy:
     return replace(policy, listeners=listeners)
 
 
-def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
-    policy, problems = parse_policy_collecting(data, source)
+def parse_policy(data: Mapping[str, Any], source: str, base: Path | None = None) -> Policy:
+    """``base``: the directory relative paths are relative to (the policy file's); None
+    leaves them relative to the working directory."""
+    policy, problems = parse_policy_collecting(data, source, base)
     if problems:
         raise PolicyError(problems)
     return policy
@@ -188,15 +207,15 @@ def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
 def load_policy_collecting(path: str | Path) -> tuple[Policy, list[str]]:
     """The policy and its problems (a file that cannot be read or parsed still raises)."""
     path = Path(path)
-    return parse_policy_collecting(read_policy_data(path), str(path))
+    return parse_policy_collecting(read_policy_data(path), str(path), policy_dir(path))
 
 
-def parse_policy_collecting(data: Mapping[str, Any], source: str
+def parse_policy_collecting(data: Mapping[str, Any], source: str, base: Path | None = None
                             ) -> tuple[Policy, list[str]]:
     """The policy with the default in place of every invalid value, and the problems found:
     the caller can go on checking (the filters' settings, gateway/policy/lint.py) so that one
     run reports everything. A policy with problems must never be used."""
-    c = Checker(source)
+    c = Checker(source, base)
     top = c.table(data, "", TOP_KEYS)
 
     server = c.table(top.get("server"), "server", {"hostname", "listen", "workers"})
@@ -216,9 +235,9 @@ def parse_policy_collecting(data: Mapping[str, Any], source: str
     if bool(cert) != bool(key):
         c.error("tls", "cert_file and key_file go together")
     for k, v in (("cert_file", cert), ("key_file", key)):
-        if v and not Path(v).is_file():
-            c.error(f"tls.{k}", f"no such file: {v}")
-    tls = TlsConfig(Path(cert) if cert else None, Path(key) if key else None)
+        if v and not c.path(v).is_file():
+            c.error(f"tls.{k}", f"no such file: {c.path(v)}")
+    tls = TlsConfig(c.path(cert) if cert else None, c.path(key) if key else None)
 
     limits = _limits(c, top.get("limits"))
     relay = _relay(c, top.get("relay"))
@@ -248,10 +267,11 @@ def parse_policy_collecting(data: Mapping[str, Any], source: str
     queue = _queue(c, top.get("queue"))
     dns = _dns(c, top.get("dns"))
     sp = c.table(top.get("spool"), "spool", {"directory"})
-    spool = SpoolConfig(Path(c.string(sp, "directory", "spool", "spool")))
+    spool_dir = c.string(sp, "directory", "spool", None)
+    spool = SpoolConfig(c.path(spool_dir)) if spool_dir else SpoolConfig()  # default: cwd
     quarantine = _quarantine(c, top.get("quarantine"))
     plugins = c.table(top.get("plugins"), "plugins", {"dirs"})
-    plugin_dirs = tuple(Path(p) for p in c.strings(plugins, "dirs", "plugins"))
+    plugin_dirs = tuple(c.path(p) for p in c.strings(plugins, "dirs", "plugins"))
     for i, p in enumerate(plugin_dirs):
         if not p.is_dir():
             c.error(f"plugins.dirs[{i}]", f"no such directory: {p}")
@@ -269,6 +289,7 @@ def parse_policy_collecting(data: Mapping[str, Any], source: str
         relay=relay, accepted_domains=frozenset(accepted), trusted_networks=tuple(trusted),
         headers=headers, spool=spool, queue=queue, quarantine=quarantine, filters=filters, plugin_dirs=plugin_dirs,
         default_class=default_class, classes=classes, dns=dns,
+        base_dir=base if base is not None else Path("."),
     ), c.problems
 
 
@@ -365,7 +386,15 @@ def _dns(c: Checker, data: Any) -> DnsConfig:
 
 
 def _transport(c: Checker, path: str, text: Any) -> Transport | None:
-    return c.convert(path, text, parse_transport)
+    tr: Transport | None = c.convert(path, text, parse_transport)
+    return _located(c, tr)
+
+
+def _located(c: Checker, tr: Transport | None) -> Transport | None:
+    """``tr`` with its path (Maildir, LMTP socket) relative to the policy's directory."""
+    if tr is None or tr.path is None:
+        return tr
+    return replace(tr, path=c.path(tr.path))
 
 
 def _relay(c: Checker, data: Any) -> RelayConfig:
@@ -381,11 +410,11 @@ def _relay(c: Checker, data: Any) -> RelayConfig:
         else:
             tls_policy[host.lower()] = level
     ca_file = c.string(t, "tls_ca_file", "relay", None)
-    if ca_file and not Path(ca_file).is_file():
-        c.error("relay.tls_ca_file", f"no such file: {ca_file}")
+    if ca_file and not c.path(ca_file).is_file():
+        c.error("relay.tls_ca_file", f"no such file: {c.path(ca_file)}")
     d = RelayConfig()
     mode = c.string(t, "mode", "relay", "queue", ("proxy", "queue"))
-    downstream = d.downstream
+    downstream = d.downstream  # the default stays relative to the working directory
     if "downstream" in t:
         downstream = _transport(c, "relay.downstream", t["downstream"]) or d.downstream
     by_domain: dict[str, Transport] = {}
@@ -412,7 +441,7 @@ def _relay(c: Checker, data: Any) -> RelayConfig:
                                 minimum=0, exclusive=True),
         helo_name=c.string(t, "helo_name", "relay", None),
         starttls=c.string(t, "starttls", "relay", "may", levels),
-        tls_policy=tls_policy, tls_ca_file=Path(ca_file) if ca_file else None,
+        tls_policy=tls_policy, tls_ca_file=c.path(ca_file) if ca_file else None,
         connection_reuse_s=float(c.number(t, "connection_reuse_s", "relay",
                                           d.connection_reuse_s, minimum=0)),
     )

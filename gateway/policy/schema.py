@@ -224,6 +224,9 @@ class Policy:
     default_class: PolicyClass
     classes: tuple[PolicyClass, ...] = ()
     dns: DnsConfig = DnsConfig()
+    # the policy file's directory: relative paths in it are relative to this (the loader
+    # resolves its own; filters resolve theirs with Services.path)
+    base_dir: Path = Path(".")
 
     def class_for_domain(self, domain: str) -> PolicyClass:
         d = domain.lower()

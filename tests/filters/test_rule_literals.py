@@ -186,7 +186,7 @@ def test_random_needles_sharing_a_memo_and_containments_answer_as_alone():
 
 
 def _shipped() -> RulesFilter:
-    return RulesFilter.from_config({"files": ["rules/default.cf"]},
+    return RulesFilter.from_config({"shipped": True},
                                    Services(policy_dir=REPO / "policies"))
 
 

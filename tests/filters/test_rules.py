@@ -223,7 +223,8 @@ def test_config_errors(tmp_path):
     assert e.value.reason.startswith("bad.cf:3: bad regex /(/: missing ),")
     with pytest.raises(ConfigError) as e:
         RulesFilter.from_config({"files": ["missing.cf"]}, svc)
-    assert e.value.reason == "missing.cf: cannot read: No such file or directory"
+    assert e.value.reason == (f"missing.cf: cannot read {tmp_path / 'missing.cf'}: "
+                              "No such file or directory")
     for cfg, key in (({}, "files"), ({"files": "x.cf"}, "files"),
                      ({"files": ["bad.cf"], "max_scan_bytes": 10}, "max_scan_bytes"),
                      ({"files": ["bad.cf"], "prefix": "a b"}, "prefix"),
@@ -345,7 +346,7 @@ header  H     ALL =~ /q+r/
 
 
 def test_default_rule_set_detects_gtube(tmp_path):
-    f = RulesFilter.from_config({"files": ["rules/default.cf"]},
+    f = RulesFilter.from_config({"shipped": True},
                                 Services(policy_dir=REPO / "policies"))
     gtube = (GTUBE_DIR / "gtube.eml").read_bytes()
     syms = run(f, tmp_path, gtube)
@@ -356,7 +357,7 @@ def test_default_rule_set_detects_gtube(tmp_path):
 
 
 def test_default_rule_set_flags_typical_spam(tmp_path):
-    f = RulesFilter.from_config({"files": ["rules/default.cf"]},
+    f = RulesFilter.from_config({"shipped": True},
                                 Services(policy_dir=REPO / "policies"))
     spam = b"""From: "service@paypal.test" <x@cheap-deals.test>
 To: undisclosed-recipients:;
@@ -388,8 +389,7 @@ def test_default_rule_set_scores_a_phrase_once(tmp_path, phrase, rule):
     """Each sales phrase is one finding: exactly one rule of default.cf scores it (before, an
     "act now" scored URGENT_ACTION and LIMITED_TIME, "risk-free" MONEY_PHRASES and
     NO_OBLIGATION, "100% free" MONEY_PHRASES and FREE_OFFER, ...)."""
-    f = RulesFilter.from_config({"files": ["rules/default.cf"]},
-                                Services(policy_dir=REPO / "policies"))
+    f = RulesFilter.from_config({"shipped": True}, Services(policy_dir=REPO / "policies"))
     msg = (b"From: a@example.test\nTo: b@example.test\nSubject: hello\n"
            b"Message-ID: <3@example.test>\n\n" + phrase.encode() + b"\n")
     assert {n for n, s in run(f, tmp_path, msg).items() if s.score} == {rule}

@@ -8,7 +8,6 @@ the relay connect timeout, max_session_s, and ``mailgate run`` on the shipped de
 from __future__ import annotations
 
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -400,10 +399,12 @@ def test_mailgate_run_without_arguments_uses_the_shipped_default_policy(gateway_
     with DnsServer(zone) as ns:
         text = text.replace('"127.0.0.1:2525"', '"127.0.0.1:0"').replace(
             "nameservers = []", f'nameservers = ["127.0.0.1:{ns.port}"]')
+        # the file alone: the rule set it names is shipped in the package
         gw = gateway_factory(text, name="policies/default.toml", start=False,
                              argv=[str(mailgate), "run", "--log-format", "json"],
-                             env={"PYTHONPATH": ""})  # the installed package, not the checkout
-        shutil.copytree(REPO / "policies" / "rules", gw.policy_path.parent / "rules")
+                             env={"PYTHONPATH": "", "MAILGATE_POLICY": "",
+                                  "MAILGATE_SYSTEM_POLICY": str(REPO / "no-such.toml")})
+        # (PYTHONPATH "": the installed package, not the checkout)
         gw.start()
         _run_default_policy(gw)
         assert ("_dmarc.sender.test", "TXT", "udp") in ns.queries
@@ -426,7 +427,7 @@ def _run_default_policy(gw):
     # the shipped default is queue mode: the 250 came after the commit, delivery follows
     done = gw.wait_for(lambda e: e.get("event") == "delivery" and e.get("qid") == qid)
     assert done["outcome"] == "done"
-    [msg] = gw.maildir_messages()
+    [msg] = gw.maildir_messages()  # the default: in the directory mailgate runs in
     assert msg.startswith(f"Return-Path: <{SENDER}>\r\nDelivered-To: alice@example.test\r\n"
                           .encode())
     [received] = [v for n, v in headers(msg) if n == "Received"]

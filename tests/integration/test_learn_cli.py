@@ -147,16 +147,16 @@ def test_learn_says_while_bayes_stays_inactive(tmp_path):
 
 def test_usage_errors(tmp_path):
     r = learn(tmp_path, "--spam", "--db", "b.db", tmp_path / "nope")
-    assert r.returncode == 2 and "nope: no such file or directory" in r.stderr
+    assert r.returncode == 1 and "nope: no such file or directory" in r.stderr
     r = learn(tmp_path, "--db", "b.db", tmp_path)  # no --spam/--ham/--forget
     assert r.returncode == 2
     (tmp_path / "p.toml").write_text(toml.dumps(base_policy()))
     r = learn(tmp_path, "--spam", "--policy", "p.toml", tmp_path)
-    assert r.returncode == 2 and "no bayes filter in the chain" in r.stderr
+    assert r.returncode == 1 and "no bayes filter in the chain" in r.stderr
     (tmp_path / "p.toml").write_text(toml.dumps(base_policy(
         filters=[{"name": "bayes", "min_spam": "many"}])))
     r = learn(tmp_path, "--spam", "--policy", "p.toml", tmp_path)
-    assert r.returncode == 2 and "filters.bayes.min_spam: must be an integer >= 0" in r.stderr
+    assert r.returncode == 1 and "filters.bayes.min_spam: must be an integer >= 0" in r.stderr
     assert not (tmp_path / "bayes.db").exists()
 
 

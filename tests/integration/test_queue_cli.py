@@ -323,17 +323,18 @@ def test_usage_and_policy_errors(q: Queue, tmp_path: Path) -> None:
     assert r.returncode == 2
     r = q.run("frobnicate")
     assert r.returncode == 2
+    # a bad policy or spool is exit 1 (as in every subcommand), bad usage 2
     r = mailgate(q.root, "--policy", "nope.toml", "list")
-    assert r.returncode == 2 and "nope.toml: cannot read" in r.stderr
+    assert r.returncode == 1 and "nope.toml: cannot read" in r.stderr
     (q.root / "bad.toml").write_text('[relay]\nmode = "carrier-pigeon"\n')
     r = mailgate(q.root, "--policy", "bad.toml", "list")
-    assert r.returncode == 2 and "relay.mode" in r.stderr
-    elsewhere = tmp_path / "elsewhere"  # relative spool.directory, wrong working directory
-    elsewhere.mkdir()
-    r = mailgate(elsewhere, "--policy", str(q.root / "policy.toml"), "list")
-    assert r.returncode == 2
-    assert f"spool directory 'spool' ({elsewhere / 'spool'}) does not exist" in r.stderr
-    assert not (elsewhere / "spool").exists()  # not created by a look
+    assert r.returncode == 1 and "relay.mode" in r.stderr
+    (q.root / "sub").mkdir()  # its relative spool "spool" is sub/spool, which does not exist
+    (q.root / "sub" / "p.toml").write_text(toml.dumps(base_policy(spool={"directory": "spool"})))
+    r = mailgate(tmp_path, "--policy", str(q.root / "sub" / "p.toml"), "list")
+    assert r.returncode == 1
+    assert f"spool directory {q.root / 'sub' / 'spool'} does not exist" in r.stderr
+    assert not (q.root / "sub" / "spool").exists()  # not created by a look
     # --policy is accepted after the subcommand too
     assert mailgate(q.root, "list", "--policy", "policy.toml").returncode == 0
 
@@ -359,7 +360,7 @@ def test_changes_refused_for_another_user(q: Queue, monkeypatch: pytest.MonkeyPa
     out, err = io.StringIO(), io.StringIO()
     args = cli.build_parser().parse_args(["queue", "--policy", "policy.toml", "hold",
                                           entry.qid])
-    assert queuecli.run(args, out, err) == 2
+    assert queuecli.run(args, out, err) == 1
     assert f"belongs to uid {owner}" in err.getvalue()
     assert "run queue changes as that user" in err.getvalue()
     assert q.where(entry.qid) == ["deferred"]

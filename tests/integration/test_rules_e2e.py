@@ -1,5 +1,5 @@
 """The rules filter end to end: the real gateway (proxy relay to the sink) loading the default
-rule set (policies/rules/default.cf, by absolute path) and a local rule file next to the policy
+rule set (filters/rulesets/default.cf, by absolute path) and a local rule file next to the policy
 (relative path, resolved against the policy's directory). GTUBE is refused at end of data by
 score and never relayed; ordinary mail goes through with the rules' symbols in the log; big
 messages sent at once (their scans in the worker's CPU thread) each get their own verdict; a
@@ -21,7 +21,7 @@ from tests.support.gateway import REPO, GatewayProcess, base_policy
 from tests.support.sink import Sink
 
 GTUBE = REPO.parent / "shared" / "corpora" / "gtube" / "gtube.eml"
-DEFAULT_RULES = REPO / "policies" / "rules" / "default.cf"
+DEFAULT_RULES = REPO / "filters" / "rulesets" / "default.cf"
 QID_RE = re.compile(r"\(([0-9A-Z]{16})\)$")
 LOCAL_RULES = r"""
 # local additions, next to the policy file

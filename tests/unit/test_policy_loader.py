@@ -67,7 +67,7 @@ def test_empty_policy_loads_with_documented_defaults():
 def test_empty_file_loads_like_empty_policy(tmp_path):
     (tmp_path / "empty.toml").write_text("# nothing\n")
     (tmp_path / "empty.yaml").write_text("")
-    expected = parse_policy({}, "x")
+    expected = parse_policy({}, "x", tmp_path)  # relative paths: beside the file
     for name in ("empty.toml", "empty.yaml"):
         p = load_policy(tmp_path / name)
         assert dataclasses.replace(p, source="x") == expected
@@ -90,7 +90,7 @@ def test_default_policy_file_loads_and_matches_its_comments():
     assert p.default_class.thresholds.rewrite_subject is None
     t = p.default_class.thresholds
     assert (t.add_header, t.quarantine, t.reject) == (3.0, 4.0, 12.0)
-    assert scores["BAYES_99"] == 5.0 and by_name["rules"].settings["files"] == ["rules/default.cf"]
+    assert scores["BAYES_99"] == 5.0 and by_name["rules"].settings == {"shipped": True}
     assert p.default_class.thresholds.tempfail is None  # "false = never"
 
 
@@ -561,8 +561,8 @@ def test_yaml_twin_loads_identically_to_toml(tmp_path, suffix):
     assert strict.thresholds.reject == 1.0 and strict.thresholds.add_header == 4.0
     assert [r.name for r in strict.rules] == ["strict-no-date", "no-from", "rule2"]
     assert from_yaml.class_for_domain("example.test").name == "default"
-    assert from_yaml.relay.transport[".sub.test"] == Transport("maildir",
-                                                               path=Path("Maildir-sub"))
+    assert from_yaml.relay.transport[".sub.test"] == Transport(
+        "maildir", path=tmp_path / "Maildir-sub")  # relative to the policy file
     assert from_yaml.filters[1].enabled is False
 
 
@@ -626,7 +626,7 @@ def test_builtin_filters_without_network_io_are_local():
     policy = parse_policy({"domains": {"accepted": ["example.test"]}, "filters": [
         {"name": "rcpt", "recipients": ["@example.test"]}, {"name": "headers"},
         {"name": "spf"}, {"name": "dkim"}, {"name": "dmarc"}, {"name": "authres"},
-        {"name": "rules", "files": [str(Path(__file__).resolve().parents[2] / "policies/rules/default.cf")]}, {"name": "attachments"}]},
+        {"name": "rules", "shipped": True}, {"name": "attachments"}]},
         SRC)
     chain = build_chain(policy, Services())
     assert {f.name for f in chain if f.local} == {"rcpt", "headers", "authres", "rules",
@@ -643,3 +643,17 @@ def test_minimum_data_rate_keys_zero_turns_the_rate_off_and_the_grace_must_be_po
         f"{SRC}: limits.data_rate_grace_s: must be a number > 0"
     assert one_problem({"limits": {"max_recipients": 0}}) == \
         f"{SRC}: limits.max_recipients: must be an integer >= 1"  # the others stay >= 1
+
+
+def test_paths_written_are_relative_to_the_policy_defaults_to_the_working_directory(tmp_path):
+    base = tmp_path / "conf"
+    p = parse_policy({"spool": {"directory": "q"}, "relay": {"downstream": "maildir:M",
+                                                               "transport": {"b.test": "lmtp:unix:l.sock"}},
+                      "plugins": {"dirs": ["."]}}, "x", base.parent)
+    assert p.spool.directory == tmp_path / "q" and p.relay.downstream.path == tmp_path / "M"
+    assert p.relay.transport["b.test"].path == tmp_path / "l.sock"
+    assert p.plugin_dirs == (tmp_path / ".",) and p.base_dir == tmp_path
+    d = parse_policy({}, "x", base)  # keys left out: state in the working directory
+    assert d.spool.directory == Path("spool") and d.relay.downstream.path == Path("Maildir")
+    assert parse_policy({"spool": {"directory": "/abs/q"}}, "x", base).spool.directory == \
+        Path("/abs/q")
