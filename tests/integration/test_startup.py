@@ -311,7 +311,8 @@ def test_a_broken_policy_exits_1_and_bad_usage_2_in_every_subcommand(tmp_path):
     for args in (["run", "--policy", str(bad)], ["check-policy", str(bad)],
                  ["queue", "--policy", str(bad), "list"],
                  ["quarantine", "--policy", str(bad), "list"],
-                 ["learn", "--spam", "--policy", str(bad), str(tmp_path / "m.eml")]):
+                 ["learn", "--spam", "--policy", str(bad), str(tmp_path / "m.eml")],
+                 ["health", "--policy", str(bad)]):
         r = mailgate(*args, cwd=tmp_path)
         assert r.returncode == 1, (args, r.stderr)
         assert problem in r.stderr, (args, r.stderr)
