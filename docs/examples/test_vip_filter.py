@@ -73,7 +73,7 @@ def test_other_senders_get_nothing(sender):
     ({"senders": ["partner.test"]}, "senders", "'partner.test' is not an address or @domain"),
     ({"senders": ["x@y.test"], "header": "X VIP:"}, "header",
      "'X VIP:' is not a header field name"),
-    ({"senders": ["x@y.test"], "sender": []}, "sender", "unknown setting (known: header, senders)"),
+    ({"senders": ["x@y.test"], "sender": []}, "sender", "unknown setting (did you mean 'senders'?) (known: header, senders)"),
     ({}, "senders", "is required (addresses or @domain)"),
 ])
 def test_settings_errors(settings, key, reason):
