@@ -160,3 +160,17 @@ def test_systemd_unit_binds_port_25_unprivileged_and_outlasts_the_drain() -> Non
     assert float(s["TimeoutStopSec"][0]) > Limits().shutdown_grace_s
     assert s["KillSignal"] == ["SIGTERM"]
     assert any("check-policy" in x for x in s["ExecStartPre"])
+
+
+def test_compose_policy_runs_the_default_chain_and_scores() -> None:
+    """policies/compose.toml is the default policy placed in containers: the same filters in
+    the same order (plus clamd) and the same scores, so the two cannot drift apart."""
+    default = tomllib.loads((REPO / "policies" / "default.toml").read_text())
+    compose = tomllib.loads((REPO / "policies" / "compose.toml").read_text())
+    names = [f["name"] for f in compose["filters"]]
+    assert [n for n in names if n != "clamav"] == [f["name"] for f in default["filters"]]
+    assert compose["scores"] == default["scores"]
+    from gateway.policy.loader import load_policy
+
+    assert (load_policy(REPO / "policies" / "compose.toml").default_class.thresholds
+            == load_policy(REPO / "policies" / "default.toml").default_class.thresholds)
