@@ -27,7 +27,7 @@ from filters.dkim import DkimVerifyFilter
 from gateway.dnsresolver import DnsAnswer
 from gateway.filterapi import Client, FilterContext, Stage
 from gateway.message import Message
-from tests.property import PROPS
+from tests.property import PROPS, examples
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "dkim-dkimpy" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"DKIM corpus not found at {DATA}")
@@ -160,7 +160,7 @@ def _ctx(msg: Message) -> FilterContext:
                          message=msg)
 
 
-@settings(PROPS, max_examples=150)
+@settings(PROPS, max_examples=examples(150))
 @given(varied(SIGNED, (b"dkim-signature",)))
 def test_dkim_filter_passes_exactly_when_dkimpy_does(raw: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,7 +186,7 @@ def test_dkim_filter_passes_exactly_when_dkimpy_does(raw: bytes) -> None:
             assert sig["result"] == "permerror"
 
 
-@settings(PROPS, max_examples=100)
+@settings(PROPS, max_examples=examples(100))
 @given(varied(SEALED, (b"arc-seal", b"arc-message-signature", b"arc-authentication-results")))
 def test_arc_chain_status_is_dkimpys(raw: bytes) -> None:
     chain = asyncio.run(ArcFilter(FakeResolver()).validate(raw))  # type: ignore[arg-type]
