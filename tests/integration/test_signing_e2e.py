@@ -239,3 +239,22 @@ def test_untrusted_arc_sealer_does_not_override(world: World) -> None:
         reply
     time.sleep(0.3)
     assert len(world.sink.messages) == before
+
+
+def test_forged_results_naming_us_never_reach_the_seal_or_the_downstream(world: World) -> None:
+    """Issue 25: a forged arc=pass under our authserv-id (behind nested comments, or in a form
+    the authres library cannot parse) is removed before the seal is built: the AAR carries our
+    own results only, the seal says cv=none, and the downstream sees one A-R naming us."""
+    forged = ("Authentication-Results: (((((a) b) c) d) e) MX.gateway.test;"
+              " arc=pass; dkim=pass header.d=bank.example\r\n"
+              "Authentication-Results: mx.gateway.test 2; arc=pass header.d=bank.example\r\n")
+    data = world.send(forged.encode() + signed(), "joe@football.example.com")
+    assert b"bank.example" not in data
+    naming_us = [v for v in headers_named(data, "Authentication-Results")
+                 if AUTHSERV in v.lower()]
+    assert len(naming_us) == 1, naming_us
+    aar, = headers_named(data, "ARC-Authentication-Results")
+    assert re.search(r"\barc=none\b", aar) and not re.search(r"\barc=pass\b", aar), aar
+    seal, = headers_named(data, "ARC-Seal")
+    assert "cv=none" in seal
+    assert world.arc(data) == ("pass", "", 1)
