@@ -8,7 +8,6 @@ message at the depth bound is delivered as usual."""
 from __future__ import annotations
 
 import re
-import shutil
 import smtplib
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +39,6 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
             "nameservers = []", f'nameservers = ["127.0.0.1:{ns.port}"]')
         work = tmp_path_factory.mktemp("gw")
         proc = GatewayProcess(work, text, name="policies/default.toml")
-        shutil.copytree(REPO / "policies" / "rules", proc.policy_path.parent / "rules")
         with proc.start():
             yield proc
 
