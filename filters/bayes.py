@@ -175,7 +175,7 @@ class BayesFilter(Filter):
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], services: Services) -> BayesFilter:
-        settings = parse_settings(cfg, services.hostname, services.path)
+        settings = parse_settings(cfg, services.hostname, services.path, services.state_dir)
         if (why := json_each_missing()) is not None:
             raise ConfigError("db_path", why)
         return cls(SqliteReader(settings.db_path), settings.db_path, settings.classifier,
@@ -297,13 +297,15 @@ _KEYS = {"db_path", "min_spam", "min_ham", "max_discriminators", "min_strength",
 
 
 def parse_settings(cfg: Mapping[str, Any], hostname: str | None = None,
-                   locate: Callable[[str], Path] = Path) -> Settings:
+                   locate: Callable[[str], Path] = Path,
+                   state_dir: Path | None = None) -> Settings:
     """The filter's settings (shared with ``mailgate learn``, which must tokenize alike);
     ``locate`` resolves a relative ``db_path`` given (``Services.path``: the policy's
-    directory); the default, ``bayes.db``, is relative to the working directory."""
+    directory); the default, ``bayes.db``, is in ``state_dir`` (None: the working
+    directory)."""
     check_keys(cfg, _KEYS)
     given = opt_str(cfg, "db_path")
-    db_path = locate(given) if given else Path("bayes.db")
+    db_path = locate(given) if given else (state_dir or Path()) / "bayes.db"
     skip: tuple[str, ...] = DEFAULT_SKIP_HEADERS
     if "skip_headers" in cfg:
         skip = tuple(s.lower() for s in str_list(cfg, "skip_headers"))

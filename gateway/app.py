@@ -32,6 +32,7 @@ from gateway.policy.loader import (
     policy_dir,
     read_policy_data,
 )
+from gateway.policy.locate import state_dir
 from gateway.policy.schema import Limits, Policy
 from gateway.preflight import tls_context
 from gateway.qmgr import QueueManager
@@ -96,13 +97,14 @@ def load_engine(path: Path) -> Engine:
     defer_package_metadata()  # before a filter imports dnspython (gateway/dnsextras.py)
     defer("nacl.signing")  # dkimpy imports it for ed25519 keys alone (gateway/deferred.py)
     data = read_policy_data(Path(path))
-    policy, problems = parse_policy_collecting(data, str(path), policy_dir(path))
+    policy, problems = parse_policy_collecting(data, str(path), policy_dir(path),
+                                               state_dir(path))
     try:  # $MAILGATE_LISTEN, as load_policy: the addresses a single process binds
         policy = listen_override(policy)
     except PolicyError as e:
         problems += list(e.problems)
     services = Services(hostname=policy.hostname, resolver=DnsResolver(policy.dns),
-                        policy_dir=policy.base_dir)
+                        policy_dir=policy.base_dir, state_dir=policy.state_dir)
     chain, chain_problems = collect_chain(policy, services)
     found = lint(policy, data, {f.name: f.instance for f in chain},
                  complete=len(chain) == sum(s.enabled for s in policy.filters))

@@ -77,7 +77,8 @@ def _settings(args: argparse.Namespace) -> tuple[Path, TokenizerConfig, int, int
         raise SetupError(f"{args.policy}: no bayes filter in the chain (or use --db FILE)")
     try:
         s = parse_settings(spec.settings, policy.hostname,
-                           lambda p: Path(p) if Path(p).is_absolute() else policy.base_dir / p)
+                           lambda p: Path(p) if Path(p).is_absolute() else policy.base_dir / p,
+                           policy.state_dir)
     except ConfigError as e:
         raise SetupError(f"{args.policy}: filters.bayes.{e.key}: {e.reason}") from None
     return s.db_path, s.tokenizer, s.min_spam, s.min_ham

@@ -20,6 +20,9 @@ class Services:
     # the policy file's directory: filters resolve relative paths of their own files (rule
     # files, maps, keys, stores) against it, with ``path``; None = the working directory
     policy_dir: Path | None = None
+    # where a filter's state left at its default goes (the Bayes store); None = the working
+    # directory (gateway/policy/locate.py state_dir)
+    state_dir: Path | None = None
 
     def path(self, value: str | Path) -> Path:
         """A path from a filter's settings: relative ones are relative to the policy file's

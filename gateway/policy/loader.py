@@ -9,9 +9,9 @@ fall back to a default.
 A relative path written in a policy file (spool, Maildir and LMTP socket, TLS files, plugin
 directories, and the filters' own files through ``Services.path``) is relative to the file's
 directory, ``Policy.base_dir``. The defaults of keys left out (``spool``, ``maildir:Maildir``,
-the Bayes ``bayes.db``) are relative to the working directory: the gateway's state directory
-(systemd's ``WorkingDirectory=``, the container's ``WORKDIR``), so the same policy file can be
-mounted read-only while the state goes to a volume.
+the Bayes ``bayes.db``) are in the state directory (gateway/policy/locate.py ``state_dir``:
+``$MAILGATE_STATE_DIR``, /var/lib/mailgate for the system policy, else the working directory),
+so the same policy file can be mounted read-only while the state goes to a volume.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 from gateway.errors import PolicyError
 from gateway.filterapi import Action, Stage
 from gateway.mimebounds import HARD_MAX_DEPTH
+from gateway.policy.locate import state_dir
 from gateway.policy.schema import (
     DnsConfig,
     FilterSpec,
@@ -63,14 +64,19 @@ REPLY_RE = re.compile(r"^([45]\d\d) ([45]\.\d{1,3}\.\d{1,3}) (\S.*)$")
 class Checker:
     """Collects problems with their key paths while reading a nested mapping."""
 
-    def __init__(self, source: str, base: Path | None = None) -> None:
+    def __init__(self, source: str, base: Path | None = None,
+                 state: Path | None = None) -> None:
         self.source = source
         self.base = base  # relative paths are relative to it (None: left as they are)
+        self.state = state  # the defaults of state paths left out (None: the working dir)
         self.problems: list[str] = []
 
     def path(self, value: str | Path) -> Path:
         p = Path(value)
         return p if self.base is None or p.is_absolute() else self.base / p
+
+    def state_path(self, default: Path) -> Path:
+        return default if self.state is None or default.is_absolute() else self.state / default
 
     def error(self, path: str, reason: str) -> None:
         self.problems.append(f"{self.source}: {path}: {reason}")
@@ -172,7 +178,8 @@ LISTEN_ENV = "MAILGATE_LISTEN"  # set by `mailgate run --listen`; the container 
 
 def load_policy(path: str | Path) -> Policy:
     path = Path(path)
-    return listen_override(parse_policy(read_policy_data(path), str(path), policy_dir(path)))
+    return listen_override(parse_policy(read_policy_data(path), str(path), policy_dir(path),
+                                        state_dir(path)))
 
 
 def policy_dir(path: str | Path) -> Path:
@@ -195,10 +202,12 @@ def listen_override(policy: Policy) -> Policy:
     return replace(policy, listeners=listeners)
 
 
-def parse_policy(data: Mapping[str, Any], source: str, base: Path | None = None) -> Policy:
+def parse_policy(data: Mapping[str, Any], source: str, base: Path | None = None,
+                 state: Path | None = None) -> Policy:
     """``base``: the directory relative paths are relative to (the policy file's); None
-    leaves them relative to the working directory."""
-    policy, problems = parse_policy_collecting(data, source, base)
+    leaves them relative to the working directory. ``state``: where the state paths left out
+    go (gateway/policy/locate.py ``state_dir``); None: the working directory."""
+    policy, problems = parse_policy_collecting(data, source, base, state)
     if problems:
         raise PolicyError(problems)
     return policy
@@ -207,15 +216,16 @@ def parse_policy(data: Mapping[str, Any], source: str, base: Path | None = None)
 def load_policy_collecting(path: str | Path) -> tuple[Policy, list[str]]:
     """The policy and its problems (a file that cannot be read or parsed still raises)."""
     path = Path(path)
-    return parse_policy_collecting(read_policy_data(path), str(path), policy_dir(path))
+    return parse_policy_collecting(read_policy_data(path), str(path), policy_dir(path),
+                                   state_dir(path))
 
 
-def parse_policy_collecting(data: Mapping[str, Any], source: str, base: Path | None = None
-                            ) -> tuple[Policy, list[str]]:
+def parse_policy_collecting(data: Mapping[str, Any], source: str, base: Path | None = None,
+                            state: Path | None = None) -> tuple[Policy, list[str]]:
     """The policy with the default in place of every invalid value, and the problems found:
     the caller can go on checking (the filters' settings, gateway/policy/lint.py) so that one
     run reports everything. A policy with problems must never be used."""
-    c = Checker(source, base)
+    c = Checker(source, base, state)
     top = c.table(data, "", TOP_KEYS)
 
     server = c.table(top.get("server"), "server", {"hostname", "listen", "workers"})
@@ -268,7 +278,8 @@ def parse_policy_collecting(data: Mapping[str, Any], source: str, base: Path | N
     dns = _dns(c, top.get("dns"))
     sp = c.table(top.get("spool"), "spool", {"directory"})
     spool_dir = c.string(sp, "directory", "spool", None)
-    spool = SpoolConfig(c.path(spool_dir)) if spool_dir else SpoolConfig()  # default: cwd
+    spool = SpoolConfig(c.path(spool_dir) if spool_dir
+                        else c.state_path(SpoolConfig().directory))
     quarantine = _quarantine(c, top.get("quarantine"))
     plugins = c.table(top.get("plugins"), "plugins", {"dirs"})
     plugin_dirs = tuple(c.path(p) for p in c.strings(plugins, "dirs", "plugins"))
@@ -289,7 +300,7 @@ def parse_policy_collecting(data: Mapping[str, Any], source: str, base: Path | N
         relay=relay, accepted_domains=frozenset(accepted), trusted_networks=tuple(trusted),
         headers=headers, spool=spool, queue=queue, quarantine=quarantine, filters=filters, plugin_dirs=plugin_dirs,
         default_class=default_class, classes=classes, dns=dns,
-        base_dir=base if base is not None else Path("."),
+        base_dir=base if base is not None else Path("."), state_dir=state,
     ), c.problems
 
 
@@ -414,7 +425,9 @@ def _relay(c: Checker, data: Any) -> RelayConfig:
         c.error("relay.tls_ca_file", f"no such file: {c.path(ca_file)}")
     d = RelayConfig()
     mode = c.string(t, "mode", "relay", "queue", ("proxy", "queue"))
-    downstream = d.downstream  # the default stays relative to the working directory
+    downstream = d.downstream  # the default Maildir is state: in the state directory
+    if downstream.path is not None:
+        downstream = replace(downstream, path=c.state_path(downstream.path))
     if "downstream" in t:
         downstream = _transport(c, "relay.downstream", t["downstream"]) or d.downstream
     by_domain: dict[str, Transport] = {}

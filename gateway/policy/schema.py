@@ -227,6 +227,9 @@ class Policy:
     # the policy file's directory: relative paths in it are relative to this (the loader
     # resolves its own; filters resolve theirs with Services.path)
     base_dir: Path = Path(".")
+    # where the state paths the file leaves out go (spool, Maildir, Bayes store); None: the
+    # working directory (gateway/policy/locate.py state_dir)
+    state_dir: Path | None = None
 
     def class_for_domain(self, domain: str) -> PolicyClass:
         d = domain.lower()

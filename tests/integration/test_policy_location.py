@@ -147,6 +147,49 @@ def test_the_default_policy_copied_alone_checks_out_anywhere(tmp_path):
     r = mailgate("check-policy", cwd=elsewhere,
                  env={"MAILGATE_SYSTEM_POLICY": str(etc / "mailgate.toml")})
     assert r.returncode == 0, r.stderr
-    assert "relay: queue -> maildir:Maildir" in r.stdout  # left at the default: state dir
+    # left at the default: the state directory, /var/lib/mailgate for the system policy
+    assert "relay: queue -> maildir:/var/lib/mailgate/Maildir" in r.stdout
     assert "  filter rules: message" in r.stdout  # the shipped rule set, from the package
     assert sorted(p.name for p in etc.iterdir()) == ["mailgate.toml"]  # a check writes nothing
+
+
+def test_state_left_at_defaults_goes_to_the_state_directory_from_any_directory(tmp_path):
+    """A policy that leaves the spool, the Maildir and the Bayes store at their defaults (as
+    policies/default.toml does): with $MAILGATE_STATE_DIR they are there, whatever directory the
+    gateway and the commands run in, so `mailgate queue list` from elsewhere sees the queue."""
+    conf, state, run_dir, elsewhere = (tmp_path / d for d in ("conf", "state", "run", "else"))
+    for d in (conf, run_dir, elsewhere):
+        d.mkdir()
+    policy = base_policy(relay={"mode": "queue"}, queue={"scan_interval_s": 0.5},
+                         filters=[{"name": "bayes", "on_error": "continue"}])
+    del policy["relay"]["downstream"]  # default: maildir:Maildir
+    (conf / "policy.toml").write_text(toml.dumps(policy))
+    env = {"MAILGATE_STATE_DIR": str(state)}
+    r = mailgate("check-policy", str(conf / "policy.toml"), cwd=elsewhere, env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"relay: queue -> maildir:{state / 'Maildir'}" in r.stdout
+    gw = GatewayProcess(run_dir, policy, name="../conf/policy.toml", env=env)
+    with gw:
+        with RawSmtpClient(gw.address, timeout=20) as c:
+            c.cmd("EHLO client.test")
+            assert c.cmd("MAIL FROM:<bob@sender.test>").startswith("250")
+            assert c.cmd("RCPT TO:<carol@example.test>").startswith("250")
+            assert c.cmd("DATA").startswith("354")
+            c.send(b"From: bob@sender.test\r\nSubject: state\r\n\r\nhi\r\n.\r\n")
+            assert c.reply().startswith("250 ")
+        deadline = time.monotonic() + 20
+        while not list((state / "Maildir" / "new").glob("*")):
+            assert time.monotonic() < deadline, "not delivered to the state directory"
+            time.sleep(0.05)
+        assert (state / "spool" / "gateway.lock").is_file()
+        r = mailgate("queue", "--policy", str(conf / "policy.toml"), "list", cwd=elsewhere,
+                     env=env)
+        assert r.returncode == 0, r.stderr
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(b"From: a@b.test\r\nSubject: learn me\r\n\r\ncheap pills\r\n")
+    r = mailgate("learn", "--spam", "--policy", str(conf / "policy.toml"), str(msg),
+                 cwd=elsewhere, env=env)
+    assert r.returncode == 0, r.stderr
+    assert (state / "bayes.db").is_file()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["gateway.log"]
+    assert sorted(p.name for p in conf.iterdir()) == ["policy.toml"]

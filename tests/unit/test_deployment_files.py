@@ -91,6 +91,7 @@ def test_gateway_image_runs_as_documented() -> None:
     assert "HEALTHCHECK" in words and "mailgate\", \"health" in dict(ins)["HEALTHCHECK"]
     env = " ".join(a for w, a in ins if w == "ENV")
     assert "MAILGATE_LISTEN=0.0.0.0:2525" in env  # reachable whatever policy is mounted
+    assert "MAILGATE_STATE_DIR=/var/lib/mailgate" in env  # the CLIs find the spool too
     assert not any("sed " in a for w, a in ins if w == "RUN"), "policy edited at build time"
 
 
