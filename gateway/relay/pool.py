@@ -159,7 +159,7 @@ class DownstreamPool:
     def _arm_reaper(self) -> None:
         """Close idle connections when the oldest has waited ``idle_s``: without this they
         would linger (half-closed once the peer times out) until the next message."""
-        if self._reaper is not None or self.closed:
+        if self._reaper is not None or self.closed or self._reaping_elsewhere():
             return
         # (an empty list is never kept, but that is not worth a crash of the reaper)
         oldest = min((i.since for items in self._idle.values() for i in items), default=None)
@@ -168,6 +168,12 @@ class DownstreamPool:
         delay = max(0.0, oldest + self.idle_s - time.monotonic()) + REAP_SLACK_S
         self._reaper = asyncio.get_running_loop().call_later(delay, self._reap_idle)
 
+    def _reaping_elsewhere(self) -> bool:
+        """A reaping task other than the current one is at work, or waiting to retry after a
+        failure: it re-arms the timer itself when it is done."""
+        me = asyncio.current_task()
+        return any(t is not me and not t.done() for t in self._reaping)
+
     def _reap_idle(self) -> None:
         self._reaper = None
         task = supervise.start(f"{self.name}-reaper", self._reap_then_rearm)
@@ -175,10 +181,12 @@ class DownstreamPool:
         task.add_done_callback(self._reaping.discard)
 
     async def _reap_then_rearm(self) -> None:
-        try:
-            await self._reap()
-        finally:
-            self._arm_reaper()
+        """The reaper task's body. No re-arming after a failure: supervise runs this again
+        after its backoff (re-arming there too started a new task, failing like this one,
+        every REAP_SLACK_S while the old ones kept retrying: tasks and log lines grew
+        without bound)."""
+        await self._reap()
+        self._arm_reaper()
 
     async def _connect(self, t: Transport) -> DownstreamClient:
         self.opened += 1

@@ -202,3 +202,58 @@ def test_a_failing_reaper_is_logged_counted_and_runs_again(
               in str(r.exc_info[1])]
     assert len(logged) == 1 and "proxy-pool-reaper" in logged[0].getMessage()
     assert "Task exception was never retrieved" not in caplog.text
+
+
+class _Parked:
+    """A stand-in idle client: parked as is (no transaction open), closed by QUIT."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.peer_closed = False
+        self.in_transaction = False
+
+    async def quit(self) -> None:
+        self.closed = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_reaper_failing_every_time_is_one_task_backing_off(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A reaping that fails at every run stays one task, retried with supervise's capped
+    backoff, and is logged with its traceback once. The old reaper re-armed its timer after
+    a failure as well: every REAP_SLACK_S a new task started, failing in turn, while the
+    old ones kept retrying (after 1.2 s: ~25 tasks, ~45 failures and as many log lines)."""
+    caplog.set_level(logging.ERROR)
+    t = Transport("smtp", host="127.0.0.1", port=9)
+
+    async def go() -> tuple[int, int, bool, bool, int]:
+        name = "failing-pool-reaper"
+        before = supervise.FAILURES[name]
+        pool = DownstreamPool(RelayConfig(), "mx.test", max_per_destination=2, idle_s=0.1,
+                              name="failing-pool")
+        real = pool._reap
+
+        async def reap_failing() -> None:
+            raise RuntimeError("injected reaper failure, every time")
+
+        pool._reap = reap_failing  # type: ignore[method-assign]
+        parked = _Parked()
+        await pool.release(t, parked)  # type: ignore[arg-type]
+        await asyncio.sleep(1.2)
+        tasks = sum(not x.done() for x in asyncio.all_tasks() if x.get_name() == name)
+        failures = supervise.FAILURES[name] - before
+        pool._reap = real  # type: ignore[method-assign]
+        reaped = await _until(lambda: parked.closed)  # the retry after the backoff reaps
+        ended = await _until(lambda: not any(x.get_name() == name
+                                             for x in asyncio.all_tasks()))
+        await pool.close()
+        return tasks, failures, reaped, ended, supervise.FAILURES[name] - before
+
+    tasks, failures, reaped, ended, total = asyncio.run(go())
+    assert tasks == 1  # old code: ~25
+    assert 1 <= failures <= 6, failures  # backoff 0.1, 0.2, 0.4, 0.8 s; old code: ~45
+    assert reaped and ended and total == failures
+    logged = [r for r in caplog.records if "failing-pool-reaper" in r.getMessage()]
+    assert len(logged) == failures and sum(r.exc_info is not None for r in logged) == 1
