@@ -404,6 +404,7 @@ async def expire_loop(spool: Spool, config: Callable[[], QuarantineConfig]) -> N
         try:
             async with asyncio.timeout(max(60.0, cfg.expire_interval_s)):
                 await asyncio.to_thread(q.expire, cfg.retention_s)
+            supervise.succeeded(EXPIRY_TASK)
         except Exception as e:
             supervise.report(EXPIRY_TASK, e, context=f"a pass; the next in "
                                                      f"{cfg.expire_interval_s:g}s")

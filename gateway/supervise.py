@@ -6,7 +6,7 @@ runtime's background chores).
 ``start(name, body)`` runs ``await body()`` in a task until it returns normally (its job is
 done, or it was told to stop) or the task is cancelled. An exception from ``body`` is logged
 once, with its traceback (a repeat of the same failure in a row gets one short line instead
-of the traceback again), counted in ``FAILURES[name]``, and ``body`` runs again after a
+of the traceback again; a run that returned or lasted HEALTHY_AFTER_S ends the row), counted in ``FAILURES[name]``, and ``body`` runs again after a
 capped exponential backoff: MIN_BACKOFF_S, doubled after each failure up to MAX_BACKOFF_S, back
 to MIN_BACKOFF_S once a run lasted HEALTHY_AFTER_S. Without this an exception ended the task
 and was only seen as asyncio's "Task exception was never retrieved", if ever, and the work it
@@ -54,6 +54,12 @@ def report(name: str, exc: BaseException, *, restart_in_s: float | None = None,
                   then, exc_info=(type(exc), exc, exc.__traceback__))
 
 
+def succeeded(name: str) -> None:
+    """``name`` did its job since its last failure: the next failure is logged with its
+    traceback again, not as a repeat."""
+    _last.pop(name, None)
+
+
 def _signature(exc: BaseException) -> str:
     tb = traceback.extract_tb(exc.__traceback__)
     where = f"{tb[-1].filename}:{tb[-1].lineno}" if tb else ""
@@ -68,10 +74,12 @@ async def supervised(name: str, body: Callable[[], Awaitable[None]]) -> None:
         began = loop.time()
         try:
             await body()
+            succeeded(name)
             return
         except Exception as e:  # CancelledError (a BaseException) ends the task
             if loop.time() - began >= HEALTHY_AFTER_S:
                 backoff = MIN_BACKOFF_S
+                succeeded(name)  # it did its job meanwhile: this failure is news
             report(name, e, restart_in_s=backoff)
         await asyncio.sleep(backoff)
         backoff = min(MAX_BACKOFF_S, backoff * 2)

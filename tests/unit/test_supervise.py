@@ -153,3 +153,63 @@ def test_quarantine_expiry_runs_again_after_a_failed_pass_and_after_dying(
     assert supervise.FAILURES[qm.EXPIRY_TASK] - before == 2
     assert len(_tracebacks(caplog, "injected policy lookup failure")) == 1
     assert len(_tracebacks(caplog, "injected expiry pass failure")) == 1
+
+
+def test_a_failure_after_a_successful_run_is_logged_with_its_traceback_again(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Only a repeat *in a row* is shortened to one line. A task that failed, then did its
+    job (its run returned, as each reaping and each fsync batch does), and fails the same way
+    later gets its traceback logged again; the old code remembered the first failure forever
+    and logged every later one as "failed again", without a traceback."""
+    monkeypatch.setattr(supervise, "MIN_BACKOFF_S", 0.01)
+    runs: list[int] = []
+
+    async def body() -> None:  # fails at its 1st and 3rd run: returns at its 2nd and 4th
+        runs.append(1)
+        if len(runs) in (1, 3):
+            raise RuntimeError("injected: fails on odd runs")
+
+    async def main() -> None:
+        for _ in range(2):  # two tasks of one name, one after the other (as reapers are)
+            task = supervise.start("test-recovered", body)
+            await asyncio.wait({task}, timeout=10)
+            assert task.done() and task.exception() is None
+
+    before = supervise.FAILURES["test-recovered"]
+    asyncio.run(main())
+    assert len(runs) == 4
+    assert supervise.FAILURES["test-recovered"] - before == 2
+    assert len(_tracebacks(caplog, "injected: fails on odd runs")) == 2  # old code: 1
+    assert not [r for r in caplog.records if "test-recovered failed again" in r.getMessage()]
+
+
+def test_an_expiry_pass_failing_again_after_a_good_pass_is_logged_with_its_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The quarantine expiry loop reports a failed pass and goes on; a good pass in between
+    makes the next failure news again (traceback), as for a supervised task's run."""
+    spool = Spool(tmp_path / "spool")
+    calls: list[int] = []
+
+    def expire_failing_on_odd_calls(self: qm.Quarantine, retention_s: float,
+                                    now: float | None = None) -> list[str]:
+        calls.append(1)
+        if len(calls) in (1, 3):
+            raise RuntimeError("injected expiry failure on odd passes")
+        return []
+
+    monkeypatch.setattr(qm.Quarantine, "expire", expire_failing_on_odd_calls)
+
+    async def main() -> None:
+        task = supervise.start(qm.EXPIRY_TASK, lambda: qm.expire_loop(
+            spool, lambda: QuarantineConfig(retention_s=86400, expire_interval_s=0.02)))
+        for _ in range(500):  # at most ~10 s
+            if len(calls) >= 4:
+                break
+            await asyncio.sleep(0.02)
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+
+    asyncio.run(main())
+    assert len(calls) >= 4
+    assert len(_tracebacks(caplog, "injected expiry failure on odd passes")) == 2  # old: 1
