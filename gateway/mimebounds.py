@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import patches
+from gateway import obsheaders, patches
 
 HARD_MAX_DEPTH = 200  # the largest max_depth a policy may set (the stdlib recurses per level)
 OPAQUE = "application/octet-stream"
@@ -122,14 +122,15 @@ class BoundedMessage(email.message.Message):
 
 
 def parser(tally: Tally) -> email.feedparser.BytesFeedParser:
-    """A compat32 feed parser whose every entity is a :class:`BoundedMessage` on ``tally``."""
+    """A compat32 feed parser whose every entity is a :class:`BoundedMessage` on ``tally``;
+    it reads the obsolete ``Name WSP :`` header syntax (gateway/obsheaders.py)."""
 
-    def factory(policy: Any = email.policy.compat32) -> BoundedMessage:
+    def factory(policy: Any = obsheaders.POLICY) -> BoundedMessage:
         msg = BoundedMessage(policy)
         msg._tally = tally  # (the parser also makes one at its start, to try the factory)
         return msg
 
-    return email.feedparser.BytesFeedParser(_factory=factory, policy=email.policy.compat32)
+    return obsheaders.ObsBytesFeedParser(_factory=factory, policy=obsheaders.POLICY)
 
 
 def findings(tally: Tally) -> tuple[tuple[str, str], ...]:

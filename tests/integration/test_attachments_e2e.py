@@ -175,3 +175,19 @@ def test_program_inside_a_tnef_winmail_dat_is_refused(world: World) -> None:
     assert (code, reply.split(b" ", 1)[0]) == (554, b"5.7.1"), reply
     assert b'"winmail.dat/clam.exe" (ATTACH_BANNED_EXT)' in reply
     world.nothing_relayed(before)
+
+
+def test_white_space_before_a_header_colon_hides_no_attachment(world: World) -> None:
+    """RFC 5322 obs-optional (``Content-Type : ...``), read by mail clients: the stdlib parser
+    took the line for the body, and the program behind it was relayed (old code: 250)."""
+    before = len(world.sink.messages)
+    plain = message(("setup.exe", PE, "application/octet-stream"))
+    for data in (plain.replace(b"\r\nContent-Type: multipart/mixed", b"\r\nContent-Type :"
+                                                                     b" multipart/mixed"),
+                 plain.replace(b"Content-Disposition: attachment",
+                               b"Content-Disposition\t: attachment")):
+        assert data != plain
+        code, reply = world.send(data)
+        assert (code, reply.split(b" ", 1)[0]) == (554, b"5.7.1"), reply
+        assert b'"setup.exe"' in reply and b"ATTACH_BANNED_EXT" in reply, reply
+    world.nothing_relayed(before)
