@@ -5,8 +5,6 @@ compressed streams (gzip header name, chunked decompression) the archive walk us
 
 from __future__ import annotations
 
-import email.message
-import email.utils
 import io
 import unicodedata
 import zlib
@@ -120,17 +118,14 @@ def is_office(data: bytes) -> bool:
 
 def part_names(part: mime.Part) -> list[str]:
     """The names a part goes by: its filename (Content-Disposition, else Content-Type name=)
-    and, when different, the Content-Type's name= (mail clients disagree on which wins)."""
-    names = [part.filename] if part.filename else []
-    if part.declared_type and "name" in part.declared_type.lower():
-        m = email.message.Message()
-        m["Content-Type"] = part.declared_type
-        raw = m.get_param("name")
-        if raw is not None:
-            value = email.utils.collapse_rfc2231_value(raw)
-            value = mime.decode_header(str(value))
-            if value and value not in names:
-                names.append(value)
+    and every other name its headers give (``Part.names``: repeated parameters and headers,
+    Content-Type's name= — mail clients disagree on which wins); a name holding a NUL also
+    as a C string reads it (cut there)."""
+    names = list(dict.fromkeys([*([part.filename] if part.filename else []), *part.names]))
+    for n in list(names):
+        cut = n.split("\x00", 1)[0]
+        if cut != n and cut and cut not in names:
+            names.append(cut)
     return names
 
 

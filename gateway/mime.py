@@ -27,6 +27,7 @@ import email.feedparser
 import email.header
 import email.message
 import email.policy
+import email.utils
 import html
 import re
 from collections.abc import Iterator
@@ -64,6 +65,10 @@ class Part:
     disposition: str | None  # "attachment", "inline" or None
     payload: bytes  # the decoded content (transfer encoding undone)
     declared_type: str = ""  # the Content-Type header's value as sent (for mismatch checks)
+    # every name the part's headers give, decoded, each once: each filename= of every
+    # Content-Disposition, then each name= of every Content-Type. Mail clients differ on which
+    # of repeated parameters or headers wins; the stdlib (``filename``) takes the first
+    names: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
@@ -200,7 +205,7 @@ def _view(msg: email.message.Message, truncated: bool, tally: Tally) -> MimeView
         filename = _filename(leaf, tally)
         disposition = leaf.get_content_disposition()
         part = Part(len(parts), ctype, filename, disposition, payload,
-                    _unfold(str(leaf.get("Content-Type", ""))))
+                    _unfold(str(leaf.get("Content-Type", ""))), _names(leaf, filename, tally))
         parts.append(part)
         defects.extend(type(d).__name__ for d in leaf.defects)
         if part.is_text and (not filename or ctype in ("text/plain", "text/html")):
@@ -273,6 +278,32 @@ def _filename(part: email.message.Message, tally: Tally | None = None) -> str | 
     except Exception:
         return None
     return decode_header(name, tally) if name else None
+
+
+def _names(part: email.message.Message, filename: str | None,
+           tally: Tally | None = None) -> tuple[str, ...]:
+    """Every file name the part's headers give (see ``Part.names``), ``filename`` first."""
+    out = dict.fromkeys([filename] if filename else [])
+    for header, param in (("Content-Disposition", "filename"), ("Content-Type", "name")):
+        for value in part.get_all(header) or ():
+            if param not in str(value).lower():
+                continue
+            one = email.message.Message()
+            one[header] = str(value)
+            try:
+                params = one.get_params(header=header) or []
+            except Exception:  # noqa: BLE001 - a value the stdlib cannot split: no name in it
+                continue
+            for key, raw in params:
+                if key.lower() != param:
+                    continue
+                try:
+                    name = decode_header(str(email.utils.collapse_rfc2231_value(raw)), tally)
+                except Exception:  # noqa: BLE001 - an undecodable RFC 2231 value
+                    continue
+                if name:
+                    out[name] = None
+    return tuple(out)
 
 
 def _decode_text(data: bytes, charset: str | None) -> str:

@@ -172,6 +172,39 @@ def test_content_type_name_differs_from_disposition_filename():
     assert syms(raw) == {"ATTACH_BANNED_EXT": ("run.exe",)}
 
 
+def _one_part(headers: str) -> bytes:
+    return (b"From: a@example.test\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
+            + headers.encode() + b"\r\n\r\nWScript.Echo(1)\r\n--B--\r\n")
+
+
+@pytest.mark.parametrize("headers", [
+    # the stdlib (and so the old walk) reads the first; a client may show the last
+    "Content-Type: application/octet-stream\r\n"
+    "Content-Disposition: attachment; filename=readme.txt; filename=run.js",
+    'Content-Type: application/octet-stream\r\n'
+    'Content-Disposition: attachment; filename="a;b.txt"; filename*=utf-8\'\'run%2Ejs',
+    "Content-Type: application/octet-stream\r\n"
+    "Content-Disposition: attachment; filename=readme.txt\r\n"
+    "Content-Disposition: attachment; filename=run.js",
+    "Content-Type: application/octet-stream; name=readme.txt\r\n"
+    "Content-Type: application/octet-stream; name=run.js\r\n"
+    "Content-Disposition: attachment",
+    "Content-Type: application/octet-stream; name=readme.txt; name*0=ru; name*1=n.js\r\n"
+    "Content-Disposition: attachment",
+], ids=["two-filename-params", "quoted-then-2231", "two-dispositions", "two-content-types",
+        "name-and-continuation"])
+def test_every_name_a_part_gives_is_checked(headers):
+    assert syms(_one_part(headers)) == {"ATTACH_BANNED_EXT": ("run.js",)}
+
+
+def test_a_name_cut_at_nul_is_checked_as_a_c_string_reads_it():
+    raw = _one_part("Content-Type: application/octet-stream\r\n"
+                    "Content-Disposition: attachment; filename*=utf-8''run.js%00.txt")
+    found = syms(raw)
+    assert found["ATTACH_BANNED_EXT"] == ("run.js",), found  # old: only ATTACH_BAD_NAME
+
+
 def test_attached_message_is_walked_into():
     inner = message(("evil.vbs", b"MsgBox 1", "application/octet-stream"))
     outer = EmailMessage()
