@@ -10,6 +10,7 @@ Which success report a delivery owes: ``dsn.success_action``. Never to the null 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import time
@@ -25,6 +26,8 @@ from gateway.spool import Spool
 
 log = logging.getLogger("mailgate.qmgr")
 OpenOriginal = Callable[[], AbstractContextManager[BinaryIO]]
+# one recipient's delivery: (recipient, action, downstream reply, remote MTA host or None)
+Delivered = tuple[Recipient, dsn.Action, str | None, str | None]
 
 
 def success_status(reply: str | None) -> str:
@@ -34,27 +37,38 @@ def success_status(reply: str | None) -> str:
 
 
 async def report_success(spool: Spool, entry: QueueEntry, reporting_mta: str,
-                         delivered: Sequence[tuple[Recipient, dsn.Action, str | None]],
-                         open_original: OpenOriginal, now: float | None = None) -> str | None:
-    """Queue one success DSN for the ``(recipient, action, downstream reply)`` that asked for
-    it (NOTIFY=SUCCESS, a sender that is not null); returns its qid, None when none asked, or
-    "not sent: why" when it cannot be built.
+                         delivered: Sequence[Delivered], open_original: OpenOriginal,
+                         now: float | None = None) -> str | None:
+    """Queue one success DSN for the ``(recipient, action, downstream reply, remote MTA)``
+    that asked for it (NOTIFY=SUCCESS, a sender that is not null); returns its qid, None when
+    none asked, or "not sent: why" when it cannot be built. The remote MTA (the SMTP/LMTP
+    server's name as we reached it; None for a Maildir) is the report's Remote-MTA, which RFC
+    3461 6.3 e requires beside the Diagnostic-Code for a relay via SMTP.
     OSError/SpoolError: not queued (the caller logs it; the deliveries stand)."""
     now = time.time() if now is None else now
-    wanted = [(r, action, reply) for r, action, reply in delivered
-              if dsn.wants_dsn(entry.sender, r.notify, action)]
+    wanted = [d for d in delivered if dsn.wants_dsn(entry.sender, d[0].notify, d[1])]
     if not wanted:
         return None
     try:
         statuses = [dsn.RecipientStatus(
             recipient=r.addr, action=action, status=success_status(reply),
             original_recipient=r.orcpt, last_attempt=now,
+            remote_mta=_mta_name(remote) if remote and reply and reply[:1] == "2" else None,
             diagnostic=f"smtp; {reply}" if reply and reply[:1] == "2" else None)
-            for r, action, reply in wanted]
+            for r, action, reply, remote in wanted]
     except dsn.DsnError as e:
         log.error("DSN for %s cannot be built: %s", entry.qid, e)
         return f"not sent: {e}"
     return await queue_dsn(spool, entry, reporting_mta, statuses, open_original, now)
+
+
+def _mta_name(host: str) -> str:
+    """``dns; host`` for a DSN's Remote-MTA; an address as an RFC 5321 address literal."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return f"dns; {host}"
+    return f"dns; [{'IPv6:' if ip.version == 6 else ''}{ip.compressed}]"
 
 
 async def queue_dsn(spool: Spool, entry: QueueEntry, reporting_mta: str,

@@ -383,7 +383,8 @@ class Engine:
         try:
             qid = await dsnqueue.report_success(
                 self.spool, entry, self.policy.hostname,
-                [(r, action, txn.relay.replies.get(r.addr) if txn.relay else None)
+                [(r, action, txn.relay.replies.get(r.addr) if txn.relay else None,
+                  txn.relay.remote_name if txn.relay else None)
                  for r in entry.recipients], lambda: message.path.open("rb"))
         except (OSError, SpoolError) as e:
             log.error("success DSN for %s not queued: %s", txn.qid, e)

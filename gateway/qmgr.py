@@ -250,18 +250,18 @@ class QueueManager:
             t = transport_for(_domain(r.addr), relay.downstream, relay.transport)
             groups.setdefault(t, []).append(r)
         errors: list[str] = []
-        succeeded: list[tuple[Recipient, dsn.Action, str | None]] = []  # for NOTIFY=SUCCESS
+        succeeded: list[dsnqueue.Delivered] = []  # for NOTIFY=SUCCESS
         for transport, rcpts in groups.items():
             try:
-                got, error, success = await self._send(entry, transport, rcpts)
+                got, error, success, remote = await self._send(entry, transport, rcpts)
             except Exception as e:  # a bug or a local failure: these recipients stay pending
                 log.exception("delivery to %s failed (qid %s)", transport, entry.qid)
-                error, success = f"local error: {type(e).__name__}", None
+                error, success, remote = f"local error: {type(e).__name__}", None, None
                 got = {r.addr: ("pending", f"451 4.3.0 {error}") for r in rcpts}
             if error:
                 errors.append(f"{transport}: {error}")
             if success is not None:  # ours to report (the downstream could not be asked)
-                succeeded += [(r, success, got[r.addr][1]) for r in rcpts
+                succeeded += [(r, success, got[r.addr][1], remote) for r in rcpts
                               if got.get(r.addr, ("pending", None))[0] == "delivered"]
             if any(state != "pending" for state, _ in got.values()):
                 # Final outcomes are saved at once: a crash now must not deliver them again.
@@ -312,22 +312,25 @@ class QueueManager:
         self._not_before.pop(qid, None)
 
     async def _send(self, entry: QueueEntry, t: Transport, rcpts: list[Recipient]
-                    ) -> tuple[Results, str | None, dsn.Action | None]:
+                    ) -> tuple[Results, str | None, dsn.Action | None, str | None]:
         """One delivery attempt to one transport. Temporary trouble leaves recipients pending.
-        Also the success DSN action its deliveries owe (``dsn.success_action``)."""
+        Also the success DSN action its deliveries owe (``dsn.success_action``) and the server
+        that answered (its Remote-MTA; None for a Maildir)."""
         if t.kind == "maildir":
-            return (*await self._send_maildir(entry, t, rcpts), "delivered")
+            return (*await self._send_maildir(entry, t, rcpts), "delivered", None)
         out: Results = {}
         success: dsn.Action | None = None
+        remote: str | None = None
         try:
             async with self.pool.session(t) as client:
                 success = dsn.success_action(t.kind, client.extensions)
-                return (*await self._transaction(client, entry, rcpts, out), success)
+                remote = client.remote_name
+                return (*await self._transaction(client, entry, rcpts, out), success, remote)
         except RelayError as e:
             for x in rcpts:
                 out.setdefault(x.addr, ("failed" if e.permanent else "pending",
                                         f"{e.code} {e.status} {e.text or e}"[:300]))
-            return out, str(e), success
+            return out, str(e), success, remote
 
     async def _transaction(self, client: DownstreamClient, entry: QueueEntry,
                            rcpts: list[Recipient], out: Results) -> tuple[Results, str | None]:
@@ -440,7 +443,7 @@ class QueueManager:
         return qid
 
     async def _report_success(self, entry: QueueEntry,
-                              delivered: list[tuple[Recipient, dsn.Action, str | None]]) -> None:
+                              delivered: list[dsnqueue.Delivered]) -> None:
         """The success DSN owed for this attempt's deliveries (``dsnqueue``: NOTIFY=SUCCESS and
         a downstream that could not be asked for it). Not queued: logged; the deliveries
         stand."""

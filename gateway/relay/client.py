@@ -162,6 +162,9 @@ class DownstreamClient:
         self._reader = reader
         self._writer = writer
         self.peer = peer  # "host:port" or "unix:/path", used in error messages
+        # the server's host name (or address) as we reached it, for a DSN's Remote-MTA
+        # (RFC 3464 2.3.5); None over a unix socket. ``connect_mx`` sets the MX host's name.
+        self.remote_name: str | None = None
         self._lmtp = lmtp
         self._command_timeout_s = command_timeout_s
         self._data_timeout_s = data_timeout_s
@@ -188,9 +191,12 @@ class DownstreamClient:
         def opener() -> Coroutine[Any, Any, tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
             return asyncio.open_connection(host, port, limit=MAX_REPLY_LINE)
 
-        return await cls._open(opener, peer, lmtp=lmtp, helo_name=helo_name,
-                               connect_timeout_s=connect_timeout_s,
-                               command_timeout_s=command_timeout_s, data_timeout_s=data_timeout_s)
+        client = await cls._open(opener, peer, lmtp=lmtp, helo_name=helo_name,
+                                 connect_timeout_s=connect_timeout_s,
+                                 command_timeout_s=command_timeout_s,
+                                 data_timeout_s=data_timeout_s)
+        client.remote_name = host
+        return client
 
     @classmethod
     async def connect_unix(cls, path: str, *, lmtp: bool = False, helo_name: str = "localhost",

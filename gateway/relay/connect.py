@@ -43,6 +43,7 @@ async def _one(host: str, port: int, lmtp: bool, relay: RelayConfig, helo: str,
         host, port, lmtp=lmtp, helo_name=helo, connect_timeout_s=relay.connect_timeout_s,
         command_timeout_s=relay.command_timeout_s, data_timeout_s=relay.data_timeout_s)
     tls_name = name or host
+    client.remote_name = tls_name  # an MX host's name rather than its address (DSN Remote-MTA)
     level = relay.tls_level(tls_name) if use_tls else "none"
     if level == "none":
         return client

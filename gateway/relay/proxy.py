@@ -71,6 +71,7 @@ class ProxyRelay:
     extensions: frozenset[str] = frozenset()  # the downstream's EHLO/LHLO keywords
     # after a delivery: each recipient's end-of-data reply ("250 2.0.0 Ok"), for a DSN
     replies: dict[str, str] = field(default_factory=dict)
+    remote_name: str | None = None  # ... and the server that gave them (DSN Remote-MTA)
 
     @property
     def success_action(self) -> DsnAction | None:
@@ -178,6 +179,7 @@ class ProxyRelay:
         if self.client is None or not self.accepted:
             self.last_result = "no downstream transaction"
             return DOWNSTREAM_LOST.with_qid(self.qid)
+        self.remote_name = self.client.remote_name
         try:
             replies = await self.client.data(chunks_for(None), accepted_rcpts=len(self.accepted))
         except RelayError as e:

@@ -68,7 +68,8 @@ def world(gateway_factory: Callable[..., GatewayProcess]) -> Iterator[World]:
         yield World(gw, ns, preferred, backup, dsn)
 
 
-def send(gw: GatewayProcess, rcpts: list[str], tag: str) -> str:
+def send(gw: GatewayProcess, rcpts: list[str], tag: str, rcpt_options: tuple[str, ...] = ()
+         ) -> str:
     body = (f"From: <{SENDER}>\r\nTo: <{rcpts[0]}>\r\nSubject: {tag}\r\n"
             f"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\nMessage-ID: <{tag}@sender.test>\r\n"
             f"X-Test-Id: {tag}\r\n\r\nhello {tag}\r\n").encode()
@@ -76,7 +77,7 @@ def send(gw: GatewayProcess, rcpts: list[str], tag: str) -> str:
         s.ehlo("client.test")
         assert s.mail(SENDER)[0] == 250
         for r in rcpts:
-            code, msg = s.rcpt(r)
+            code, msg = s.rcpt(r, list(rcpt_options))
             assert code == 250, (r, code, msg)
         code, msg = s.data(body)
     m = QUEUED_RE.search(msg.decode())
@@ -120,6 +121,18 @@ def test_mail_goes_to_the_preferred_mx(world: World):
     assert ("other.test", "MX", "udp") in world.ns.queries
     assert ("mx1.other.test", "A", "udp") in world.ns.queries
     assert_resolver_is_the_test_server(world)
+
+
+def test_success_dsn_names_the_mx_host_that_took_it(world: World):
+    """NOTIFY=SUCCESS to an MX host without DSN: the 'relayed' report's Remote-MTA is the MX
+    host's name (RFC 3461 6.3 e), not the address we connected to."""
+    qid = send(world.gw, ["alice@other.test"], "notify", ("NOTIFY=SUCCESS",))
+    tagged(world.preferred.wait_for(1), "notify")
+    [report] = [m for m in world.dsn.wait_for(1) if m.mail_from == ""]
+    assert report.rcpts == (SENDER,) and f"X-Mailgate-Queue-ID: {qid}".encode() in report.data
+    part = report.data.split(b"Content-Type: message/delivery-status", 1)[1]
+    assert re.search(rb"^Action: relayed\r$", part, re.M), part
+    assert re.search(rb"^Remote-MTA: dns; mx1\.other\.test\r$", part, re.M), part
 
 
 def test_preferred_mx_down_the_backup_gets_the_mail(world: World):

@@ -83,6 +83,8 @@ def test_success_report_when_the_downstream_cannot_take_notify(gateway_factory, 
     assert (report.mail_from, report.rcpts) == ("", (SENDER,))  # from <>, to the sender
     check_report(report.data, action, status)
     assert re.search(rb"^Diagnostic-Code: smtp; 250 " + status.encode(), report.data, re.M)
+    # RFC 3461 6.3 e: the server that said 250, beside its reply (an address as a literal)
+    assert re.search(rb"^Remote-MTA: dns; \[127\.0\.0\.1\]\r?$", report.data, re.M), report.data
     [ev] = gw.events("dsn")
     assert (ev["original"], ev["action"], ev["to"]) == (qid, action, SENDER)
 
@@ -97,6 +99,7 @@ def test_maildir_delivery_reports_delivered(gateway_factory, mode):
                                b"Delivered-To: alice@example.test\r\n")
     assert report.startswith(b"Return-Path: <>\r\nDelivered-To: bob@sender.test\r\n")
     check_report(report.split(b"\r\n", 2)[2], "delivered")
+    assert b"Remote-MTA:" not in report and b"Diagnostic-Code:" not in report  # no server
     assert gw.events("dsn")[0]["original"] == qid
 
 
