@@ -23,13 +23,17 @@ folding and the version as the library reads them); one whose authserv-id is our
 case (RFC 8601 §2.5), is removed. A value the library cannot parse (or too long or too deeply
 nested to parse, or beyond the message's ``PARSE_BUDGET``) is removed when our authserv-id
 occurs in it anywhere as a token, comments included: fail closed, so no reader downstream can
-take it for ours. The core's
+take it for ours. A value with RFC 2047 encoded words is also read as a reader decoding them
+shows it (the stdlib's ``email.policy.default`` does, in any unstructured field): removed when
+that reading carries our authserv-id (``=?us-ascii?q?mx.example?=; dkim=pass``); such a value
+longer than ``_arheader.MAX_VALUE`` is removed undecoded. The core's
 ``RemoveHeader.value_prefix`` compares case-sensitively, so one ``RemoveHeader`` is emitted per
 matching header, with that header's own (unfolded) value as the prefix.
 """
 
 from __future__ import annotations
 
+import email.policy
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -76,20 +80,39 @@ def carries(value: str, authserv_id: str) -> bool:
     return found is None or found == authserv_id.lower()
 
 
+def decoded(value: str) -> str | None:
+    """The value as a reader that decodes RFC 2047 encoded words shows it (the stdlib's
+    ``email.policy.default``), when that differs from the value; ``""`` for a value too long
+    to decode (fail closed: the caller removes it); None when there is nothing to decode."""
+    if "=?" not in value:
+        return None
+    if len(value) > _arheader.MAX_VALUE:
+        return ""
+    try:
+        text = str(email.policy.default.header_factory(HEADER, value))
+    except Exception:  # noqa: BLE001 - a value the stdlib cannot decode shows as it is
+        return None
+    return text if text != value else None
+
+
 def forged(message: Message | None, authserv_id: str) -> tuple[RemoveHeader, ...]:
-    """RemoveHeader edits for every Authentication-Results carrying ``authserv_id``. At most
-    ``PARSE_BUDGET`` characters of values naming it are parsed per message (the filter runs on
-    the event loop); beyond that, a value naming it is removed unparsed (fail closed)."""
+    """RemoveHeader edits for every Authentication-Results carrying ``authserv_id``, as
+    written or RFC 2047 decoded. At most ``PARSE_BUDGET`` characters of values naming it are
+    parsed per message (the filter runs on the event loop); beyond that, a value naming it is
+    removed unparsed (fail closed)."""
     if message is None:
         return ()
     out: list[RemoveHeader] = []
     budget = PARSE_BUDGET
     for value in message.get_all(HEADER):
-        if not _arheader.mentions(value, authserv_id):
+        shown = decoded(value)
+        if not _arheader.mentions(value, authserv_id) and not (
+                shown == "" or shown and _arheader.mentions(shown, authserv_id)):
             continue
         over = len(value) > budget
         budget -= min(len(value), budget)
-        if over or carries(value, authserv_id):
+        if over or shown == "" or carries(value, authserv_id) or \
+                (shown is not None and carries(shown, authserv_id)):
             edit = RemoveHeader(HEADER, value_prefix=value)
             if edit not in out:
                 out.append(edit)

@@ -233,3 +233,15 @@ def test_parsing_is_bounded_per_message(tmp_path: Path) -> None:
     kept = [v for v in msg.get_all("Authentication-Results") if v not in gone]
     assert len(kept) == 2 and all(v.startswith("other.example") for v in kept)
     assert spent < 2.0, spent
+
+
+def test_encoded_words_are_read_as_a_decoding_reader_shows_them(tmp_path: Path) -> None:
+    kept = "other.example; dkim=pass (=?utf-8?q?caf=C3=A9?=) header.d=a.example"
+    long_one = "other.example; dkim=pass (" + "=?utf-8?q?x?= " * 400 + ")"
+    forged = "=?utf-8?b?bXguZ2F0ZXdheS50ZXN0OyBka2ltPXBhc3M=?="  # "mx.gateway.test; dkim=pass"
+    msg = message(tmp_path, f"Authentication-Results: {kept}\r\n"
+                            f"Authentication-Results: {long_one}\r\n"
+                            f"Authentication-Results: {forged}\r\nFrom: a@example.com\r\n")
+    res = run(AuthResultsFilter("mx.gateway.test"), ctx(msg))
+    # the forged one (old code: kept); one too long to decode is removed (fail closed)
+    assert [r.value_prefix for r in removes(res)] == [" ".join(long_one.split()), forged]

@@ -9,6 +9,9 @@ anywhere: ours, as the ``authres`` library reads it.
 
 from __future__ import annotations
 
+import base64
+import email
+import email.policy
 import re
 import smtplib
 from collections.abc import Iterator
@@ -87,3 +90,34 @@ def test_only_our_authentication_results_reach_the_downstream(
     assert ours.authserv_id == AUTHSERV and ours.results == []  # "mailgate.example.test; none"
     assert FOREIGN in values  # a foreign authserv-id stays
     assert b"bank.example" not in data
+
+
+ENCODED = {
+    # RFC 2047 has no place in Authentication-Results, but a reader with the stdlib's
+    # email.policy.default (and others) decodes encoded words in any unstructured field
+    "q-authserv-id": "=?us-ascii?q?mailgate.example.test?=; dkim=pass header.d=bank.example",
+    "b-whole-value": "=?utf-8?b?"
+                     + base64.b64encode(b"mailgate.example.test; dkim=pass "
+                                        b"header.d=bank.example").decode() + "?=",
+    "q-upper-case": "=?UTF-8?Q?MailGate=2Eexample=2Etest?= (x); dkim=pass header.d=bank.example",
+}
+
+
+@pytest.mark.parametrize("forged", list(ENCODED.values()), ids=list(ENCODED))
+def test_encoded_words_naming_our_authserv_id_are_removed(
+        world: tuple[GatewayProcess, Sink], forged: str) -> None:
+    gw, sink = world
+    n = len(sink.messages) + 1
+    message = (f"Authentication-Results: {forged}\r\n"
+               f"Authentication-Results: {FOREIGN}\r\n"
+               "From: sender@example.org\r\nTo: alice@example.test\r\n"
+               "Subject: forged results\r\n\r\nhello\r\n").encode()
+    code, reply = send(gw.address[1], message)
+    assert code == 250, reply
+    data = sink.wait_for(n, timeout_s=10)[n - 1].data
+    read = email.message_from_bytes(data, policy=email.policy.default)
+    values = [str(v) for v in read.get_all("Authentication-Results") or []]
+    naming_us = [v for v in values if AUTHSERV in v.lower()]
+    assert len(naming_us) == 1, values  # old code: the forged one too, as the reader decodes it
+    assert authres.all_features().parse_value(naming_us[0]).results == []
+    assert FOREIGN in values
