@@ -291,7 +291,9 @@ class SpfFilter(Filter):
 
     async def _check_own_dns(self, ip: str, mailfrom: str, helo: str, identity: str,
                              domain: str) -> Result:
-        """pyspf with its own DNS, in a worker thread, within the check's budget."""
+        """pyspf with its own DNS, in a worker thread, within the check's budget; asking the
+        configured nameservers when there are (:func:`_own_dns_asks`)."""
+        _own_dns_asks(getattr(getattr(self.resolver, "cfg", None), "nameservers", ()))
         try:
             async with asyncio.timeout(self.timeout_s):
                 out = await asyncio.to_thread(self._run, None, ip, mailfrom, helo)
@@ -331,6 +333,26 @@ class SpfFilter(Filter):
             return result, str(text).partition("Error: ")[2] or str(text), "", header
         mechanism = str(q.mechanism or "")
         return result, mechanism, str(text) if result == "fail" else "", header
+
+
+_own_dns: tuple[tuple[tuple[str, int], ...], object] | None = None  # (servers, the resolver)
+
+
+def _own_dns_asks(servers: tuple[tuple[str, int], ...]) -> None:
+    """Point pyspf's own DNS (the fallback: it asks dnspython's default resolver, which reads
+    /etc/resolv.conf) at ``servers``, the nameservers the policy names for SPF, so that
+    ``[dns] nameservers`` still holds ("only those are asked"); without any, the default
+    resolver (resolv.conf) is what the policy asks for as well."""
+    global _own_dns
+    import dns.nameserver
+    import dns.resolver
+    if not servers or (_own_dns is not None and _own_dns[0] == servers
+                       and dns.resolver.default_resolver is _own_dns[1]):
+        return
+    r = dns.resolver.Resolver(configure=False)
+    r.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in servers]
+    dns.resolver.default_resolver = r
+    _own_dns = (servers, r)
 
 
 async def _lookup(resolver: Resolver, name: str, qtype: str, deadline: float) -> DnsAnswer:

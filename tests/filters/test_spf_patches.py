@@ -81,3 +81,32 @@ def test_a_pyspf_that_stopped_calling_dnslookup_is_detected(restored, monkeypatc
     assert not patches.install("pyspf.dns-lookup", spf_filter.check_dns_bridge)
     assert warnings(caplog) == ["patch pyspf.dns-lookup disabled, the library's own path is "
                                 "used: pyspf's query.dns no longer calls DNSLookup"]
+
+
+def test_pyspfs_own_dns_asks_the_configured_nameservers_not_resolv_conf(restored, monkeypatch,
+                                                                         caplog):
+    """With the bridge disabled, pyspf's own DNS (dnspython's default resolver) must still ask
+    only ``[dns] nameservers`` (docs/policy.md: resolv.conf is never read when they are named).
+    The old fallback asked the host's resolver: here a closed loopback port stands in for it
+    (the test sends nothing off the box), and every check was SPF_TEMPERROR; on a real host,
+    SPF was decided by another resolver than the one the policy names."""
+    import dns.nameserver
+    import dns.resolver
+
+    from tests.support.dnsserver import DnsServer, closed_udp_port
+
+    host = dns.resolver.Resolver(configure=False)  # "the host's resolver", dead
+    host.nameservers = [dns.nameserver.Do53Nameserver("127.0.0.1", closed_udp_port())]
+    monkeypatch.setattr(dns.resolver, "default_resolver", host)
+    monkeypatch.setattr(spf_filter, "_to_pyspf", lambda answer, name, qtype: [])  # shape changed
+    spf.DNSLookup = spf_filter._PYSPF_LOOKUP
+    patches.forget("pyspf.dns-lookup")
+    spf_filter.DNS_BRIDGE = patches.install("pyspf.dns-lookup", spf_filter.check_dns_bridge,
+                                            spf_filter._apply_dns_bridge)
+    assert not spf_filter.DNS_BRIDGE and len(warnings(caplog)) == 1
+    zone = 'example.org. 60 IN TXT "v=spf1 ip4:203.0.113.0/24 -all"\n'
+    with DnsServer(zone) as ns:
+        f = spf_filter.SpfFilter(DnsResolver(DnsConfig(nameservers=(("127.0.0.1", ns.port),))),
+                                 timeout_s=5)
+        assert verdicts(f) == ["SPF_PASS", "SPF_FAIL"]  # old code: two SPF_TEMPERROR
+        assert ("example.org", "TXT", "udp") in ns.queries
