@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
-from gateway import dsn, dsnqueue
+from gateway import dsn, dsnqueue, supervise
 from gateway.dnsresolver import DnsResolver
 from gateway.durable import Syncer
 from gateway.errors import RelayError, RelayTempError, SpoolError
@@ -38,6 +38,8 @@ from gateway.smtp import dsnparams
 from gateway.spool import Spool
 
 log = logging.getLogger("mailgate.qmgr")
+
+SCAN_TASK = "queue-scan"  # a failed scan's name in supervise.FAILURES
 RESCAN_AFTER_FULL_S = 0.05  # the next scan after one that filled its batch
 Results = dict[str, tuple[RecipientState, str | None]]
 
@@ -156,10 +158,13 @@ class QueueManager:
         now = time.time()
         skip = frozenset(self.busy) | {q for q, t in self._not_before.items() if t > now}
         try:
-            return await asyncio.to_thread(self.spool.due, now, self._batch, skip)
-        except Exception:
-            log.exception("queue scan failed")
+            due = await asyncio.to_thread(self.spool.due, now, self._batch, skip)
+        except Exception as e:  # traceback once, then one line per scan while it persists
+            supervise.report(SCAN_TASK, e, context="a scan; the next in "
+                                                   f"{self.policy.queue.scan_interval_s:g}s")
             return []
+        supervise.succeeded(SCAN_TASK)
+        return due
 
     async def _dispatch(self, qids: list[str]) -> None:
         """Start an attempt for each qid, waiting for a free slot (max_active) before each."""

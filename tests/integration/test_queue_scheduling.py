@@ -210,3 +210,52 @@ def test_a_handed_claim_for_a_message_already_in_an_attempt_is_released(tmp_path
             return _locked(spool, qid)
 
         assert asyncio.run(run()) is False  # released: the attempt under way can claim it
+
+
+def test_a_scan_failing_at_every_interval_logs_its_traceback_once_and_counts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    """A spool that cannot be scanned (here: ``Spool.due`` raising at every call) must not
+    write a traceback every ``scan_interval_s`` (17,000 a day at the default 5 s) nor go
+    uncounted: like the supervised tasks, its traceback once, then one short line per scan,
+    counted in ``supervise.FAILURES["queue-scan"]``; scanning goes on, and once a scan works
+    again the queue is delivered. The old code logged ``queue scan failed`` with a traceback
+    at every scan and counted nothing."""
+    import logging
+
+    from gateway import supervise
+    from gateway.qmgr import SCAN_TASK
+
+    caplog.set_level(logging.ERROR)
+    calls: list[int] = []
+    real_due = Spool.due
+
+    def due_failing(self: Spool, now: float, limit: int, skip: frozenset[str] = frozenset()
+                    ) -> list[str]:
+        calls.append(1)
+        if len(calls) <= 5:
+            raise PermissionError(13, "Permission denied", str(self.root / "active"))
+        return real_due(self, now, limit, skip)
+
+    monkeypatch.setattr(Spool, "due", due_failing)
+    with Sink() as sink:
+        policy = parse_policy({"relay": {"mode": "queue",
+                                         "downstream": f"smtp://127.0.0.1:{sink.port}"},
+                               "queue": {"scan_interval_s": 0.05}}, "t.toml")
+        spool = Spool(tmp_path / "spool")
+        _commit(spool, 1)
+        before = supervise.FAILURES[SCAN_TASK]
+
+        async def run() -> None:
+            qmgr = QueueManager(spool, policy)
+            task = asyncio.create_task(qmgr.run())
+            await _until(lambda: len(sink.messages) >= 1, 20)
+            await qmgr.stop(1)
+            task.cancel()
+
+        asyncio.run(run())
+    assert len(sink.messages) == 1 and len(calls) >= 6
+    assert supervise.FAILURES[SCAN_TASK] - before == 5  # old code: 0
+    failed = [r for r in caplog.records if "Permission denied" in r.getMessage()
+              or (r.exc_info and "Permission denied" in str(r.exc_info[1]))]
+    assert len(failed) == 5, [r.getMessage() for r in failed]
+    assert sum(r.exc_info is not None for r in failed) == 1  # old code: 5 tracebacks
