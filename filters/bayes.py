@@ -153,6 +153,24 @@ def band_symbols(prob: float) -> tuple[Symbol, ...]:
     raise AssertionError("unreachable")
 
 
+def store_problem(path: Path) -> str | None:
+    """Why the file at ``path`` cannot be the store the filter reads (None if it can: an SQLite
+    database, an empty file, or none yet). Read from its first 16 bytes, never waiting on a
+    lock, so a check at start or reload fails at once rather than on every message."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        return f"{path}: a directory, not a Bayes store"
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror}"
+    if head and head != b"SQLite format 3\x00":
+        return f"{path}: not a Bayes store (not an SQLite database)"
+    return None
+
+
 class BayesFilter(Filter):
     name = "bayes"
     local = True  # no DNS, no sockets: runs in its stage's coroutine
@@ -177,6 +195,8 @@ class BayesFilter(Filter):
     def from_config(cls, cfg: Mapping[str, Any], services: Services) -> BayesFilter:
         settings = parse_settings(cfg, services.hostname, services.path, services.state_dir)
         if (why := json_each_missing()) is not None:
+            raise ConfigError("db_path", why)
+        if (why := store_problem(settings.db_path)) is not None:
             raise ConfigError("db_path", why)
         return cls(SqliteReader(settings.db_path), settings.db_path, settings.classifier,
                    settings.tokenizer, settings.min_spam, settings.min_ham,

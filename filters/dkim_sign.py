@@ -169,7 +169,8 @@ def _key(domain: str, spec: Any, locate: Callable[[str], Path] = Path) -> Signin
         if not oversign <= set(headers):
             raise ConfigError("oversign", "every name must also be in headers")
     except ConfigError as e:
-        raise ConfigError(f"{where}.{e.key}", e.reason) from None
+        raise ConfigError(f"{where}.{e.key}", e.reason,
+                          tuple((f"{where}.{k}", r) for k, r in e.every[1:])) from None
     return SigningKey(_domain(domain), selector, key, algorithm, headers, oversign)
 
 

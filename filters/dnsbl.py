@@ -82,7 +82,8 @@ def parse_zones(cfg: Mapping[str, Any], flags: Mapping[str, bool]) -> tuple[Zone
             check_keys(z, {"zone", "symbol", "codes", "bits", *flags})
             zones.append(_zone(z, flags))
         except ConfigError as e:
-            raise ConfigError(f"{key}.{e.key}", e.reason) from None
+            raise ConfigError(f"{key}.{e.key}", e.reason,
+                              tuple((f"{key}.{k}", r) for k, r in e.every[1:])) from None
     return tuple(zones)
 
 

@@ -28,6 +28,7 @@ from gateway.logs import event
 from gateway.policy.lint import lint
 from gateway.policy.loader import (
     listen_override,
+    load_policy,
     parse_policy_collecting,
     policy_dir,
     read_policy_data,
@@ -121,6 +122,26 @@ def make_tls_context(policy: Policy) -> ssl.SSLContext | None:
     return tls_context(policy)
 
 
+def load_checked(path: Path) -> tuple[Engine, ssl.SSLContext | None]:
+    """``load_engine`` and the TLS context, every problem of both in one PolicyError: a TLS
+    pair that does not load is reported beside the filters' problems, not after they are
+    fixed (the TLS files are checked whenever the rest of the policy's keys are valid)."""
+    try:
+        engine = load_engine(path)
+    except PolicyError as e:
+        try:
+            policy = load_policy(path)
+        except PolicyError:  # its own keys are wrong: what they name is not checked
+            raise e from None
+        problems = list(e.problems)
+        try:
+            make_tls_context(policy)
+        except PolicyError as t:
+            problems += [p for p in t.problems if p not in problems]
+        raise PolicyError(problems, e.warnings) from None
+    return engine, make_tls_context(engine.policy)
+
+
 def open_spool(directory: Path) -> Spool:
     """The spool, its areas created if need be; StartupError naming the directory."""
     try:
@@ -142,9 +163,9 @@ class Runtime:
         self.policy_path = policy_path
         self.worker = worker
         self._sockets = sockets
-        engine = load_engine(policy_path)  # fully validated before anything touches the disk
+        # fully validated (filters built, TLS loaded) before anything touches the disk
+        engine, self.tls_context = load_checked(policy_path)
         self.log_warnings(engine)
-        self.tls_context = make_tls_context(engine.policy)
         if prepare is not None:
             self._sockets = prepare(engine.policy)
         self.spool = open_spool(engine.policy.spool.directory)
@@ -221,8 +242,7 @@ class Runtime:
     def reload(self) -> None:
         """SIGHUP: validate the policy file again; switch only if it is entirely valid."""
         try:
-            engine = load_engine(self.policy_path)
-            tls = make_tls_context(engine.policy)
+            engine, tls = load_checked(self.policy_path)
         except PolicyError as e:
             event(log, "reload-failed", level=logging.ERROR, policy=str(self.policy_path),
                   errors=list(e.problems), kept="previous policy")

@@ -82,6 +82,20 @@ def build_parser(*, only_run: bool = False) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+        return code
+    except BrokenPipeError:
+        # the reader went away (`mailgate check-policy | head -1`): not an error, as in
+        # `mailgate queue list | head`
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(only_run=argv[:1] == ["run"]).parse_args(argv)
     if args.cmd == "check-policy" and args.policy_option is not None:
@@ -144,21 +158,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_policy(path: Path) -> int:
-    from gateway.app import load_engine, make_tls_context
+    from gateway.app import load_checked
     from gateway.errors import PolicyError
+    from gateway.policy.loader import load_policy
     from gateway.preflight import spool_problem
 
+    problems: list[str] = []
+    warnings: tuple[str, ...] = ()
     try:
-        engine = load_engine(path)
-        make_tls_context(engine.policy)
-        spool = spool_problem(engine.policy.spool.directory)  # what `run` will need
-        if spool:
-            raise PolicyError([f"{path}: spool.directory: {spool}"])
+        engine, _ = load_checked(path)
+        spool_dir = engine.policy.spool.directory
     except PolicyError as e:
-        for p in (*e.problems, *e.warnings):
+        problems, warnings = list(e.problems), e.warnings
+        try:  # the spool too, as `run` does, when the policy's own keys are valid
+            spool_dir = load_policy(path).spool.directory
+        except PolicyError:
+            spool_dir = None
+    spool = spool_problem(spool_dir) if spool_dir is not None else None  # what `run` needs
+    if spool:
+        problems.append(f"{path}: spool.directory: {spool}")
+    if problems:
+        for p in (*problems, *warnings):
             print(p, file=sys.stderr)
-        print(f"{path}: {len(e.problems)} problem(s)"
-              + (f", {len(e.warnings)} warning(s)" if e.warnings else ""), file=sys.stderr)
+        print(f"{path}: {len(problems)} problem(s)"
+              + (f", {len(warnings)} warning(s)" if warnings else ""), file=sys.stderr)
         return 1
     for w in engine.warnings:  # mis-deployments that work but are unsafe (policy/lint.py)
         print(w, file=sys.stderr)

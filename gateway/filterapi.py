@@ -230,10 +230,13 @@ class Filter:
 class ConfigError(Exception):
     """Raised by ``from_config`` for a bad setting; the loader adds the file and key path."""
 
-    def __init__(self, key: str, reason: str) -> None:
+    def __init__(self, key: str, reason: str,
+                 more: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(f"{key}: {reason}")
         self.key = key
         self.reason = reason
+        # further (key, reason) pairs found in the same check (every unknown setting at once)
+        self.every: tuple[tuple[str, str], ...] = ((key, reason), *more)
 
 
 def hooks_of(obj: object) -> tuple[Stage, ...]:

@@ -6,6 +6,7 @@ the container image's ``HEALTHCHECK`` and a systemd ``ExecStartPost`` use it."""
 from __future__ import annotations
 
 import argparse
+import math
 import smtplib
 import sys
 from pathlib import Path
@@ -15,8 +16,19 @@ from gateway.errors import PolicyError
 
 def add_arguments(p: argparse.ArgumentParser, policy_help: str) -> None:
     p.add_argument("--policy", type=Path, default=None, help=f"policy file ({policy_help})")
-    p.add_argument("--timeout-s", type=float, default=5.0,
+    p.add_argument("--timeout-s", type=_seconds, default=5.0,
                    help="seconds to wait for each greeting (default: 5)")
+
+
+def _seconds(text: str) -> float:
+    """A finite number > 0 (argparse: anything else is bad usage, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
 
 
 def probe_address(host: str) -> str:

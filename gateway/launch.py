@@ -80,10 +80,11 @@ def run(policy_path: Path) -> int:
         problem = spool_problem(policy.spool.directory)
         if problem:
             raise StartupError(problem)
-    except PolicyError as e:
-        return _problems(e.problems)
-    except StartupError as e:
-        return _problems([str(e)])
+    except (PolicyError, StartupError) as e:
+        found = list(e.problems) if isinstance(e, PolicyError) else [str(e)]
+        rest = _every_problem(policy_path, environment=False)  # the filters' too, at once
+        return _problems([*found, *(p for p in rest.problems if p not in found)],
+                         rest.warnings)
     raise_fd_limit()  # before forking: the workers inherit it
     workers = policy.workers or available_cpus()  # a container's CPU quota, not the host's
     locks: list[int] = []
@@ -129,9 +130,9 @@ def _worker(policy_path: Path, sockets: list[socket.socket] | None, worker: int,
 def _build_engine(policy_path: Path) -> None:
     """Build the whole engine (filters, rule sets, Bayes, TLS) once: a policy that cannot run
     fails before the spool is touched."""
-    from gateway.app import load_engine, make_tls_context
+    from gateway.app import load_checked
 
-    make_tls_context(load_engine(policy_path).policy)
+    load_checked(policy_path)
 
 
 def _recover_spool(policy_path: Path) -> None:
@@ -164,15 +165,18 @@ def _in_child(policy_path: Path, job: Callable[[Path], None]) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def _every_problem(policy_path: Path) -> PolicyError:
-    """The policy does not load: check it the whole way (the filters' settings and
-    gateway/policy/lint.py too), so one start reports every problem of the file."""
-    from gateway.app import load_engine
+def _every_problem(policy_path: Path, *, environment: bool = True) -> PolicyError:
+    """The policy does not load (or, ``environment=False``, its spool or TLS files do not
+    fit, which the caller reports): check it the whole way (the filters' settings, the TLS
+    pair and gateway/policy/lint.py too), so one start reports every problem of the file."""
+    from gateway.app import load_checked
 
     try:
-        load_engine(policy_path)
+        load_checked(policy_path)
     except PolicyError as e:
         return e
+    if not environment:
+        return PolicyError([])
     try:  # what load_engine does not read (e.g. $MAILGATE_LISTEN)
         load_policy(policy_path)
     except PolicyError as e:

@@ -80,7 +80,8 @@ def _settings(args: argparse.Namespace) -> tuple[Path, TokenizerConfig, int, int
                            lambda p: Path(p) if Path(p).is_absolute() else policy.base_dir / p,
                            policy.state_dir)
     except ConfigError as e:
-        raise SetupError(f"{args.policy}: filters.bayes.{e.key}: {e.reason}") from None
+        raise SetupError("\n".join(f"{args.policy}: filters.bayes.{key}: {reason}"
+                                   for key, reason in e.every)) from None
     return s.db_path, s.tokenizer, s.min_spam, s.min_ham
 
 

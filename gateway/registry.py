@@ -160,7 +160,7 @@ def collect_chain(policy: Policy, services: Services
             cls, origin = find_filter_class(spec, policy.plugin_dirs)
             instance = cls.from_config(dict(spec.settings), services)
         except ConfigError as e:
-            problems.append(f"{src}: {path}.{e.key}: {e.reason}")
+            problems.extend(f"{src}: {path}.{key}: {reason}" for key, reason in e.every)
             continue
         except FilterLoadError as e:
             problems.append(f"{src}: {path}: {e}")

@@ -21,10 +21,13 @@ def did_you_mean(key: str, known: Iterable[str]) -> str:
 
 
 def check_keys(cfg: Mapping[str, Any], allowed: set[str]) -> None:
-    for key in cfg:
-        if key not in allowed:
-            raise ConfigError(key, f"unknown setting{did_you_mean(key, allowed | ENTRY_KEYS)} "
-                                   f"(known: {', '.join(sorted(allowed))})")
+    """ConfigError naming every unknown key of ``cfg`` (the first as its key, all in
+    ``every``), so one check of a policy reports them all."""
+    known = ", ".join(sorted(allowed))
+    found = tuple((key, f"unknown setting{did_you_mean(key, allowed | ENTRY_KEYS)} "
+                        f"(known: {known})") for key in cfg if key not in allowed)
+    if found:
+        raise ConfigError(*found[0], more=found[1:])
 
 
 def str_list(cfg: Mapping[str, Any], key: str) -> tuple[str, ...]:

@@ -162,15 +162,32 @@ def read_policy_data(path: Path) -> dict[str, Any]:
         try:
             data = yaml.safe_load(raw.decode("utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise PolicyError([f"{path}: YAML syntax: {e}"]) from None
+            raise PolicyError([f"{path}: YAML syntax: {_yaml_error(e)}"]) from None
     else:
-        try:
-            data = tomllib.loads(raw.decode("utf-8"))
+        try:  # utf-8-sig: a byte-order mark (as Windows editors write) is skipped, as YAML does
+            data = tomllib.loads(raw.decode("utf-8-sig"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise PolicyError([f"{path}: TOML syntax: {e}"]) from None
     if not isinstance(data, dict):
         raise PolicyError([f"{path}: the top level must be a table"])
     return data
+
+
+def _yaml_error(e: Exception) -> str:
+    """PyYAML's multi-line message (with a quoted excerpt) as one line:
+    ``PROBLEM (at line L, column C) CONTEXT (at line L, column C)``."""
+    import yaml
+
+    if not isinstance(e, yaml.MarkedYAMLError) or e.problem is None:
+        return " ".join(str(e).split())
+
+    def at(mark: Any) -> str:
+        return f" (at line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+
+    text = f"{e.problem}{at(e.problem_mark)}"
+    if e.context:
+        text += f" {e.context}{at(e.context_mark)}"
+    return " ".join(text.split())
 
 
 LISTEN_ENV = "MAILGATE_LISTEN"  # set by `mailgate run --listen`; the container image sets it

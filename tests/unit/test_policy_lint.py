@@ -261,6 +261,10 @@ def test_unknown_keys_close_to_known_ones_get_a_suggestion(tmp_path):
         "server.wrokers: unknown key (did you mean 'workers'?)",
         "filters.rcpt.recipient: unknown setting (did you mean 'recipients'?) (known: domains, "
         "recipient_map_file, recipients)",
+        # every unknown setting of a filter, not only its first (tests/integration/
+        # test_admin_errors.py); a misspelt entry key gets that key suggested
+        "filters.rcpt.timout_s: unknown setting (did you mean 'timeout_s'?) (known: domains, "
+        "recipient_map_file, recipients)",
         # nothing close: no suggestion
         "filters.headers.colour: unknown setting (known: )"]
     # a chain entry's own key, misspelt, reads as a filter setting: suggested all the same

@@ -1,0 +1,159 @@
+"""What a new admin sees when a policy or a command line is wrong (review of issue 25): every
+problem of the file in one run of `check-policy` and of `run`, the same problems in both, each
+one line naming file, key and reason, and never a traceback: YAML syntax errors, a TOML file
+saved with a byte-order mark, several unknown settings in one filter, a Bayes store that is
+not one, environment problems beside filter problems, bad `health` options, and a reader of
+the output that goes away."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.gateway import REPO
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "MAILGATE_SYSTEM_POLICY": "/nonexistent",
+       "MAILGATE_LISTEN": "127.0.0.1:0"}
+ENV.pop("MAILGATE_POLICY", None)
+ENV.pop("MAILGATE_STATE_DIR", None)
+
+
+def mailgate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=60)
+
+
+def run_lines(r: subprocess.CompletedProcess[str]) -> list[str]:
+    """`run`'s error lines (kv log format) without their timestamp."""
+    out = []
+    for line in r.stderr.splitlines():
+        assert " error mailgate " in line or " warning mailgate " in line, r.stderr
+        out.append(line.split(" error mailgate ", 1)[-1])
+    return out
+
+
+POLICY = """\
+[server]
+workers = 1
+[domains]
+accepted = ["acme.org"]
+[[filters]]
+name = "rcpt"
+recipients = ["@acme.org"]
+"""
+
+
+def test_yaml_syntax_error_is_one_line_in_check_policy_and_run(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text('server:\n  hostname: "x\n  listen: [\n')
+    want = (f'{path}: YAML syntax: found unexpected end of stream (at line 4, column 1) '
+            f'while scanning a quoted scalar (at line 2, column 13)')
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (1, [want, f"{path}: 1 problem(s)"])
+    r = mailgate("run", "--policy", str(path), cwd=tmp_path)
+    assert (r.returncode, run_lines(r)) == (1, [want])
+
+
+def test_toml_with_a_byte_order_mark_loads_as_yaml_does(tmp_path):
+    # Windows editors save UTF-8 with a BOM; PyYAML skips it, tomllib calls it an "Invalid
+    # statement (at line 1, column 1)"
+    path = tmp_path / "p.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + POLICY.encode())
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert r.stdout.startswith(f"{path}: ok\n")
+
+
+def test_every_unknown_setting_of_a_filter_is_reported(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY + '[[filters]]\nname = "rules"\nshipped = true\nscroe = 3\n'
+                    'timeout = 5\n')
+    known = "(known: files, max_scan_bytes, prefix, rule_timeout_s, scan_budget_s, shipped)"
+    want = [f"{path}: filters.rules.scroe: unknown setting {known}",
+            f"{path}: filters.rules.timeout: unknown setting (did you mean 'timeout_s'?) {known}"]
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (1, [*want, f"{path}: 2 problem(s)"])
+    r = mailgate("run", "--policy", str(path), cwd=tmp_path)
+    assert (r.returncode, run_lines(r)) == (1, want)
+
+
+def test_a_bayes_store_that_is_not_sqlite_is_refused_at_check_and_start(tmp_path):
+    # before: check-policy said ok and run started, every message's bayes step then failing
+    # with "DatabaseError: file is not a database" (451 under the default on_error)
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY + '[[filters]]\nname = "bayes"\ndb_path = "bayes.db"\n')
+    (tmp_path / "bayes.db").write_text("this is not an SQLite database at all\n")
+    want = (f"{path}: filters.bayes.db_path: {tmp_path / 'bayes.db'}: not a Bayes store "
+            f"(not an SQLite database)")
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (1, [want, f"{path}: 1 problem(s)"])
+    r = mailgate("run", "--policy", str(path), cwd=tmp_path)
+    assert (r.returncode, run_lines(r)) == (1, [want])
+    (tmp_path / "bayes.db").unlink()
+    (tmp_path / "bayes.db").mkdir()
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[0] == (f"{path}: filters.bayes.db_path: "
+                                        f"{tmp_path / 'bayes.db'}: a directory, not a Bayes store")
+
+
+def test_environment_and_filter_problems_are_reported_together_by_both_commands(tmp_path):
+    # before: check-policy named the missing map file only, run the spool only; and an
+    # unloadable key was only named once the map file was there
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    (tmp_path / "key.pem").write_text("not a key\n")
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY.replace('recipients = ["@acme.org"]', 'recipient_map_file = "users"')
+                    + '[spool]\ndirectory = "afile/spool"\n'
+                    + '[tls]\ncert_file = "cert.pem"\nkey_file = "key.pem"\n')
+    spool = (f"spool directory {tmp_path / 'afile' / 'spool'}: cannot create: "
+             f"{tmp_path / 'afile'} is not a directory")
+    users = (f"{path}: filters.rcpt.recipient_map_file: cannot read {tmp_path / 'users'}: "
+             f"No such file or directory")
+    tls = f"{path}: tls: cannot load certificate/key: "
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    lines = r.stderr.splitlines()
+    assert r.returncode == 1
+    assert len(lines) == 4 and lines[-1] == f"{path}: 3 problem(s)", r.stderr
+    assert lines[0] == users
+    assert lines[1].startswith(tls)
+    assert lines[2] == f"{path}: spool.directory: {spool}"
+    r = mailgate("run", "--policy", str(path), cwd=tmp_path)
+    lines = run_lines(r)
+    assert r.returncode == 1
+    assert len(lines) == 3, r.stderr
+    assert lines[0] == spool
+    assert lines[1] == users
+    assert lines[2].startswith(tls)
+
+
+def test_health_timeout_must_be_a_positive_number(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY)
+    for value in ("0", "-1", "nan", "inf"):
+        r = mailgate("health", "--policy", str(path), "--timeout-s", value, cwd=tmp_path)
+        assert r.returncode == 2, (value, r.stderr)
+        assert r.stderr.splitlines()[-1] == (
+            f"mailgate health: error: argument --timeout-s: must be a number of seconds > 0, "
+            f"got {value!r}"), r.stderr
+
+
+def test_a_reader_that_goes_away_is_no_traceback(tmp_path):
+    # `mailgate check-policy | head -1`: the rest of the output has nowhere to go
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY)
+    (tmp_path / "spool").mkdir()
+    for args in (("check-policy", str(path)), ("queue", "list", "--policy", str(path)),
+                 ("quarantine", "list", "--policy", str(path))):
+        rd, wr = os.pipe()
+        os.close(rd)
+        try:
+            r = subprocess.run([sys.executable, "-m", "gateway", *args], cwd=tmp_path, env=ENV,
+                               stdout=wr, stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(wr)
+        assert r.stderr == "", (args, r.stderr)
+        assert r.returncode == 0, args  # as `mailgate queue list | head` always did
