@@ -289,9 +289,11 @@ class Runtime:
             for s in list(self.sessions):
                 if s.transport is not None:
                     s.transport.close()
-        await self.qmgr.stop(max(0.0, deadline - loop.time()))
-        await self.engine.close()
-        self.stopped.set()
+        try:
+            await self.qmgr.stop(max(0.0, deadline - loop.time()))
+            await self.engine.close()
+        finally:  # a failure here is reported (background); the process still ends
+            self.stopped.set()
 
     async def run_forever(self) -> None:
         await self.start()

@@ -127,3 +127,41 @@ def test_queue_manager_and_autolearn_run_again_after_injected_failures(
         assert len(logged) == 1, text  # once, with its traceback
         assert qid is None or qid in logged[0].getMessage()
     assert "never retrieved" not in caplog.text
+
+
+def test_a_failure_while_stopping_is_reported_and_the_gateway_still_stops(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """SIGTERM runs ``Runtime.stop`` as a background chore; when a step of it raises (here the
+    queue manager's stop), the failure is logged with its traceback and counted, and the
+    gateway stops all the same. The old ``stop`` never set ``stopped`` after such a failure:
+    ``run_forever`` waited for ever, and the process only ended with a SIGKILL."""
+    caplog.set_level(logging.INFO)
+    with Sink() as sink:
+        policy = base_policy(
+            downstream=f"smtp://127.0.0.1:{sink.port}",
+            relay={"mode": "queue"}, spool={"directory": str(tmp_path / "spool")},
+            limits={"shutdown_grace_s": 1})
+        path = tmp_path / "policy.toml"
+        path.write_text(toml.dumps(policy))
+
+        async def main() -> bool:
+            runtime = Runtime(path)
+
+            async def stop_failing(grace_s: float) -> None:
+                raise RuntimeError("injected failure while stopping")
+
+            runtime.qmgr.stop = stop_failing  # type: ignore[method-assign]
+            await runtime.start()
+            serving = asyncio.create_task(runtime.stopped.wait())  # run_forever's wait
+            runtime.background(runtime.stop())  # what the SIGTERM handler does
+            done, _ = await asyncio.wait({serving}, timeout=10)
+            if not done:
+                serving.cancel()
+            return bool(done)
+
+        before = supervise.FAILURES["Runtime.stop"]
+        assert asyncio.run(main())  # old code: still waiting after 10 s
+    assert supervise.FAILURES["Runtime.stop"] - before == 1
+    logged = [r for r in caplog.records
+              if r.exc_info and "injected failure while stopping" in str(r.exc_info[1])]
+    assert len(logged) == 1
