@@ -60,6 +60,7 @@ __all__ = [
     "build_dsn",
     "parse_notify",
     "success_action",
+    "utf8_addr_xtext",
     "wants_dsn",
 ]
 
@@ -361,13 +362,18 @@ def _typed(value: str, default_type: str) -> str:
 
 def _address_field(addr_type: str, address: str) -> str:
     address = address.strip()
-    if _printable_ascii(address):
+    if _printable_ascii(address) and addr_type.strip().lower() != "utf-8":
         return f"{addr_type.strip()}; {address}"
-    # RFC 6533 utf-8-addr-xtext: QCHAR as is, everything else as \x{HEX}.
-    encoded = "".join(
+    return f"utf-8; {utf8_addr_xtext(address)}"
+
+
+def utf8_addr_xtext(address: str) -> str:
+    """RFC 6533 utf-8-addr-xtext of a decoded address: QCHAR (printable ASCII but ``+``, ``=``
+    and ``\\``) as is, everything else as ``\\x{HEX}``. The form of a ``utf-8`` address type in
+    message/delivery-status and in ORCPT (valid with or without SMTPUTF8)."""
+    return "".join(
         ch if "!" <= ch <= "~" and ch not in "+=\\" else f"\\x{{{ord(ch):02X}}}" for ch in address
     )
-    return f"utf-8; {encoded}"
 
 
 def _field_text(value: str) -> str:

@@ -39,6 +39,29 @@ def test_dsn_parameters_reach_a_dsn_capable_downstream(gateway_factory, mode):
 
 
 @pytest.mark.parametrize("mode", ["proxy", "queue"])
+def test_utf8_orcpt_is_accepted_and_passed_on_as_utf8_addr_xtext(gateway_factory, mode):
+    """RFC 6533: in an SMTPUTF8 transaction ORCPT=utf-8;<unitext> is valid (it was refused
+    501, a permanent failure for the recipient); the downstream gets the utf-8-addr-xtext form,
+    valid whether or not it offers SMTPUTF8 (xtext's +C3+A9 is not that form)."""
+    with Sink(ehlo_extensions=(*DEFAULT_EXTENSIONS, "DSN")) as sink:
+        gw = gateway_factory(base_policy(f"smtp://127.0.0.1:{sink.port}", relay={"mode": mode},
+                                         queue={"scan_interval_s": 0.2}))
+        with RawSmtpClient(gw.address) as c:
+            c.cmd("EHLO client.test")
+            assert c.cmd("MAIL FROM:<a@sender.test> SMTPUTF8").startswith("250 ")
+            for rcpt in ("RCPT TO:<pel\u00e9@example.test> NOTIFY=SUCCESS "
+                         "ORCPT=utf-8;pel\u00e9@example.test",
+                         "RCPT TO:<zoe@example.test> ORCPT=utf-8;zo+C3+AB@example.test"):
+                assert c.cmd(rcpt).startswith("250 "), rcpt
+            assert c.cmd("DATA").startswith("354")
+            c.send(BODY)
+            assert c.reply().startswith("250 ")
+        [msg] = sink.wait_for(1, 10)
+    assert msg.rcpt_params == (("NOTIFY=SUCCESS", "ORCPT=utf-8;pel\\x{E9}@example.test"),
+                               ("ORCPT=utf-8;zo\\x{EB}@example.test",))
+
+
+@pytest.mark.parametrize("mode", ["proxy", "queue"])
 def test_dsn_parameters_are_not_sent_to_a_downstream_without_dsn(gateway_factory, mode):
     with Sink() as sink:
         gw = gateway_factory(base_policy(f"smtp://127.0.0.1:{sink.port}", relay={"mode": mode},

@@ -24,7 +24,9 @@ from gateway.dsn import (
     wants_dsn,
 )
 from gateway.errors import MailgateError
+from gateway.replies import Reply
 from gateway.smtp.address import xtext_decode, xtext_encode
+from gateway.smtp.dsnparams import check_orcpt, encode_orcpt
 
 ARRIVAL = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 +0000
 NOW = 1_700_000_200.0  # Tue, 14 Nov 2023 22:16:40 +0000
@@ -597,6 +599,31 @@ def test_non_ascii_recipients_use_the_utf8_address_type() -> None:
         "utf-8; D\\x{E4}vid\\x{2B}tag\\x{3D}1@ex\\x{E4}mple.com"
     )
     assert "<d\u00e4vid@ex\u00e4mple.com>" in text_of(parts(parse(dsn))[0])
+
+
+@pytest.mark.parametrize("wire, field", [
+    # RFC 6533 utf-8-addr-unitext (in an SMTPUTF8 transaction) and utf-8-addr-xtext
+    ("utf-8;pel\u00e9@example.com", "utf-8; pel\\x{E9}@example.com"),
+    ("utf-8;pel\\x{E9}@example.com", "utf-8; pel\\x{E9}@example.com"),
+    # ASCII in the utf-8 type: "+" and "=" are no QCHAR, written \x{2B} and \x{3D}
+    ("utf-8;a\\x{2B}b\\x{3D}c@example.com", "utf-8; a\\x{2B}b\\x{3D}c@example.com"),
+    ("utf-8;a+2Bb@example.com", "utf-8; a\\x{2B}b@example.com"),  # xtext, taken leniently
+])
+def test_utf8_orcpt_is_taken_in_either_rfc6533_form(wire: str, field: str) -> None:
+    decoded = check_orcpt(wire)
+    assert isinstance(decoded, str), decoded
+    per_recipient = blocks(parse(build_dsn(
+        request(), [bounce(original_recipient=decoded)], ORIGINAL, now=NOW)))[1]
+    assert per_recipient["Original-Recipient"] == field
+    # passed on to a downstream that offers DSN in the form valid with or without SMTPUTF8
+    assert encode_orcpt(decoded) == "ORCPT=" + field.replace(" ", "")
+
+
+@pytest.mark.parametrize("wire", ["utf-8;a+b@example.com", "utf-8;a=b@example.com",
+                                  "utf-8;a\\b@example.com", "utf-8;a\\x{D800}@example.com",
+                                  "utf-8;a\\x{110000}@example.com", "utf-8;a\\x{0A}@example.com"])
+def test_bad_utf8_orcpt_is_refused(wire: str) -> None:
+    assert check_orcpt(wire) == Reply(501, "5.5.4", "Bad ORCPT parameter")
 
 
 def test_non_ascii_sender_gets_a_utf8_header() -> None:
