@@ -180,19 +180,64 @@ class Quarantine:
     def _db(self) -> Iterator[sqlite3.Connection]:
         import sqlite3  # here, not at start: ~1.3 MB per process, used only when quarantining
         try:
-            db = sqlite3.connect(self.db_path, timeout=DB_TIMEOUT_S, isolation_level=None)
+            try:
+                db = self._open()
+            except sqlite3.OperationalError:  # locked, unwritable, full: not the file's content
+                raise
+            except sqlite3.DatabaseError as e:  # "file is not a database", "malformed"
+                if not self._set_aside(e):
+                    raise
+                db = self._open()  # a new index, rebuilt from hold/ by the next sync
         except sqlite3.Error as e:
             raise QuarantineError(f"quarantine index {self.db_path}: {e}") from None
         try:
-            db.execute("PRAGMA foreign_keys = ON")
-            if db.execute("PRAGMA user_version").fetchone()[0] == 0:  # new (or deleted)
-                db.execute("PRAGMA journal_mode = WAL")
-                db.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
             yield db
         except sqlite3.Error as e:
             raise QuarantineError(f"quarantine index {self.db_path}: {e}") from None
         finally:
             db.close()
+
+    def _open(self) -> sqlite3.Connection:
+        import sqlite3
+
+        db = sqlite3.connect(self.db_path, timeout=DB_TIMEOUT_S, isolation_level=None)
+        try:
+            db.execute("PRAGMA foreign_keys = ON")
+            if db.execute("PRAGMA user_version").fetchone()[0] == 0:  # new (or deleted)
+                db.execute("PRAGMA journal_mode = WAL")
+                db.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _set_aside(self, error: Exception) -> bool:
+        """The index file is not an SQLite database at all (overwritten, truncated by a disk
+        fault): rename it to ``quarantine.db.corrupt`` (one error line) so that a new one is
+        made and rebuilt from hold/, instead of every quarantined message getting 451 and
+        every ``mailgate quarantine`` command failing. True: open it again (also when the
+        file is now a database: another process set the bad one aside first); False: the
+        file cannot be read (a directory, say)."""
+        try:
+            with open(self.db_path, "rb") as f:
+                head = f.read(16)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        if head == b"SQLite format 3\x00":
+            return True
+        aside = self.db_path.with_name(DB_NAME + ".corrupt")
+        try:
+            os.replace(self.db_path, aside)
+        except FileNotFoundError:  # another process set it aside first
+            return True
+        for suffix in ("-wal", "-shm"):  # the old file's journal, if any
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.db_path}{suffix}")
+        event(log, "quarantine-index-corrupt", level=logging.ERROR, file=str(self.db_path),
+              reason=str(error), moved_to=str(aside), rebuilt_from="hold/")
+        return True
 
     def _index(self, db: sqlite3.Connection, r: Record) -> None:
         db.execute("BEGIN IMMEDIATE")

@@ -220,3 +220,24 @@ def test_cli_usage_errors(tmp_path: Path):
     assert res.returncode == 2 and b"not a duration" in res.stderr
     res = mailgate(gw, "list")
     assert res.returncode == 0 and res.stdout == b"Quarantine is empty\n"
+
+
+def test_an_index_that_is_not_a_database_is_set_aside_and_rebuilt(gateway_factory):
+    # The index is rebuildable from hold/. Before: with quarantine.db overwritten (not an
+    # SQLite file) every message to quarantine got 451 and `mailgate quarantine list` failed
+    # with "file is not a database", until someone deleted the file by hand.
+    with dsn_sink() as sink:
+        gw = gateway_factory(policy(sink, "queue"), start=False)
+        (gw.workdir / "spool").mkdir()
+        (gw.workdir / "spool" / "quarantine.db").write_bytes(b"not a database\n" * 100)
+        gw.start()
+        code, text = send(gw)
+        assert code == 250, text
+        qid = text.rsplit(" ", 1)[1]
+        assert gw.message_event(qid)["relay"] == "quarantined"
+        [ev] = [e for e in gw.events() if e.get("event") == "quarantine-index-corrupt"]
+        assert ev["reason"] == "file is not a database"
+        assert ev["moved_to"] == str(gw.workdir / "spool" / "quarantine.db.corrupt")
+        assert (gw.workdir / "spool" / "quarantine.db.corrupt").read_bytes().startswith(
+            b"not a database\n")
+        assert [row["qid"] for row in listed(gw)] == [qid]
