@@ -19,6 +19,17 @@ POLICY_HELP = ("default: the first of $MAILGATE_POLICY, /etc/mailgate/mailgate.t
 EXIT_CODES = "Exit codes: 0 ok, 1 bad policy or environment, 2 bad usage."
 
 
+def _listen_address(text: str) -> str:
+    """``--listen``'s value, checked as ``server.listen``'s: a bad one is bad usage (exit 2)."""
+    from gateway.policy.loader import _listener
+
+    try:
+        _listener(text.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.strip()
+
+
 def build_parser(*, only_run: bool = False) -> argparse.ArgumentParser:
     """The whole command line; ``only_run``: just ``run``, without importing the other
     commands' modules (they load the spool, the quarantine and Bayes: memory the gateway's
@@ -34,7 +45,7 @@ def build_parser(*, only_run: bool = False) -> argparse.ArgumentParser:
                      help="key=value lines (default) or JSON lines")
     run.add_argument("--log-level", default="info",
                      choices=("debug", "info", "warning", "error"))
-    run.add_argument("--listen", action="append", metavar="HOST:PORT",
+    run.add_argument("--listen", action="append", metavar="HOST:PORT", type=_listen_address,
                      help="listen here instead of the policy's server.listen (repeatable; "
                      "the same as $MAILGATE_LISTEN, comma-separated)")
     if only_run:

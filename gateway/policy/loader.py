@@ -322,8 +322,12 @@ def parse_policy_collecting(data: Mapping[str, Any], source: str, base: Path | N
 
 
 def _listener(text: str) -> Listener:
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
+    if text.startswith("["):  # [IPv6]:port
+        host, sep, port = text[1:].partition("]:")
+        if not sep or not host:
+            raise ValueError(f"must be [IPv6 address]:port, got {text!r}")
+    else:
+        host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"must be host:port (port 0 picks a free port), got {text!r}")
     ipaddress.ip_address(host) if host[0].isdigit() or ":" in host else None

@@ -157,3 +157,20 @@ def test_a_reader_that_goes_away_is_no_traceback(tmp_path):
             os.close(wr)
         assert r.stderr == "", (args, r.stderr)
         assert r.returncode == 0, args  # as `mailgate queue list | head` always did
+
+
+def test_a_bad_listen_option_is_bad_usage_naming_the_option(tmp_path):
+    # before: exit 1 (a bad environment) and the error blamed $MAILGATE_LISTEN, which the
+    # admin never set; '[::1' was "':' does not appear to be an IPv4 or IPv6 address"
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY)
+    for value, why in (("foo", "must be host:port (port 0 picks a free port), got 'foo'"),
+                       ("[::1", "must be [IPv6 address]:port, got '[::1'"),
+                       ("", "must be host:port (port 0 picks a free port), got ''")):
+        r = mailgate("run", "--policy", str(path), "--listen", value, cwd=tmp_path)
+        assert r.returncode == 2, (value, r.stderr)
+        assert r.stderr.splitlines()[-1] == f"mailgate run: error: argument --listen: {why}"
+    path.write_text(POLICY.replace("workers = 1", 'workers = 1\nlisten = ["[::1"]'))
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    assert r.stderr.splitlines()[0] == (f"{path}: server.listen[0]: must be [IPv6 address]:port, "
+                                        f"got '[::1'")
