@@ -494,8 +494,16 @@ def _filters(c: Checker, data: Any) -> tuple[FilterSpec, ...]:
             c.error(f"filters[{i}]", "must be a table")
             continue
         name = entry.get("name")
+        if name is None:  # `nme = "rcpt"`: that key, as an unknown key close to a known one
+            near = [k for k in entry if isinstance(k, str) and did_you_mean(k, {"name"})]
+            for k in near:
+                c.error(f"filters[{i}].{k}", f"unknown key{did_you_mean(k, {'name'})}")
+            if not near:
+                c.error(f"filters[{i}].name", "missing: every [[filters]] entry needs one")
+            continue
         if not isinstance(name, str) or not re.match(r"^[a-z][a-z0-9_]*$", name):
-            c.error(f"filters[{i}].name", "must be a lowercase identifier like 'rcpt'")
+            c.error(f"filters[{i}].name", f"must be a lowercase identifier like 'rcpt', "
+                                          f"got {name!r}")
             continue
         path = f"filters.{name}"
         if name in seen:

@@ -286,9 +286,11 @@ def test_values_are_read_and_typed():
     ({"filters": [{"name": "rcpt"}, {"name": "headers"}, {"name": "rcpt"}]},
      "filters.rcpt: appears twice in the chain"),
     ({"filters": [{"name": "MyFilter"}]},
-     "filters[0].name: must be a lowercase identifier like 'rcpt'"),
+     "filters[0].name: must be a lowercase identifier like 'rcpt', got 'MyFilter'"),
     ({"filters": [{"timeout_s": 3}]},
-     "filters[0].name: must be a lowercase identifier like 'rcpt'"),
+     "filters[0].name: missing: every [[filters]] entry needs one"),
+    # a misspelt name key is named as such (was: "must be a lowercase identifier")
+    ({"filters": [{"nme": "rcpt"}]}, "filters[0].nme: unknown key (did you mean 'name'?)"),
     ({"filters": [{"name": "vip", "module": "vip_filter.VipFilter"}]},
      "filters.vip.module: must be 'package.module:Class', got 'vip_filter.VipFilter'"),
     # tls
