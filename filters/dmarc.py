@@ -15,13 +15,17 @@ Symbols (exactly one, plus DMARC_BAD_FROM for several author domains): DMARC_PAS
 ``p``/``sp``/``np``, ``pct=N``, and ``sampled_out`` when pct downgraded it), DMARC_NONE (no
 usable record, or a record without ``p=``), DMARC_TEMPERROR (the policy lookup failed, or no
 identifier aligned while an SPF check or an aligned DKIM signature had a temperror),
-DMARC_PERMERROR (a broken record), DMARC_BAD_FROM, DMARC_NO_FROM (option: why).
+DMARC_PERMERROR (a broken record), DMARC_BAD_FROM, DMARC_NO_FROM, DMARC_FROM_UNUSABLE_PART
+(option: why).
 
 One finding is scored once: a missing, repeated or unparsable From is the ``headers`` filter's
 finding (HEADERS_MISSING_FROM, HEADERS_MULTIPLE_FROM, HEADERS_BAD_FROM, scored there); here it
 only explains, as DMARC_NO_FROM (score 0 unless the policy gives it one — do so in a chain
-without ``headers``), why DMARC was not evaluated. DMARC_BAD_FROM (several author domains in one
-From, RFC 7489 §6.6.1) is this filter's own finding.
+without ``headers``), why DMARC was not evaluated. A From with one author domain beside a part
+neither reader can use (``bob@x.test, carol@``: HEADERS_BAD_FROM) has that domain evaluated
+and the rest explained as DMARC_FROM_UNUSABLE_PART (score 0 likewise). DMARC_BAD_FROM
+(several author domains in one From, RFC 7489 §6.6.1, or two readings that differ) is this
+filter's own finding.
 
 Verdict (``enforce = true``, the default): a fail whose effective policy is ``reject`` gives
 REJECT ``550 5.7.1 DMARC policy of <domain> rejects this message``; ``quarantine`` gives
@@ -51,7 +55,7 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from filters._psl import suffix_list
@@ -66,7 +70,7 @@ from gateway.filterapi import (
     Symbol,
     Verdict,
 )
-from gateway.headeraddr import addresses, strict_domains
+from gateway.headeraddr import addresses, strict_domains, unusable_from
 from gateway.policy.schema import DnsConfig
 from gateway.replies import Reply
 from gateway.services import Services
@@ -77,6 +81,8 @@ SYMBOLS = {PASS: "DMARC_PASS", FAIL: "DMARC_FAIL", NONE: "DMARC_NONE",
            TEMPERROR: "DMARC_TEMPERROR", PERMERROR: "DMARC_PERMERROR"}
 BAD_FROM = "DMARC_BAD_FROM"
 NO_FROM = "DMARC_NO_FROM"  # no single usable From: the headers filter scores that finding
+# one author domain, evaluated, beside a part no reader can use: HEADERS_BAD_FROM scores that
+UNUSABLE_PART = "DMARC_FROM_UNUSABLE_PART"
 MAX_FROM_DOMAINS = 20  # author domains checked in one From; more is refused outright
 ARC_OVERRIDE = "DMARC_ARC_OVERRIDE"
 SETTINGS = {"enforce", "trusted_arc_sealers"}
@@ -188,6 +194,13 @@ def from_domains(values: list[str]) -> tuple[list[str], str]:
     return domains, ""
 
 
+def _junk_beside(value: str) -> bool:
+    """The From's one author domain stands beside text that neither reader can use (the
+    headers filter's HEADERS_BAD_FROM: ``bob@x.test, carol@``), not beside a reading that
+    differs (the strict reader reads the whole value: a parser differential, DMARC_BAD_FROM)."""
+    return unusable_from(value) and not strict_domains(" ".join(value.split()))[1]
+
+
 class DmarcFilter(Filter):
     name = "dmarc"
     requires = ("spf", "dkim")
@@ -220,6 +233,11 @@ class DmarcFilter(Filter):
                           data=_data(PERMERROR, None, "none", reason=why))
         if len(domains) == 1 and not why:
             return await self._evaluate(ctx, domains[0])
+        if len(domains) == 1 and _junk_beside(msg.get_all("From")[0]):
+            # one author domain, checked as usual; the unusable rest is the headers filter's
+            # finding (HEADERS_BAD_FROM): explained here, not scored twice
+            result = await self._evaluate(ctx, domains[0])
+            return replace(result, symbols=(*result.symbols, Symbol(UNUSABLE_PART, (why,), 0.0)))
         # RFC 7489 §6.6.1: several author domains in one From: check each, and the strictest
         # policy among those that fail applies; DMARC_BAD_FROM says so, for the policy to weigh
         if len(domains) > MAX_FROM_DOMAINS:  # no real mail has this; never leave one unchecked

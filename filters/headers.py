@@ -6,7 +6,8 @@ HEADERS_BAD_DATE, HEADERS_MISSING_MESSAGE_ID, HEADERS_DUPLICATE (options: the si
 that occur more than once), HEADERS_EMPTY (no header at all, and nothing else said).
 
 This filter owns these findings: the default rule file does not test Message-ID, Date or From
-presence again, and ``dmarc`` reports a From it cannot use as DMARC_NO_FROM (unscored, the
+presence again, and ``dmarc`` reports a From it cannot use as DMARC_NO_FROM, one whose single
+author domain stands beside an unusable part as DMARC_FROM_UNUSABLE_PART (both unscored, the
 trace's explanation) — each finding is scored once.
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway.filterapi import Filter, FilterContext, Result, Symbol
-from gateway.headeraddr import addresses
+from gateway.headeraddr import unusable_from
 from gateway.services import Services
 from gateway.settings import check_keys
 
@@ -49,8 +50,7 @@ class HeadersFilter(Filter):
         elif len(froms) > 1:
             out.append(Symbol("HEADERS_MULTIPLE_FROM"))
         else:
-            addrs = addresses(froms[0])
-            if not addrs or not all(_usable(a) for _, a in addrs):
+            if unusable_from(froms[0]):
                 out.append(Symbol("HEADERS_BAD_FROM", (froms[0][:100],)))
         dates = msg.get_all("Date")
         if not dates:
@@ -64,8 +64,3 @@ class HeadersFilter(Filter):
             out.append(Symbol("HEADERS_DUPLICATE", dups))
         return Result(symbols=tuple(out))
 
-
-def _usable(addr: str) -> bool:
-    """A mailbox with a local part and a domain (what DMARC needs of every From address)."""
-    local, at, domain = addr.rpartition("@")
-    return bool(at and local and domain.strip().rstrip("."))

@@ -6,7 +6,8 @@ whatever the headers hold.
 
 :func:`strict_domains`: the domains of an address-list value as the standard library's strict
 reader (``email.headerregistry``, the parser of ``email.policy.default``) shows them, and
-whether that reading is whole — the second reading DMARC compares ``getaddresses`` with."""
+whether that reading is whole — the second reading DMARC compares ``getaddresses`` with.
+:func:`unusable_from`: the From finding the headers filter owns (HEADERS_BAD_FROM)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,19 @@ def addresses(value: str) -> _Pairs:
     if len(value) > MAX_CACHED:
         return tuple(email.utils.getaddresses([value]))
     return _cached(value)
+
+
+def unusable_from(value: str) -> bool:
+    """True when a From value names no address, or one without a local part or domain (no
+    usable author domain): the headers filter's HEADERS_BAD_FROM, which DMARC does not score
+    again."""
+    addrs = addresses(value)
+    return not addrs or not all(_usable(a) for _, a in addrs)
+
+
+def _usable(addr: str) -> bool:
+    local, at, domain = addr.rpartition("@")
+    return bool(at and local and domain.strip().rstrip("."))
 
 
 def comment_depth(value: str) -> int:

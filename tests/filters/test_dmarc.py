@@ -442,6 +442,20 @@ def test_a_from_read_two_ways_checks_every_domain_either_reader_shows(tmp_path, 
     assert res.verdict is not None and res.verdict.action.value == "reject"
 
 
+@pytest.mark.parametrize("from_", ["a@quar.test, carol@", "Al <a@quar.test>, @x.test",
+                                   "a@quar.test, x"])
+def test_one_author_domain_beside_an_unusable_part_is_evaluated_and_not_scored_again(
+        tmp_path, ns, from_):
+    """The unusable part is the headers filter's HEADERS_BAD_FROM: here DMARC_FROM_UNUSABLE_PART
+    (0) explains it, the domain is checked and enforced (it was DMARC_BAD_FROM, scored 3 on top
+    of HEADERS_BAD_FROM's 2)."""
+    res = run(tmp_path, ns.port, from_, dkim_res=dkim(("pass", "attacker.test")))
+    assert [(s.name, s.score) for s in res.symbols] == [
+        ("DMARC_FAIL", None), ("DMARC_FROM_UNUSABLE_PART", 0.0)], res.symbols
+    assert res.data["domain"] == "quar.test"
+    assert res.verdict is not None and res.verdict.action.value == "quarantine"
+
+
 def test_single_trusted_from_domain_only_when_both_readers_agree():
     assert from_domain(["Joe <joe@relaxed.test>"]) == ("relaxed.test", "")
     # getaddresses reads 'brelaxed.test', the strict reader 'b': no single trusted domain
