@@ -172,22 +172,26 @@ def check_policy(path: Path) -> int:
     from gateway.app import load_checked
     from gateway.errors import PolicyError
     from gateway.policy.loader import load_policy
-    from gateway.preflight import spool_problem
+    from gateway.policy.schema import Policy
+    from gateway.preflight import maildir_problems, spool_problem
 
     problems: list[str] = []
     warnings: tuple[str, ...] = ()
+    policy: Policy | None
     try:
         engine, _ = load_checked(path)
-        spool_dir = engine.policy.spool.directory
+        policy = engine.policy
     except PolicyError as e:
         problems, warnings = list(e.problems), e.warnings
         try:  # the spool too, as `run` does, when the policy's own keys are valid
-            spool_dir = load_policy(path).spool.directory
+            policy = load_policy(path)
         except PolicyError:
-            spool_dir = None
-    spool = spool_problem(spool_dir) if spool_dir is not None else None  # what `run` needs
-    if spool:
-        problems.append(f"{path}: spool.directory: {spool}")
+            policy = None
+    if policy is not None:  # what `run` needs
+        spool = spool_problem(policy.spool.directory)
+        if spool:
+            problems.append(f"{path}: spool.directory: {spool}")
+        problems += maildir_problems(policy)
     if problems:
         for p in (*problems, *warnings):
             print(p, file=sys.stderr)

@@ -18,7 +18,13 @@ from gateway.cpus import available_cpus
 from gateway.errors import PolicyError, StartupError
 from gateway.policy.loader import load_policy
 from gateway.policy.schema import Policy
-from gateway.preflight import check_tls_files, listen_problem, lock_spool, spool_problem
+from gateway.preflight import (
+    check_tls_files,
+    listen_problem,
+    lock_spool,
+    maildir_problems,
+    spool_problem,
+)
 
 log = logging.getLogger("mailgate")
 LISTEN_BACKLOG = 4096  # asyncio's default of 100 drops connections under load
@@ -75,13 +81,15 @@ def run(policy_path: Path) -> int:
     except PolicyError:
         every = _every_problem(policy_path)
         return _problems(every.problems, every.warnings)
+    found: list[str] = []  # what the environment lacks, each one line
     try:
         check_tls_files(policy)
-        problem = spool_problem(policy.spool.directory)
-        if problem:
-            raise StartupError(problem)
-    except (PolicyError, StartupError) as e:
-        found = list(e.problems) if isinstance(e, PolicyError) else [str(e)]
+    except PolicyError as e:
+        found += e.problems
+    if problem := spool_problem(policy.spool.directory):
+        found.append(problem)
+    found += maildir_problems(policy)
+    if found:
         rest = _every_problem(policy_path, environment=False)  # the filters' too, at once
         return _problems([*found, *(p for p in rest.problems if p not in found)],
                          rest.warnings)

@@ -30,17 +30,41 @@ def spool_problem(directory: Path) -> str | None:
     """Why ``directory`` cannot be the spool (None if it can): it, or the nearest existing
     directory it would be created in, must be a directory this process may write. Nothing is
     created or changed."""
+    return _directory_problem(directory, "spool directory")
+
+
+def maildir_problems(policy: Policy) -> list[str]:
+    """``FILE: key: reason`` for each ``maildir:`` transport (``relay.downstream``,
+    ``relay.transport.D``) whose directory this process cannot create or write (its ``new/``
+    and ``tmp/`` too, where they exist): every message for it would be deferred, retried for
+    days and bounced."""
+    out = []
+    routes = [("relay.downstream", policy.relay.downstream),
+              *((f"relay.transport.{d}", t) for d, t in policy.relay.transport.items())]
+    for key, t in routes:
+        if t.kind != "maildir" or t.path is None:
+            continue
+        problem = _directory_problem(t.path, "maildir")
+        for sub in ("tmp", "new"):
+            if problem is None and (t.path / sub).exists():
+                problem = _directory_problem(t.path / sub, "maildir")
+        if problem:
+            out.append(f"{policy.source}: {key}: {problem}")
+    return out
+
+
+def _directory_problem(directory: Path, what: str) -> str | None:
     path = directory.absolute()
     if path.exists():
         if not path.is_dir():
-            return f"spool directory {path}: not a directory"
-        return _unwritable(path, f"spool directory {path}")
+            return f"{what} {path}: not a directory"
+        return _unwritable(path, f"{what} {path}")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        return f"spool directory {path}: cannot create: {parent} is not a directory"
-    return _unwritable(parent, f"spool directory {path}: cannot create in {parent}")
+        return f"{what} {path}: cannot create: {parent} is not a directory"
+    return _unwritable(parent, f"{what} {path}: cannot create in {parent}")
 
 
 def _unwritable(path: Path, prefix: str) -> str | None:

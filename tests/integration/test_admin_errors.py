@@ -174,3 +174,23 @@ def test_a_bad_listen_option_is_bad_usage_naming_the_option(tmp_path):
     r = mailgate("check-policy", str(path), cwd=tmp_path)
     assert r.stderr.splitlines()[0] == (f"{path}: server.listen[0]: must be [IPv6 address]:port, "
                                         f"got '[::1'")
+
+
+def test_a_maildir_that_cannot_be_written_is_refused_at_check_and_start(tmp_path):
+    # before: check-policy said ok and run started; every message was then deferred with
+    # the maildir's error, retried for days and bounced
+    (tmp_path / "afile").write_text("")
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY.replace('["acme.org"]', '["acme.org", "acme.net"]')
+                    .replace('["@acme.org"]', '["@acme.org", "@acme.net"]')
+                    + '[relay]\ndownstream = "maildir:afile/md"\n'
+                    + '[relay.transport]\n"acme.net" = "maildir:afile/net"\n')
+    want = [f"{path}: relay.downstream: maildir {tmp_path / 'afile' / 'md'}: cannot create: "
+            f"{tmp_path / 'afile'} is not a directory",
+            f"{path}: relay.transport.acme.net: maildir {tmp_path / 'afile' / 'net'}: cannot "
+            f"create: {tmp_path / 'afile'} is not a directory"]
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (1, [*want, f"{path}: 2 problem(s)"])
+    r = mailgate("run", "--policy", str(path), cwd=tmp_path)
+    assert (r.returncode, run_lines(r)) == (1, want)
+    assert not (tmp_path / "spool").exists()  # nothing touched
