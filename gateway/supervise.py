@@ -77,6 +77,13 @@ async def supervised(name: str, body: Callable[[], Awaitable[None]]) -> None:
             succeeded(name)
             return
         except Exception as e:  # CancelledError (a BaseException) ends the task
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # cancelled, and the body's clean-up raised something else instead: report
+                # it, but end as cancelled (restarting would swallow the cancellation, and a
+                # loop shutting down would wait for this task for ever)
+                report(name, e)
+                raise asyncio.CancelledError from e
             if loop.time() - began >= HEALTHY_AFTER_S:
                 backoff = MIN_BACKOFF_S
                 succeeded(name)  # it did its job meanwhile: this failure is news

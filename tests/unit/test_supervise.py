@@ -213,3 +213,36 @@ def test_an_expiry_pass_failing_again_after_a_good_pass_is_logged_with_its_trace
     asyncio.run(main())
     assert len(calls) >= 4
     assert len(_tracebacks(caplog, "injected expiry failure on odd passes")) == 2  # old: 1
+
+
+def test_a_body_whose_clean_up_raises_on_cancel_still_ends_the_task() -> None:
+    """Cancelled (the loop shutting down), a body whose clean-up raises another exception
+    instead of CancelledError: the failure is reported, and the task ends as cancelled. The
+    old supervisor took it for an ordinary failure and started the body again: the
+    cancellation was lost and the task ran on (asyncio.run's shutdown waits for it for
+    ever)."""
+    runs: list[int] = []
+
+    async def body() -> None:
+        runs.append(1)
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            if len(runs) == 1:  # (once: so that the old code's task can be ended here)
+                raise OSError(9, "Bad file descriptor")  # e.g. closing a lock twice
+
+    async def main() -> tuple[bool, int]:
+        task = supervise.start("test-cancel-cleanup", body)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.wait({task}, timeout=2)
+        ended = task.done() and task.cancelled()
+        if not task.done():
+            task.cancel()  # the old code: a second cancel lands in the backoff sleep
+            await asyncio.wait({task}, timeout=2)
+        return ended, len(runs)
+
+    before = supervise.FAILURES["test-cancel-cleanup"]
+    ended, n = asyncio.run(main())
+    assert ended and n == 1  # old code: not ended, the body started again
+    assert supervise.FAILURES["test-cancel-cleanup"] - before == 1
