@@ -14,7 +14,9 @@ exit 0) for what works but is unsafe or probably a mistake:
 * a ``relay.transport`` route that no recipient can take (not accepted, no trusted networks)
   → error;
 * an ``[actions]`` threshold that can never fire because a more severe action written in the
-  same table starts at or below it (the most severe action reached wins) → error.
+  same table starts at or below it (the most severe action reached wins) → error;
+* no accepted domain and no trusted network (an empty file, say): every recipient but
+  ``<postmaster>`` is refused as relay → warning.
 
 A filter declares what it checks with a ``recipient_coverage``
 (:class:`~gateway.filterapi.RecipientCoverage`); ``rcpt`` does.
@@ -48,6 +50,10 @@ def lint(policy: Policy, data: Mapping[str, Any], filters: Mapping[str, Any], *,
     errors: list[str] = []
     warnings: list[str] = []
     src = policy.source
+    if not policy.accepted_domains and not policy.trusted_networks:
+        warnings.append("domains.accepted: warning: no domain is accepted and "
+                        "domains.trusted_networks is empty, so every recipient but <postmaster> "
+                        "is refused as relay (550 5.7.1); list your domains in domains.accepted")
     _coverage(policy, filters, complete, errors, warnings)
     _routes(policy, errors)
     _thresholds(data, errors)

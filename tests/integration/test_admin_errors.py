@@ -194,3 +194,15 @@ def test_a_maildir_that_cannot_be_written_is_refused_at_check_and_start(tmp_path
     r = mailgate("run", "--policy", str(path), cwd=tmp_path)
     assert (r.returncode, run_lines(r)) == (1, want)
     assert not (tmp_path / "spool").exists()  # nothing touched
+
+
+def test_an_empty_policy_warns_that_no_domain_is_accepted(tmp_path):
+    # before: "p.toml: ok" and nothing else, for a gateway that refuses every recipient
+    path = tmp_path / "p.toml"
+    path.write_text("")
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (0, [
+        f"{path}: domains.accepted: warning: no domain is accepted and domains.trusted_networks "
+        f"is empty, so every recipient but <postmaster> is refused as relay (550 5.7.1); list "
+        f"your domains in domains.accepted"])
+    assert r.stdout.startswith(f"{path}: ok (1 warning(s))\n")
