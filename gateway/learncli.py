@@ -94,6 +94,8 @@ def messages(paths: list[Path]) -> tuple[int, Iterator[tuple[str, bytes | None]]
                 sources.append((_kind(f), f))
         elif path.is_file():
             sources.append((_kind(path), path))
+        elif path.exists():  # a device, a FIFO, a socket: nothing to read messages from
+            raise SetupError(f"{path}: not a message file, mbox or directory")
         else:
             raise SetupError(f"{path}: no such file or directory")
     boxes: dict[Path, mailbox.mbox] = {}

@@ -206,3 +206,12 @@ def test_an_empty_policy_warns_that_no_domain_is_accepted(tmp_path):
         f"is empty, so every recipient but <postmaster> is refused as relay (550 5.7.1); list "
         f"your domains in domains.accepted"])
     assert r.stdout.startswith(f"{path}: ok (1 warning(s))\n")
+
+
+def test_learn_names_what_it_cannot_read_from(tmp_path):
+    # before: "/dev/null: no such file or directory", for a file that is there
+    r = mailgate("learn", "--spam", "/dev/null", "--db", str(tmp_path / "b.db"), cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (
+        1, "mailgate learn: /dev/null: not a message file, mbox or directory\n")
+    r = mailgate("learn", "--spam", "absent", "--db", str(tmp_path / "b.db"), cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (1, "mailgate learn: absent: no such file or directory\n")
