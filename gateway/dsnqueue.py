@@ -53,7 +53,7 @@ async def report_success(spool: Spool, entry: QueueEntry, reporting_mta: str,
         statuses = [dsn.RecipientStatus(
             recipient=r.addr, action=action, status=success_status(reply),
             original_recipient=r.orcpt, last_attempt=now,
-            remote_mta=_mta_name(remote) if remote and reply and reply[:1] == "2" else None,
+            remote_mta=mta_name(remote) if remote and reply and reply[:1] == "2" else None,
             diagnostic=f"smtp; {reply}" if reply and reply[:1] == "2" else None)
             for r, action, reply, remote in wanted]
     except dsn.DsnError as e:
@@ -62,7 +62,7 @@ async def report_success(spool: Spool, entry: QueueEntry, reporting_mta: str,
     return await queue_dsn(spool, entry, reporting_mta, statuses, open_original, now)
 
 
-def _mta_name(host: str) -> str:
+def mta_name(host: str) -> str:
     """``dns; host`` for a DSN's Remote-MTA; an address as an RFC 5321 address literal."""
     try:
         ip = ipaddress.ip_address(host)

@@ -272,11 +272,11 @@ class QueueManager:
                 # Final outcomes are saved at once: a crash now must not deliver them again.
                 # When this made every recipient delivered, the removal below is that record
                 # (a crash before it redelivers either way): no rewrite, two fsyncs fewer.
-                entry = entry.with_recipient_results(got)
+                entry = entry.with_recipient_results(got, remote)
                 got = {}
                 if not (entry.done and all(r.state == "delivered" for r in entry.recipients)):
                     await self._save(entry, area)
-            entry = entry.with_recipient_results(got)
+            entry = entry.with_recipient_results(got, remote)
         if succeeded:
             await self._report_success(entry, succeeded)
         now = time.time()
@@ -437,7 +437,8 @@ class QueueManager:
             statuses = [dsn.RecipientStatus(
                 recipient=r.addr, action=action, status=_status_of(r.last_reply, action),
                 original_recipient=r.orcpt, diagnostic=f"smtp; {r.last_reply}" if r.last_reply
-                else None, last_attempt=now, will_retry_until=until) for r in rcpts]
+                else None, remote_mta=dsnqueue.mta_name(r.remote_mta) if r.remote_mta else None,
+                last_attempt=now, will_retry_until=until) for r in rcpts]
         except dsn.DsnError as e:  # cannot be built, now or later: say so, do not retry
             log.error("DSN for %s cannot be built: %s", entry.qid, e)
             return f"not sent: {e}"

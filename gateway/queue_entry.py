@@ -88,10 +88,11 @@ _encode_entry = json.JSONEncoder(default=_thaw, separators=(",", ":")).encode
 class Recipient:
     addr: str
     notify: frozenset[str] | None = None  # DSN NOTIFY=; None when the client gave none
-    orcpt: str | None = None  # DSN ORCPT=, as given (addr-type;xtext)
+    orcpt: str | None = None  # DSN ORCPT=, decoded (addr-type;address)
     state: RecipientState = "pending"
     last_reply: str | None = None
     attempts: int = 0
+    remote_mta: str | None = None  # the server that gave last_reply (a DSN's Remote-MTA)
 
     def __post_init__(self) -> None:
         if self.state not in _STATES:
@@ -110,7 +111,8 @@ class Recipient:
         return cls(addr=_req(obj, "addr", str),
                    notify=None if notify is None else frozenset(notify),
                    orcpt=_opt(obj, "orcpt", str), state=_req(obj, "state", str),
-                   last_reply=_opt(obj, "last_reply", str), attempts=_req(obj, "attempts", int))
+                   last_reply=_opt(obj, "last_reply", str), attempts=_req(obj, "attempts", int),
+                   remote_mta=_opt(obj, "remote_mta", str))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,10 +168,12 @@ class QueueEntry:
         return not self.pending
 
     def with_recipient_results(
-            self, results: Mapping[str, tuple[RecipientState, str | None]]) -> QueueEntry:
+            self, results: Mapping[str, tuple[RecipientState, str | None]],
+            remote_mta: str | None = None) -> QueueEntry:
         """Record one delivery attempt's outcome per address: ``{addr: (state, reply)}``.
         ``"pending"`` means a temporary failure. Each listed pending recipient gets one more
-        attempt counted; naming an unknown or already final recipient is a ValueError."""
+        attempt counted; naming an unknown or already final recipient is a ValueError.
+        ``remote_mta``: the server that gave these replies (None: none did, or our own)."""
         if not results:
             return self
         pending = {r.addr for r in self.pending}
@@ -181,7 +185,7 @@ class QueueEntry:
             if r.state == "pending" and r.addr in results:
                 state, reply = results[r.addr]
                 r = Recipient(addr=r.addr, notify=r.notify, orcpt=r.orcpt, state=state,
-                              last_reply=reply, attempts=r.attempts + 1)
+                              last_reply=reply, attempts=r.attempts + 1, remote_mta=remote_mta)
             out.append(r)
         return self._with(recipients=tuple(out))
 

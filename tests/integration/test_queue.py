@@ -376,10 +376,11 @@ def test_5xx_for_one_recipient_delivers_the_other_and_bounces_with_a_dsn(gateway
         assert rcpt["action"] == "failed"
         assert rcpt["status"] == "5.1.1"
         assert rcpt["diagnostic-code"] == f"smtp; {BAD_REPLY}"
+        assert rcpt["remote-mta"] == "dns; [127.0.0.1]"  # who said it (RFC 3461 6.3 e)
         last = email.utils.parsedate_to_datetime(rcpt["last-attempt-date"]).timestamp()
         assert arrival - 1 <= last <= after + 1
-        assert set(rcpt) == {"final-recipient", "action", "status", "diagnostic-code",
-                             "last-attempt-date"}
+        assert set(rcpt) == {"final-recipient", "action", "status", "remote-mta",
+                             "diagnostic-code", "last-attempt-date"}
 
         headers_part = list(dsn.iter_parts())[2]
         returned = headers_part.get_payload()
@@ -488,6 +489,7 @@ def test_expiry_fails_with_4_4_7_and_a_dsn(gateway_factory):
         assert rcpt["final-recipient"] == "rfc822; alice@example.test"
         assert rcpt["action"] == "failed" and rcpt["status"] == "4.4.7"
         assert rcpt["diagnostic-code"].startswith("smtp; 451 4.4.7 delivery time expired")
+        assert "remote-mta" not in rcpt  # the expiry is our own finding, no server's reply
         wait_spool_empty(spool_dir(gw))
 
 

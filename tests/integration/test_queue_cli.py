@@ -122,7 +122,8 @@ def test_list_json_has_every_field(q: Queue) -> None:
     entry = q.add("deferred", mail_params=("BODY=8BITMIME",), envid="e1", ret="HDRS",
                   recipients=(Recipient(addr="b@example.test", notify=frozenset({"FAILURE"}),
                                         orcpt="rfc822;b@example.test", attempts=1,
-                                        last_reply="451 4.4.1 refused"),))
+                                        last_reply="451 4.4.1 refused",
+                                        remote_mta="mx.example.test"),))
     q.add("hold")
     r = q.run("list", "--json", "--area", "deferred")
     assert r.returncode == 0, r.stderr
@@ -136,7 +137,8 @@ def test_list_json_has_every_field(q: Queue) -> None:
         "mail_params": ["BODY=8BITMIME"], "prepend": "", "skip": 0,
         "recipients": [{"addr": "b@example.test", "notify": ["FAILURE"],
                         "orcpt": "rfc822;b@example.test", "state": "pending",
-                        "last_reply": "451 4.4.1 refused", "attempts": 1}],
+                        "last_reply": "451 4.4.1 refused", "attempts": 1,
+                        "remote_mta": "mx.example.test"}],
         "arrival_iso": obj["arrival_iso"], "next_attempt_iso": obj["next_attempt_iso"],
         "due": False}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", obj["arrival_iso"])

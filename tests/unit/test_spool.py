@@ -80,7 +80,8 @@ def full_entry(qid: str, size: int) -> QueueEntry:
             Recipient(addr="two@example.test", notify=frozenset({"NEVER"}), state="delivered",
                       last_reply="250 2.0.0 ok", attempts=1),
             Recipient(addr="three@example.test", state="failed",
-                      last_reply="550 5.1.1 no such user", attempts=2),
+                      last_reply="550 5.1.1 no such user", attempts=2,
+                      remote_mta="mx.example.test"),
         ),
         arrival=1_700_000_000.125, size=size, prepend=b"X-Spam-Score: 3.5\r\nX-Raw: \xff\x00\r\n",
         skip=min(size, 3),
@@ -218,7 +219,10 @@ def test_recipient_results_and_retry_equal_a_fully_checked_entry() -> None:
     entry = full_entry(new_qid(), 1)
     before = entry.to_json()
     derived = [entry.with_recipient_results({"one@example.test": ("delivered", "250 ok")}),
+               entry.with_recipient_results({"one@example.test": ("failed", "550 no")},
+                                            "mx.example.test"),  # kept for a DSN's Remote-MTA
                entry.with_retry(123.0, "421 busy")]
+    assert derived[1].recipients[0].remote_mta == "mx.example.test"
     for d in derived:
         assert type(d) is QueueEntry and d is not entry
         assert d == dataclasses.replace(d) == QueueEntry.from_json(d.to_json())
