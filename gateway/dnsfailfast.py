@@ -2,7 +2,9 @@
 ``Do53Nameserver`` objects that (1) query over a *connected* UDP socket, so that the kernel's
 ICMP port/host unreachable comes back at once as ``ConnectionRefusedError`` (or another
 ``OSError``) instead of a silent wait for the query's whole deadline, and (2) are held down for
-``hold_s`` (1 s) after such a refusal: queries meanwhile are not sent at all.
+``hold_s`` (1 s) after such a refusal: queries meanwhile are not sent at all. UDP and TCP
+(dnspython's retry of a truncated answer) are held down apart (``SERVER/tcp``): a server whose
+TCP port is closed still answers everything that fits in UDP.
 
 dnspython's asyncio backend sends UDP from an unconnected socket (it connects only where the
 platform requires it, ``Backend.datagram_connection_required``), and the kernel does not report
@@ -101,7 +103,10 @@ class FailFastNameserver(dns.nameserver.Do53Nameserver):
                           source: str | None, source_port: int, max_size: bool,
                           backend: dns.asyncbackend.Backend, one_rr_per_rrset: bool = False,
                           ignore_trailing: bool = False) -> dns.message.Message:
-        self.health.check(self.label)
+        # max_size: dnspython's "over TCP" (after a truncated UDP answer). UDP and TCP are
+        # held down apart: a server whose TCP port is closed (firewalled) still answers UDP
+        where = f"{self.label}/tcp" if max_size else self.label
+        self.health.check(where)
         try:
             response = await super().async_query(
                 request, timeout, source, source_port, max_size, ConnectedUdp(backend),
@@ -109,9 +114,9 @@ class FailFastNameserver(dns.nameserver.Do53Nameserver):
         except TimeoutError:
             raise  # silence is not a refusal
         except OSError as e:
-            self.health.refused(self.label, e)
+            self.health.refused(where, e)
             raise
-        self.health.answered(self.label)
+        self.health.answered(where)
         return response
 
 

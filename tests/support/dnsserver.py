@@ -7,7 +7,7 @@ in the answer); NODATA (NOERROR, empty answer, the SOA in authority) for a name 
 records; NXDOMAIN for any other name. A UDP answer over 512 bytes is sent truncated (TC, no
 records), so the client asks again over TCP. ``servfail`` names get SERVFAIL; ``drop`` names are never
 answered; ``delay={name: seconds}`` names are answered that much later (the server keeps
-answering others meanwhile). ``port`` binds that port (default: a free one). ``soa`` is the SOA record (zone-file text) of negative answers,
+answering others meanwhile). ``port`` binds that port (default: a free one); ``tcp=False`` serves UDP only (TCP refused). ``soa`` is the SOA record (zone-file text) of negative answers,
 default ``SOA`` (TTL and MINIMUM 60); ``soa=None`` sends them without one. Every query is recorded in ``queries`` as (name, type, "udp"|"tcp"), name without the
 final dot, lowercase.
 """
@@ -29,7 +29,8 @@ SOA = "test. 60 IN SOA ns.test. hostmaster.test. 1 60 60 60 60"
 class DnsServer:
     def __init__(self, zone: str, *, servfail: Iterable[str] = (), drop: Iterable[str] = (),
                  host: str = "127.0.0.1", soa: str | None = SOA,
-                 delay: Mapping[str, float] | None = None, port: int = 0) -> None:
+                 delay: Mapping[str, float] | None = None, port: int = 0,
+                 tcp: bool = True) -> None:
         self.host = host
         self.records: dict[str, list[RR]] = {}
         for rr in RR.fromZone(zone):
@@ -43,6 +44,9 @@ class DnsServer:
         self._threads: list[threading.Thread] = []
         self.udp, self.tcp = _bind_pair(host, port)
         self.port: int = self.udp.getsockname()[1]
+        self.serves_tcp = tcp
+        if not tcp:  # UDP only: a TCP connection to the port is refused (reset)
+            self.tcp.close()
 
     # -- answers ------------------------------------------------------------------------------
     def answer(self, data: bytes, proto: str) -> bytes | None:
@@ -78,7 +82,8 @@ class DnsServer:
 
     # -- serving ------------------------------------------------------------------------------
     def start(self) -> DnsServer:
-        for target in (self._serve_udp, self._serve_tcp):
+        for target in (self._serve_udp, self._serve_tcp) if self.serves_tcp else (
+                self._serve_udp,):
             t = threading.Thread(target=target, daemon=True)
             t.start()
             self._threads.append(t)

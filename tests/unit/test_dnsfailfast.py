@@ -151,3 +151,24 @@ def test_resolv_conf_servers_fail_fast_too_and_other_transports_are_kept() -> No
     assert [str(ns) for ns in out[:2]] == ["192.0.2.53:53", "[2001:db8::53]:5353"]
     assert all(ns.health is health for ns in out[:2])  # type: ignore[attr-defined]
     assert out[2] is doh
+
+
+def test_a_server_refusing_tcp_only_is_still_asked_over_udp() -> None:
+    """A server that answers UDP but refuses TCP (TCP/53 firewalled): the lookup whose UDP
+    answer was truncated is a temperror at once (its TCP retry refused), and the next lookups
+    are still sent over UDP and answered. The old hold-down took the TCP refusal for the
+    whole server: every lookup in the next ``down_hold_s`` was a temperror without asking
+    (and ``dns_server_down`` was logged for a server that answers)."""
+    big = "".join(f'big.test. 300 IN TXT "{"x" * 200}{i}"\n' for i in range(6))  # > 512 bytes
+    with DnsServer(ZONE + big, tcp=False) as ns:
+        r = make(("127.0.0.1", ns.port), down_hold_s=30.0)
+        answer, took = timed(r, "big.test", "TXT")
+        assert answer.status == "temperror" and took < FAST_S, (answer, took)
+        answers = [timed(r, name)[0] for name in ("a.test", "b.test")]
+        assert [a.status for a in answers] == ["ok", "ok"], answers  # old: held down
+        assert ns.queries == [("big.test", "TXT", "udp"), ("a.test", "A", "udp"),
+                              ("b.test", "A", "udp")]
+        assert (r.refusals, r.skipped_down) == (1, 0)
+        # the TCP side alone is held down: the next truncated answer is not retried over TCP
+        answer, _ = timed(r, "big.test", "TXT")
+        assert answer.status == "temperror" and r.skipped_down == 1
