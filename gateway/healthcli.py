@@ -66,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
     bad = 0
     for lst in policy.listeners:
         where = f"[{lst.host}]:{lst.port}" if ":" in lst.host else f"{lst.host}:{lst.port}"
+        if lst.port == 0:  # the gateway binds whatever free port it gets: not known here
+            print(f"mailgate health: {where}: port 0 is a free port picked at start, which "
+                  f"cannot be probed: give server.listen (or --listen) a fixed port",
+                  file=sys.stderr)
+            bad += 1
+            continue
         try:
             greeting = probe(lst.host, lst.port, args.timeout_s)
         except smtplib.SMTPResponseException as e:

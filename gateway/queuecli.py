@@ -186,6 +186,9 @@ def load_spool_policy(policy_path: Path) -> Policy:
     except PolicyError as e:
         raise SetupError("; ".join(e.problems)) from None
     directory = policy.spool.directory
+    if directory.exists() and not directory.is_dir():
+        raise SetupError(f"spool directory {directory.absolute()}: not a directory "
+                         f"(spool.directory of {policy_path})")
     if not directory.is_dir():
         where = ("spool.directory is not set: its default is ./spool in the directory the "
                  "command runs in; run it where the gateway runs, or set it in the policy"

@@ -215,3 +215,23 @@ def test_learn_names_what_it_cannot_read_from(tmp_path):
         1, "mailgate learn: /dev/null: not a message file, mbox or directory\n")
     r = mailgate("learn", "--spam", "absent", "--db", str(tmp_path / "b.db"), cwd=tmp_path)
     assert (r.returncode, r.stderr) == (1, "mailgate learn: absent: no such file or directory\n")
+
+
+def test_queue_on_a_spool_that_is_a_file_and_health_on_port_0(tmp_path):
+    # before: "spool directory X does not exist" for a file that exists, and health's
+    # "127.0.0.1:0: Connection refused"
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY + '[spool]\ndirectory = "sfile"\n')
+    (tmp_path / "sfile").write_text("")
+    for cmd in ("queue", "quarantine"):
+        r = mailgate(cmd, "list", "--policy", str(path), cwd=tmp_path)
+        assert (r.returncode, r.stderr) == (1, f"mailgate {cmd}: spool directory "
+                                               f"{tmp_path / 'sfile'}: not a directory "
+                                               f"(spool.directory of {path})\n")
+    path.write_text(POLICY.replace("workers = 1", 'workers = 1\nlisten = ["127.0.0.1:0"]'))
+    env = {k: v for k, v in ENV.items() if k != "MAILGATE_LISTEN"}
+    r = subprocess.run([sys.executable, "-m", "gateway", "health", "--policy", str(path)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (1, "mailgate health: 127.0.0.1:0: port 0 is a free port "
+                                           "picked at start, which cannot be probed: give "
+                                           "server.listen (or --listen) a fixed port\n")
