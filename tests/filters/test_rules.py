@@ -384,6 +384,8 @@ Content-Type: text/html
     ("Membership is 100% free.", "FREE_OFFER"),
     ("Lower your monthly payments today.", "MORTGAGE_DEBT"),
     ("You can earn $500 per week.", "EARN_MONEY"),
+    ("Results 100% guaranteed!", "MONEY_PHRASES"),  # was also GUARANTEED
+    ("Satisfaction guaranteed.", "GUARANTEED"),
 ])
 def test_default_rule_set_scores_a_phrase_once(tmp_path, phrase, rule):
     """Each sales phrase is one finding: exactly one rule of default.cf scores it (before, an
