@@ -17,7 +17,8 @@ Decoding, and why here:
   and ``binascii.a2b_hqx`` were removed in Python 3.11 and PyPI has no maintained
   replacement, so it is decoded here (the data fork only: the resource fork is Mac metadata).
 * TNEF: the ``tnefparse`` library (pure Python, no dependencies), imported at the first TNEF
-  part.
+  part, given only streams whose declared counts fit their size (:mod:`filters._tnefbounds`:
+  the library loops through whatever count a stream declares); its log is silenced.
 
 Bounds: at most ``MAX_FILES`` files per message part, each at most ``max_bytes`` decoded
 (a longer one is cut there and flagged ``whole=False``); a block that does not decode is
@@ -27,6 +28,7 @@ skipped (``bad=True``), never raised.
 from __future__ import annotations
 
 import binascii
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -190,6 +192,13 @@ def _tnef(data: bytes, max_bytes: int) -> Iterator[HiddenFile]:
     try:
         from tnefparse import TNEF  # lazily: 23 ms, only for mail from Outlook that has it
 
+        from filters import _tnefbounds
+
+        # its warnings on a hostile stream are not the gateway's to log (one a property)
+        logging.getLogger("tnefparse").setLevel(logging.CRITICAL + 1)
+        if _tnefbounds.problem(data) is not None:  # counts the library would loop through
+            yield HiddenFile("tnef", "", b"", bad=True)
+            return
         attachments = TNEF(data).attachments
     except Exception:  # noqa: BLE001 - a hostile stream may break the parser any way
         yield HiddenFile("tnef", "", b"", bad=True)

@@ -5,9 +5,13 @@ attached files (banned names, programs by content, archives)."""
 from __future__ import annotations
 
 import io
+import logging
+import struct
+import threading
 import time
 import zipfile
 from email.message import EmailMessage
+from typing import Any
 
 import pytest
 
@@ -114,3 +118,45 @@ def test_an_archive_hidden_in_text_is_opened() -> None:
 
 def test_clean_encoded_text_stays_clean() -> None:
     assert check(text_mail(uuencode("notes.txt", b"quarterly numbers\n" * 50))) == {}
+
+
+def _tnef_object(level: int, name: int, body: bytes) -> bytes:
+    return bytes((level,)) + struct.pack("<HHI", name, 6, len(body)) + body + b"\0\0"
+
+
+def _in_thread(data: bytes) -> list[Any]:
+    """hidden_files in a daemon thread given 20 s (the old code spun for hours: the test then
+    fails instead of hanging)."""
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(
+        list(hidden_files("application/ms-tnef", data, 1 << 20))), daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "hidden_files still running after 20 s"
+    return out[0]
+
+
+TNEF_HEAD = b"\x78\x9f\x3e\x22\x01\x00"
+
+
+@pytest.mark.parametrize("stream", [
+    # message properties: 4 billion of them declared in 4 bytes (tnefparse loops through them
+    # all past the end, logging a warning each: a 21-byte winmail.dat)
+    TNEF_HEAD + _tnef_object(1, 0x9003, struct.pack("<I", 0xFFFFFFFF)),
+    # attachment properties: one multi-valued short holding 4 billion values (as many objects)
+    TNEF_HEAD + _tnef_object(2, 0x9002, b"\0\0\0\0")
+    + _tnef_object(2, 0x9005, struct.pack("<IHHI", 1, 0x1002, 0x3001, 0xFFFFFFFF)),
+    # recipient rows
+    TNEF_HEAD + _tnef_object(1, 0x9004, struct.pack("<II", 0xFFFFFFFF, 0)),
+], ids=["properties", "multi-values", "recipient-rows"])
+def test_tnef_counts_beyond_the_stream_are_refused_not_looped(
+        stream: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    found = _in_thread(stream)
+    assert [(f.encoding, f.bad) for f in found] == [("tnef", True)]
+    assert not [r for r in caplog.records if r.name.startswith("tnefparse")]
+
+
+def test_the_tnef_bounds_pass_the_real_winmail_dat() -> None:
+    from filters import _tnefbounds
+    assert _tnefbounds.problem((TESTFILES / "clam.tnef").read_bytes()) is None

@@ -191,3 +191,20 @@ def test_white_space_before_a_header_colon_hides_no_attachment(world: World) -> 
         assert (code, reply.split(b" ", 1)[0]) == (554, b"5.7.1"), reply
         assert b'"setup.exe"' in reply and b"ATTACH_BANNED_EXT" in reply, reply
     world.nothing_relayed(before)
+
+
+def test_a_tnef_declaring_4_billion_properties_is_answered_at_once(world: World) -> None:
+    """21 bytes of winmail.dat whose property count tnefparse loops through (old code: a
+    worker thread spinning for hours, a warning logged per property, the filter timing out
+    into 451 4.7.1 for the sender to retry): now a bad archive, answered for good at once."""
+    import struct
+    stream = b"\x78\x9f\x3e\x22\x01\x00\x01" + struct.pack("<HHI", 0x9003, 6, 4) \
+        + struct.pack("<I", 0xFFFFFFFF) + b"\0\0"
+    before = len(world.sink.messages)
+    t0 = time.monotonic()
+    code, reply = world.send(message(("winmail.dat", stream, "application/ms-tnef")))
+    assert code == 250 and time.monotonic() - t0 < 15, (code, reply)
+    world.sink.wait_for(before + 1, timeout_s=10)
+    ev = world.gw.message_event(qid_of(reply))
+    assert "ATTACH_ARCHIVE_BAD(3)[winmail.dat/tnef (tnef)]" in ev["symbols"], ev["symbols"]
+    assert not [e for e in world.gw.events() if e.get("logger", "").startswith("tnefparse")]
