@@ -190,9 +190,15 @@ def load_spool_policy(policy_path: Path) -> Policy:
         raise SetupError(f"spool directory {directory.absolute()}: not a directory "
                          f"(spool.directory of {policy_path})")
     if not directory.is_dir():
+        from gateway.policy.locate import state_dir
+
+        state = state_dir(policy_path)
         where = ("spool.directory is not set: its default is ./spool in the directory the "
                  "command runs in; run it where the gateway runs, or set it in the policy"
                  if not directory.is_absolute() else
+                 f"spool.directory is not set: its default is spool in the state directory, "
+                 f"{state}"
+                 if state is not None and directory == state / "spool" else
                  "a relative spool.directory is relative to the policy file's directory")
         raise SetupError(f"spool directory {directory.absolute()} does not exist: has the "
                          f"gateway run with this policy ({policy_path})? ({where})")

@@ -235,3 +235,18 @@ def test_queue_on_a_spool_that_is_a_file_and_health_on_port_0(tmp_path):
     assert (r.returncode, r.stderr) == (1, "mailgate health: 127.0.0.1:0: port 0 is a free port "
                                            "picked at start, which cannot be probed: give "
                                            "server.listen (or --listen) a fixed port\n")
+
+
+def test_queue_without_a_spool_names_the_state_directory_it_looked_in(tmp_path):
+    # before: "(a relative spool.directory is relative to the policy file's directory)" for a
+    # policy that sets no spool.directory at all
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY)
+    state = tmp_path / "state"
+    r = subprocess.run([sys.executable, "-m", "gateway", "queue", "list", "--policy", str(path)],
+                       cwd=tmp_path, env={**ENV, "MAILGATE_STATE_DIR": str(state)},
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (1, (
+        f"mailgate queue: spool directory {state / 'spool'} does not exist: has the gateway run "
+        f"with this policy ({path})? (spool.directory is not set: its default is spool in the "
+        f"state directory, {state})\n"))
