@@ -59,6 +59,17 @@ def since_arg(text: str) -> float:
             f"not a duration (30m, 12h, 7d) or an ISO date/time: {text!r}") from None
 
 
+def _count(text: str) -> int:
+    """``--limit``: an integer >= 0 (SQLite reads a negative LIMIT as none at all)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return n
+
+
 def add_arguments(parser: argparse.ArgumentParser, policy_help: str) -> None:
     common, waiting = spool_parents(
         parser, policy_help, log_help="format of the log lines (changes) on stderr",
@@ -71,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser, policy_help: str) -> None:
                    help="quarantined since: 30m, 12h, 7d, or an ISO date/time")
     p.add_argument("--sender", metavar="TEXT", help="sender contains TEXT (any case)")
     p.add_argument("--rcpt", metavar="TEXT", help="a recipient contains TEXT (any case)")
-    p.add_argument("--limit", type=int, metavar="N", help="at most N messages")
+    p.add_argument("--limit", type=_count, metavar="N", help="at most N messages")
 
     p = sub.add_parser("show", parents=[common],
                        help="one message: metadata and headers (--raw: the whole message)")

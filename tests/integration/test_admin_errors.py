@@ -250,3 +250,14 @@ def test_queue_without_a_spool_names_the_state_directory_it_looked_in(tmp_path):
         f"mailgate queue: spool directory {state / 'spool'} does not exist: has the gateway run "
         f"with this policy ({path})? (spool.directory is not set: its default is spool in the "
         f"state directory, {state})\n"))
+
+
+def test_quarantine_list_limit_must_not_be_negative(tmp_path):
+    # before: --limit -1 listed everything (SQLite's LIMIT -1), exit 0
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY)
+    (tmp_path / "spool").mkdir()
+    r = mailgate("quarantine", "list", "--limit", "-1", "--policy", str(path), cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[-1] == ("mailgate quarantine list: error: argument --limit: "
+                                         "must be an integer >= 0, got '-1'")
