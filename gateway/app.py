@@ -35,7 +35,7 @@ from gateway.policy.loader import (
 )
 from gateway.policy.locate import state_dir
 from gateway.policy.schema import Limits, Policy
-from gateway.preflight import tls_context
+from gateway.preflight import maildir_problems, tls_context
 from gateway.qmgr import QueueManager
 from gateway.registry import collect_chain
 from gateway.replies import Reply
@@ -243,6 +243,8 @@ class Runtime:
         """SIGHUP: validate the policy file again; switch only if it is entirely valid."""
         try:
             engine, tls = load_checked(self.policy_path)
+            if maildirs := maildir_problems(engine.policy):  # as at start
+                raise PolicyError(maildirs)
         except PolicyError as e:
             event(log, "reload-failed", level=logging.ERROR, policy=str(self.policy_path),
                   errors=list(e.problems), kept="previous policy")

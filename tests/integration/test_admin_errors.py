@@ -261,3 +261,21 @@ def test_quarantine_list_limit_must_not_be_negative(tmp_path):
     assert r.returncode == 2
     assert r.stderr.splitlines()[-1] == ("mailgate quarantine list: error: argument --limit: "
                                          "must be an integer >= 0, got '-1'")
+
+
+def test_reload_refuses_a_maildir_it_cannot_write_as_start_does(gateway_factory):
+    # before: the reload was taken, and every message then deferred with the maildir's error
+    from tests.integration.test_policy_cli import policy_with, reload, send
+
+    gw = gateway_factory(policy_with("example.test"))
+    (gw.workdir / "afile").write_text("")
+    bad = policy_with("example.test")
+    bad["relay"] = {**bad["relay"], "downstream": f"maildir:{gw.workdir / 'afile' / 'md'}"}
+    ev = reload(gw, bad, "reload-failed")
+    assert ev["kept"] == "previous policy"
+    assert ev["errors"] == [f"{gw.policy_path}: relay.downstream: maildir "
+                            f"{gw.workdir / 'afile' / 'md'}: cannot create: "
+                            f"{gw.workdir / 'afile'} is not a directory"]
+    code, text = send(gw, "alice@example.test")
+    assert code == 250, text
+    assert len(gw.maildir_messages()) == 1  # delivered by the policy kept
