@@ -99,11 +99,33 @@ def extensions(name: str) -> list[str]:
     return [p.strip(" \t").lower() for p in pieces]
 
 
+def open_zip(data: bytes) -> zipfile.ZipFile:
+    """``zipfile.ZipFile`` over ``data``. A central directory entry whose "version needed to
+    extract" the stdlib refuses (above its 6.3: NotImplementedError for the whole archive) is
+    read with that byte lowered to 2.0: unzip tools ignore the field, so the members are what
+    a recipient gets. Raises zipfile's other errors."""
+    import zipfile
+
+    try:
+        return zipfile.ZipFile(io.BytesIO(data))
+    except NotImplementedError:
+        pass
+    buf, at = bytearray(data), data.find(b"PK\x01\x02")
+    while 0 <= at < len(buf) - 8:
+        if buf[at + 6] > zipfile.MAX_EXTRACT_VERSION:
+            buf[at + 6] = 20
+        at = data.find(b"PK\x01\x02", at + 4)
+    try:
+        return zipfile.ZipFile(io.BytesIO(bytes(buf)))
+    except NotImplementedError as e:
+        raise zipfile.BadZipFile(str(e)) from None
+
+
 def zip_infos(data: bytes) -> list[zipfile.ZipInfo] | None:
     import zipfile
 
     try:
-        return zipfile.ZipFile(io.BytesIO(data)).infolist()
+        return open_zip(data).infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError):
         return None
 

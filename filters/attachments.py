@@ -64,6 +64,7 @@ from filters._filekinds import (
     extensions,
     gzip_fname,
     is_office,
+    open_zip,
     part_names,
     show,
     sniff,
@@ -384,7 +385,7 @@ class AttachmentsFilter(Filter):
         import zipfile
 
         try:
-            zf = zipfile.ZipFile(io.BytesIO(data))
+            zf = open_zip(data)
             infos = zf.infolist()
         except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError):
             scan.add("ATTACH_ARCHIVE_BAD", path)
