@@ -3,7 +3,8 @@ downstreams: an SMTP sink that does not offer DSN gets the message and the sende
 ``relayed`` report (from <>, multipart/report; report-type=delivery-status, Status 2.0.0,
 Original-Recipient from ORCPT); an LMTP sink without DSN and a Maildir give ``delivered``. A
 downstream that offers DSN gets NOTIFY/ORCPT/RET/ENVID and no report comes from us; nor does
-one without NOTIFY=SUCCESS, nor one for the null sender."""
+one without NOTIFY=SUCCESS, nor one for the null sender. The same with a real Postfix
+downstream (tests/support/postfix.py): its own success report carries the ENVID and ORCPT."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import time
 import pytest
 
 from tests.support.gateway import GatewayProcess, base_policy
+from tests.support.postfix import PostfixInstance, postfix_available, postfix_unavailable_reason
 from tests.support.sink import DEFAULT_EXTENSIONS, Sink
 from tests.support.smtpclient import RawSmtpClient
 
@@ -132,4 +134,39 @@ def test_no_success_report_without_notify_success(gateway_factory, mode, mail, r
         delivered(gw, qid, mode)
         time.sleep(0.5)
         assert len(sink.messages) == 1
+    assert gw.events("dsn") == []
+
+
+@pytest.mark.postfix
+@pytest.mark.skipif(not postfix_available(),
+                    reason=f"private Postfix unavailable: {postfix_unavailable_reason()}")
+@pytest.mark.parametrize("mode", ["queue", "proxy"])
+def test_a_real_postfix_gets_the_dsn_parameters_and_reports_success_itself(
+        gateway_factory, tmp_path, mode):
+    """Postfix offers DSN: it gets NOTIFY/ORCPT/RET/ENVID, so the success report is its own
+    (delivered to its Maildir, as sender.test is one of its domains), carrying our client's
+    ENVID and ORCPT decoded; none comes from us, and NOTIFY=NEVER gets none at all."""
+    with PostfixInstance(tmp_path / "postfix", domains=("example.test", "sender.test")) as pf:
+        gw = gateway_factory(policy(f"smtp://127.0.0.1:{pf.port}", mode))
+        with RawSmtpClient(gw.address) as c:
+            c.cmd("EHLO client.test")
+            assert c.cmd(ORCPT_MAIL).startswith("250 ")
+            assert c.cmd(ORCPT_RCPT).startswith("250 ")
+            assert c.cmd("RCPT TO:<carol@example.test> NOTIFY=NEVER").startswith("250 ")
+            assert c.cmd("DATA").startswith("354")
+            c.send(BODY)
+            assert c.reply().startswith("250 ")
+        msgs = pf.wait_for_messages(3, 20)  # alice's and carol's copies, Postfix's report
+        pf.wait_for_log("sender delivery status notification")
+        time.sleep(0.5)  # a report of ours would be queued before the delivery ends
+        msgs = pf.messages()
+    reports = [m for m in msgs if m.startswith(b"Return-Path: <>")]
+    assert len(msgs) == 3 and len(reports) == 1, msgs
+    report = reports[0]
+    assert b"From: Mail Delivery System <MAILER-DAEMON@downstream.mailgate.test>" in report
+    part = report.split(b"message/delivery-status", 1)[1]
+    for line in (rb"Original-Envelope-Id: figures\+1", rb"Final-Recipient: rfc822; alice@example.test",
+                 rb"Original-Recipient: rfc822; ?alice\+q@example.test", rb"Action: delivered"):
+        assert re.search(rb"^" + line + rb"\r?$", part, re.M), (line, part)
+    assert b"carol@example.test" not in part  # NOTIFY=NEVER
     assert gw.events("dsn") == []
