@@ -145,11 +145,21 @@ class ConnectedUdp(dns.asyncbackend.Backend):
         return await self.inner.wait_for(awaitable, timeout)
 
 
-def fail_fast(servers: list[Any], health: Health) -> list[Any]:
+def fail_fast(servers: list[Any], health: Health, *, port: int = 53,
+              ports: dict[str, int] | None = None) -> list[Any]:
     """``servers`` (a dnspython resolver's ``nameservers``) with every plain Do53 server
-    replaced by a :class:`FailFastNameserver` sharing ``health``; others (DoH, DoT) kept."""
-    return [FailFastNameserver(ns.address, ns.port, health)
-            if type(ns) is dns.nameserver.Do53Nameserver else ns for ns in servers]
+    replaced by a :class:`FailFastNameserver` sharing ``health``; others (DoH, DoT) kept.
+    Read from resolv.conf, dnspython keeps them as address strings, asked on ``ports[address]``
+    or else ``port`` (the resolver's ``nameserver_ports`` and ``port``): those too."""
+    import dns.inet
+    out: list[Any] = []
+    for ns in servers:
+        if type(ns) is dns.nameserver.Do53Nameserver:
+            ns = FailFastNameserver(ns.address, ns.port, health)
+        elif isinstance(ns, str) and dns.inet.is_address(ns):
+            ns = FailFastNameserver(ns, (ports or {}).get(ns, port), health)
+        out.append(ns)
+    return out
 
 
 def unreachable(errors: list[Any]) -> str | None:

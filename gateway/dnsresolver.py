@@ -151,7 +151,8 @@ class DnsResolver:
             source = "resolv.conf"
         # connected UDP sockets and a hold-down after a refusal: a dead server fails at once
         self._health = Health(self.down_hold_s)
-        r.nameservers = fail_fast(list(r.nameservers), self._health)
+        r.nameservers = fail_fast(list(r.nameservers), self._health, port=r.port,
+                                  ports=dict(r.nameserver_ports))
         r.lifetime = self.cfg.timeout_s
         r.timeout = min(PER_SERVER_S, self.cfg.timeout_s)
         r.cache = None  # ours caches DnsAnswer values, negative ones included

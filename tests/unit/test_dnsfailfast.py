@@ -172,3 +172,31 @@ def test_a_server_refusing_tcp_only_is_still_asked_over_udp() -> None:
         # the TCP side alone is held down: the next truncated answer is not retried over TCP
         answer, _ = timed(r, "big.test", "TXT")
         assert answer.status == "temperror" and r.skipped_down == 1
+
+
+def test_servers_read_from_resolv_conf_fail_fast(tmp_path, monkeypatch) -> None:
+    """``[dns] nameservers = []``: the servers come from resolv.conf, which dnspython keeps as
+    address strings, not ``Do53Nameserver`` objects. They must fail fast as well: the old
+    code wrapped only the objects, so with resolv.conf's server refusing every lookup waited
+    its whole ``timeout_s`` (15 s per message with the default chain, measured in a private
+    network namespace). Here dnspython reads a resolv.conf file of the test's, and its
+    ``port`` (which resolv.conf cannot set) is a closed port on loopback."""
+    import dns.asyncresolver
+
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 127.0.0.1\n")
+    port = closed_udp_port()
+
+    class FromTestFile(dns.asyncresolver.Resolver):
+        def __init__(self, filename: str = "/etc/resolv.conf", configure: bool = True) -> None:
+            super().__init__(filename=str(conf) if configure else filename,
+                             configure=configure)
+            self.port = port
+
+    monkeypatch.setattr(dns.asyncresolver, "Resolver", FromTestFile)
+    r = make(timeout_s=2.0)
+    assert r.nameservers == (f"127.0.0.1:{port}",)
+    answer, took = timed(r, "a.test")
+    assert answer.status == "temperror" and took < FAST_S, (answer, took)  # old: 2 s
+    assert answer.error == f"no nameserver reachable: 127.0.0.1:{port} connection refused"
+    assert r.refusals == 1
