@@ -229,6 +229,7 @@ def test_delay_warning_is_sent_once(gateway_factory):
     fields = status.get_payload()[1]  # the per-recipient block
     assert fields["Action"] == "delayed"
     assert fields["Status"] == "4.2.0"
+    assert fields["Remote-MTA"] == "dns; [127.0.0.1]"  # the server whose 451 it quotes
     assert fields["Final-Recipient"].replace(" ", "") == "rfc822;alice@example.test"
     assert fields["Will-Retry-Until"]
     assert len(gw.events("dsn")) == 1 and gw.events("dsn")[0]["action"] == "delayed"
