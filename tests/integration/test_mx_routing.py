@@ -127,8 +127,8 @@ def test_success_dsn_names_the_mx_host_that_took_it(world: World):
     """NOTIFY=SUCCESS to an MX host without DSN: the 'relayed' report's Remote-MTA is the MX
     host's name (RFC 3461 6.3 e), not the address we connected to."""
     qid = send(world.gw, ["alice@other.test"], "notify", ("NOTIFY=SUCCESS",))
-    tagged(world.preferred.wait_for(1), "notify")
-    [report] = [m for m in world.dsn.wait_for(1) if m.mail_from == ""]
+    tagged(world.preferred.wait_for(1, 15), "notify")
+    [report] = [m for m in world.dsn.wait_for(1, 15) if m.mail_from == ""]
     assert report.rcpts == (SENDER,) and f"X-Mailgate-Queue-ID: {qid}".encode() in report.data
     part = report.data.split(b"Content-Type: message/delivery-status", 1)[1]
     assert re.search(rb"^Action: relayed\r$", part, re.M), part
