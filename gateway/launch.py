@@ -16,6 +16,7 @@ from pathlib import Path
 
 from gateway.cpus import available_cpus
 from gateway.errors import PolicyError, StartupError
+from gateway.logs import event
 from gateway.policy.loader import load_policy
 from gateway.policy.schema import Policy
 from gateway.preflight import (
@@ -113,7 +114,8 @@ def run(policy_path: Path) -> int:
             return code
         from gateway.workers import supervise
 
-        return supervise(workers, lambda i: _worker(policy_path, sockets, i))
+        return supervise(workers, lambda i: _worker(policy_path, sockets, i),
+                         reload_ok=lambda: _reload_check(policy_path))
     except StartupError as e:
         return _problems([str(e)])
     finally:
@@ -141,6 +143,35 @@ def _build_engine(policy_path: Path) -> None:
     from gateway.app import load_checked
 
     load_checked(policy_path)
+
+
+def _reload_check(policy_path: Path) -> bool:
+    """SIGHUP in the supervisor: is the policy file valid now (checked in a forked child, as
+    at start)? If not, the child logs one ``reload-failed`` line naming every problem, and the
+    signal is not forwarded: each worker would log the same line."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            from gateway.app import load_checked
+
+            engine, _ = load_checked(policy_path)
+            if maildirs := maildir_problems(engine.policy):
+                raise PolicyError(maildirs)
+            code = 0
+        except PolicyError as e:
+            event(log, "reload-failed", level=logging.ERROR, policy=str(policy_path),
+                  errors=list(e.problems), kept="previous policy")
+        except BaseException:
+            log.exception("reload check failed")
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:  # reaped elsewhere: let the workers check it themselves
+        return True
+    return os.waitstatus_to_exitcode(status) == 0
 
 
 def _recover_spool(policy_path: Path) -> None:

@@ -43,7 +43,11 @@ def _spawn(worker: int, main: Callable[[int], int]) -> int:
         os._exit(code)
 
 
-def supervise(n: int, main: Callable[[int], int]) -> int:
+def supervise(n: int, main: Callable[[int], int],
+              reload_ok: Callable[[], bool] | None = None) -> int:
+    """``reload_ok``: asked on SIGHUP before it is forwarded; False (the new policy is invalid,
+    and it said so, once) keeps the workers on the policy they have, without N copies of the
+    same ``reload-failed`` line."""
     children: dict[int, int] = {}
     stopping = False
 
@@ -51,6 +55,8 @@ def supervise(n: int, main: Callable[[int], int]) -> int:
         nonlocal stopping
         if sig in (signal.SIGTERM, signal.SIGINT):
             stopping = True
+        if sig == signal.SIGHUP and reload_ok is not None and not reload_ok():
+            return
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.support.gateway import REPO
@@ -279,3 +280,23 @@ def test_reload_refuses_a_maildir_it_cannot_write_as_start_does(gateway_factory)
     code, text = send(gw, "alice@example.test")
     assert code == 250, text
     assert len(gw.maildir_messages()) == 1  # delivered by the policy kept
+
+
+def test_a_failed_reload_is_one_line_whatever_the_number_of_workers(gateway_factory):
+    # before: each of the N workers validated the file and logged the same reload-failed
+    from tests.integration.test_policy_cli import policy_with, reload, send
+
+    good = policy_with("example.test")
+    good["server"] = {**good["server"], "workers": 3}
+    gw = gateway_factory(good)
+    gw.wait_for(lambda e: len(gw.events("listening")) == 3, timeout_s=30)  # all 3 started
+    bad = policy_with("example.test")
+    bad["server"] = {**bad["server"], "workers": 3, "colour": "red"}
+    ev = reload(gw, bad, "reload-failed")
+    assert ev["errors"] == [f"{gw.policy_path}: server.colour: unknown key"]
+    time.sleep(2)  # the workers, had they been told, would have logged theirs by now
+    assert len(gw.events("reload-failed")) == 1
+    code, text = send(gw, "alice@example.test")
+    assert code == 250, text
+    reload(gw, good, "reloaded")  # a valid file still reaches every worker
+    gw.wait_for(lambda e: len(gw.events("reloaded")) == 3, timeout_s=20)
