@@ -70,7 +70,7 @@ from gateway.filterapi import (
     Symbol,
     Verdict,
 )
-from gateway.headeraddr import addresses, strict_domains, unusable_from
+from gateway.headeraddr import addresses, strict_domains, unusable_from, usable_mailbox
 from gateway.policy.schema import DnsConfig
 from gateway.replies import Reply
 from gateway.services import Services
@@ -195,10 +195,16 @@ def from_domains(values: list[str]) -> tuple[list[str], str]:
 
 
 def _junk_beside(value: str) -> bool:
-    """The From's one author domain stands beside text that neither reader can use (the
-    headers filter's HEADERS_BAD_FROM: ``bob@x.test, carol@``), not beside a reading that
-    differs (the strict reader reads the whole value: a parser differential, DMARC_BAD_FROM)."""
-    return unusable_from(value) and not strict_domains(" ".join(value.split()))[1]
+    """The From's one author domain stands beside text that is the headers filter's
+    HEADERS_BAD_FROM (``bob@x.test, carol@``; ``, bob@x.test``), not beside a reading that
+    differs: where the strict reader reads the whole value, getaddresses must show the domain
+    too (``bob@x.test carol@y.test``: it shows nothing usable, a parser differential, so
+    DMARC_BAD_FROM)."""
+    if not unusable_from(value):
+        return False
+    collapsed = " ".join(value.split())
+    strict, whole = strict_domains(collapsed)
+    return not whole or (bool(strict) and any(usable_mailbox(a) for _, a in addresses(collapsed)))
 
 
 class DmarcFilter(Filter):

@@ -39,10 +39,11 @@ def unusable_from(value: str) -> bool:
     usable author domain): the headers filter's HEADERS_BAD_FROM, which DMARC does not score
     again."""
     addrs = addresses(value)
-    return not addrs or not all(_usable(a) for _, a in addrs)
+    return not addrs or not all(usable_mailbox(a) for _, a in addrs)
 
 
-def _usable(addr: str) -> bool:
+def usable_mailbox(addr: str) -> bool:
+    """An address with a local part and a domain (what DMARC needs of every From address)."""
     local, at, domain = addr.rpartition("@")
     return bool(at and local and domain.strip().rstrip("."))
 

@@ -443,7 +443,7 @@ def test_a_from_read_two_ways_checks_every_domain_either_reader_shows(tmp_path, 
 
 
 @pytest.mark.parametrize("from_", ["a@quar.test, carol@", "Al <a@quar.test>, @x.test",
-                                   "a@quar.test, x"])
+                                   "a@quar.test, x", ", a@quar.test"])
 def test_one_author_domain_beside_an_unusable_part_is_evaluated_and_not_scored_again(
         tmp_path, ns, from_):
     """The unusable part is the headers filter's HEADERS_BAD_FROM: here DMARC_FROM_UNUSABLE_PART
