@@ -18,11 +18,14 @@ from typing import TYPE_CHECKING
 
 from gateway.errors import PolicyError, StartupError
 from gateway.policy.schema import Policy
+from gateway.queue_entry import QUEUE_AREAS
 
 if TYPE_CHECKING:
     import ssl
 
 LOCK_NAME = "gateway.lock"
+# the spool's subdirectories (gateway/spool.py), each written to
+SPOOL_AREAS = ("incoming", *QUEUE_AREAS, "corrupt", "data", "spare")
 CAP_NET_BIND_SERVICE = 10  # linux/capability.h
 
 
@@ -30,7 +33,13 @@ def spool_problem(directory: Path) -> str | None:
     """Why ``directory`` cannot be the spool (None if it can): it, or the nearest existing
     directory it would be created in, must be a directory this process may write. Nothing is
     created or changed."""
-    return _directory_problem(directory, "spool directory")
+    problem = _directory_problem(directory, "spool directory")
+    if problem is None and directory.is_dir():  # its areas too (a `chown` without -R, say)
+        for sub in SPOOL_AREAS:
+            area = directory / sub
+            if area.exists() and (problem := _directory_problem(area, "spool directory")):
+                return problem
+    return problem
 
 
 def maildir_problems(policy: Policy) -> list[str]:

@@ -8,10 +8,15 @@ the output that goes away."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.support.gateway import REPO
 
@@ -300,3 +305,38 @@ def test_a_failed_reload_is_one_line_whatever_the_number_of_workers(gateway_fact
     assert code == 250, text
     reload(gw, good, "reloaded")  # a valid file still reaches every worker
     gw.wait_for(lambda e: len(gw.events("reloaded")) == 3, timeout_s=20)
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory every user may read and write (pytest's tmp_path is root's alone)."""
+    d = Path(tempfile.mkdtemp(prefix="mailgate-admin-"))
+    d.chmod(0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_spool_whose_areas_are_not_writable_is_refused_at_check_and_start(public_dir):
+    # `chown mailgate /var/lib/mailgate/spool` without -R after a first run as root: the
+    # spool directory is writable, its areas are not. Before: check-policy said ok, run
+    # started, and every message got "451 4.3.0 Internal error" with a PermissionError
+    # traceback in the log.
+    from tests.integration.test_startup import _nobody, _uid, run_fails
+    from tests.integration.test_startup import mailgate as mailgate_as
+
+    spool = public_dir / "spool"
+    for sub in ("", "active", "deferred", "hold", "corrupt", "data", "spare"):
+        (spool / sub).mkdir(exist_ok=True)
+        (spool / sub).chmod(0o777)
+    (spool / "incoming").mkdir(mode=0o700)  # root's alone
+    policy = {"domains": {"accepted": ["example.test"]}, "server": {"workers": 1},
+              "spool": {"directory": str(spool)},
+              "filters": [{"name": "rcpt", "recipients": ["@example.test"]}]}
+    want = (f"spool directory {spool / 'incoming'}: not writable: permission denied "
+            f"(uid {_uid('nobody')})")
+    line = run_fails(policy, public_dir / "p", prefix=_nobody())
+    assert line.endswith(f" error mailgate {want}"), line
+    path = public_dir / "p" / "policy.toml"
+    r = mailgate_as("check-policy", str(path), cwd=public_dir, prefix=_nobody())
+    assert (r.returncode, r.stderr.splitlines()) == (
+        1, [f"{path}: spool.directory: {want}", f"{path}: 1 problem(s)"])
