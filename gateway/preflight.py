@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 LOCK_NAME = "gateway.lock"
 # the spool's subdirectories (gateway/spool.py), each written to
 SPOOL_AREAS = ("incoming", *QUEUE_AREAS, "corrupt", "data", "spare")
+SPOOL_FILES = (LOCK_NAME, "quarantine.db", "quarantine.db-wal", "quarantine.db-shm")
 CAP_NET_BIND_SERVICE = 10  # linux/capability.h
 
 
@@ -39,6 +40,10 @@ def spool_problem(directory: Path) -> str | None:
             area = directory / sub
             if area.exists() and (problem := _directory_problem(area, "spool directory")):
                 return problem
+        for name in SPOOL_FILES:  # the lock, the quarantine's index and its journal
+            file = directory.absolute() / name
+            if file.is_file() and not os.access(file, os.W_OK):
+                return _unwritable(file, f"spool file {file}")
     return problem
 
 

@@ -340,3 +340,15 @@ def test_a_spool_whose_areas_are_not_writable_is_refused_at_check_and_start(publ
     r = mailgate_as("check-policy", str(path), cwd=public_dir, prefix=_nobody())
     assert (r.returncode, r.stderr.splitlines()) == (
         1, [f"{path}: spool.directory: {want}", f"{path}: 1 problem(s)"])
+    # the areas fixed, the quarantine's index still root's: every quarantined message would
+    # get 451 (the lock file alike: run said so, check-policy did not)
+    (spool / "incoming").chmod(0o777)
+    (spool / "quarantine.db").write_bytes(b"")
+    (spool / "quarantine.db").chmod(0o600)
+    want = (f"spool file {spool / 'quarantine.db'}: not writable: permission denied "
+            f"(uid {_uid('nobody')})")
+    line = run_fails(policy, public_dir / "p", prefix=_nobody())
+    assert line.endswith(f" error mailgate {want}"), line
+    r = mailgate_as("check-policy", str(path), cwd=public_dir, prefix=_nobody())
+    assert (r.returncode, r.stderr.splitlines()) == (
+        1, [f"{path}: spool.directory: {want}", f"{path}: 1 problem(s)"])
