@@ -39,7 +39,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
             "nameservers = []", f'nameservers = ["127.0.0.1:{ns.port}"]')
         work = tmp_path_factory.mktemp("gw")
         proc = GatewayProcess(work, text, name="policies/default.toml")
-        with proc.start():
+        with proc:  # (``with proc.start()`` started it twice: the first one was left running)
             yield proc
 
 

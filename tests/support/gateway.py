@@ -85,6 +85,8 @@ class GatewayProcess:
         os.replace(tmp, self.policy_path)
 
     def start(self, timeout_s: float = 15) -> GatewayProcess:
+        if self.proc is not None and self.proc.poll() is None:  # it would never be stopped
+            raise RuntimeError(f"gateway in {self.workdir} already started (pid {self.proc.pid})")
         env = {**os.environ, "PYTHONPATH": str(REPO), **self.env}
         self._log = self.log_path.open("ab")
         argv = self.argv or [sys.executable, "-m", "gateway", "run", "--policy",
