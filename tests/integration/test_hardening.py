@@ -8,6 +8,7 @@ the relay connect timeout, max_session_s, and ``mailgate run`` on the shipped de
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -271,11 +272,11 @@ def test_forged_spam_headers(gateway_factory, spam_headers):
 
 @pytest.mark.parametrize("broken", ["Maildir", "Maildir/new"])
 def test_maildir_write_failure_answers_451(gateway_factory, broken):
-    gw = gateway_factory(base_policy(), start=False)
-    target = gw.workdir / broken
+    gw = gateway_factory(base_policy())  # a Maildir it cannot write is refused at start:
+    target = gw.workdir / broken  # it breaks while the gateway runs
+    shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(b"a regular file where a directory should be\n")  # root or not
-    gw.start()
     with RawSmtpClient(gw.address) as c:
         ehlo(c)
         assert c.cmd(f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Sender ok"
