@@ -176,9 +176,20 @@ def tls_context(policy: Policy) -> ssl.SSLContext | None:
 
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    asked: list[bool] = []
+
+    def no_passphrase() -> bytes:  # else OpenSSL asks for one on the terminal, and waits
+        asked.append(True)
+        return b""
+
     try:
-        ctx.load_cert_chain(str(policy.tls.cert_file), str(policy.tls.key_file))
+        ctx.load_cert_chain(str(policy.tls.cert_file), str(policy.tls.key_file),
+                            password=no_passphrase)
     except (OSError, ssl.SSLError) as e:
+        if asked:
+            raise PolicyError([f"{policy.source}: tls.key_file: {policy.tls.key_file} is "
+                               f"encrypted (it needs a passphrase): give an unencrypted key "
+                               f"(openssl pkey -in {policy.tls.key_file} -out KEY)"]) from None
         raise PolicyError([f"{policy.source}: tls: cannot load certificate/key: {e} "
                            f"(cert_file {policy.tls.cert_file}, key_file "
                            f"{policy.tls.key_file})"]) from None

@@ -352,3 +352,25 @@ def test_a_spool_whose_areas_are_not_writable_is_refused_at_check_and_start(publ
     r = mailgate_as("check-policy", str(path), cwd=public_dir, prefix=_nobody())
     assert (r.returncode, r.stderr.splitlines()) == (
         1, [f"{path}: spool.directory: {want}", f"{path}: 1 problem(s)"])
+
+
+def test_an_encrypted_tls_key_is_one_line_not_a_passphrase_prompt(tmp_path):
+    # before: OpenSSL asked "Enter PEM pass phrase:" on the terminal and check-policy (and
+    # run, and a reload in a foreground run) waited for it
+    from tests.integration.test_startup import make_cert
+
+    if shutil.which("script") is None:
+        pytest.skip("needs script(1) (util-linux) for a terminal")
+    crt, key = make_cert(tmp_path)
+    enc = tmp_path / "enc.pem"
+    subprocess.run(["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:secret",
+                    "-out", str(enc)], check=True, capture_output=True, timeout=60)
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY + f'[tls]\ncert_file = "{crt}"\nkey_file = "{enc}"\n')
+    cmd = f"{sys.executable} -m gateway check-policy {path}"
+    r = subprocess.run(["script", "-qec", cmd, "/dev/null"], cwd=tmp_path, env=ENV,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1, r.stdout
+    assert r.stdout.replace("\r\n", "\n").splitlines() == [
+        f"{path}: tls.key_file: {enc} is encrypted (it needs a passphrase): give an "
+        f"unencrypted key (openssl pkey -in {enc} -out KEY)", f"{path}: 1 problem(s)"]
