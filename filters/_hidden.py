@@ -16,9 +16,9 @@ Decoding, and why here:
   coding with 0x90, a header holding the name and the fork lengths. The stdlib's ``binhex``
   and ``binascii.a2b_hqx`` were removed in Python 3.11 and PyPI has no maintained
   replacement, so it is decoded here (the data fork only: the resource fork is Mac metadata).
-* TNEF: the ``tnefparse`` library (pure Python, no dependencies), imported at the first TNEF
-  part, given only streams whose declared counts fit their size (:mod:`filters._tnefbounds`:
-  the library loops through whatever count a stream declares); its log is silenced.
+* TNEF: the ``tnefparse`` library (pure Python, no dependencies), its loops bounded by a
+  budget per byte of the stream (:mod:`filters._tnefbounds`: the library loops through
+  whatever count a stream declares); its log is silenced (a warning per property).
 
 Bounds: at most ``MAX_FILES`` files per message part, each at most ``max_bytes`` decoded
 (a longer one is cut there and flagged ``whole=False``); a block that does not decode is
@@ -32,6 +32,8 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from filters import _tnefbounds
 
 MAX_FILES = 20
 TNEF_SIGNATURE = b"\x78\x9f\x3e\x22"  # 0x223E9F78, little endian
@@ -189,18 +191,20 @@ def _unrle90(raw: bytes, cap: int) -> bytearray:
 
 
 def _tnef(data: bytes, max_bytes: int) -> Iterator[HiddenFile]:
+    # the library's loops run through the counts the stream declares: bounded (a budget of
+    # loops per byte), and a stream the patch cannot bound is not parsed (_tnefbounds)
+    if not _tnefbounds.active() or _tnefbounds.problem(data) is not None:
+        yield HiddenFile("tnef", "", b"", bad=True)
+        return
+    # tnefparse logs a warning per property it skips, and more: a hostile stream's, not ours
+    # to log (set here, not at import: the gateway's logging set-up comes later)
+    logging.getLogger("tnefparse").setLevel(logging.CRITICAL + 1)
     try:
-        from tnefparse import TNEF  # lazily: 23 ms, only for mail from Outlook that has it
+        from tnefparse import TNEF
 
-        from filters import _tnefbounds
-
-        # its warnings on a hostile stream are not the gateway's to log (one a property)
-        logging.getLogger("tnefparse").setLevel(logging.CRITICAL + 1)
-        if _tnefbounds.problem(data) is not None:  # counts the library would loop through
-            yield HiddenFile("tnef", "", b"", bad=True)
-            return
-        attachments = TNEF(data).attachments
-    except Exception:  # noqa: BLE001 - a hostile stream may break the parser any way
+        with _tnefbounds.budget(data):
+            attachments = TNEF(data).attachments
+    except (Exception, _tnefbounds.Exhausted):  # noqa: BLE001 - a hostile stream may break it
         yield HiddenFile("tnef", "", b"", bad=True)
         return
     for att in attachments[:MAX_FILES]:

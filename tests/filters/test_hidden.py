@@ -160,3 +160,22 @@ def test_tnef_counts_beyond_the_stream_are_refused_not_looped(
 def test_the_tnef_bounds_pass_the_real_winmail_dat() -> None:
     from filters import _tnefbounds
     assert _tnefbounds.problem((TESTFILES / "clam.tnef").read_bytes()) is None
+
+
+def test_a_recipient_table_whose_rows_reread_a_huge_count_is_stopped() -> None:
+    """Row 1's string does not decode (a lone surrogate): tnefparse drops that property
+    list and reads row 2's property count where the string's value count was, 0xFFFFFFF0,
+    then loops through it (found by mutating clam.tnef; a first fix that walked the stream
+    with the library's arithmetic missed it: the library's recovery decides where it reads)."""
+    rows = struct.pack("<IIHHII", 2, 1, 0x001F, 0x3001, 0xFFFFFFF0, 4) + b"\x00\xd8\x00\x00" \
+        + b"\0" * 16
+    found = _in_thread(TNEF_HEAD + _tnef_object(1, 0x9004, rows))
+    assert [(f.encoding, f.bad) for f in found] == [("tnef", True)]
+
+
+def test_without_the_loop_budget_tnef_is_not_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from filters import _tnefbounds
+    assert _tnefbounds.active()
+    monkeypatch.setattr(_tnefbounds, "active", lambda: False)
+    [t] = hidden_files("application/ms-tnef", (TESTFILES / "clam.tnef").read_bytes(), 1 << 20)
+    assert (t.encoding, t.bad) == ("tnef", True)
