@@ -19,6 +19,11 @@ from gateway.logs import event
 log = logging.getLogger("mailgate.workers")
 PR_SET_PDEATHSIG = 1
 RESTART_PAUSE_S = 1.0
+# A worker that exits 1 this soon after it was forked failed to start (the policy file, as it
+# is now, does not load): its restarts back off, doubling up to MAX_RESTART_PAUSE_S, rather
+# than rebuilding the engine and logging the same errors every second until the file is fixed.
+STARTUP_S = 30.0
+MAX_RESTART_PAUSE_S = 60.0
 
 
 def _die_with_parent() -> None:
@@ -63,8 +68,11 @@ def supervise(n: int, main: Callable[[int], int],
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    started: dict[int, float] = {}  # pid -> when it was forked (monotonic)
+    failed_starts: dict[int, int] = {}  # worker -> failed starts in a row
     for i in range(n):
-        children[_spawn(i, main)] = i
+        pid = _spawn(i, main)
+        children[pid], started[pid] = i, time.monotonic()
     event(log, "workers", count=n, pids=sorted(children))
     while children:
         try:
@@ -75,12 +83,19 @@ def supervise(n: int, main: Callable[[int], int],
         if worker is None:
             continue
         code = os.waitstatus_to_exitcode(status)
+        lived = time.monotonic() - started.pop(pid, 0.0)
         if not stopping:
-            event(log, "worker-died", level=logging.ERROR, worker=worker, pid=pid, code=code)
-            time.sleep(RESTART_PAUSE_S)
+            failed = code == 1 and lived < STARTUP_S
+            failed_starts[worker] = failed_starts.get(worker, 0) + 1 if failed else 0
+            pause = min(RESTART_PAUSE_S * 2 ** failed_starts[worker], MAX_RESTART_PAUSE_S)
+            event(log, "worker-died", level=logging.ERROR, worker=worker, pid=pid, code=code,
+                  restart_in_s=pause)
+            deadline = time.monotonic() + pause
+            while not stopping and (left := deadline - time.monotonic()) > 0:
+                time.sleep(min(left, 0.1))  # a SIGTERM meanwhile: no restart, a prompt stop
             if not stopping:
                 new = _spawn(worker, main)
-                children[new] = worker
+                children[new], started[new] = worker, time.monotonic()
                 event(log, "worker-restarted", worker=worker, pid=new)
     event(log, "stopped", workers=n)
     return 0

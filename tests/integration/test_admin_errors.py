@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -374,3 +376,30 @@ def test_an_encrypted_tls_key_is_one_line_not_a_passphrase_prompt(tmp_path):
     assert r.stdout.replace("\r\n", "\n").splitlines() == [
         f"{path}: tls.key_file: {enc} is encrypted (it needs a passphrase): give an "
         f"unencrypted key (openssl pkey -in {enc} -out KEY)", f"{path}: 1 problem(s)"]
+
+
+def test_a_worker_that_cannot_start_backs_off_until_the_file_is_fixed(gateway_factory):
+    # A worker dies while the policy file is being edited (invalid for now): its replacement
+    # cannot load it. Before: restarted every second, forever, each time rebuilding the engine
+    # and logging the same errors; now 1, 2, 4... s (up to 60), and back once the file is fixed.
+    from tests.integration.test_policy_cli import policy_with
+
+    good = policy_with("example.test")
+    good["server"] = {**good["server"], "workers": 2}
+    gw = gateway_factory(good)
+    gw.wait_for(lambda e: len(gw.events("listening")) == 2, timeout_s=30)
+    [workers] = gw.events("workers")
+    bad = policy_with("example.test")
+    bad["server"] = {**bad["server"], "workers": 2, "colour": "red"}
+    gw.write_policy(bad)
+    os.kill(workers["pids"][0], signal.SIGKILL)
+    gw.wait_for(lambda e: len(gw.events("worker-died")) >= 3, timeout_s=30)
+    died = gw.events("worker-died")[:3]
+    assert [(d["worker"], d["code"], d.get("restart_in_s")) for d in died] == [
+        (0, -9, 1.0), (0, 1, 2.0), (0, 1, 4.0)]
+    ts = [datetime.fromisoformat(d["ts"].replace("Z", "+00:00")).timestamp() for d in died]
+    assert ts[2] - ts[1] >= 2.0, ts  # the second failed start came 2 s after the first
+    gw.write_policy(good)
+    gw.wait_for(lambda e: e.get("event") == "listening" and e.get("worker") == 0
+                and len(gw.events("listening")) == 3, timeout_s=30)
+    assert len(gw.events("worker-died")) == 3
