@@ -89,16 +89,28 @@ def _load_plugin_file(path: Path) -> Any:
         spec.loader.exec_module(module)
     except Exception as e:
         del sys.modules[mod_name]
-        raise FilterLoadError(f"plugin file {path}: {type(e).__name__}: {e}") from None
+        why = " ".join(str(e).split())  # one line, whatever the exception's text
+        raise FilterLoadError(f"plugin file {path}: {type(e).__name__}: {why}") from None
     return module
 
 
 def _plugin(name: str, dirs: tuple[Path, ...]) -> tuple[Any, str] | None:
+    """The class named ``name`` in a plugin file. A file that fails to load does not hide the
+    others: its error is raised only when no file has the class, and then the error of the
+    file named after the filter (``NAME.py``) if it is one of them, else the first."""
+    failed: list[tuple[Path, FilterLoadError]] = []
     for d in dirs:
         for path in sorted(d.glob("*.py")):
-            cls = _class_named(_load_plugin_file(path), name)
+            try:
+                module = _load_plugin_file(path)
+            except FilterLoadError as e:
+                failed.append((path, e))
+                continue
+            cls = _class_named(module, name)
             if cls is not None:
                 return cls, f"plugin {path}"
+    if failed:
+        raise next((e for p, e in failed if p.stem == name), failed[0][1])
     return None
 
 
@@ -110,7 +122,8 @@ def _entry_point(name: str) -> tuple[Any, str] | None:
             try:
                 return ep.load(), f"entry point {ep.value}"
             except Exception as e:
-                raise FilterLoadError(f"entry point {ep.value}: {type(e).__name__}: {e}") \
+                why = " ".join(str(e).split())
+                raise FilterLoadError(f"entry point {ep.value}: {type(e).__name__}: {why}") \
                     from None
     return None
 
@@ -165,8 +178,8 @@ def collect_chain(policy: Policy, services: Services
         except FilterLoadError as e:
             problems.append(f"{src}: {path}: {e}")
             continue
-        except Exception as e:  # a third-party from_config that raised something else
-            problems.append(f"{src}: {path}: {type(e).__name__}: {e}")
+        except Exception as e:  # a third-party from_config or module that raised anything
+            problems.append(f"{src}: {path}: {type(e).__name__}: {' '.join(str(e).split())}")
             continue
         stages = hooks_of(instance)
         if not stages and not signs(instance) and not decides(instance):

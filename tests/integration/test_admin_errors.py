@@ -403,3 +403,29 @@ def test_a_worker_that_cannot_start_backs_off_until_the_file_is_fixed(gateway_fa
     gw.wait_for(lambda e: e.get("event") == "listening" and e.get("worker") == 0
                 and len(gw.events("listening")) == 3, timeout_s=30)
     assert len(gw.events("worker-died")) == 3
+
+
+def test_each_broken_plugin_file_is_named_for_its_own_filter_on_one_line(tmp_path):
+    # before: every plugin filter was blamed on the first file that failed to import
+    # (imp.py), vip.py's syntax error and rt.py's error were never shown, a good plugin in
+    # the same directory could not load, and an exception text with a newline made two lines
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "imp.py").write_text("import nonexistent_module_xyz\n")
+    (plugins / "rt.py").write_text('raise RuntimeError("boom\\nsecond line")\n')
+    (plugins / "vip.py").write_text("def broken(:\n")
+    (plugins / "zgood.py").write_text(
+        "from gateway.filterapi import Filter, Result\n\n\n"
+        "class Good(Filter):\n    name = 'good'\n\n"
+        "    async def on_message(self, ctx):\n        return Result()\n")
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY + '[plugins]\ndirs = ["plugins"]\n'
+                    + "".join(f'[[filters]]\nname = "{n}"\n' for n in ("vip", "imp", "rt", "good")))
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (1, [
+        f"{path}: filters.vip: plugin file {plugins / 'vip.py'}: SyntaxError: invalid syntax "
+        f"(vip.py, line 1)",
+        f"{path}: filters.imp: plugin file {plugins / 'imp.py'}: ModuleNotFoundError: No module "
+        f"named 'nonexistent_module_xyz'",
+        f"{path}: filters.rt: plugin file {plugins / 'rt.py'}: RuntimeError: boom second line",
+        f"{path}: 3 problem(s)"])
