@@ -56,7 +56,15 @@ DEFAULT_SCORE = 1.0  # SpamAssassin's score for a rule without a score line
 
 
 class RuleError(Exception):
-    """A problem in a rule file, already prefixed with ``file:line: ``."""
+    """A problem in a rule file, already prefixed with ``file:line: ``; ``problems``: every
+    line's (the first of them is the message), so one check reports them all."""
+
+    def __init__(self, message: str, problems: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = problems or (message,)
+
+
+MAX_REPORTED = 20  # line problems reported per load (a binary file would give thousands)
 
 
 @dataclass
@@ -441,6 +449,7 @@ def _strip_comment(line: str) -> str:
 class _Parser:
     def __init__(self) -> None:
         self.rs = RuleSet()
+        self.errors: list[str] = []  # every bad line, reported together by check_errors
         self.pending_scores: dict[str, tuple[float, str]] = {}
         self.pending_describe: dict[str, str] = {}
         self.pending_tflags: dict[str, tuple[str, ...]] = {}
@@ -450,7 +459,8 @@ class _Parser:
             text = path.read_text(encoding="utf-8", errors="replace")
         except OSError as e:
             where = "" if str(path) == label else f" {path}"
-            raise RuleError(f"{label}: cannot read{where}: {e.strerror}") from None
+            self.errors.append(f"{label}: cannot read{where}: {e.strerror}")
+            return
         self.text(text, label)
 
     def text(self, text: str, label: str) -> None:
@@ -481,9 +491,17 @@ class _Parser:
                     continue
                 self.directive(word, rest, where)
             except ValueError as e:
-                raise RuleError(f"{where}: {e}") from None
+                self.errors.append(f"{where}: {e}")
         if cond:
-            raise RuleError(f"{label}: {len(cond)} if/ifplugin block(s) without endif")
+            self.errors.append(f"{label}: {len(cond)} if/ifplugin block(s) without endif")
+
+    def check_errors(self) -> None:
+        """RuleError carrying every bad line found so far (at most MAX_REPORTED of them)."""
+        if self.errors:
+            shown = self.errors[:MAX_REPORTED]
+            if len(self.errors) > MAX_REPORTED:
+                shown.append(f"... and {len(self.errors) - MAX_REPORTED} more bad lines")
+            raise RuleError(shown[0], tuple(shown))
 
     def directive(self, word: str, rest: str, where: str) -> None:
         if word in _IGNORED:
@@ -593,6 +611,7 @@ def load_rules(files: Iterable[tuple[Path, str]]) -> RuleSet:
     p = _Parser()
     for path, label in files:
         p.file(path, label)
+    p.check_errors()
     return p.finish()
 
 
@@ -600,4 +619,5 @@ def parse_text(text: str, label: str = "rules.cf") -> RuleSet:
     """Rules from a string (tests, tools)."""
     p = _Parser()
     p.text(text, label)
+    p.check_errors()
     return p.finish()

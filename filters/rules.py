@@ -240,8 +240,9 @@ class RulesFilter(Filter):
         try:
             rules = load_rules([*([(SHIPPED_RULES, "shipped:default.cf")] if shipped else []),
                                 *((services.path(f), f) for f in files)])
-        except RuleError as e:
-            raise ConfigError("files", str(e)) from None
+        except RuleError as e:  # every bad line, each its own problem
+            raise ConfigError("files", e.problems[0],
+                              tuple(("files", p) for p in e.problems[1:])) from None
         for rule in rules.rules.values():
             if rule.kind in _LINE_KINDS and rule.regex is not None:  # ^ and $ at each line
                 rule.regex = regex.compile(rule.regex.pattern, rule.regex.flags | regex.M)

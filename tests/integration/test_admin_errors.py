@@ -429,3 +429,21 @@ def test_each_broken_plugin_file_is_named_for_its_own_filter_on_one_line(tmp_pat
         f"named 'nonexistent_module_xyz'",
         f"{path}: filters.rt: plugin file {plugins / 'rt.py'}: RuntimeError: boom second line",
         f"{path}: 3 problem(s)"])
+
+
+def test_every_bad_line_of_a_rule_file_in_one_run(tmp_path):
+    # before: only the first bad line; the next after it was fixed, and so on
+    (tmp_path / "local.cf").write_text(
+        "body BAD_RE /(unclosed/\nscore BAD_RE 1\nfrobnicate X\nbody OK /fine/\n"
+        "score OK notanumber\n")
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY + '[[filters]]\nname = "rules"\nfiles = ["local.cf", "absent.cf"]\n')
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    key = f"{path}: filters.rules.files:"
+    assert (r.returncode, r.stderr.splitlines()) == (1, [
+        f"{key} local.cf:1: bad regex /(unclosed/: missing ), unterminated subpattern at "
+        f"position 0",
+        f"{key} local.cf:3: unknown rule type or directive 'frobnicate'",
+        f"{key} local.cf:5: bad score 'notanumber'",
+        f"{key} absent.cf: cannot read {tmp_path / 'absent.cf'}: No such file or directory",
+        f"{path}: 4 problem(s)"])
