@@ -38,7 +38,10 @@ from filters import _tnefbounds
 MAX_FILES = 20
 TNEF_SIGNATURE = b"\x78\x9f\x3e\x22"  # 0x223E9F78, little endian
 
-_UU_BEGIN = re.compile(rb"(?m)^begin(-base64)?[ \t]+[0-7]{3,4}[ \t]+([^\r\n]+?)[ \t]*\r?$")
+# the mode: any octal digits, as uudecode(1) reads it (%o); other than the usual 3 or 4, the
+# block's first line must look encoded (_plausible): prose starts "begin 2 weeks" too
+_UU_BEGIN = re.compile(rb"(?m)^begin(-base64)?[ \t]+([0-7]{1,6})[ \t]+([^\r\n]+?)[ \t]*\r?$")
+_B64_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2}")
 _UU_END = re.compile(rb"(?m)^(?:end|====)[ \t]*\r?$")
 _YBEGIN = re.compile(rb"(?m)^=ybegin[ \t]([^\r\n]*)\r?$")
 _YEND = re.compile(rb"(?m)^=yend\b")
@@ -72,7 +75,8 @@ def hidden_files(content_type: str, data: bytes, max_bytes: int) -> Iterator[Hid
         return
     found: list[tuple[int, str, re.Match[bytes]]] = []
     for m in _UU_BEGIN.finditer(data):
-        found.append((m.start(), "uuencode", m))
+        if len(m.group(2)) in (3, 4) or _plausible(data, m):
+            found.append((m.start(), "uuencode", m))
     for m in _YBEGIN.finditer(data):
         found.append((m.start(), "yenc", m))
     for m in _BINHEX.finditer(data):
@@ -91,8 +95,20 @@ def _name(raw: bytes) -> str:
     return raw.decode("utf-8", "replace").strip().strip('"')
 
 
+def _plausible(data: bytes, m: re.Match[bytes]) -> bool:
+    """Whether the line after a ``begin`` line is an encoded line: base64 of a length that is
+    a multiple of 4, or a uuencoded line exactly as long as its length character says."""
+    line = data[m.end():m.end() + 200].lstrip(b"\r\n").split(b"\n", 1)[0].rstrip(b"\r \t")
+    if m.group(1) is not None:
+        return len(line) % 4 == 0 and _B64_LINE.fullmatch(line) is not None
+    if not line or not all(32 <= c <= 96 for c in line):
+        return False
+    n = (line[0] - 32) & 63
+    return n > 0 and len(line) - 1 in range((n * 4 + 2) // 3, (n * 4 + 2) // 3 + 3)
+
+
 def _uudecode(data: bytes, m: re.Match[bytes], max_bytes: int) -> HiddenFile:
-    b64, name = m.group(1) is not None, _name(m.group(2))
+    b64, name = m.group(1) is not None, _name(m.group(3))
     end = _UU_END.search(data, m.end())
     body = data[m.end():end.start() if end else len(data)]
     out = bytearray()

@@ -179,3 +179,24 @@ def test_without_the_loop_budget_tnef_is_not_parsed(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(_tnefbounds, "active", lambda: False)
     [t] = hidden_files("application/ms-tnef", (TESTFILES / "clam.tnef").read_bytes(), 1 << 20)
     assert (t.encoding, t.bad) == ("tnef", True)
+
+
+@pytest.mark.parametrize("mode", ["7", "55", "100644", "000755"])
+def test_uuencode_with_any_octal_mode_uudecode_accepts(mode: str) -> None:
+    """uudecode(1) and Python's old uu module read the mode with %o / int(x, 8): any octal
+    digits (old code: only 3 or 4, so 'begin 7 x.dat' hid a program and EICAR from clamd)."""
+    text = b"hello\r\n" + uuencode("x.dat", PE, mode=mode) + b"\r\nbye\r\n"
+    [f] = hidden_files("text/plain", text, 1 << 20)
+    assert (f.name, f.data, f.bad) == ("x.dat", PE, False)
+    b64 = b"hello\r\n" + uuencode_base64("y.dat", PE).replace(b" 644 ", f" {mode} ".encode())
+    [f] = hidden_files("text/plain", b64, 1 << 20)
+    assert (f.name, f.data, f.bad) == ("y.dat", PE, False)
+
+
+@pytest.mark.parametrize("prose", [
+    b"begin 2 weeks from now we move\r\nSee you all there, and bring friends\r\n",
+    b"begin 7 days of rest\r\n\r\nend\r\n",
+    b"begin 12 songs\r\nABCD\r\n",
+])
+def test_prose_starting_with_begin_and_a_number_is_not_a_block(prose: bytes) -> None:
+    assert list(hidden_files("text/plain", prose, 1 << 20)) == []

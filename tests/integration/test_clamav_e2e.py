@@ -190,3 +190,15 @@ def test_virus_encoded_inside_a_text_body_is_rejected(world: World, encoding: st
     assert (ev["action"], ev["relay"]) == ("reject", "not relayed")
     time.sleep(0.3)
     assert world.relayed(before) == []
+
+
+def test_eicar_uuencoded_with_a_one_digit_mode_is_rejected(world: World) -> None:
+    """'begin 7 notes.txt': uudecode(1) reads any octal mode; clamd's own scan and the old
+    walk (3 or 4 digits only) both missed it, and the message was relayed (250)."""
+    before = len(world.sink.messages)
+    code, text, ev = world.send("tcp", text_mail(uuencode("notes.txt", EICAR, mode="7"),
+                                                 subject="mode 7", sender=SENDER, rcpt=RCPT))
+    assert code == 554, text
+    assert f"CLAMAV_VIRUS(0)[{EICAR_NAME}|part1/notes.txt]" in ev["symbols"], ev["symbols"]
+    time.sleep(0.3)
+    assert world.relayed(before) == []
