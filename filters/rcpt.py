@@ -32,16 +32,20 @@ UNKNOWN = Symbol("RCPT_UNKNOWN")
 KNOWN = Symbol("RCPT_KNOWN")
 
 
-def _read_map(path: Path) -> list[str]:
+def _read_map(path: Path) -> list[tuple[int, str]]:
+    """The map's keys (the first word of each line, as in a Postfix map) with their line."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError("recipient_map_file", f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("recipient_map_file", f"{path}: not UTF-8 text ({e.reason} at "
+                                                f"byte {e.start})") from None
     keys = []
-    for line in text.splitlines():
+    for lineno, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if line:
-            keys.append(line.split()[0])
+            keys.append((lineno, line.split()[0]))
     return keys
 
 
@@ -60,19 +64,23 @@ class RcptFilter(Filter):
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], services: Services) -> RcptFilter:
         check_keys(cfg, {"recipients", "recipient_map_file", "domains"})
-        entries = list(str_list(cfg, "recipients"))
+        entries = [("recipients", "", e) for e in str_list(cfg, "recipients")]
         map_file = opt_str(cfg, "recipient_map_file")
         if map_file:
-            entries += _read_map(services.path(map_file))
+            entries += [("recipient_map_file", f"{map_file}:{n}: ", e)
+                        for n, e in _read_map(services.path(map_file))]
         addresses, whole = set(), set()
-        for e in entries:
+        bad: list[tuple[str, str]] = []  # every bad entry, reported together
+        for key, where, e in entries:
             local, at, domain = e.lower().rpartition("@")
             if not at or not domain:
-                raise ConfigError("recipients", f"{e!r} is not an address or @domain")
-            if local:
+                bad.append((key, f"{where}{e!r} is not an address or @domain"))
+            elif local:
                 addresses.add(f"{local}@{domain}")
             else:
                 whole.add(domain)
+        if bad:
+            raise ConfigError(*bad[0], more=tuple(bad[1:20]))
         domains = {a.rpartition("@")[2] for a in addresses}
         domains |= {d.lower() for d in str_list(cfg, "domains")}
         return cls(frozenset(addresses), frozenset(whole), frozenset(domains - whole))

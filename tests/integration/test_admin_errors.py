@@ -447,3 +447,18 @@ def test_every_bad_line_of_a_rule_file_in_one_run(tmp_path):
         f"{key} local.cf:5: bad score 'notanumber'",
         f"{key} absent.cf: cannot read {tmp_path / 'absent.cf'}: No such file or directory",
         f"{path}: 4 problem(s)"])
+
+
+def test_every_bad_recipient_entry_is_named_with_its_map_line(tmp_path):
+    # before: only the first, and a bad map line was blamed on filters.rcpt.recipients
+    (tmp_path / "users").write_text("alice@acme.org\nnot an address\nbob@acme.org\nx y\n")
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY.replace('recipients = ["@acme.org"]',
+                                   'recipients = ["nobody", "@acme.org"]\n'
+                                   'recipient_map_file = "users"'))
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (1, [
+        f"{path}: filters.rcpt.recipients: 'nobody' is not an address or @domain",
+        f"{path}: filters.rcpt.recipient_map_file: users:2: 'not' is not an address or @domain",
+        f"{path}: filters.rcpt.recipient_map_file: users:4: 'x' is not an address or @domain",
+        f"{path}: 3 problem(s)"])
