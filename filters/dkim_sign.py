@@ -85,8 +85,14 @@ class DkimSignFilter(Filter):
             raise ConfigError("domains", 'must be a table of domains, e.g. [filters.domains.'
                                          '"example.com"] with selector and key_file')
         keys = {}
+        bad: list[tuple[str, str]] = []  # every domain's problems, reported together
         for domain, spec in domains.items():
-            keys[_domain(domain)] = _key(domain, spec, services.path)
+            try:
+                keys[_domain(domain)] = _key(domain, spec, services.path)
+            except ConfigError as e:
+                bad.extend(e.every)
+        if bad:
+            raise ConfigError(*bad[0], more=tuple(bad[1:]))
         return cls(keys, only_trusted_clients=boolean(cfg, "only_trusted_clients", True),
                    max_bytes=integer(cfg, "max_bytes", 25 * 1024 * 1024, 1))
 

@@ -462,3 +462,23 @@ def test_every_bad_recipient_entry_is_named_with_its_map_line(tmp_path):
         f"{path}: filters.rcpt.recipient_map_file: users:2: 'not' is not an address or @domain",
         f"{path}: filters.rcpt.recipient_map_file: users:4: 'x' is not an address or @domain",
         f"{path}: 3 problem(s)"])
+
+
+def test_every_signing_domain_problem_in_one_run(tmp_path):
+    # before: only the first domain's problem; the next one after it was fixed
+    (tmp_path / "garbage.pem").write_text("not a key\n")
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY + '[[filters]]\nname = "dkim_sign"\n'
+                    '[filters.domains."acme.org"]\nselector = "s1"\nkey_file = "garbage.pem"\n'
+                    '[filters.domains."acme.net"]\nselector = "s1"\nkey_file = "absent.pem"\n'
+                    '[filters.domains."acme.com"]\nselectr = "s1"\nkey_file = "absent.pem"\n')
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    key = f"{path}: filters.dkim_sign.domains"
+    assert (r.returncode, r.stderr.splitlines()) == (1, [
+        f"{key}.acme.org.key_file: {tmp_path / 'garbage.pem'}: neither a PEM RSA key nor a "
+        f"base64 Ed25519 seed",
+        f"{key}.acme.net.key_file: cannot read {tmp_path / 'absent.pem'}: No such file or "
+        f"directory",
+        f"{key}.acme.com.selectr: unknown setting (did you mean 'selector'?) (known: algorithm, "
+        f"headers, key_file, oversign, selector)",
+        f"{path}: 3 problem(s)"])
