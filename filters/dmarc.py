@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import functools
 import random
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -184,6 +185,10 @@ def from_domains(values: list[str]) -> tuple[list[str], str]:
     domains = list(dict.fromkeys([*lax, *strict]))
     if not domains:
         return [], f"Unable to extract From domain: {values[0].strip()}"
+    shown = [s for s in map(_shown, domains) if s and s not in domains]
+    if shown:  # a mail client shows these: checked too, the strictest failing policy applies
+        return [*domains, *shown], (f"From domain shown as {', '.join(shown)} without "
+                                    "invisible or undecodable characters")
     if not (lax_whole and strict_whole) or set(lax) != set(strict):
         return domains, (f"From read two ways: {', '.join(lax) or 'nothing'}"
                          f"{'' if lax_whole else ' and unusable text'} (getaddresses) vs "
@@ -192,6 +197,15 @@ def from_domains(values: list[str]) -> tuple[list[str], str]:
     if len(domains) > 1:
         return domains, f"From names several domains: {', '.join(domains)}"
     return domains, ""
+
+
+def _shown(domain: str) -> str:
+    """A domain as a mail client shows it: without invisible characters (format, control,
+    unassigned, private use), spaces or undecodable bytes (surrogate escapes)."""
+    return _norm("".join(ch for ch in domain if unicodedata.category(ch) not in _INVISIBLE))
+
+
+_INVISIBLE = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"))
 
 
 def _junk_beside(value: str) -> bool:

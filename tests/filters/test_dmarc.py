@@ -462,3 +462,20 @@ def test_single_trusted_from_domain_only_when_both_readers_agree():
     domain, why = from_domain(["x@b relaxed.test"])
     assert domain is None and why.startswith("From read two ways: ")
     assert set(from_domains(["x@b relaxed.test"])[0]) == {"brelaxed.test", "b"}
+
+
+# -- a From domain a mail client shows without its invisible characters ----------------------------
+@pytest.mark.parametrize("from_", ["ceo@relaxed.test\u200b", "ceo@relaxed\u00ad.test",
+                                   "Boss <ceo@relaxed.\u2060test>", "ceo@relaxed.test\udca0"])
+def test_a_from_domain_is_also_checked_as_shown_without_invisible_characters(
+        tmp_path, ns, from_):
+    """'relaxed.test' + ZERO WIDTH SPACE (or a no-break space, a word joiner, an undecodable
+    byte) is shown as relaxed.test (p=reject) by a mail client; the old reading looked up
+    only the domain with the character in it (none or permerror, the message relayed)."""
+    domains, why = from_domains([from_])
+    assert "relaxed.test" in domains and why, (domains, why)
+    if "\udca0" in from_:  # a raw byte: the header as the spool gives it, not through run()
+        return
+    res = run(tmp_path, ns.port, from_)
+    assert [s.name for s in res.symbols] == ["DMARC_FAIL", "DMARC_BAD_FROM"], res.symbols
+    assert res.verdict is not None and res.verdict.action.value == "reject"
