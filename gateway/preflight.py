@@ -190,10 +190,30 @@ def tls_context(policy: Policy) -> ssl.SSLContext | None:
             raise PolicyError([f"{policy.source}: tls.key_file: {policy.tls.key_file} is "
                                f"encrypted (it needs a passphrase): give an unencrypted key "
                                f"(openssl pkey -in {policy.tls.key_file} -out KEY)"]) from None
-        raise PolicyError([f"{policy.source}: tls: cannot load certificate/key: {e} "
-                           f"(cert_file {policy.tls.cert_file}, key_file "
-                           f"{policy.tls.key_file})"]) from None
+        raise PolicyError(_pem_problems(policy) or [
+            f"{policy.source}: tls: cannot load certificate/key: {e} (cert_file "
+            f"{policy.tls.cert_file}, key_file {policy.tls.key_file})"]) from None
     return ctx
+
+
+def _pem_problems(policy: Policy) -> list[str]:
+    """Which TLS file is not what its key says (OpenSSL says only "PEM lib"): a cert_file
+    without a PEM certificate, a key_file without a PEM private key, or the two swapped."""
+    out = []
+    for key, marker, what in (("cert_file", b"-----BEGIN CERTIFICATE-----", "certificate"),
+                              ("key_file", b"PRIVATE KEY-----", "private key")):
+        file = getattr(policy.tls, key)
+        try:
+            with open(file, "rb") as f:
+                data = f.read(1 << 20)
+        except OSError:
+            continue
+        if marker not in data:
+            swapped = (b"PRIVATE KEY-----" in data if key == "cert_file"
+                       else b"-----BEGIN CERTIFICATE-----" in data)
+            out.append(f"{policy.source}: tls.{key}: {file} holds no PEM {what}"
+                       + (" (cert_file and key_file swapped?)" if swapped else ""))
+    return out
 
 
 def listen_problem(host: str, port: int, error: OSError, *, euid: int | None = None,

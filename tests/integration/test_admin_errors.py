@@ -121,21 +121,39 @@ def test_environment_and_filter_problems_are_reported_together_by_both_commands(
              f"{tmp_path / 'afile'} is not a directory")
     users = (f"{path}: filters.rcpt.recipient_map_file: cannot read {tmp_path / 'users'}: "
              f"No such file or directory")
-    tls = f"{path}: tls: cannot load certificate/key: "
+    tls = [f"{path}: tls.cert_file: {tmp_path / 'cert.pem'} holds no PEM certificate",
+           f"{path}: tls.key_file: {tmp_path / 'key.pem'} holds no PEM private key"]
     r = mailgate("check-policy", str(path), cwd=tmp_path)
-    lines = r.stderr.splitlines()
-    assert r.returncode == 1
-    assert len(lines) == 4 and lines[-1] == f"{path}: 3 problem(s)", r.stderr
-    assert lines[0] == users
-    assert lines[1].startswith(tls)
-    assert lines[2] == f"{path}: spool.directory: {spool}"
+    assert (r.returncode, r.stderr.splitlines()) == (1, [
+        users, *tls, f"{path}: spool.directory: {spool}", f"{path}: 4 problem(s)"])
     r = mailgate("run", "--policy", str(path), cwd=tmp_path)
-    lines = run_lines(r)
+    assert (r.returncode, run_lines(r)) == (1, [spool, users, *tls])
+
+
+def test_tls_files_swapped_or_not_matching_say_so(tmp_path):
+    # before: "tls: cannot load certificate/key: [SSL] PEM lib (_ssl.c:3905) (...)" for
+    # both files given the wrong way round
+    from tests.integration.test_startup import make_cert
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cert, key = make_cert(tmp_path / "a")
+    _, other_key = make_cert(tmp_path / "b")
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY + f'[tls]\ncert_file = "{key}"\nkey_file = "{cert}"\n')
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (1, [
+        f"{path}: tls.cert_file: {key} holds no PEM certificate (cert_file and key_file "
+        f"swapped?)",
+        f"{path}: tls.key_file: {cert} holds no PEM private key (cert_file and key_file "
+        f"swapped?)",
+        f"{path}: 2 problem(s)"])
+    path.write_text(POLICY + f'[tls]\ncert_file = "{cert}"\nkey_file = "{other_key}"\n')
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
     assert r.returncode == 1
-    assert len(lines) == 3, r.stderr
-    assert lines[0] == spool
-    assert lines[1] == users
-    assert lines[2].startswith(tls)
+    assert r.stderr.splitlines()[0].startswith(
+        f"{path}: tls: cannot load certificate/key: [X509: KEY_VALUES_MISMATCH] key values "
+        f"mismatch"), r.stderr
 
 
 def test_health_timeout_must_be_a_positive_number(tmp_path):

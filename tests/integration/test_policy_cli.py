@@ -159,7 +159,9 @@ def test_check_policy_loads_the_tls_certificate(tmp_path):
     path.write_text(toml.dumps(base_policy(tls={"cert_file": str(cert), "key_file": str(key)})))
     r = mailgate("check-policy", str(path), cwd=tmp_path)
     assert r.returncode == 1
-    assert r.stderr.startswith(f"{path}: tls: cannot load certificate/key: ")
+    assert r.stderr.splitlines() == [f"{path}: tls.cert_file: {cert} holds no PEM certificate",
+                                     f"{path}: tls.key_file: {key} holds no PEM private key",
+                                     f"{path}: 2 problem(s)"]
 
 
 # -- run with a bad policy ---------------------------------------------------------------------

@@ -9,7 +9,6 @@ and bad usage 2 in every subcommand."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
@@ -274,8 +273,7 @@ def test_tls_files_missing_unreadable_or_broken_are_one_line(tmp_path, public_di
     garbage.write_text("not a key\n")
     line = run_fails(base_policy(tls={"cert_file": str(cert), "key_file": str(garbage)},
                                  spool=spool), tmp_path / "b")
-    assert re.search(r"policy\.toml: tls: cannot load certificate/key: .+ \(cert_file "
-                     rf"{re.escape(str(cert))}, key_file {re.escape(str(garbage))}\)$", line), line
+    assert line.endswith(f"policy.toml: tls.key_file: {garbage} holds no PEM private key"), line
     for workers in (1, 2):  # the supervisor checks before forking
         key.chmod(0o600)  # root's: nobody cannot read it
         line = run_fails(base_policy(tls={"cert_file": str(cert), "key_file": str(key)},
