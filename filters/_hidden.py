@@ -28,14 +28,17 @@ skipped (``bad=True``), never raised.
 from __future__ import annotations
 
 import binascii
+import itertools
 import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from filters import _tnefbounds
 
 MAX_FILES = 20
+MAX_TNEF_DEPTH = 3  # Outlook messages attached inside TNEF, nested
 TNEF_SIGNATURE = b"\x78\x9f\x3e\x22"  # 0x223E9F78, little endian
 
 # the mode: any octal digits, as uudecode(1) reads it (%o); other than the usual 3 or 4, the
@@ -223,11 +226,23 @@ def _tnef(data: bytes, max_bytes: int) -> Iterator[HiddenFile]:
     except (Exception, _tnefbounds.Exhausted):  # noqa: BLE001 - a hostile stream may break it
         yield HiddenFile("tnef", "", b"", bad=True)
         return
-    for att in attachments[:MAX_FILES]:
+    yield from itertools.islice(_tnef_files(attachments, max_bytes, "", 0), MAX_FILES)
+
+
+def _tnef_files(attachments: list[Any], max_bytes: int, prefix: str,
+                depth: int) -> Iterator[HiddenFile]:
+    """Each attachment; an attached Outlook message (tnefparse's ``embed``, a TNEF stream of
+    its own) by its attachments, named ``<message>/<file>``, up to MAX_TNEF_DEPTH deep."""
+    for att in attachments:
         try:
-            name = str(att.long_filename() or att.name or "")
+            name = str(att.long_filename() or att.name or "").rstrip("\x00")
         except Exception:  # noqa: BLE001 - a name it cannot decode
             name = ""
+        embed = getattr(att, "embed", None)
+        if embed is not None and depth < MAX_TNEF_DEPTH:
+            yield from _tnef_files(list(getattr(embed, "attachments", [])), max_bytes,
+                                   f"{prefix}{name or 'message'}/", depth + 1)
+            continue
         content = att.data if isinstance(att.data, bytes) else b""
-        yield HiddenFile("tnef", name.rstrip("\x00"), content[:max_bytes],
+        yield HiddenFile("tnef", prefix + name, content[:max_bytes],
                          whole=len(content) <= max_bytes)

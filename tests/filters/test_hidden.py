@@ -200,3 +200,29 @@ def test_uuencode_with_any_octal_mode_uudecode_accepts(mode: str) -> None:
 ])
 def test_prose_starting_with_begin_and_a_number_is_not_a_block(prose: bytes) -> None:
     assert list(hidden_files("text/plain", prose, 1 << 20)) == []
+
+
+def _embedded(inner: bytes) -> bytes:
+    """A TNEF stream whose one attachment is an attached Outlook message (MAPI
+    PR_ATTACH_DATA_OBJ holding IMessage's GUID and then a TNEF stream of its own)."""
+    from tnefparse.mapi import IMESSAGE_SIG
+    value = IMESSAGE_SIG + inner
+    mapi = struct.pack("<IHHII", 1, 0x000D, 0x3701, 1, len(value)) + value \
+        + b"\0" * (-len(value) % 4)
+    return TNEF_HEAD + _tnef_object(2, 0x9002, b"\1\0\0\0" * 3 + b"\0" * 4) \
+        + _tnef_object(2, 0x9005, mapi)
+
+
+def test_a_program_in_an_outlook_message_attached_inside_tnef_is_found() -> None:
+    """winmail.dat -> attached message -> clam.exe: the old walk yielded the inner message
+    as one unnamed blob, so the program's name and content were never checked."""
+    stream = _embedded(_embedded((TESTFILES / "clam.tnef").read_bytes()))
+    [f] = hidden_files("application/ms-tnef", stream, 1 << 20)
+    assert (f.name, f.data, f.bad) == ("message/message/clam.exe", CLAM_EXE, False)
+    m = EmailMessage()
+    m["From"], m["To"], m["Subject"] = "a@example.test", "b@example.test", "tnef"
+    m.set_content("see attached\n")
+    m.add_attachment(stream, maintype="application", subtype="ms-tnef", filename="winmail.dat")
+    res = AttachmentsFilter.from_config({}, Services()).check_view(mime.parse_bytes(m.as_bytes()))
+    found = {s.name: s.options for s in res.symbols}
+    assert found["ATTACH_BANNED_EXT"] == ("winmail.dat/message/message/clam.exe",), found
