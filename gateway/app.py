@@ -123,9 +123,10 @@ def make_tls_context(policy: Policy) -> ssl.SSLContext | None:
 
 
 def load_checked(path: Path) -> tuple[Engine, ssl.SSLContext | None]:
-    """``load_engine`` and the TLS context, every problem of both in one PolicyError: a TLS
-    pair that does not load is reported beside the filters' problems, not after they are
-    fixed (the TLS files are checked whenever the rest of the policy's keys are valid)."""
+    """``load_engine`` and the TLS files (the server's pair, the downstream's CA file), every
+    problem of both in one PolicyError: a TLS pair that does not load is reported beside the
+    filters' problems, not after they are fixed (the TLS files are checked whenever the rest
+    of the policy's keys are valid)."""
     try:
         engine = load_engine(path)
     except PolicyError as e:
@@ -133,13 +134,29 @@ def load_checked(path: Path) -> tuple[Engine, ssl.SSLContext | None]:
             policy = load_policy(path)
         except PolicyError:  # its own keys are wrong: what they name is not checked
             raise e from None
-        problems = list(e.problems)
+        _, more = _tls_files(policy)
+        raise PolicyError([*e.problems, *(p for p in more if p not in e.problems)],
+                          e.warnings) from None
+    ctx, problems = _tls_files(engine.policy)
+    if problems:
+        raise PolicyError(problems, engine.warnings)
+    return engine, ctx
+
+
+def _tls_files(policy: Policy) -> tuple[ssl.SSLContext | None, list[str]]:
+    problems: list[str] = []
+    ctx = None
+    try:
+        ctx = make_tls_context(policy)
+    except PolicyError as e:
+        problems += e.problems
+    if (ca := policy.relay.tls_ca_file) is not None:
         try:
-            make_tls_context(policy)
-        except PolicyError as t:
-            problems += [p for p in t.problems if p not in problems]
-        raise PolicyError(problems, e.warnings) from None
-    return engine, make_tls_context(engine.policy)
+            ssl.create_default_context(cafile=str(ca))
+        except (OSError, ssl.SSLError) as e:
+            problems.append(f"{policy.source}: relay.tls_ca_file: {ca} holds no PEM CA "
+                            f"certificate that loads ({' '.join(str(e).split())})")
+    return ctx, problems
 
 
 def open_spool(directory: Path) -> Spool:

@@ -500,3 +500,20 @@ def test_every_signing_domain_problem_in_one_run(tmp_path):
         f"{key}.acme.com.selectr: unknown setting (did you mean 'selector'?) (known: algorithm, "
         f"headers, key_file, oversign, selector)",
         f"{path}: 3 problem(s)"])
+
+
+def test_a_downstream_ca_file_that_does_not_load_is_refused_at_check_and_start(tmp_path):
+    # before: check-policy said ok and run started; every delivery with starttls = "verify"
+    # then failed on it
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY + '[relay]\ndownstream = "smtp://127.0.0.1:9"\nstarttls = "verify"\n'
+                    'tls_ca_file = "ca.pem"\n')
+    want = (f"{path}: relay.tls_ca_file: {tmp_path / 'ca.pem'} holds no PEM CA certificate "
+            f"that loads ([X509: NO_CERTIFICATE_OR_CRL_FOUND] no certificate or crl found ")
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    lines = r.stderr.splitlines()
+    assert r.returncode == 1 and len(lines) == 2 and lines[0].startswith(want), r.stderr
+    r = mailgate("run", "--policy", str(path), cwd=tmp_path)
+    lines = run_lines(r)
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith(want), r.stderr
