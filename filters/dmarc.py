@@ -1,8 +1,9 @@
 """The ``dmarc`` filter: RFC 7489 DMARC on the RFC5322.From domain, with RFC 9091 ``np=`` (and
 its PSD record fallback), using the ``spf`` and ``dkim`` filters' results (``requires``).
 
-Steps: the From domain (no From, an unparsable one, or several From headers -> DMARC_NO_FROM,
-``result`` permerror, no lookup; one From header naming addresses in several domains, or
+Steps: the From domain (no From or an unparsable one -> DMARC_NO_FROM, ``result`` permerror,
+no lookup; several From headers -> every domain they name checked as below, DMARC_SEVERAL_FROM
+(score 0) beside the headers filter's HEADERS_MULTIPLE_FROM, since a mail client shows one; one From header naming addresses in several domains, or
 read differently by ``email.utils.getaddresses`` and the stdlib's strict reader
 (``email.headerregistry``; or readable by one of them only) -> DMARC_BAD_FROM *and*, per RFC
 7489 §6.6.1, each domain either reader shows checked (more than 20 → refused 550 5.7.1), the strictest
@@ -15,7 +16,8 @@ Symbols (exactly one, plus DMARC_BAD_FROM for several author domains): DMARC_PAS
 ``p``/``sp``/``np``, ``pct=N``, and ``sampled_out`` when pct downgraded it), DMARC_NONE (no
 usable record, or a record without ``p=``), DMARC_TEMPERROR (the policy lookup failed, or no
 identifier aligned while an SPF check or an aligned DKIM signature had a temperror),
-DMARC_PERMERROR (a broken record), DMARC_BAD_FROM, DMARC_NO_FROM, DMARC_FROM_UNUSABLE_PART
+DMARC_PERMERROR (a broken record), DMARC_BAD_FROM, DMARC_NO_FROM, DMARC_FROM_UNUSABLE_PART,
+DMARC_SEVERAL_FROM
 (option: why).
 
 One finding is scored once: a missing, repeated or unparsable From is the ``headers`` filter's
@@ -84,6 +86,10 @@ BAD_FROM = "DMARC_BAD_FROM"
 NO_FROM = "DMARC_NO_FROM"  # no single usable From: the headers filter scores that finding
 # one author domain, evaluated, beside a part no reader can use: HEADERS_BAD_FROM scores that
 UNUSABLE_PART = "DMARC_FROM_UNUSABLE_PART"
+# several From headers, every domain checked: the headers filter's HEADERS_MULTIPLE_FROM scores
+# the finding, this only explains it (score 0, a symbol of its own so [scores] for
+# DMARC_BAD_FROM does not count it again)
+SEVERAL_FROM = "DMARC_SEVERAL_FROM"
 MAX_FROM_DOMAINS = 20  # author domains checked in one From; more is refused outright
 ARC_OVERRIDE = "DMARC_ARC_OVERRIDE"
 SETTINGS = {"enforce", "trusted_arc_sealers"}
@@ -247,7 +253,10 @@ class DmarcFilter(Filter):
     async def on_message(self, ctx: FilterContext) -> Result:
         msg = ctx.message
         assert msg is not None
-        domains, why = from_domains(msg.get_all("From"))
+        froms = msg.get_all("From")
+        if len(froms) > 1:
+            return await self._several_headers(ctx, froms)
+        domains, why = from_domains(froms)
         if not domains:
             return Result(symbols=(Symbol(NO_FROM, (why,), 0.0),),
                           data=_data(PERMERROR, None, "none", reason=why))
@@ -269,6 +278,28 @@ class DmarcFilter(Filter):
         checked = [await self._evaluate(ctx, d) for d in domains]
         worst = min(checked, key=_severity)
         return Result(symbols=(*worst.symbols, Symbol(BAD_FROM, (why,))),
+                      verdict=worst.verdict, data=worst.data)
+
+    async def _several_headers(self, ctx: FilterContext, froms: list[str]) -> Result:
+        """Several From headers (a mail client shows one of them, often the first): every
+        domain any of them names is checked, the strictest failing policy applies, as for
+        several domains in one From. DMARC_SEVERAL_FROM explains it with score 0: the
+        headers filter's HEADERS_MULTIPLE_FROM scores the finding."""
+        why = f"{len(froms)} From headers"
+        domains = list(dict.fromkeys(d for v in froms for d in from_domains([v])[0]))
+        if not domains:
+            return Result(symbols=(Symbol(NO_FROM, (why,), 0.0),),
+                          data=_data(PERMERROR, None, "none", reason=why))
+        if len(domains) > MAX_FROM_DOMAINS:
+            why = f"{why} name {len(domains)} domains (more than {MAX_FROM_DOMAINS})"
+            verdict = Verdict(Action.REJECT, Reply(550, "5.7.1", "Too many author domains in "
+                                                   "From"), reason=why) if self.enforce else None
+            return Result(symbols=(Symbol(SEVERAL_FROM, (why,), 0.0),), verdict=verdict,
+                          data=_data(PERMERROR, None, "none", reason=why))
+        checked = [await self._evaluate(ctx, d) for d in domains]
+        worst = min(checked, key=_severity)
+        why = f"{why}: {', '.join(domains)} each checked"
+        return Result(symbols=(*worst.symbols, Symbol(SEVERAL_FROM, (why,), 0.0)),
                       verdict=worst.verdict, data=worst.data)
 
     async def _evaluate(self, ctx: FilterContext, domain: str) -> Result:

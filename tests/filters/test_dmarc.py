@@ -202,7 +202,7 @@ def test_two_records_is_none(tmp_path, ns):
 
 # -- errors --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("froms", [
-    ("a@relaxed.test", "b@relaxed.test"),  # two From headers
+    ('"Just A Name"', "Another Name"),  # two From headers, no address in either
     ('"Just A Name"',),
     (),
 ])
@@ -479,3 +479,18 @@ def test_a_from_domain_is_also_checked_as_shown_without_invisible_characters(
     res = run(tmp_path, ns.port, from_)
     assert [s.name for s in res.symbols] == ["DMARC_FAIL", "DMARC_BAD_FROM"], res.symbols
     assert res.verdict is not None and res.verdict.action.value == "reject"
+
+
+@pytest.mark.parametrize("froms", [("x@attacker.test", "ceo@relaxed.test"),
+                                   ("ceo@relaxed.test", "x@attacker.test"),
+                                   ("Boss <ceo@relaxed.test>", '"Just A Name"')])
+def test_several_from_headers_check_every_domain_they_name(tmp_path, ns, froms):
+    """A client shows one of two From headers, often the first: relaxed.test (p=reject) is
+    enforced whichever it is (old code: DMARC_NO_FROM, no lookup, the message relayed with
+    only the headers filter's 4 points)."""
+    res = run(tmp_path, ns.port, *froms, dkim_res=dkim(("pass", "attacker.test")))
+    assert [(s.name, s.score) for s in res.symbols] == [("DMARC_FAIL", None),
+                                                        ("DMARC_SEVERAL_FROM", 0.0)], res.symbols
+    assert res.symbols[1].options[0].startswith("2 From headers: ")
+    assert res.verdict is not None and res.verdict.action.value == "reject"
+    assert res.data["domain"] == "relaxed.test"

@@ -40,8 +40,9 @@ def gw(gateway_factory):
     (GOOD.replace("Message-ID: <m1@sender.test>\r\n", ""), "HEADERS_MISSING_MESSAGE_ID", None),
     (GOOD.replace(f"From: {SENDER}\r\n", ""), "HEADERS_MISSING_FROM",
      "DMARC_NO_FROM(0)[no From header]"),
+    # both From headers' domains checked (a client shows one), explained unscored
     ("From: carol@sender.test\r\n" + GOOD, "HEADERS_MULTIPLE_FROM",
-     "DMARC_NO_FROM(0)[2 From headers]"),
+     "DMARC_SEVERAL_FROM(0)[2 From headers: sender.test each checked]"),
     (GOOD.replace(f"From: {SENDER}", "From: Bob <bob@>"), "HEADERS_BAD_FROM",
      "DMARC_NO_FROM(0)[Unable to extract From domain: Bob <bob@>]"),
     # one author domain beside an address without a domain: still evaluated (DMARC_PASS), the
