@@ -122,7 +122,9 @@ class Checker:
         return v
 
     def string(self, data: Mapping[str, Any], key: str, path: str, default: Any,
-               choices: tuple[str, ...] | None = None) -> Any:
+               choices: tuple[str, ...] | None = None,
+               shape: tuple[re.Pattern[str], str] | None = None) -> Any:
+        """``shape``: (a pattern the whole value must match, what it must be)."""
         if key not in data:
             return default
         v = data[key]
@@ -131,6 +133,9 @@ class Checker:
             return default
         if choices and v not in choices:
             self.error(f"{path}.{key}", f"must be one of {', '.join(choices)}; got {v!r}")
+            return default
+        if shape and not shape[0].fullmatch(v):
+            self.error(f"{path}.{key}", f"must be {shape[1]}, got {v!r}")
             return default
         return v
 
@@ -148,6 +153,14 @@ class Checker:
         except (ValueError, TypeError) as e:
             self.error(path, str(e))
             return None
+
+
+# Values that go into the SMTP dialogue or into header fields: no white space, no CR/LF
+HOST_NAME = (re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\]"),
+             "a host name (letters, digits, '-', '.') or an address literal like [192.0.2.1]")
+FIELD_NAME = (re.compile(r"[!-9;-~]+"),
+              "the start of a header field name: printable ASCII without ':' or spaces")
+ONE_LINE = (re.compile(r"[^\x00-\x1f\x7f]+"), "one line of text (no control characters)")
 
 
 def read_policy_data(path: Path) -> dict[str, Any]:
@@ -247,7 +260,7 @@ def parse_policy_collecting(data: Mapping[str, Any], source: str, base: Path | N
 
     server = c.table(top.get("server"), "server", {"hostname", "listen", "workers"})
     workers = c.number(server, "workers", "server", 0, minimum=0, integer=True)
-    hostname = c.string(server, "hostname", "server", "mailgate.localdomain")
+    hostname = c.string(server, "hostname", "server", "mailgate.localdomain", shape=HOST_NAME)
     listeners = tuple(
         x for x in (c.convert(f"server.listen[{i}]", s, _listener)
                     for i, s in enumerate(c.strings(server, "listen", "server")
@@ -288,8 +301,9 @@ def parse_policy_collecting(data: Mapping[str, Any], source: str, base: Path | N
     headers = HeadersConfig(
         received=c.boolean(hdr, "received", "headers", True),
         spam_headers=c.boolean(hdr, "spam_headers", "headers", True),
-        spam_header_prefix=c.string(hdr, "spam_header_prefix", "headers", "X-Spam-"),
-        subject_tag=c.string(hdr, "subject_tag", "headers", "[SPAM]"),
+        spam_header_prefix=c.string(hdr, "spam_header_prefix", "headers", "X-Spam-",
+                                    shape=FIELD_NAME),
+        subject_tag=c.string(hdr, "subject_tag", "headers", "[SPAM]", shape=ONE_LINE),
     )
     queue = _queue(c, top.get("queue"))
     dns = _dns(c, top.get("dns"))
@@ -473,7 +487,7 @@ def _relay(c: Checker, data: Any) -> RelayConfig:
                                    minimum=0, exclusive=True),
         data_timeout_s=c.number(t, "data_timeout_s", "relay", d.data_timeout_s,
                                 minimum=0, exclusive=True),
-        helo_name=c.string(t, "helo_name", "relay", None),
+        helo_name=c.string(t, "helo_name", "relay", None, shape=HOST_NAME),
         starttls=c.string(t, "starttls", "relay", "may", levels),
         tls_policy=tls_policy, tls_ca_file=c.path(ca_file) if ca_file else None,
         connection_reuse_s=float(c.number(t, "connection_reuse_s", "relay",

@@ -517,3 +517,23 @@ def test_a_downstream_ca_file_that_does_not_load_is_refused_at_check_and_start(t
     r = mailgate("run", "--policy", str(path), cwd=tmp_path)
     lines = run_lines(r)
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith(want), r.stderr
+
+
+def test_names_and_texts_that_go_into_the_dialogue_or_headers_are_checked(tmp_path):
+    # before: all four accepted; the CR LF went into the greeting, the EHLO to the downstream,
+    # the X-Spam-* field names and the Subject of relayed mail
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY.replace("workers = 1", 'workers = 1\nhostname = "mx 1\\r\\nX-Evil: 1"')
+                    + '[relay]\nhelo_name = "bad name"\n'
+                    + '[headers]\nspam_header_prefix = "X-Spam:\\r\\nBcc: a@b"\n'
+                    + 'subject_tag = "[SPAM]\\r\\nBcc: x@y"\n')
+    host = "a host name (letters, digits, '-', '.') or an address literal like [192.0.2.1]"
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (1, [
+        f"{path}: server.hostname: must be {host}, got 'mx 1\\r\\nX-Evil: 1'",
+        f"{path}: relay.helo_name: must be {host}, got 'bad name'",
+        f"{path}: headers.spam_header_prefix: must be the start of a header field name: "
+        f"printable ASCII without ':' or spaces, got 'X-Spam:\\r\\nBcc: a@b'",
+        f"{path}: headers.subject_tag: must be one line of text (no control characters), "
+        f"got '[SPAM]\\r\\nBcc: x@y'",
+        f"{path}: 4 problem(s)"])
