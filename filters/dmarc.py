@@ -54,6 +54,7 @@ Settings: ``enforce`` (bool, default true), ``trusted_arc_sealers`` (list of dom
 
 from __future__ import annotations
 
+import email.header
 import functools
 import random
 import unicodedata
@@ -90,7 +91,8 @@ UNUSABLE_PART = "DMARC_FROM_UNUSABLE_PART"
 # the finding, this only explains it (score 0, a symbol of its own so [scores] for
 # DMARC_BAD_FROM does not count it again)
 SEVERAL_FROM = "DMARC_SEVERAL_FROM"
-MAX_FROM_DOMAINS = 20  # author domains checked in one From; more is refused outright
+MAX_FROM_DOMAINS = 20
+MAX_DECODED = 4096  # characters: longer From values are not RFC 2047-decoded  # author domains checked in one From; more is refused outright
 ARC_OVERRIDE = "DMARC_ARC_OVERRIDE"
 SETTINGS = {"enforce", "trusted_arc_sealers"}
 POLICIES = ("none", "quarantine", "reject")
@@ -178,6 +180,28 @@ def from_domains(values: list[str]) -> tuple[list[str], str]:
     if len(values) > 1:
         return [], f"{len(values)} From headers"
     value = " ".join(values[0].split())
+    lax, lax_whole, strict, strict_whole = _read(value)
+    domains = list(dict.fromkeys([*lax, *strict]))
+    shown = shown_domains(value, domains)
+    if not domains and not shown:
+        return [], f"Unable to extract From domain: {values[0].strip()}"
+    if shown:  # a mail client shows these: checked too, the strictest failing policy applies
+        return [*domains, *shown], (f"From shown as {', '.join(shown)} (invisible characters "
+                                    "or undecodable bytes left out, encoded words decoded, or "
+                                    "cut at a NUL)")
+    if not (lax_whole and strict_whole) or set(lax) != set(strict):
+        return domains, (f"From read two ways: {', '.join(lax) or 'nothing'}"
+                         f"{'' if lax_whole else ' and unusable text'} (getaddresses) vs "
+                         f"{', '.join(strict) or 'nothing'}"
+                         f"{'' if strict_whole else ' and unusable text'} (strict)")
+    if len(domains) > 1:
+        return domains, f"From names several domains: {', '.join(domains)}"
+    return domains, ""
+
+
+def _read(value: str) -> tuple[list[str], bool, tuple[str, ...], bool]:
+    """The domains ``getaddresses`` shows and whether its reading is whole, then the strict
+    reader's."""
     lax: list[str] = []
     lax_whole = True
     for _, addr in addresses(value):
@@ -188,21 +212,29 @@ def from_domains(values: list[str]) -> tuple[list[str], str]:
         elif dom not in lax:
             lax.append(dom)
     strict, strict_whole = strict_domains(value)
-    domains = list(dict.fromkeys([*lax, *strict]))
-    if not domains:
-        return [], f"Unable to extract From domain: {values[0].strip()}"
-    shown = [s for s in map(_shown, domains) if s and s not in domains]
-    if shown:  # a mail client shows these: checked too, the strictest failing policy applies
-        return [*domains, *shown], (f"From domain shown as {', '.join(shown)} without "
-                                    "invisible or undecodable characters")
-    if not (lax_whole and strict_whole) or set(lax) != set(strict):
-        return domains, (f"From read two ways: {', '.join(lax) or 'nothing'}"
-                         f"{'' if lax_whole else ' and unusable text'} (getaddresses) vs "
-                         f"{', '.join(strict) or 'nothing'}"
-                         f"{'' if strict_whole else ' and unusable text'} (strict)")
-    if len(domains) > 1:
-        return domains, f"From names several domains: {', '.join(domains)}"
-    return domains, ""
+    return lax, lax_whole, strict, strict_whole
+
+
+def shown_domains(value: str, domains: list[str]) -> list[str]:
+    """Domains a mail client may show for a From ``value`` that neither reader shows (not in
+    ``domains``): each domain without invisible characters or undecodable bytes, and the
+    domains of the value RFC 2047-decoded (``=?us-ascii?q?ceo=40bank.example?=``) or cut at
+    a NUL, as a C string reads it."""
+    out = [s for s in map(_shown, domains) if s and s not in domains]
+    others = [value.split("\x00", 1)[0]] if "\x00" in value else []
+    if "=?" in value and len(value) <= MAX_DECODED:
+        try:
+            decoded = str(email.header.make_header(email.header.decode_header(value)))
+        except Exception:  # noqa: BLE001 - undecodable words: shown as they are
+            decoded = value
+        if decoded != value:
+            others.append(" ".join(decoded.split()))
+    for other in others:
+        lax, _, strict, _ = _read(other)
+        for d in (*lax, *strict, *map(_shown, (*lax, *strict))):
+            if d and d not in domains and d not in out:
+                out.append(d)
+    return out
 
 
 def _shown(domain: str) -> str:

@@ -494,3 +494,20 @@ def test_several_from_headers_check_every_domain_they_name(tmp_path, ns, froms):
     assert res.symbols[1].options[0].startswith("2 From headers: ")
     assert res.verdict is not None and res.verdict.action.value == "reject"
     assert res.data["domain"] == "relaxed.test"
+
+
+@pytest.mark.parametrize("from_", ["=?us-ascii?q?ceo=40relaxed.test?=",
+                                   "=?utf-8?b?PGNlb0ByZWxheGVkLnRlc3Q+?=",  # <ceo@relaxed.test>
+                                   "=?us-ascii?q?ceo=40relaxed.test?= <x@attacker.test>",
+                                   "ceo@relaxed.test\x00x@attacker.test"])
+def test_a_from_shown_decoded_or_cut_at_a_nul_is_checked_too(tmp_path, ns, from_):
+    """A client decoding encoded words, or reading the header as a C string, shows
+    ceo@relaxed.test (p=reject); the old reading found no domain or only attacker.test
+    (DMARC_NO_FROM or DMARC_PASS: relayed)."""
+    res = run(tmp_path, ns.port, from_, dkim_res=dkim(("pass", "attacker.test")))
+    # explained as DMARC_BAD_FROM, or unscored beside the headers filter's HEADERS_BAD_FROM
+    # where relaxed.test is the only domain (DMARC_FROM_UNUSABLE_PART)
+    assert res.symbols[0].name == "DMARC_FAIL" and len(res.symbols) == 2, res.symbols
+    assert res.symbols[1].name in ("DMARC_BAD_FROM", "DMARC_FROM_UNUSABLE_PART")
+    assert "relaxed.test" in res.symbols[1].options[0], res.symbols
+    assert res.verdict is not None and res.verdict.action.value == "reject"
