@@ -39,7 +39,7 @@ from gateway import supervise
 from gateway.errors import SpoolError
 from gateway.logs import event
 from gateway.policy.schema import QuarantineConfig
-from gateway.queue_entry import QueueEntry, SpoolBusy, SpoolMissing, is_qid
+from gateway.queue_entry import QueueEntry, SpoolBusy, SpoolCorrupt, SpoolMissing, is_qid
 from gateway.spool import Spool
 
 if TYPE_CHECKING:
@@ -419,6 +419,11 @@ class Quarantine:
                 with self._claimed(qid, False) as entry:
                     self.spool.remove(qid)
             except (NotQuarantined, SpoolBusy):
+                continue
+            except SpoolCorrupt as e:  # kept (the next start moves it to corrupt/); the
+                # others still expire: the pass used to end here, every time
+                event(log, "quarantine-unreadable", level=logging.WARNING, qid=qid,
+                      reason=str(e), kept=f"hold/{qid}.json")
                 continue
             with contextlib.suppress(QuarantineError):
                 self._unindex(qid)

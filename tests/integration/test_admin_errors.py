@@ -537,3 +537,26 @@ def test_names_and_texts_that_go_into_the_dialogue_or_headers_are_checked(tmp_pa
         f"{path}: headers.subject_tag: must be one line of text (no control characters), "
         f"got '[SPAM]\\r\\nBcc: x@y'",
         f"{path}: 4 problem(s)"])
+
+
+def test_quarantine_expiry_goes_past_an_unreadable_entry(tmp_path):
+    # before: `mailgate quarantine expire` ended in a SpoolCorrupt traceback, and the
+    # gateway's expiry pass failed the same way every time: nothing after it ever expired
+    from gateway.quarantine import Quarantine
+    from gateway.spool import Spool
+
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY)
+    q = Quarantine(Spool(tmp_path / "spool"))
+    qid = "06H56MHD9SHF71F2"
+    (tmp_path / "spool" / "hold" / f"{qid}.json").write_text('{"bad": 1}\n')
+    (tmp_path / "spool" / "data" / qid).write_bytes(b"Subject: x\r\n\r\nx\r\n")
+    with q._db() as db:
+        db.execute("INSERT INTO messages VALUES (?, 0, 'a@b.test', 16, 1.0, 'r', 'default', "
+                    "'[]', '127.0.0.1', 'h', 's', 'm')", (qid,))
+    r = mailgate("quarantine", "expire", "--policy", str(path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    [line] = r.stderr.splitlines()
+    assert " warning mailgate.quarantine quarantine-unreadable qid=06H56MHD9SHF71F2 " in line
+    assert "Traceback" not in r.stderr
+    assert (tmp_path / "spool" / "hold" / f"{qid}.json").exists()  # kept for a look
