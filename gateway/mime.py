@@ -230,7 +230,10 @@ def _decoded(leaf: email.message.Message) -> bytes | None:
     part's text, padded and with the defect noted as the stdlib does: its
     ``get_payload(decode=True)`` first makes a bytes copy, splits it into lines and joins them
     again, three copies of a part that may be megabytes. Anything else goes the stdlib's way."""
-    cte = str(leaf.get("Content-Transfer-Encoding", "")).strip().lower()
+    cte = _transfer_encoding(leaf)
+    if cte != str(leaf.get("Content-Transfer-Encoding", "")).strip().lower():
+        del leaf["Content-Transfer-Encoding"]  # the view's copy only: the stdlib decodes by it
+        leaf["Content-Transfer-Encoding"] = cte
     raw = leaf.get_payload()
     if cte == "base64" and isinstance(raw, str) and (m := _CLEAN_B64.fullmatch(raw)):
         pad = -(len(raw) - raw.count("\r") - raw.count("\n")) % 4
@@ -240,6 +243,23 @@ def _decoded(leaf: email.message.Message) -> bytes | None:
             return binascii.a2b_base64(raw + "=" * pad if pad else raw)
     payload = leaf.get_payload(decode=True)
     return payload if isinstance(payload, bytes) else None
+
+
+_MECHANISM = re.compile(r'[ \t]*"?[ \t]*([A-Za-z0-9_.+-]+)')
+_IDENTITY = frozenset(("7bit", "8bit", "binary", ""))
+
+
+def _transfer_encoding(leaf: email.message.Message) -> str:
+    """The part's transfer encoding as a mail client decodes it: each Content-Transfer-Encoding
+    header's first token (``base64 (comment)``, ``base64; x=y``, ``"base64"`` are base64), and
+    of several headers the first that is an encoding (clients differ on which header wins; a
+    program is found whichever they take)."""
+    mechanisms = []
+    for value in leaf.get_all("Content-Transfer-Encoding") or ():
+        m = _MECHANISM.match(str(value))
+        mechanisms.append(m.group(1).lower() if m else "")
+    return next((m for m in mechanisms if m not in _IDENTITY),
+                mechanisms[0] if mechanisms else "")
 
 
 def _leaves(msg: email.message.Message) -> Iterator[email.message.Message]:

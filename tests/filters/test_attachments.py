@@ -5,6 +5,7 @@ without being unpacked."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import bz2
 import email
 import gzip
@@ -342,6 +343,19 @@ def test_a_zip_declaring_a_version_the_stdlib_refuses_is_still_read():
     deep = zip_bytes([("in.zip", z)])  # past max_depth: only the declared sizes are read
     assert "ATTACH_ARCHIVE_LIMIT" in syms(message(("d.zip", deep, "application/zip")),
                                           max_depth=1)
+
+
+@pytest.mark.parametrize("cte", [
+    "base64 (RFC 2045 allows a comment)", "base64; x=y", '"base64"', "BASE64\t",
+    "7bit\r\nContent-Transfer-Encoding: base64",  # the stdlib reads the first, a client may not
+])
+def test_a_transfer_encoding_is_read_as_a_client_decodes_it(cte):
+    """Old code: the stdlib's exact comparison left these base64 undecoded, so a program
+    under a harmless name was never seen (no symbol at all)."""
+    raw = _one_part("Content-Type: application/octet-stream; name=x.dat\r\n"
+                    f"Content-Transfer-Encoding: {cte}").replace(
+        b"WScript.Echo(1)", base64.encodebytes(PE).replace(b"\n", b"\r\n").rstrip())
+    assert syms(raw) == {"ATTACH_EXECUTABLE": ("x.dat",)}
 
 
 def test_zip_slip_member_name():
