@@ -11,10 +11,13 @@ Symbols (option: what was exceeded, e.g. ``more than 50 levels``):
 * ``MIME_TOO_MANY_HEADERS`` — a header block with more fields than ``limits.max_mime_headers``.
 * ``MIME_TOO_MANY_ENCODED_WORDS`` — more RFC 2047 encoded words than
   ``limits.max_mime_encoded_words``; the rest were left undecoded.
+* ``MIME_AMBIGUOUS`` — an entity's structure reads two ways (several different Content-Type
+  headers, a multipart naming several different boundaries): mail clients differ on which
+  wins, so what one shows as an attachment the checks may have read as text.
 
 Such a message cannot be fully checked, and trying again will not change that: with
 ``action = "reject"`` (the default) a message carrying any symbol of ``action_on`` (default:
-all four) is refused with ``554 5.6.0`` (RFC 3463 X.6.0, other or undefined media error; the
+all five) is refused with ``554 5.6.0`` (RFC 3463 X.6.0, other or undefined media error; the
 code Postfix gives for its ``mime_nesting_limit``), a permanent answer, so the sender's MTA
 bounces it instead of retrying for days. ``"quarantine"`` holds it; ``"none"`` leaves it to
 the policy's scores and rules (each symbol's default score is 10).
@@ -32,10 +35,11 @@ from gateway.services import Services
 from gateway.settings import check_keys, opt_str, str_list
 
 SYMBOLS = {"MIME_TOO_DEEP": 10.0, "MIME_TOO_MANY_PARTS": 10.0, "MIME_TOO_MANY_HEADERS": 10.0,
-           "MIME_TOO_MANY_ENCODED_WORDS": 10.0}
+           "MIME_TOO_MANY_ENCODED_WORDS": 10.0, "MIME_AMBIGUOUS": 10.0}
 ACTIONS = {"reject": Action.REJECT, "quarantine": Action.QUARANTINE, "none": None}
 WHAT = {"MIME_TOO_DEEP": "MIME nesting", "MIME_TOO_MANY_PARTS": "MIME parts",
-        "MIME_TOO_MANY_HEADERS": "header fields", "MIME_TOO_MANY_ENCODED_WORDS": "encoded words"}
+        "MIME_TOO_MANY_HEADERS": "header fields", "MIME_TOO_MANY_ENCODED_WORDS": "encoded words",
+        "MIME_AMBIGUOUS": "MIME structure read two ways:"}
 
 
 class MimeFilter(Filter):

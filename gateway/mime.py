@@ -221,7 +221,8 @@ def _view(msg: email.message.Message, truncated: bool, tally: Tally) -> MimeView
             texts.append(TextPart(ctype, text, raw))
     subject = next((v for k, v in headers if k.lower() == "subject"), "")
     return MimeView(headers, raw_headers, tuple(texts), tuple(urls)[:MAX_URLS], tuple(parts),
-                    truncated, tuple(defects), subject, mimebounds.findings(tally))
+                    truncated, tuple(defects), subject,
+                    (*mimebounds.findings(tally), *_ambiguities(msg)))
 
 
 def _decoded(leaf: email.message.Message) -> bytes | None:
@@ -243,6 +244,26 @@ def _decoded(leaf: email.message.Message) -> bytes | None:
             return binascii.a2b_base64(raw + "=" * pad if pad else raw)
     payload = leaf.get_payload(decode=True)
     return payload if isinstance(payload, bytes) else None
+
+
+def _ambiguities(msg: email.message.Message) -> tuple[tuple[str, str], ...]:
+    """``("MIME_AMBIGUOUS", detail)`` when an entity's structure reads two ways: several
+    Content-Type headers that differ, or a multipart naming several different boundaries.
+    The stdlib (and Thunderbird) take the first, other clients the last: what one shows as an
+    attachment the other reads as text, so the message cannot be checked as shown."""
+    for entity in msg.walk():
+        types = entity.get_all("Content-Type") or []
+        if len({" ".join(str(t).lower().split()) for t in types}) > 1:
+            return (("MIME_AMBIGUOUS", f"{len(types)} different Content-Type headers"),)
+        if types and str(types[0]).lower().count("boundary") > 1 \
+                and entity.get_content_maintype() == "multipart":
+            try:
+                found = {str(v) for k, v in entity.get_params() or [] if k.lower() == "boundary"}
+            except Exception:  # noqa: BLE001 - parameters the stdlib cannot split
+                found = set()
+            if len(found) > 1:
+                return (("MIME_AMBIGUOUS", f"{len(found)} different boundaries"),)
+    return ()
 
 
 _MECHANISM = re.compile(r'[ \t]*"?[ \t]*([A-Za-z0-9_.+-]+)')

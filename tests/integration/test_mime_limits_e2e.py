@@ -134,3 +134,26 @@ def test_every_structural_bound_is_a_final_554_5_6_0(gw: GatewayProcess, build, 
     ev = gw.message_event(qid)
     assert ev["action"] == "reject" and ev["by"] == "filter:mime", ev
     assert any(s.startswith(symbol) for s in ev["symbols"]) and not ev.get("filter_errors")
+
+
+
+def _two_ways(top: str) -> bytes:
+    exe = "TVqQAAMAAAAEAAAA//8AALgAAAAAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAACAAAAA"
+    return (_head(top[:20]) + f"MIME-Version: 1.0\r\n{top}\r\n\r\n--B\r\n"
+            "Content-Type: text/plain\r\n\r\nhi\r\n--B\r\nContent-Type: application/"
+            "octet-stream; name=x.dat\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            f"{exe}\r\n--B--\r\n").encode()
+
+
+@pytest.mark.parametrize("top, detail", [
+    ("Content-Type: multipart/mixed; boundary=A; boundary=B", "2 different boundaries"),
+    ("Content-Type: text/plain\r\nContent-Type: multipart/mixed; boundary=B",
+     "2 different Content-Type headers"),
+])
+def test_a_structure_read_two_ways_is_a_final_554_5_6_0(gw: GatewayProcess, top: str,
+                                                        detail: str) -> None:
+    """The stdlib reads the first boundary or Content-Type, a client may take the last and
+    show the attachment the checks never saw (old code: relayed, 250)."""
+    code, reply, qid = send(gw, _two_ways(top))
+    assert code == 554 and reply.startswith("5.6.0 Message structure refused: MIME structure "
+                                            f"read two ways: {detail} (MIME_AMBIGUOUS)"), reply
