@@ -26,7 +26,7 @@ from typing import Any, TextIO
 from gateway.errors import SpoolError
 from gateway.policy.schema import Policy
 from gateway.quarantine import NotQuarantined, Quarantine, QuarantineError, Record
-from gateway.queue_entry import QueueEntry, SpoolBusy
+from gateway.queue_entry import QueueEntry, SpoolBusy, SpoolCorrupt
 from gateway.queuecli import (
     EXIT_FAIL,
     EXIT_OK,
@@ -279,7 +279,12 @@ class QuarantineCli:
                     self.say(f"{qid}: released to the queue (hold -> active) for "
                              f"{', '.join(r.addr for r in entry.recipients)}")
                 else:
-                    entry = self.q.delete(qid, wait=wait, by=by)
+                    try:
+                        entry = self.q.delete(qid, wait=wait, by=by)
+                    except SpoolCorrupt as e:  # unreadable: set it aside, as recovery would
+                        where = self.q.spool.set_aside(qid, str(e))
+                        self.say(f"{qid}: unreadable ({e}): moved to {where}")
+                        continue
                     self.say(f"{qid}: deleted ({entry.size} bytes, from {entry.sender or '<>'})")
             except NotQuarantined as e:
                 self.warn(f"{e} (never quarantined, released, deleted or expired)")

@@ -35,6 +35,7 @@ from gateway.queue_entry import (
     Area,
     QueueEntry,
     SpoolBusy,
+    SpoolCorrupt,
     SpoolMissing,
     is_qid,
 )
@@ -484,7 +485,18 @@ class QueueCli:
     def delete(self, qids: list[str], *, all_deferred: bool) -> int:
         if all_deferred:
             return self._bulk("delete", "deferred", self._delete_one)
-        return self.each(qids, self._delete_one)
+        status = EXIT_OK
+        for qid in dict.fromkeys(qids):
+            try:
+                self.spool.load(qid)
+            except SpoolCorrupt as e:  # unreadable: it cannot be claimed; set it aside
+                self.say(f"{qid}: unreadable ({e}): moved to {self.spool.set_aside(qid, str(e))}")
+                continue
+            except SpoolError:
+                pass  # missing or busy: reported as such by the claim below
+            if self._claimed(qid, self._delete_one) != EXIT_OK:
+                status = EXIT_FAIL
+        return status
 
     def _bulk(self, action: str, area: Area,
               change: Callable[[Area, QueueEntry], int]) -> int:

@@ -587,9 +587,20 @@ class Spool:
         finally:
             os.close(fd)
 
+    def set_aside(self, qid: str, reason: str) -> str:
+        """An unreadable entry an operator deletes: its metadata (and data) go to corrupt/,
+        as recovery would move them, with a .reason file; returns where ("corrupt/NAME").
+        SpoolMissing if it is in no area."""
+        area = self._find(qid)
+        if area is None:
+            raise SpoolMissing(f"{qid}: not in the queue")
+        target = self._to_corrupt(Path(self._meta(area, qid)), qid, reason, [])
+        return str(target.relative_to(self.root))
+
     def _to_corrupt(self, path: Path, qid: str | None, reason: str,
-                    problems: list[str]) -> None:
-        """Move ``path`` (and ``data/<qid>`` when given) to corrupt/, with a .reason file."""
+                    problems: list[str]) -> Path:
+        """Move ``path`` (and ``data/<qid>`` when given) to corrupt/, with a .reason file;
+        returns where it went."""
         corrupt = self.root / "corrupt"
         target = _free_name(corrupt, path.name)
         note = {"time": time.time(), "from": str(path.relative_to(self.root)), "reason": reason}
@@ -612,3 +623,4 @@ class Spool:
         problems.append(f"{note['from']}: {reason}")
         event(log, "spool-corrupt", level=logging.ERROR, file=note["from"], reason=reason,
               moved_to=str(target.relative_to(self.root)), data=note.get("data"))
+        return target

@@ -560,3 +560,25 @@ def test_quarantine_expiry_goes_past_an_unreadable_entry(tmp_path):
     assert " warning mailgate.quarantine quarantine-unreadable qid=06H56MHD9SHF71F2 " in line
     assert "Traceback" not in r.stderr
     assert (tmp_path / "spool" / "hold" / f"{qid}.json").exists()  # kept for a look
+
+
+def test_an_unreadable_entry_can_be_deleted_it_is_set_aside(tmp_path):
+    # before: `mailgate queue delete QID` / `mailgate quarantine delete QID` answered
+    # "QID: KeyError: 'format'", exit 1: only a restart of the gateway or a hand-made rm
+    # could drop it
+    from gateway.spool import Spool
+
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY)
+    Spool(tmp_path / "spool")
+    for area, qid, cmd in (("deferred", "06H56DHQMC2XFMHS", "queue"),
+                           ("hold", "06H56MHD9SHF71F2", "quarantine")):
+        (tmp_path / "spool" / area / f"{qid}.json").write_text('{"bad": 1}\n')
+        (tmp_path / "spool" / "data" / qid).write_bytes(b"Subject: x\r\n\r\nx\r\n")
+        r = mailgate(cmd, "delete", qid, "--policy", str(path), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == (f"{qid}: unreadable (KeyError: 'format'): moved to "
+                            f"corrupt/{qid}.json\n")
+        assert not (tmp_path / "spool" / area / f"{qid}.json").exists()
+        assert (tmp_path / "spool" / "corrupt" / f"{qid}.data").exists()
+        assert not (tmp_path / "spool" / "data" / qid).exists()
