@@ -17,6 +17,7 @@ so the same policy file can be mounted read-only while the state goes to a volum
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -100,7 +101,7 @@ class Checker:
 
     def number(self, data: Mapping[str, Any], key: str, path: str, default: float, *,
                minimum: float | None = None, exclusive: bool = False,
-               integer: bool = False) -> Any:
+               integer: bool = False, maximum: float | None = None) -> Any:
         if key not in data:
             return default
         v = data[key]
@@ -109,8 +110,14 @@ class Checker:
         if isinstance(v, bool) or not ok:
             self.error(f"{path}.{key}", f"must be {kind}, got {v!r}")
             return default
+        if isinstance(v, float) and not math.isfinite(v):  # TOML's nan and inf
+            self.error(f"{path}.{key}", f"must be a finite number, got {v!r}")
+            return default
         if minimum is not None and (v <= minimum if exclusive else v < minimum):
             self.error(f"{path}.{key}", f"must be {kind} {'>' if exclusive else '>='} {minimum:g}")
+            return default
+        if maximum is not None and v > maximum:
+            self.error(f"{path}.{key}", f"must be {kind} <= {maximum:g}, got {v!r}")
             return default
         return v
 
@@ -154,6 +161,8 @@ class Checker:
             self.error(path, str(e))
             return None
 
+
+MAX_WORKERS = 1024  # processes forked at start: more is a typo, not a machine
 
 # Values that go into the SMTP dialogue or into header fields: no white space, no CR/LF
 HOST_NAME = (re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\]"),
@@ -259,7 +268,8 @@ def parse_policy_collecting(data: Mapping[str, Any], source: str, base: Path | N
     top = c.table(data, "", TOP_KEYS)
 
     server = c.table(top.get("server"), "server", {"hostname", "listen", "workers"})
-    workers = c.number(server, "workers", "server", 0, minimum=0, integer=True)
+    workers = c.number(server, "workers", "server", 0, minimum=0, integer=True,
+                       maximum=MAX_WORKERS)
     hostname = c.string(server, "hostname", "server", "mailgate.localdomain", shape=HOST_NAME)
     listeners = tuple(
         x for x in (c.convert(f"server.listen[{i}]", s, _listener)
@@ -544,6 +554,9 @@ def _scores(c: Checker, data: Any, path: str) -> dict[str, float]:
         if isinstance(v, bool) or not isinstance(v, int | float):
             c.error(f"{path}.{sym}", f"must be a number, got {v!r}")
             continue
+        if not math.isfinite(v):  # a nan score makes every total nan: no action would fire
+            c.error(f"{path}.{sym}", f"must be a finite number, got {v!r}")
+            continue
         out[sym] = float(v)
     return out
 
@@ -555,7 +568,8 @@ def _thresholds(c: Checker, data: Any, path: str, base: Thresholds) -> Threshold
         v = t.get(f.name, getattr(base, f.name))
         if v is False:
             v = None
-        elif v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+        elif v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
+                                or not math.isfinite(v)):
             c.error(f"{path}.{f.name}", f"must be a score, or false to turn it off; got {v!r}")
             v = getattr(base, f.name)
         values[f.name] = None if v is None else float(v)

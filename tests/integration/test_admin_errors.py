@@ -582,3 +582,22 @@ def test_an_unreadable_entry_can_be_deleted_it_is_set_aside(tmp_path):
         assert not (tmp_path / "spool" / area / f"{qid}.json").exists()
         assert (tmp_path / "spool" / "corrupt" / f"{qid}.data").exists()
         assert not (tmp_path / "spool" / "data" / qid).exists()
+
+
+def test_nan_inf_and_absurd_worker_counts_are_refused(tmp_path):
+    # before: all accepted. TOML has nan and inf: a nan score makes a message's total nan,
+    # so no threshold ever fires; 100000 workers forks 100000 processes
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY.replace("workers = 1", "workers = 100000").replace(
+        'recipients = ["@acme.org"]', 'recipients = ["@acme.org"]\ntimeout_s = nan')
+        + "[limits]\nidle_timeout_s = nan\ncommand_timeout_s = inf\n"
+        + "[scores]\nRCPT_KNOWN = nan\n[actions]\nreject = inf\n")
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (1, [
+        f"{path}: server.workers: must be an integer <= 1024, got 100000",
+        f"{path}: limits.idle_timeout_s: must be a finite number, got nan",
+        f"{path}: limits.command_timeout_s: must be a finite number, got inf",
+        f"{path}: filters.rcpt.timeout_s: must be a finite number, got nan",
+        f"{path}: scores.RCPT_KNOWN: must be a finite number, got nan",
+        f"{path}: actions.reject: must be a score, or false to turn it off; got inf",
+        f"{path}: 6 problem(s)"])
