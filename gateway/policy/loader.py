@@ -645,7 +645,8 @@ def _classes(c: Checker, data: Any, default: PolicyClass, filter_names: set[str]
                 c.error(f"{p}.domains", f"{d} is not in domains.accepted")
         skips = frozenset(c.strings(t, "skip_filters", p))
         for s in sorted(skips - filter_names):
-            c.error(f"{p}.skip_filters", f"no filter named {s!r} in the chain")
+            c.error(f"{p}.skip_filters", f"no filter named {s!r} in the chain"
+                                         f"{did_you_mean(s, filter_names)}")
         scores = {**default.scores, **_scores(c, t.get("scores"), f"{p}.scores")}
         thresholds = _thresholds(c, t.get("actions"), f"{p}.actions", default.thresholds)
         rules = _rules(c, t.get("rules"), f"{p}.rules") + default.rules

@@ -601,3 +601,15 @@ def test_nan_inf_and_absurd_worker_counts_are_refused(tmp_path):
         f"{path}: scores.RCPT_KNOWN: must be a finite number, got nan",
         f"{path}: actions.reject: must be a score, or false to turn it off; got inf",
         f"{path}: 6 problem(s)"])
+
+
+def test_a_misspelt_skip_filters_name_gets_a_suggestion(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY.replace('["acme.org"]', '["acme.org", "b.org"]').replace(
+        '["@acme.org"]', '["@acme.org", "@b.org"]')
+        + '[[filters]]\nname = "headers"\n[classes.vip]\ndomains = ["b.org"]\n'
+        + 'skip_filters = ["hedaers"]\n')
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (1, [
+        f"{path}: classes.vip.skip_filters: no filter named 'hedaers' in the chain (did you "
+        f"mean 'headers'?)", f"{path}: 1 problem(s)"])
