@@ -601,6 +601,9 @@ def _rules(c: Checker, data: Any, path: str) -> tuple[Rule, ...]:
                                 "reply"})
         name = c.string(t, "name", rp, f"rule{i + 1}")
         rp = f"{path}.{name}"
+        if any(r.name == name for r in out):
+            c.error(rp, "appears twice: rule names must be unique (the log's by=rule:NAME "
+                        "names the rule that decided)")
         if "action" not in t:
             c.error(f"{rp}.action", "is required")
         action = Action(c.string(t, "action", rp, "accept", actions))

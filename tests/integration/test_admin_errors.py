@@ -613,3 +613,14 @@ def test_a_misspelt_skip_filters_name_gets_a_suggestion(tmp_path):
     assert (r.returncode, r.stderr.splitlines()) == (1, [
         f"{path}: classes.vip.skip_filters: no filter named 'hedaers' in the chain (did you "
         f"mean 'headers'?)", f"{path}: 1 problem(s)"])
+
+
+def test_two_rules_with_one_name_are_refused(tmp_path):
+    # before: accepted; the log's by=rule:x could not tell which of them decided
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY + '[[rules]]\nname = "x"\nif_any = ["A"]\naction = "reject"\n'
+                    '[[rules]]\nname = "x"\nif_any = ["B"]\naction = "quarantine"\n')
+    r = mailgate("check-policy", str(path), cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (1, [
+        f"{path}: rules.x: appears twice: rule names must be unique (the log's by=rule:NAME "
+        f"names the rule that decided)", f"{path}: 1 problem(s)"])
