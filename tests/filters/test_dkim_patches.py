@@ -6,7 +6,6 @@ verifies (good signatures pass, a changed body fails)."""
 from __future__ import annotations
 
 import builtins
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from filters._dkimvectors import AR_MESSAGE, KEY_NAME, KEY_RECORD, PRIVATE_KEY
 from gateway import patches
 from tests.filters.test_dkim import DATA, crlf, names, results, run, signed
 from tests.filters.test_dkim import ns as ns  # noqa: F401 - the fixture: the key records
+from tests.support.patches import kept_patch_status, patch_warnings
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"DKIM corpus not found at {DATA}")
 
@@ -28,22 +28,15 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"DKIM corpus not foun
 @pytest.fixture
 def restored() -> Iterator[None]:
     """The patches as they were after the test (it re-installs some under injected faults)."""
-    status = dict(patches._status)
     crypto = {k: vars(dkim.crypto)[k] for k in ("int2str", "str2int", "pow")
               if k in vars(dkim.crypto)}
     evaluate_pk, spool = dkim.evaluate_pk, dkim_filter.SPOOL_HASHING
-    yield
-    patches._status.clear()
-    patches._status.update(status)
+    with kept_patch_status():
+        yield
     vars(dkim.crypto).pop("pow", None)
     vars(dkim.crypto).update(crypto)
     dkim.evaluate_pk, dkim_filter.SPOOL_HASHING = evaluate_pk, spool
     _dkimkeys.evaluate_pk.cache_clear()
-
-
-def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == "mailgate.patches" and r.levelno == logging.WARNING]
 
 
 def still_verifies(tmp_path: Path, port: int) -> None:
@@ -75,8 +68,8 @@ def test_wrong_int2str_falls_back_to_dkimpys(tmp_path, ns, restored, monkeypatch
     monkeypatch.setattr(_dkimcrypto, "int2str", lambda n, length=-1: bytearray(max(length, 1)))
     patches.forget("dkimpy.int-bytes")
     _dkimcrypto.install()
-    assert warnings(caplog) == ["patch dkimpy.int-bytes disabled, the library's own path is "
-                                "used: int2str of a 1-bit number, length -1: not dkimpy's"]
+    assert patch_warnings(caplog) == ["patch dkimpy.int-bytes disabled, the library's own path is "
+                                      "used: int2str of a 1-bit number, length -1: not dkimpy's"]
     assert dkim.crypto.int2str is own[0] and dkim.crypto.str2int is own[1]
     still_verifies(tmp_path, ns.port)
 
@@ -110,8 +103,8 @@ def test_broken_openssl_powmod_falls_back_to_pow(tmp_path, ns, restored, monkeyp
     monkeypatch.delattr(dkim.crypto, "pow")
     patches.forget("dkimpy.rsa-powmod")
     _dkimcrypto.install()
-    assert warnings(caplog) == [f"patch dkimpy.rsa-powmod disabled, the library's own path is "
-                                f"used: {why}"]
+    assert patch_warnings(caplog) == [f"patch dkimpy.rsa-powmod disabled, the library's own path is "
+                                      f"used: {why}"]
     assert "pow" not in vars(dkim.crypto)  # dkimpy's RSA: the built-in pow
     still_verifies(tmp_path, ns.port)
 
@@ -128,9 +121,9 @@ def test_changed_evaluate_pk_falls_back_to_dkimpys(tmp_path, ns, restored, monke
     patches.forget("dkimpy.evaluate-pk-cache")
     patches.install("dkimpy.evaluate-pk-cache", _dkimkeys.check_evaluate_pk,
                     _dkimkeys._apply_evaluate_pk)
-    assert warnings(caplog) == ["patch dkimpy.evaluate-pk-cache disabled, the library's own "
-                                "path is used: dkim.evaluate_pk takes (name, s, strict), not "
-                                "(name, s)"]
+    assert patch_warnings(caplog) == ["patch dkimpy.evaluate-pk-cache disabled, the library's own "
+                                      "path is used: dkim.evaluate_pk takes (name, s, strict), not "
+                                      "(name, s)"]
     assert dkim.evaluate_pk is evaluate_pk
     still_verifies(tmp_path, ns.port)
 
@@ -149,8 +142,8 @@ def test_broken_spool_body_hash_falls_back_to_dkimpys(tmp_path, ns, restored, mo
     patches.forget("dkimpy.spool-body-hash")
     dkim_filter.SPOOL_HASHING = patches.install("dkimpy.spool-body-hash",
                                                 dkim_filter.check_spool_verifier)
-    assert warnings(caplog) == [f"patch dkimpy.spool-body-hash disabled, the library's own "
-                                f"path is used: {why}"]
+    assert patch_warnings(caplog) == [f"patch dkimpy.spool-body-hash disabled, the library's own "
+                                      f"path is used: {why}"]
     assert not dkim_filter.SPOOL_HASHING
     if fault == "wrong body hash":  # dkimpy reads and hashes the whole message itself
         still_verifies(tmp_path, ns.port)
@@ -164,7 +157,7 @@ def test_broken_spool_body_hash_falls_back_to_dkimpys(tmp_path, ns, restored, mo
 def test_the_checks_run_once_per_process(caplog):
     """Imported again (a reload, another filter), a patch is not checked or logged twice."""
     assert patches.install("dkimpy.spool-body-hash", lambda: "never run") is True
-    assert warnings(caplog) == []
+    assert patch_warnings(caplog) == []
 
 
 # -- the ARC sealer (filters/arc.py _Arc over dkimpy's ARC internals) ----------------------------
@@ -204,8 +197,8 @@ def test_broken_arc_sealer_falls_back_to_dkimpys_sign(restored, monkeypatch, cap
                                                            arc.check_arc_signer))
     if fault == "different seal":
         assert made  # the check did try ours
-    assert warnings(caplog) == [f"patch dkimpy.arc-sealer disabled, the library's own path is "
-                                f"used: {why}"]
+    assert patch_warnings(caplog) == [f"patch dkimpy.arc-sealer disabled, the library's own path is "
+                                      f"used: {why}"]
     made.clear()
     _sealed_validates()  # dkimpy's own ARC.sign
     assert made == []

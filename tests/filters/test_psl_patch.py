@@ -5,7 +5,6 @@ patch, and the organizational domains DMARC uses are still right."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import pytest
@@ -13,20 +12,14 @@ from publicsuffixlist import PublicSuffixList
 
 from filters import _psl
 from gateway import patches
+from tests.support.patches import kept_patch_status, patch_warnings
 
 
 @pytest.fixture
 def restored(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    status = dict(patches._status)
     monkeypatch.setattr(_psl, "_list", None)
-    yield
-    patches._status.clear()
-    patches._status.update(status)
-
-
-def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == "mailgate.patches" and r.levelno == logging.WARNING]
+    with kept_patch_status():
+        yield
 
 
 ORG = {"a.b.example.co.uk": "example.co.uk", "mail.example.com": "example.com",
@@ -36,7 +29,7 @@ ORG = {"a.b.example.co.uk": "example.co.uk", "mail.example.com": "example.com",
 def test_compact_rules_are_checked_and_used(restored, caplog):
     patches.forget("publicsuffixlist.compact-rules")
     psl = _psl.suffix_list()
-    assert type(psl) is _psl.SuffixList and warnings(caplog) == []
+    assert type(psl) is _psl.SuffixList and patch_warnings(caplog) == []
     assert {d: psl.privatesuffix(d) for d in ORG} == ORG
 
 
@@ -52,9 +45,9 @@ def test_a_changed_package_reads_its_own_list(restored, monkeypatch, caplog):
     monkeypatch.setattr(_psl.SuffixList, "_parse", drops_exceptions)
     patches.forget("publicsuffixlist.compact-rules")
     psl = _psl.suffix_list()
-    assert warnings(caplog) == ["patch publicsuffixlist.compact-rules disabled, the library's "
-                                "own path is used: publicsuffix('www.ck') differs from the "
-                                "package's on a known list"]
+    assert patch_warnings(caplog) == ["patch publicsuffixlist.compact-rules disabled, the library's "
+                                      "own path is used: publicsuffix('www.ck') differs from the "
+                                      "package's on a known list"]
     assert type(psl) is PublicSuffixList
     assert {d: psl.privatesuffix(d) for d in ORG} == ORG
-    assert _psl.suffix_list() is psl and len(warnings(caplog)) == 1
+    assert _psl.suffix_list() is psl and len(patch_warnings(caplog)) == 1

@@ -5,7 +5,6 @@ line naming the patch) and the rules still hit exactly as before."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +14,7 @@ import pytest
 from filters import _literals, _rulefile
 from gateway import patches
 from tests.filters.test_rules import hits
+from tests.support.patches import kept_patch_status, patch_warnings
 
 RULES = r"""
 body     KIN      /next\s+of\s+kin|nigeria/i
@@ -29,17 +29,10 @@ EXPECTED = {"KIN", "PILLS", "SUBJ"}
 
 @pytest.fixture
 def restored() -> Iterator[None]:
-    status = dict(patches._status)
     literals, backtracking = _literals._PARSER, _rulefile._BACKTRACKING_CHECK
-    yield
-    patches._status.clear()
-    patches._status.update(status)
+    with kept_patch_status():
+        yield
     _literals._PARSER, _rulefile._BACKTRACKING_CHECK = literals, backtracking
-
-
-def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == "mailgate.patches" and r.levelno == logging.WARNING]
 
 
 def test_both_are_active_and_used_here(tmp_path: Path) -> None:
@@ -68,8 +61,8 @@ def test_a_changed_parser_gives_no_needles_and_the_rules_still_hit(
         why = "re._parser or one of its opcodes is missing"
     patches.forget("re._parser.literals")
     assert _literals.install() is False
-    assert warnings(caplog) == [f"patch re._parser.literals disabled, the library's own path is "
-                                f"used: {why}"]
+    assert patch_warnings(caplog) == [f"patch re._parser.literals disabled, the library's own path is "
+                                      f"used: {why}"]
     assert _literals.needle(r"next\s+of\s+kin", 0) is None  # no prefilter: every regex runs
     assert _literals.alternatives(r"order\s+now|order\s+today", 0) is None
     assert hits(tmp_path, RULES, MSG) == EXPECTED
@@ -85,8 +78,8 @@ def test_a_changed_parser_skips_the_backtracking_refusal_only(tmp_path, restored
     patches.forget("re._parser.backtracking")
     _rulefile._BACKTRACKING_CHECK = patches.install("re._parser.backtracking",
                                                     _rulefile.check_backtracking)
-    assert len(warnings(caplog)) == 1
-    assert warnings(caplog)[0].startswith("patch re._parser.backtracking disabled, the "
+    assert len(patch_warnings(caplog)) == 1
+    assert patch_warnings(caplog)[0].startswith("patch re._parser.backtracking disabled, the "
                                           "library's own path is used: check raised "
                                           "AttributeError")
     compiled, _ = _rulefile.compile_perl("/(a+)+b/")  # loads: regex's timeout bounds it

@@ -6,7 +6,6 @@ thread), one warning names the patch, and SPF still gives the right results."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,20 +16,15 @@ import filters.spf as spf_filter
 from gateway import patches
 from gateway.dnsresolver import DnsResolver
 from gateway.policy.schema import DnsConfig
+from tests.support.patches import kept_patch_status, patch_warnings
 
 
 @pytest.fixture
 def restored() -> Iterator[None]:
-    status, lookup, bridge = dict(patches._status), spf.DNSLookup, spf_filter.DNS_BRIDGE
-    yield
-    patches._status.clear()
-    patches._status.update(status)
+    lookup, bridge = spf.DNSLookup, spf_filter.DNS_BRIDGE
+    with kept_patch_status():
+        yield
     spf.DNSLookup, spf_filter.DNS_BRIDGE = lookup, bridge
-
-
-def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == "mailgate.patches" and r.levelno == logging.WARNING]
 
 
 def own_dns(name: str, qtype: str, strict: Any = True, timeout: Any = None) -> list[Any]:
@@ -62,8 +56,8 @@ def test_a_pyspf_that_no_longer_fits_keeps_its_own_dns(restored, monkeypatch, ca
     patches.forget("pyspf.dns-lookup")
     spf_filter.DNS_BRIDGE = patches.install("pyspf.dns-lookup", spf_filter.check_dns_bridge,
                                             spf_filter._apply_dns_bridge)
-    assert warnings(caplog) == ["patch pyspf.dns-lookup disabled, the library's own path is "
-                                "used: a known record gave 'none' for 192.0.2.7, not pass"]
+    assert patch_warnings(caplog) == ["patch pyspf.dns-lookup disabled, the library's own path is "
+                                      "used: a known record gave 'none' for 192.0.2.7, not pass"]
     assert spf.DNSLookup is spf_filter._PYSPF_LOOKUP  # pyspf's own, untouched
     monkeypatch.setattr(spf, "DNSLookup", own_dns)  # (standing in for the host's DNS)
     f = spf_filter.SpfFilter(DnsResolver(DnsConfig(nameservers=(("127.0.0.1", 9),))),
@@ -79,8 +73,8 @@ def test_a_pyspf_that_stopped_calling_dnslookup_is_detected(restored, monkeypatc
     monkeypatch.setattr(spf.query, "dns", dns)
     patches.forget("pyspf.dns-lookup")
     assert not patches.install("pyspf.dns-lookup", spf_filter.check_dns_bridge)
-    assert warnings(caplog) == ["patch pyspf.dns-lookup disabled, the library's own path is "
-                                "used: pyspf's query.dns no longer calls DNSLookup"]
+    assert patch_warnings(caplog) == ["patch pyspf.dns-lookup disabled, the library's own path is "
+                                      "used: pyspf's query.dns no longer calls DNSLookup"]
 
 
 def test_pyspfs_own_dns_asks_the_configured_nameservers_not_resolv_conf(restored, monkeypatch,
@@ -103,7 +97,7 @@ def test_pyspfs_own_dns_asks_the_configured_nameservers_not_resolv_conf(restored
     patches.forget("pyspf.dns-lookup")
     spf_filter.DNS_BRIDGE = patches.install("pyspf.dns-lookup", spf_filter.check_dns_bridge,
                                             spf_filter._apply_dns_bridge)
-    assert not spf_filter.DNS_BRIDGE and len(warnings(caplog)) == 1
+    assert not spf_filter.DNS_BRIDGE and len(patch_warnings(caplog)) == 1
     zone = 'example.org. 60 IN TXT "v=spf1 ip4:203.0.113.0/24 -all"\n'
     with DnsServer(zone) as ns:
         f = spf_filter.SpfFilter(DnsResolver(DnsConfig(nameservers=(("127.0.0.1", ns.port),))),

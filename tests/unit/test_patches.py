@@ -14,19 +14,13 @@ import pytest
 
 from gateway import dnsextras, patches
 from gateway.logs import setup_logging
+from tests.support.patches import kept_patch_status, patch_warnings
 
 
 @pytest.fixture
 def restored() -> Iterator[None]:
-    status = dict(patches._status)
-    yield
-    patches._status.clear()
-    patches._status.update(status)
-
-
-def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == "mailgate.patches" and r.levelno == logging.WARNING]
+    with kept_patch_status():
+        yield
 
 
 def test_a_failing_check_applies_nothing_and_warns_once(restored, caplog):
@@ -35,8 +29,8 @@ def test_a_failing_check_applies_nothing_and_warns_once(restored, caplog):
         assert not patches.install("lib.thing", lambda: "lib.x is gone",
                                    lambda: applied.append("x"))
     assert applied == []
-    assert warnings(caplog) == ["patch lib.thing disabled, the library's own path is used: "
-                                "lib.x is gone"]
+    assert patch_warnings(caplog) == ["patch lib.thing disabled, the library's own path is used: "
+                                      "lib.x is gone"]
     assert patches.statuses()[-1] == patches.PatchStatus("lib.thing", False, "lib.x is gone")
 
 
@@ -45,15 +39,15 @@ def test_a_check_that_raises_counts_as_failed(restored, caplog):
         raise KeyError("opcode")
 
     assert not patches.install("lib.raises", check, lambda: None)
-    assert warnings(caplog) == ["patch lib.raises disabled, the library's own path is used: "
-                                "check raised KeyError: 'opcode'"]
+    assert patch_warnings(caplog) == ["patch lib.raises disabled, the library's own path is used: "
+                                      "check raised KeyError: 'opcode'"]
 
 
 def test_a_passing_check_applies_once_silently(restored, caplog):
     applied: list[str] = []
     for _ in range(2):
         assert patches.install("lib.ok", lambda: None, lambda: applied.append("x"))
-    assert applied == ["x"] and patches.active("lib.ok") and warnings(caplog) == []
+    assert applied == ["x"] and patches.active("lib.ok") and patch_warnings(caplog) == []
 
 
 def test_calls_sees_the_names_a_function_uses():
@@ -133,8 +127,8 @@ def test_a_changed_dns_features_table_is_left_to_dnspython(restored, caplog):
         patches.forget("dnspython.features")
         caplog.clear()
         dnsextras._force_absent(SimpleNamespace(_requirements=table, force=force, have=have))
-        assert warnings(caplog) == [f"patch dnspython.features disabled, the library's own path "
-                                    f"is used: {why}"]
+        assert patch_warnings(caplog) == [f"patch dnspython.features disabled, the library's own path "
+                                          f"is used: {why}"]
     assert forced == []  # nothing forced: dnspython's own version checks answer
 
     def force2(feature: str, enabled: bool) -> None:
