@@ -14,6 +14,13 @@ The library's quirks are kept, not fixed, so that what is read here is what the 
 its CFWS rule stops at white space that follows a comment after white space, so a value that
 starts ``(a) (b) id;`` is unparsable (and removed when ``id`` is ours). Values are unfolded and
 stripped first, as dkimpy hands them to the library.
+
+The clause spans and the ``i=`` prefix come from overriding the library's private parser steps
+(``_parse``, ``_parse_resinfo``, ``_parse_pattern``, ``_parse_rfc5322_cfws``, ``_parse_text``):
+patch ``authres.clause-spans`` (gateway/patches.py) checks them once, at import, against the
+library's own reading of known values. When it is off, :func:`parse` uses the library's own
+class and gives each clause as the library renders it (comments dropped, as dkimpy's own AAR),
+and :func:`parse_aar` answers None (unparsable: no ARC override of DMARC).
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from typing import Any
 import authres
 import authres.core
 
+from gateway import patches
+
+PATCH = "authres.clause-spans"
 MAX_VALUE = 4096  # characters: longer values are not parsed (the parser is quadratic: ~12 ms)
 MAX_NESTING = 50  # comment depth: deeper values are not parsed (the parser recurses)
 _FEATURES = authres.all_features()  # arc, dmarc, ... result classes; unknown methods parse too
@@ -105,15 +115,24 @@ class _AarHeader(_Header):
 def parse(value: str) -> Parsed | None:
     """An Authentication-Results value (folded or not) as the library reads it, or None when
     it is unparsable (see the module docstring)."""
+    if not active():
+        own = _run(authres.core.AuthenticationResultsHeader, value)
+        if own is None:
+            return None
+        results = tuple(own.results)
+        return Parsed(own.authserv_id, own.version, results, tuple(str(r) for r in results))
     header = _run(_Header, value)
     if header is None:
         return None
+    assert isinstance(header, _Header)
     return Parsed(header.authserv_id, header.version, tuple(header.results), header.texts())
 
 
 def parse_aar(value: str) -> Parsed | None:
     """An ARC-Authentication-Results value as the library reads it (with its ``i=``), or None
-    when it is unparsable."""
+    when it is unparsable (always, when patch ``authres.clause-spans`` is off)."""
+    if not active():
+        return None
     header = _run(_AarHeader, value)
     if header is None:
         return None
@@ -130,7 +149,8 @@ def mentions(value: str, authserv_id: str) -> bool:
     return re.search(pattern, value, re.IGNORECASE) is not None
 
 
-def _run(cls: type[_Header], value: str) -> _Header | None:
+def _run(cls: type[authres.core.AuthenticationResultsHeader], value: str
+         ) -> authres.core.AuthenticationResultsHeader | None:
     text = _UNFOLD.sub("", value).strip(" \t\r\n")  # as dkimpy hands values to the library
     if len(text) > MAX_VALUE or _nesting(text) > MAX_NESTING:
         return None
@@ -138,7 +158,7 @@ def _run(cls: type[_Header], value: str) -> _Header | None:
         header = cls.parse_value(_FEATURES, text)
     except Exception:  # noqa: BLE001 - any failure of the library: unparsable, fail closed
         return None
-    assert isinstance(header, _Header)
+    assert isinstance(header, cls)
     return header
 
 
@@ -157,3 +177,39 @@ def _nesting(text: str) -> int:
         elif ch == ")":
             depth = max(depth - 1, 0)
     return deepest
+
+
+_KNOWN = "mx.example (ours); spf=pass (sender ok) smtp.mailfrom=a.example; dkim=fail header.d=b.example"
+_KNOWN_TEXTS = ("spf=pass (sender ok) smtp.mailfrom=a.example", "dkim=fail header.d=b.example")
+
+
+def check() -> str | None:
+    """None when the private steps the subclasses override are there and read known values as
+    the library does; else the reason."""
+    lib = authres.core.AuthenticationResultsHeader
+    for name in ("_parse", "_parse_resinfo", "_parse_pattern", "_parse_rfc5322_cfws"):
+        if not callable(getattr(lib, name, None)):
+            return f"AuthenticationResultsHeader.{name} is missing"
+    if not patches.calls(lib._parse, "_parse_resinfo"):
+        return "AuthenticationResultsHeader._parse no longer calls _parse_resinfo"
+    header = _run(_Header, _KNOWN)
+    own = _run(lib, _KNOWN)
+    if not isinstance(header, _Header) or own is None:
+        return "a known value is unparsable"
+    if (header.authserv_id, [str(r) for r in header.results]) != \
+            (own.authserv_id, [str(r) for r in own.results]):
+        return "a known value reads otherwise than with the library's own class"
+    if header.texts() != _KNOWN_TEXTS:
+        return f"a known value's clauses are {header.texts()!r}"
+    aar = _run(_AarHeader, f"i=2; {_KNOWN}")
+    if not isinstance(aar, _AarHeader) or aar.instance != 2 or aar.texts() != _KNOWN_TEXTS:
+        return "a known ARC-Authentication-Results value reads otherwise"
+    return None
+
+
+def active() -> bool:
+    """Whether patch ``authres.clause-spans`` is in use."""
+    return patches.active(PATCH)
+
+
+patches.install(PATCH, check)

@@ -11,6 +11,8 @@ import pytest
 
 from filters import _arheader
 from filters.arc import aar_result, consolidate
+from gateway import patches
+from tests.support.patches import kept_patch_status, patch_warnings
 
 
 def test_parse_keeps_each_result_clause_as_written() -> None:
@@ -115,3 +117,34 @@ def test_consolidate_matches_dkimpy_on_plain_headers() -> None:
 ])
 def test_mentions(value: str, mentioned: bool) -> None:
     assert _arheader.mentions(value, "mx.test") is mentioned
+
+
+_BREAKS = [
+    ("_parse_resinfo", None, "AuthenticationResultsHeader._parse_resinfo is missing"),
+    ("_parse", lambda self: None, "AuthenticationResultsHeader._parse no longer calls"),
+    ("_parse_rfc5322_cfws", lambda self: False, "known"),  # another answer: i=2 ; unread
+]
+
+
+@pytest.mark.parametrize(("name", "replacement", "reason"), _BREAKS)
+def test_a_changed_library_turns_the_clause_spans_off(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        name: str, replacement: object, reason: str) -> None:
+    lib = authres.core.AuthenticationResultsHeader
+    value = "mx.test; dkim=pass (good) header.d=a.example"
+    assert _arheader.parse(value).texts == ("dkim=pass (good) header.d=a.example",)  # type: ignore[union-attr]
+    with kept_patch_status():
+        if replacement is None:
+            monkeypatch.delattr(lib, name)
+        else:
+            monkeypatch.setattr(lib, name, replacement)
+        patches.forget(_arheader.PATCH)
+        assert not patches.install(_arheader.PATCH, _arheader.check)
+        [line] = patch_warnings(caplog)
+        assert line.startswith(f"patch {_arheader.PATCH} disabled") and reason in line
+        monkeypatch.undo()  # the library's own path, with the patch off
+        p = _arheader.parse(value)
+        assert p is not None and p.texts == ("dkim=pass header.d=a.example",)  # as it renders
+        assert [r.method for r in p.results] == ["dkim"]
+        assert _arheader.parse_aar(f"i=1; {value}") is None
+    assert _arheader.parse_aar(f"i=1; {value}") is not None

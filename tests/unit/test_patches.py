@@ -142,7 +142,8 @@ def test_a_changed_dns_features_table_is_left_to_dnspython(restored, caplog):
 # -- the version bounds that go with the patches --------------------------------------------------
 @pytest.mark.parametrize("dist,bound", [("dkimpy", "<1.2"), ("aiosmtpd", "<1.5"),
                                         ("dnspython", "<2.10"), ("pyspf", "<2.1"),
-                                        ("publicsuffixlist", "<1.2"), ("tnefparse", "<1.5")])
+                                        ("publicsuffixlist", "<1.2"), ("tnefparse", "<1.5"),
+                                        ("authres", "<1.3")])
 def test_each_patched_library_is_bounded_above_the_installed_minor(dist, bound):
     import re
     import tomllib
