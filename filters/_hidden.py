@@ -50,7 +50,6 @@ _YBEGIN = re.compile(rb"(?m)^=ybegin[ \t]([^\r\n]*)\r?$")
 _YEND = re.compile(rb"(?m)^=yend\b")
 _BINHEX = re.compile(rb"\(This file must be converted with BinHex 4\.0\)")
 _HQX_ALPHABET = b"!\"#$%&'()*+,-012345689@ABCDEFGHIJKLMNPQRSTUVXYZ[`abcdefhijklmpqr"
-_HQX_VALUE = {c: i for i, c in enumerate(_HQX_ALPHABET)}
 
 
 @dataclass(frozen=True, slots=True)
