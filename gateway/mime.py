@@ -303,7 +303,7 @@ def decode_header(value: str, tally: Tally | None = None) -> str:
         return value
     try:
         return _unfold(str(email.header.make_header(email.header.decode_header(value))))
-    except (LookupError, ValueError, email.errors.HeaderParseError):
+    except (LookupError, ValueError, email.errors.MessageError):  # HeaderParseError, CharsetError
         return value
 
 
