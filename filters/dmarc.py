@@ -54,7 +54,6 @@ Settings: ``enforce`` (bool, default true), ``trusted_arc_sealers`` (list of dom
 
 from __future__ import annotations
 
-import email.header
 import functools
 import random
 import unicodedata
@@ -64,6 +63,7 @@ from typing import Any
 
 from filters._psl import suffix_list
 from filters.arc import aar_result
+from gateway import mime
 from gateway.dnsresolver import DnsAnswer, DnsResolver, Resolver
 from gateway.filterapi import (
     Action,
@@ -91,8 +91,8 @@ UNUSABLE_PART = "DMARC_FROM_UNUSABLE_PART"
 # the finding, this only explains it (score 0, a symbol of its own so [scores] for
 # DMARC_BAD_FROM does not count it again)
 SEVERAL_FROM = "DMARC_SEVERAL_FROM"
-MAX_FROM_DOMAINS = 20
-MAX_DECODED = 4096  # characters: longer From values are not RFC 2047-decoded  # author domains checked in one From; more is refused outright
+MAX_FROM_DOMAINS = 20  # author domains checked in one From; more is refused outright
+MAX_DECODED = 4096  # characters: longer From values are not RFC 2047-decoded
 ARC_OVERRIDE = "DMARC_ARC_OVERRIDE"
 SETTINGS = {"enforce", "trusted_arc_sealers"}
 POLICIES = ("none", "quarantine", "reject")
@@ -222,13 +222,10 @@ def shown_domains(value: str, domains: list[str]) -> list[str]:
     a NUL, as a C string reads it."""
     out = [s for s in map(_shown, domains) if s and s not in domains]
     others = [value.split("\x00", 1)[0]] if "\x00" in value else []
-    if "=?" in value and len(value) <= MAX_DECODED:
-        try:
-            decoded = str(email.header.make_header(email.header.decode_header(value)))
-        except Exception:  # noqa: BLE001 - undecodable words: shown as they are
-            decoded = value
+    if len(value) <= MAX_DECODED:
+        decoded = mime.decode_header(value)  # undecodable words: shown as they are
         if decoded != value:
-            others.append(" ".join(decoded.split()))
+            others.append(decoded)
     for other in others:
         lax, _, strict, _ = _read(other)
         for d in (*lax, *strict, *map(_shown, (*lax, *strict))):
