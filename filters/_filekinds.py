@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import unicodedata
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from gateway import mime
@@ -24,20 +24,22 @@ MAX_OPTION_CHARS = 200
 def show(name: str) -> str:
     """A name safe for logs and SMTP replies' neighbours: control, format (bidi, zero-width)
     and line-separator characters escaped as ``\\uXXXX``, length capped."""
-    out = []
-    for ch in name:
-        if ch == "\\" or unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"):
-            out.append("\\\\" if ch == "\\" else f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    s = "".join(out)
-    return s if len(s) <= MAX_OPTION_CHARS else s[:MAX_OPTION_CHARS - 3] + "..."
+    return _escaped(name, lambda ch: unicodedata.category(ch) not in _HIDDEN, MAX_OPTION_CHARS)
 
 
 def ascii_name(name: str, limit: int = 80) -> str:
     """A name for an SMTP reply: printable ASCII only (anything else as ``\\uXXXX``)."""
-    s = "".join(ch if " " <= ch <= "~" and ch != "\\" else
-                ("\\\\" if ch == "\\" else f"\\u{ord(ch):04x}") for ch in name)
+    return _escaped(name, lambda ch: " " <= ch <= "~", limit)
+
+
+_HIDDEN = frozenset(("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"))
+
+
+def _escaped(name: str, keep: Callable[[str], bool], limit: int) -> str:
+    """``name`` with ``\\`` doubled and each character not kept as ``\\uXXXX``, cut at
+    ``limit`` characters (``...`` ending a cut one)."""
+    s = "".join("\\\\" if ch == "\\" else ch if keep(ch) else f"\\u{ord(ch):04x}"
+                for ch in name)
     return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
