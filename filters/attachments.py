@@ -84,7 +84,15 @@ from gateway.filterapi import (
 )
 from gateway.replies import Reply
 from gateway.services import Services
-from gateway.settings import boolean, check_keys, integer, opt_str, positive, str_list
+from gateway.settings import (
+    action_setting,
+    boolean,
+    check_keys,
+    integer,
+    positive,
+    str_list,
+    symbol_list,
+)
 
 if TYPE_CHECKING:
     import zipfile
@@ -128,7 +136,6 @@ SYMBOLS = {  # name -> default score
 }
 DEFAULT_ACTION_ON = ("ATTACH_BANNED_EXT", "ATTACH_BANNED_TYPE", "ATTACH_DOUBLE_EXT",
                      "ATTACH_BIDI", "ATTACH_EXECUTABLE", "ATTACH_ZIPBOMB")
-ACTIONS = {"reject": Action.REJECT, "quarantine": Action.QUARANTINE, "none": None}
 
 BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufeff\u180e")
@@ -237,16 +244,8 @@ class AttachmentsFilter(Filter):
             max_nested_bytes=integer(cfg, "max_nested_bytes", DEFAULT_LIMITS.max_nested_bytes, 1),
             scan_time_s=positive(cfg, "scan_time_s", DEFAULT_LIMITS.scan_time_s),
         )
-        action_name = opt_str(cfg, "action") or "reject"
-        if action_name not in ACTIONS:
-            raise ConfigError("action", f"must be one of {', '.join(ACTIONS)}")
-        action_on = str_list(cfg, "action_on") if "action_on" in cfg else DEFAULT_ACTION_ON
-        for s in action_on:
-            if s not in SYMBOLS:
-                raise ConfigError("action_on", f"{s!r} is not a symbol of this filter "
-                                  f"(known: {', '.join(sorted(SYMBOLS))})")
         return cls(frozenset(norm_ext), frozenset(t.lower() for t in types), limits,
-                   ACTIONS[action_name], frozenset(action_on),
+                   action_setting(cfg), symbol_list(cfg, "action_on", SYMBOLS, DEFAULT_ACTION_ON),
                    boolean(cfg, "scan_text_parts", True))
 
     async def on_message(self, ctx: FilterContext) -> Result:

@@ -61,10 +61,9 @@ from gateway.filterapi import (
 from gateway.message import Message
 from gateway.replies import Reply
 from gateway.services import Services
-from gateway.settings import check_keys, integer, opt_str, positive
+from gateway.settings import action_setting, check_keys, integer, opt_str, positive
 
 SETTINGS = {"address", "scan_timeout_s", "stream_max_bytes", "chunk_bytes", "action"}
-ACTIONS = {"reject": Action.REJECT, "quarantine": Action.QUARANTINE, "none": None}
 MAX_REPLY_BYTES = 4096  # a clamd reply is one short line; anything longer is an error
 _SIGNATURE = re.compile(r"[^\x21-\x7e]")  # keep names printable (they go into SMTP replies)
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
@@ -285,10 +284,7 @@ class ClamavFilter(Filter):
         chunk_bytes = integer(cfg, "chunk_bytes", 65536, minimum=1024)
         if chunk_bytes > 16 * 1024 * 1024:
             raise ConfigError("chunk_bytes", "must be at most 16777216")
-        action_name = opt_str(cfg, "action") or "reject"
-        if action_name not in ACTIONS:
-            raise ConfigError("action", f"must be one of {', '.join(ACTIONS)}")
-        return cls(Clamd(address, timeout_s, chunk_bytes), stream_max, ACTIONS[action_name])
+        return cls(Clamd(address, timeout_s, chunk_bytes), stream_max, action_setting(cfg))
 
     async def ping(self) -> bool:
         """Readiness: True when clamd answers PONG."""

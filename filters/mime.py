@@ -29,14 +29,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway import mime
-from gateway.filterapi import Action, ConfigError, Filter, FilterContext, Result, Symbol, Verdict
+from gateway.filterapi import Action, Filter, FilterContext, Result, Symbol, Verdict
 from gateway.replies import Reply
 from gateway.services import Services
-from gateway.settings import check_keys, opt_str, str_list
+from gateway.settings import action_setting, check_keys, symbol_list
 
 SYMBOLS = {"MIME_TOO_DEEP": 10.0, "MIME_TOO_MANY_PARTS": 10.0, "MIME_TOO_MANY_HEADERS": 10.0,
            "MIME_TOO_MANY_ENCODED_WORDS": 10.0, "MIME_AMBIGUOUS": 10.0}
-ACTIONS = {"reject": Action.REJECT, "quarantine": Action.QUARANTINE, "none": None}
 WHAT = {"MIME_TOO_DEEP": "MIME nesting", "MIME_TOO_MANY_PARTS": "MIME parts",
         "MIME_TOO_MANY_HEADERS": "header fields", "MIME_TOO_MANY_ENCODED_WORDS": "encoded words",
         "MIME_AMBIGUOUS": "MIME structure read two ways:"}
@@ -53,15 +52,7 @@ class MimeFilter(Filter):
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], services: Services) -> MimeFilter:
         check_keys(cfg, {"action", "action_on"})
-        action_name = opt_str(cfg, "action") or "reject"
-        if action_name not in ACTIONS:
-            raise ConfigError("action", f"must be one of {', '.join(ACTIONS)}")
-        action_on = str_list(cfg, "action_on") if "action_on" in cfg else tuple(SYMBOLS)
-        for s in action_on:
-            if s not in SYMBOLS:
-                raise ConfigError("action_on", f"{s!r} is not a symbol of this filter "
-                                  f"(known: {', '.join(sorted(SYMBOLS))})")
-        return cls(ACTIONS[action_name], frozenset(action_on))
+        return cls(action_setting(cfg), symbol_list(cfg, "action_on", SYMBOLS, SYMBOLS))
 
     async def on_message(self, ctx: FilterContext) -> Result:
         assert ctx.message is not None

@@ -7,11 +7,13 @@ import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from gateway.filterapi import ConfigError
+from gateway.filterapi import Action, ConfigError
 
 # The keys of a ``[[filters]]`` entry the loader reads itself (gateway/policy/loader.py
 # FILTER_KEYS); everything else in the entry is the filter's own settings.
 ENTRY_KEYS = frozenset({"name", "module", "timeout_s", "on_error", "enabled"})
+# what a content filter's ``action`` setting may name (attachments, clamav, mime)
+ACTIONS = {"reject": Action.REJECT, "quarantine": Action.QUARANTINE, "none": None}
 
 
 def did_you_mean(key: str, known: Iterable[str]) -> str:
@@ -63,3 +65,25 @@ def integer(cfg: Mapping[str, Any], key: str, default: int, minimum: int) -> int
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise ConfigError(key, f"must be an integer >= {minimum}")
     return v
+
+
+def action_setting(cfg: Mapping[str, Any], key: str = "action", default: str = "reject"
+           ) -> Action | None:
+    """The verdict a content filter gives on a finding: ``reject``, ``quarantine`` or
+    ``none`` (no verdict, symbols only)."""
+    name = opt_str(cfg, key) or default
+    if name not in ACTIONS:
+        raise ConfigError(key, f"must be one of {', '.join(ACTIONS)}")
+    return ACTIONS[name]
+
+
+def symbol_list(cfg: Mapping[str, Any], key: str, known: Iterable[str],
+                default: Iterable[str]) -> frozenset[str]:
+    """A list of the filter's own symbol names (``action_on``); the default when absent."""
+    names = str_list(cfg, key) if key in cfg else tuple(default)
+    known = set(known)
+    for s in names:
+        if s not in known:
+            raise ConfigError(key, f"{s!r} is not a symbol of this filter "
+                                   f"(known: {', '.join(sorted(known))})")
+    return frozenset(names)
