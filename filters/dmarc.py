@@ -291,7 +291,7 @@ class DmarcFilter(Filter):
                           data=_data(PERMERROR, None, "none", reason=why))
         if len(domains) == 1 and not why:
             return await self._evaluate(ctx, domains[0])
-        if len(domains) == 1 and _junk_beside(msg.get_all("From")[0]):
+        if len(domains) == 1 and _junk_beside(froms[0]):
             # one author domain, checked as usual; the unusable rest is the headers filter's
             # finding (HEADERS_BAD_FROM): explained here, not scored twice
             result = await self._evaluate(ctx, domains[0])
