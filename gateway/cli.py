@@ -50,8 +50,6 @@ def build_parser(*, only_run: bool = False) -> argparse.ArgumentParser:
                      "the same as $MAILGATE_LISTEN, comma-separated)")
     if only_run:
         return parser
-    from gateway import queuecli
-
     check = sub.add_parser("check-policy", help="validate a policy file and what running it "
                            "needs, and exit",
                            description="Validate a policy file, its filters' files and what "
@@ -60,36 +58,32 @@ def build_parser(*, only_run: bool = False) -> argparse.ArgumentParser:
     check.add_argument("policy", type=Path, nargs="?", help=f"policy file ({POLICY_HELP})")
     check.add_argument("--policy", type=Path, dest="policy_option", metavar="POLICY",
                        help="the same, as an option")
-    queue = sub.add_parser("queue", help="list and manage the queue (works whether the "
-                           "gateway runs or not)",
-                           description="List and manage queued messages. Exit codes: 0 ok, "
-                           "1 not found / busy / wrong state, or a bad policy or spool, "
-                           "2 bad usage.")
-    queuecli.add_arguments(queue, POLICY_HELP)
-    from gateway import quarantinecli
+    import importlib
 
-    quarantine = sub.add_parser("quarantine", help="list, show, release, delete and expire "
-                                "quarantined mail (works whether the gateway runs or not)",
-                                description="Quarantined messages. Exit codes: 0 ok, 1 not "
-                                "found / busy, or a bad policy or spool, 2 bad usage.")
-    quarantinecli.add_arguments(quarantine, POLICY_HELP)
-    from gateway import learncli
-
-    learn = sub.add_parser("learn", help="train the bayes filter from message files, Maildir "
-                           "folders and mbox files",
-                           description="Learn messages as spam or ham, or forget them. Exit "
-                           "codes: 0 ok, 1 some messages unreadable, or a bad policy, store or "
-                           "PATH, 2 bad usage.")
-    learncli.add_arguments(learn, POLICY_HELP)
-    from gateway import healthcli
-
-    health = sub.add_parser("health", help="check that every listener answers with a 220 "
-                            "greeting (for container and service health checks)",
-                            description="Connect to each listening address of the policy and "
-                            "expect the 220 greeting. Exit codes: 0 all answer, 1 one does "
-                            "not (or the policy does not load), 2 usage.")
-    healthcli.add_arguments(health, POLICY_HELP)
+    for name, help_, description in _ADMIN_COMMANDS:
+        module = importlib.import_module(f"gateway.{name}cli")
+        module.add_arguments(sub.add_parser(name, help=help_, description=description),
+                             POLICY_HELP)
     return parser
+
+
+_ADMIN_COMMANDS: tuple[tuple[str, str, str], ...] = (
+    # (command, help, description): each is gateway/<command>cli.py's add_arguments
+    ("queue", "list and manage the queue (works whether the gateway runs or not)",
+     "List and manage queued messages. Exit codes: 0 ok, 1 not found / busy / wrong state, "
+     "or a bad policy or spool, 2 bad usage."),
+    ("quarantine", "list, show, release, delete and expire quarantined mail (works whether "
+     "the gateway runs or not)",
+     "Quarantined messages. Exit codes: 0 ok, 1 not found / busy, or a bad policy or spool, "
+     "2 bad usage."),
+    ("learn", "train the bayes filter from message files, Maildir folders and mbox files",
+     "Learn messages as spam or ham, or forget them. Exit codes: 0 ok, 1 some messages "
+     "unreadable, or a bad policy, store or PATH, 2 bad usage."),
+    ("health", "check that every listener answers with a 220 greeting (for container and "
+     "service health checks)",
+     "Connect to each listening address of the policy and expect the 220 greeting. Exit "
+     "codes: 0 all answer, 1 one does not (or the policy does not load), 2 usage."),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
