@@ -4,11 +4,11 @@ without the BAYES_ symbols passes a threshold; a message already learned is not 
 
 from __future__ import annotations
 
-import smtplib
 import time
 from pathlib import Path
 
 from filters._bayesstore import SqliteReader
+from tests.support.accepted import send_accepted
 from tests.support.gateway import base_policy
 from tests.support.sink import Sink
 
@@ -21,16 +21,6 @@ def message(n: int, *, date: bool) -> bytes:
     if date:
         head += "Date: Sat, 28 Nov 2026 10:00:00 +0000\r\n"
     return (head + f"\r\nbody text number {n} with some words\r\n").encode()
-
-
-def send(gw, data: bytes) -> str:
-    with smtplib.SMTP(*gw.address, timeout=10) as s:
-        s.ehlo("client.test")
-        s.mail("bob@sender.test")
-        s.rcpt(RCPT)
-        code, text = s.data(data)
-    assert code == 250, text
-    return text.decode().rsplit(" ", 1)[1]
 
 
 def test_autolearn_learns_by_score_without_bayes_and_never_twice(gateway_factory,
@@ -51,15 +41,15 @@ def test_autolearn_learns_by_score_without_bayes_and_never_twice(gateway_factory
             return gw.wait_for(lambda e: e.get("event") == "bayes_autolearn"
                                and e.get("qid") == qid)
 
-        spam_qid = send(gw, message(1, date=False))  # 4.5 without Bayes: spam
+        spam_qid = send_accepted(gw.address, RCPT, message(1, date=False))  # 4.5 without Bayes: spam
         assert (learned(spam_qid)["klass"], learned(spam_qid)["outcome"]) == ("spam", "learned")
-        ham_qid = send(gw, message(2, date=True))  # 0 without Bayes: ham
+        ham_qid = send_accepted(gw.address, RCPT, message(2, date=True))  # 0 without Bayes: ham
         assert (learned(ham_qid)["klass"], learned(ham_qid)["outcome"]) == ("ham", "learned")
-        again = send(gw, message(1, date=False))  # the same message: known, not counted twice
+        again = send_accepted(gw.address, RCPT, message(1, date=False))  # the same message: known, not counted twice
         assert learned(again)["outcome"] == "known"
         # 2.0 (no Message-ID), between the thresholds: not learned at all
-        between = send(gw, message(3, date=True).replace(b"Message-ID", b"X-Id"))
-        later = send(gw, message(4, date=True))
+        between = send_accepted(gw.address, RCPT, message(3, date=True).replace(b"Message-ID", b"X-Id"))
+        later = send_accepted(gw.address, RCPT, message(4, date=True))
         assert learned(later)["klass"] == "ham"  # the hooks of later mail have run
         time.sleep(0.3)
         assert not [e for e in gw.events("bayes_autolearn") if e.get("qid") == between]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import smtplib
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from gateway.app import QMGR_TASK, Runtime
 from gateway.qid import new_qid
 from gateway.queue_entry import QueueEntry, Recipient
 from tests.support import toml
+from tests.support.accepted import send_accepted
 from tests.support.gateway import base_policy
 from tests.support.sink import Sink
 
@@ -31,16 +31,6 @@ def _message(n: int) -> bytes:
     return (f"From: bob@sender.test\r\nTo: {RCPT}\r\nSubject: note {n}\r\n"
             f"Date: Sat, 28 Nov 2026 10:00:00 +0000\r\nMessage-ID: <m{n}@sender.test>\r\n"
             f"\r\nbody text number {n} with some words\r\n").encode()
-
-
-def _send(port: int, data: bytes) -> str:
-    with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
-        s.ehlo("client.test")
-        s.mail("bob@sender.test")
-        s.rcpt(RCPT)
-        code, text = s.data(data)
-    assert code == 250, text
-    return text.decode().rsplit(" ", 1)[1]
 
 
 async def _until(pred: Any, timeout_s: float = 15) -> bool:
@@ -95,7 +85,7 @@ def test_queue_manager_and_autolearn_run_again_after_injected_failures(
             runtime.qmgr._scan = scan_failing_once  # type: ignore[method-assign]
             await runtime.start()  # the first scan runs at once, and fails
             port = runtime.servers[0].sockets[0].getsockname()[1]
-            qids = [await asyncio.to_thread(_send, port, _message(n)) for n in (1, 2)]
+            qids = [await asyncio.to_thread(send_accepted, ("127.0.0.1", port), RCPT, _message(n)) for n in (1, 2)]
             # committed by "another worker": only a scan finds it
             other = new_qid()
             data = _message(3)
