@@ -117,11 +117,6 @@ def load_engine(path: Path) -> Engine:
     return engine
 
 
-def make_tls_context(policy: Policy) -> ssl.SSLContext | None:
-    """The server TLS context (gateway/preflight.py); PolicyError naming the file."""
-    return tls_context(policy)
-
-
 def load_checked(path: Path) -> tuple[Engine, ssl.SSLContext | None]:
     """``load_engine`` and the TLS files (the server's pair, the downstream's CA file), every
     problem of both in one PolicyError: a TLS pair that does not load is reported beside the
@@ -147,7 +142,7 @@ def _tls_files(policy: Policy) -> tuple[ssl.SSLContext | None, list[str]]:
     problems: list[str] = []
     ctx = None
     try:
-        ctx = make_tls_context(policy)
+        ctx = tls_context(policy)  # gateway/preflight.py; PolicyError naming the file
     except PolicyError as e:
         problems += e.problems
     if (ca := policy.relay.tls_ca_file) is not None:
