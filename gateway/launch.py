@@ -109,7 +109,7 @@ def run(policy_path: Path) -> int:
             return code
         locks.append(lock_spool(policy.spool.directory))
         sockets = bind_listeners(policy)
-        code = _in_child(policy_path, _recover_spool)
+        code = _in_child(policy_path, lambda _: _recover_spool(policy.spool.directory))
         if code:
             return code
         from gateway.workers import supervise
@@ -174,11 +174,12 @@ def _reload_check(policy_path: Path) -> bool:
     return os.waitstatus_to_exitcode(status) == 0
 
 
-def _recover_spool(policy_path: Path) -> None:
-    """Recover the spool (under the lock; logs its own "spool-recovered" line)."""
+def _recover_spool(directory: Path) -> None:
+    """Recover the spool just locked (the policy is not read again: the directory is the one
+    the lock is on; logs its own "spool-recovered" line)."""
     from gateway.app import open_spool
 
-    open_spool(load_policy(policy_path).spool.directory).recover()
+    open_spool(directory).recover()
 
 
 def _in_child(policy_path: Path, job: Callable[[Path], None]) -> int:
