@@ -37,6 +37,7 @@ import dns.asyncbackend
 import dns.message
 import dns.nameserver
 
+from gateway import patches
 from gateway.logs import event
 
 log = logging.getLogger("mailgate.dns")
@@ -174,3 +175,27 @@ def unreachable(errors: list[Any]) -> str | None:
                else (exc.strerror or str(exc) or type(exc).__name__).lower())
         seen.setdefault(str(server), why)
     return "no nameserver reachable: " + "; ".join(f"{w} {why}" for w, why in seen.items())
+
+
+def check_connected_udp() -> str | None:
+    """The dnspython behaviour this module relies on, looked up once at import (patches.py):
+    ``Do53Nameserver.async_query`` takes the arguments passed on, and the backend is asked
+    ``datagram_connection_required``. None when all hold, else the reason."""
+    import inspect
+
+    import dns.asyncquery
+    params = inspect.signature(dns.nameserver.Do53Nameserver.async_query).parameters
+    wanted = ("request", "timeout", "source", "source_port", "max_size", "backend",
+              "one_rr_per_rrset", "ignore_trailing")
+    missing = [p for p in wanted if p not in params]
+    if missing:
+        return "Do53Nameserver.async_query lacks " + ", ".join(missing)
+    if not hasattr(dns.asyncbackend.Backend, "datagram_connection_required"):
+        return "dns.asyncbackend.Backend has no datagram_connection_required"
+    if not patches.calls(dns.asyncquery.udp, "datagram_connection_required"):
+        return "dns.asyncquery.udp no longer asks datagram_connection_required"
+    return None
+
+
+# when the check fails, dnsresolver.py keeps dnspython's own nameservers (slow but correct)
+FAIL_FAST = patches.install("dnspython.connected-udp", check_connected_udp)

@@ -140,7 +140,7 @@ class DnsResolver:
         import dns.asyncresolver
         import dns.nameserver
 
-        from gateway.dnsfailfast import Health, fail_fast
+        from gateway.dnsfailfast import FAIL_FAST, Health, fail_fast
         if self.cfg.nameservers:
             r = dns.asyncresolver.Resolver(configure=False)  # never reads /etc/resolv.conf
             r.nameservers = [dns.nameserver.Do53Nameserver(host, port)
@@ -151,8 +151,9 @@ class DnsResolver:
             source = "resolv.conf"
         # connected UDP sockets and a hold-down after a refusal: a dead server fails at once
         self._health = Health(self.down_hold_s)
-        r.nameservers = fail_fast(list(r.nameservers), self._health, port=r.port,
-                                  ports=dict(r.nameserver_ports))
+        if FAIL_FAST:  # its dnspython self-check passed at import (gateway/patches.py)
+            r.nameservers = fail_fast(list(r.nameservers), self._health, port=r.port,
+                                      ports=dict(r.nameserver_ports))
         r.lifetime = self.cfg.timeout_s
         r.timeout = min(PER_SERVER_S, self.cfg.timeout_s)
         r.cache = None  # ours caches DnsAnswer values, negative ones included

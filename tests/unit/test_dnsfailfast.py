@@ -200,3 +200,18 @@ def test_servers_read_from_resolv_conf_fail_fast(tmp_path, monkeypatch) -> None:
     assert answer.status == "temperror" and took < FAST_S, (answer, took)  # old: 2 s
     assert answer.error == f"no nameserver reachable: 127.0.0.1:{port} connection refused"
     assert r.refusals == 1
+
+
+def test_the_dnspython_check_passes_and_its_failure_keeps_dnspythons_own_servers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registered in gateway/patches.py: the check passes on the pinned dnspython; when it
+    fails (a changed dnspython), the resolver keeps plain Do53 servers (the library's path)."""
+    import dns.nameserver
+
+    import gateway.dnsfailfast as ff
+    assert ff.check_connected_udp() is None and ff.FAIL_FAST
+    monkeypatch.setattr(ff, "FAIL_FAST", False)
+    r = make(("127.0.0.1", closed_udp_port()))
+    resolver = r._get()
+    assert resolver is not None
+    assert [type(ns) for ns in resolver.nameservers] == [dns.nameserver.Do53Nameserver]
