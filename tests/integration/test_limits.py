@@ -18,6 +18,7 @@ import pytest
 
 from tests.support.gateway import GatewayProcess, base_policy
 from tests.support.smtpclient import RawSmtpClient
+from tests.support.trickle import trickle_until_answer
 
 SENDER = "bob@sender.test"
 RCPT = "alice@example.test"
@@ -479,22 +480,9 @@ def test_data_timeout_total_budget(gateway_factory):
     with RawSmtpClient(gw.address) as c:
         start_transaction(c)
         assert c.cmd("DATA").startswith("354 ")
-        t0 = time.monotonic()
-        c.sock.settimeout(0.3)  # one line every 0.3 s: never idle for a whole block timeout
-        got = b""
-        for i in range(40):
-            try:
-                c.send(b"X-Trickle: %d\r\n" % i)
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            try:
-                got = c.sock.recv(65536)
-                break
-            except TimeoutError:
-                continue
-        waited = time.monotonic() - t0
-        c.buf = got
-        c.sock.settimeout(3)
+        # one line every 0.3 s: never idle for a whole block timeout
+        waited = trickle_until_answer(c, lambda i: b"X-Trickle: %d\r\n" % i,
+                                      every_s=0.3, count=40, reply_timeout_s=3)
         [line] = c.reply_lines()
         assert c.closed()
     m = re.fullmatch(r"421 4\.4\.2 Timeout during DATA \(([0-9A-Z]{16})\)", line)

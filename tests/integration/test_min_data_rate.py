@@ -17,6 +17,7 @@ from tests.integration.test_limits import (
     start_transaction,
 )
 from tests.support.smtpclient import RawSmtpClient
+from tests.support.trickle import trickle_until_answer
 
 
 def test_a_dribbler_is_cut_with_421_and_disconnected(gateway_factory):
@@ -25,22 +26,10 @@ def test_a_dribbler_is_cut_with_421_and_disconnected(gateway_factory):
     with RawSmtpClient(gw.address) as c:
         start_transaction(c)
         assert c.cmd("DATA").startswith("354 ")
-        t0 = time.monotonic()
-        c.sock.settimeout(0.1)  # one byte every 0.1 s (10 B/s) until the gateway answers
-        got = b""
-        for i in range(150):  # at most ~15 s (the old gateway waited data_timeout_s)
-            try:
-                c.send(BODY[i % len(BODY):i % len(BODY) + 1])
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            try:
-                got = c.sock.recv(65536)
-                break
-            except TimeoutError:
-                continue
-        waited = time.monotonic() - t0
-        c.buf = got
-        c.sock.settimeout(5)
+        # one byte every 0.1 s (10 B/s) until the gateway answers: at most ~15 s (the old
+        # gateway waited data_timeout_s)
+        waited = trickle_until_answer(c, lambda i: BODY[i % len(BODY):i % len(BODY) + 1],
+                                      every_s=0.1, count=150, reply_timeout_s=5)
         [line] = c.reply_lines()
         assert c.closed()  # the connection is closed after the 421
     m = re.fullmatch(r"421 4\.4\.2 Data too slow, closing connection \(([0-9A-Z]{16})\)",
