@@ -65,7 +65,7 @@ def auth_chain() -> list[dict[str, Any]]:
 def gateway(workdir: Path, sink: Sink, nameserver: str) -> GatewayProcess:
     return GatewayProcess(workdir, base_policy(
         downstream=f"smtp://127.0.0.1:{sink.port}",
-        dns={"nameservers": [nameserver], "timeout_s": 5}, filters=auth_chain())).start()
+        dns={"nameservers": [nameserver], "timeout_s": 5}, filters=auth_chain()))
 
 
 class World:
@@ -85,17 +85,11 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    with DnsServer(zone()) as ns, Sink() as sink:
-        up = gateway(tmp_path_factory.mktemp("up"), sink, f"127.0.0.1:{ns.port}")
-        try:
-            down = gateway(tmp_path_factory.mktemp("down"), sink,
-                           f"127.0.0.1:{closed_udp_port()}")
-            try:
-                yield World(sink, up, down)
-            finally:
-                down.stop()
-        finally:
-            up.stop()
+    dead = f"127.0.0.1:{closed_udp_port()}"
+    with DnsServer(zone()) as ns, Sink() as sink, \
+            gateway(tmp_path_factory.mktemp("up"), sink, f"127.0.0.1:{ns.port}") as up, \
+            gateway(tmp_path_factory.mktemp("down"), sink, dead) as down:
+        yield World(sink, up, down)
 
 
 def symbol_names(ev: dict[str, Any]) -> set[str]:

@@ -89,20 +89,14 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     sockdir = tmp_path_factory.mktemp("sock")
     with Sink() as sink:
-        def start(name: str, clamd: str, on_error: str) -> GatewayProcess:
+        def gateway(name: str, clamd: str, on_error: str) -> GatewayProcess:
             return GatewayProcess(tmp_path_factory.mktemp(name), base_policy(
                 downstream=f"smtp://127.0.0.1:{sink.port}",
-                filters=scanners(clamd, on_error))).start()
+                filters=scanners(clamd, on_error)))
 
-        tempfail = start("tempfail", f"tcp:127.0.0.1:{closed_tcp_port()}", "tempfail")
-        try:
-            cont = start("continue", stale_unix_socket(sockdir / "clamd.sock"), "continue")
-            try:
-                yield World(sink, tempfail, cont)
-            finally:
-                cont.stop()
-        finally:
-            tempfail.stop()
+        with gateway("tempfail", f"tcp:127.0.0.1:{closed_tcp_port()}", "tempfail") as tempfail, \
+                gateway("continue", stale_unix_socket(sockdir / "clamd.sock"), "continue") as cont:
+            yield World(sink, tempfail, cont)
 
 
 def names(ev: dict[str, Any]) -> set[str]:
