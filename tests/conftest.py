@@ -1,7 +1,10 @@
-"""Shared pytest fixtures: a factory for real gateway processes on loopback."""
+"""Shared pytest fixtures: a factory for real gateway processes on loopback, and a directory
+every user may use (for runs as nobody)."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,15 @@ def gateway_factory(tmp_path: Path) -> Iterator[Any]:
     yield make
     for gw in started:
         gw.stop()
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory every user may read and write (pytest's tmp_path is root's alone)."""
+    d = Path(tempfile.mkdtemp(prefix="mailgate-public-"))
+    d.chmod(0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -12,9 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -325,15 +323,6 @@ def test_a_failed_reload_is_one_line_whatever_the_number_of_workers(gateway_fact
     assert code == 250, text
     reload(gw, good, "reloaded")  # a valid file still reaches every worker
     gw.wait_for(lambda e: len(gw.events("reloaded")) == 3, timeout_s=20)
-
-
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    """A directory every user may read and write (pytest's tmp_path is root's alone)."""
-    d = Path(tempfile.mkdtemp(prefix="mailgate-admin-"))
-    d.chmod(0o777)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_a_spool_whose_areas_are_not_writable_is_refused_at_check_and_start(public_dir):

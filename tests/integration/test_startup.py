@@ -14,9 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -170,15 +168,6 @@ def _nobody() -> tuple[str, ...]:
     if shutil.which("setpriv") is None or os.geteuid() != 0:
         pytest.skip("needs root and setpriv to run the gateway as nobody")
     return ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
-
-
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    """A directory every user may read and write (pytest's tmp_path is root's alone)."""
-    d = Path(tempfile.mkdtemp(prefix="mailgate-startup-"))
-    d.chmod(0o777)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_a_privileged_port_as_non_root_is_one_line_with_the_reason(public_dir):
