@@ -51,6 +51,12 @@ recipients = ["@acme.org"]
 """
 
 
+
+def refused(path: Path) -> tuple[int, list[str]]:
+    """check-policy on ``path``: its exit code and stderr lines."""
+    r = mailgate("check-policy", str(path), cwd=path.parent)
+    return r.returncode, r.stderr.splitlines()
+
 def test_yaml_syntax_error_is_one_line_in_check_policy_and_run(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text('server:\n  hostname: "x\n  listen: [\n')
@@ -428,8 +434,7 @@ def test_each_broken_plugin_file_is_named_for_its_own_filter_on_one_line(tmp_pat
     path = tmp_path / "p.toml"
     path.write_text(POLICY + '[plugins]\ndirs = ["plugins"]\n'
                     + "".join(f'[[filters]]\nname = "{n}"\n' for n in ("vip", "imp", "rt", "good")))
-    r = mailgate("check-policy", str(path), cwd=tmp_path)
-    assert (r.returncode, r.stderr.splitlines()) == (1, [
+    assert refused(path) == (1, [
         f"{path}: filters.vip: plugin file {plugins / 'vip.py'}: SyntaxError: invalid syntax "
         f"(vip.py, line 1)",
         f"{path}: filters.imp: plugin file {plugins / 'imp.py'}: ModuleNotFoundError: No module "
@@ -463,8 +468,7 @@ def test_every_bad_recipient_entry_is_named_with_its_map_line(tmp_path):
     path.write_text(POLICY.replace('recipients = ["@acme.org"]',
                                    'recipients = ["nobody", "@acme.org"]\n'
                                    'recipient_map_file = "users"'))
-    r = mailgate("check-policy", str(path), cwd=tmp_path)
-    assert (r.returncode, r.stderr.splitlines()) == (1, [
+    assert refused(path) == (1, [
         f"{path}: filters.rcpt.recipients: 'nobody' is not an address or @domain",
         f"{path}: filters.rcpt.recipient_map_file: users:2: 'not' is not an address or @domain",
         f"{path}: filters.rcpt.recipient_map_file: users:4: 'x' is not an address or @domain",
@@ -517,8 +521,7 @@ def test_names_and_texts_that_go_into_the_dialogue_or_headers_are_checked(tmp_pa
                     + '[headers]\nspam_header_prefix = "X-Spam:\\r\\nBcc: a@b"\n'
                     + 'subject_tag = "[SPAM]\\r\\nBcc: x@y"\n')
     host = "a host name (letters, digits, '-', '.') or an address literal like [192.0.2.1]"
-    r = mailgate("check-policy", str(path), cwd=tmp_path)
-    assert (r.returncode, r.stderr.splitlines()) == (1, [
+    assert refused(path) == (1, [
         f"{path}: server.hostname: must be {host}, got 'mx 1\\r\\nX-Evil: 1'",
         f"{path}: relay.helo_name: must be {host}, got 'bad name'",
         f"{path}: headers.spam_header_prefix: must be the start of a header field name: "
@@ -581,8 +584,7 @@ def test_nan_inf_and_absurd_worker_counts_are_refused(tmp_path):
         'recipients = ["@acme.org"]', 'recipients = ["@acme.org"]\ntimeout_s = nan')
         + "[limits]\nidle_timeout_s = nan\ncommand_timeout_s = inf\n"
         + "[scores]\nRCPT_KNOWN = nan\n[actions]\nreject = inf\n")
-    r = mailgate("check-policy", str(path), cwd=tmp_path)
-    assert (r.returncode, r.stderr.splitlines()) == (1, [
+    assert refused(path) == (1, [
         f"{path}: server.workers: must be an integer <= 1024, got 100000",
         f"{path}: limits.idle_timeout_s: must be a finite number, got nan",
         f"{path}: limits.command_timeout_s: must be a finite number, got inf",
@@ -598,8 +600,7 @@ def test_a_misspelt_skip_filters_name_gets_a_suggestion(tmp_path):
         '["@acme.org"]', '["@acme.org", "@b.org"]')
         + '[[filters]]\nname = "headers"\n[classes.vip]\ndomains = ["b.org"]\n'
         + 'skip_filters = ["hedaers"]\n')
-    r = mailgate("check-policy", str(path), cwd=tmp_path)
-    assert (r.returncode, r.stderr.splitlines()) == (1, [
+    assert refused(path) == (1, [
         f"{path}: classes.vip.skip_filters: no filter named 'hedaers' in the chain (did you "
         f"mean 'headers'?)", f"{path}: 1 problem(s)"])
 
@@ -609,7 +610,6 @@ def test_two_rules_with_one_name_are_refused(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text(POLICY + '[[rules]]\nname = "x"\nif_any = ["A"]\naction = "reject"\n'
                     '[[rules]]\nname = "x"\nif_any = ["B"]\naction = "quarantine"\n')
-    r = mailgate("check-policy", str(path), cwd=tmp_path)
-    assert (r.returncode, r.stderr.splitlines()) == (1, [
+    assert refused(path) == (1, [
         f"{path}: rules.x: appears twice: rule names must be unique (the log's by=rule:NAME "
         f"names the rule that decided)", f"{path}: 1 problem(s)"])
