@@ -184,10 +184,17 @@ def test_untranslatable_regexes_are_refused(perl, reason):
     assert reason in str(e.value)
 
 
-def test_safe_repetitions_are_accepted():
-    for perl in (r"/(?:\w+\.)+com/", r"/\A\s*\S+(?:\s+\S+){0,39}\s*\z/", r"/(a|b)+c/",
-                 r"/(?:[a-z]+-)*[a-z]+/"):
-        compile_perl(perl)
+@pytest.mark.parametrize("perl,matches,misses", [
+    (r"/(?:\w+\.)+com/", "see www.example.com now", "example com"),
+    (r"/\A\s*\S+(?:\s+\S+){0,39}\s*\z/", "  three short words ", ""),
+    (r"/(a|b)+c/", "xxabbac", "xxabba"),
+    (r"/(?:[a-z]+-)*[a-z]+/", "well-known", "1234"),
+])
+def test_safe_repetitions_are_accepted(perl, matches, misses):
+    regex, rest = compile_perl(perl)  # accepted, and it matches what Perl's would
+    assert rest == ""
+    assert regex.search(matches)
+    assert not regex.search(misses)
 
 
 @pytest.mark.parametrize("text,error", [
